@@ -1,0 +1,250 @@
+"""Base class for MoE family adapters.
+
+An adapter describes one MoE family of transformers 5.x models: where the sparse MoE blocks live, how the router
+picks experts and weights them, how an expert computes the input of its down-projection (the "keys" the editor
+solves for), and how the packed down-projection parameter is laid out so that edits can be written back in place.
+
+Notation used in shape comments:
+    N        tokens (flattened batch * sequence)
+    K        experts per token (top-k)
+    E        routed experts in the block
+    d_model  hidden size of the residual stream
+    d_hidden intermediate size of one routed expert
+
+The default implementation is the Qwen3-MoE layout, shared by most families in transformers 5:
+
+    experts.gate_up_proj  [E, 2 * d_hidden, d_model]   rows [:d_hidden] are the gate, rows [d_hidden:] the up projection
+    experts.down_proj     [E, d_model, d_hidden]
+    router: softmax over all experts in float32 -> top-k -> optional renormalisation -> cast to the logits' dtype
+
+Subclasses override only what differs (routing, activation, layout).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MoEAdapter(ABC):
+    """Describes one MoE family. Instances are stateless: every method takes the model or the MoE block."""
+
+    # Human-readable family name, used in error messages.
+    family: str = ""
+    # `config.model_type` values (of the model config or of its `text_config`) that belong to this family.
+    model_types: tuple[str, ...] = ()
+    # Attribute names on the sparse MoE block.
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    shared_expert_attr: str | None = None
+    # Linear [d_model -> 1] whose sigmoid scales the shared expert's output (Qwen2-MoE, Qwen3.5-MoE), if any.
+    shared_expert_gate_attr: str | None = None
+    # Attribute name of the feed-forward module on a decoder layer.
+    mlp_attr: str = "mlp"
+    # True when the packed expert weights are stored as [E, in, out] instead of [E, out, in] (GPT-OSS).
+    is_transposed: bool = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Recognition and structure
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether `model` belongs to this family, judged from its config's `model_type` (or its text sub-config's)."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return False
+        candidates = [config, getattr(config, "text_config", None)]
+        return any(getattr(c, "model_type", None) in cls.model_types for c in candidates if c is not None)
+
+    @classmethod
+    @abstractmethod
+    def block_class(cls) -> type[nn.Module]:
+        """The transformers class of this family's sparse MoE block (imported lazily)."""
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of the (text) model, e.g. `model.model.layers`."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"could not find the decoder layers of {type(model).__name__}")
+        return layers
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.decoder_layers(model))
+
+    def moe_block(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """The sparse MoE block of decoder layer `layer`, or None when that layer has a dense MLP."""
+        mlp = getattr(self.decoder_layers(model)[layer], self.mlp_attr, None)
+        return mlp if isinstance(mlp, self.block_class()) else None
+
+    def moe_layers(self, model: nn.Module) -> list[int]:
+        """Indices of the decoder layers that hold a sparse MoE block."""
+        return [i for i in range(self.num_layers(model)) if self.moe_block(model, i) is not None]
+
+    def experts(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.experts_attr)
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_attr)
+
+    def shared_expert(self, block: nn.Module) -> nn.Module | None:
+        """The always-on shared expert(s) of the block, if any. The editor never edits it."""
+        return getattr(block, self.shared_expert_attr) if self.shared_expert_attr is not None else None
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's contribution to the block output for input x [N, d_model] (None if there is none).
+
+        Block output = routed experts output + shared_output. Computed with the model's own modules and dtype,
+        returned as float32 [N, d_model].
+        """
+        shared = self.shared_expert(block)
+        if shared is None:
+            return None
+        x = x.reshape(-1, x.shape[-1]).to(next(shared.parameters()).dtype)  # [N, d_model], the model's dtype
+        with torch.no_grad():
+            output = shared(x)  # [N, d_model]
+            if self.shared_expert_gate_attr is not None:
+                output = F.sigmoid(getattr(block, self.shared_expert_gate_attr)(x)) * output  # [N, 1] * [N, d_model]
+        return output.float()
+
+    def num_experts(self, block: nn.Module) -> int:
+        return self.down_param(block).shape[0]
+
+    def top_k(self, block: nn.Module) -> int:
+        return self.router(block).top_k
+
+    def d_hidden(self, block: nn.Module) -> int:
+        down_proj = self.down_param(block)  # [E, d_model, d_hidden], or [E, d_hidden, d_model] when transposed
+        return down_proj.shape[1] if self.is_transposed else down_proj.shape[2]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Routing
+    # ------------------------------------------------------------------------------------------------------------
+
+    def renormalize(self, router: nn.Module) -> bool:
+        """Whether the top-k probabilities are renormalised to sum to one."""
+        return router.norm_topk_prob
+
+    def route(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the block's router computes for the MoE block input x [N, d_model].
+
+        Returns top_k_index [N, K] (long) and top_k_weights [N, K] (float32): the experts and weights the experts'
+        forward receives. Default: softmax in float32 over all experts, top-k, optional renormalisation, cast to the
+        logits' dtype (Qwen3-MoE, Qwen2-MoE, OLMoE, Qwen3.5-MoE).
+        """
+        router = self.router(block)
+        x = x.reshape(-1, x.shape[-1])
+        router_logits = F.linear(x.to(router.weight.dtype), router.weight)  # [N, E]
+        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)  # [N, E]
+        top_k_weights, top_k_index = torch.topk(router_probs, router.top_k, dim=-1)  # [N, K]
+        if self.renormalize(router):
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return top_k_index, top_k_weights.to(router_logits.dtype).float()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Expert math
+    # ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _expert_groups(expert_idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """For every expert present in expert_idx [N, K], yield (expert, token positions [M], top-k slots [M])."""
+        for expert in expert_idx.unique().tolist():
+            token_idx, slot = torch.where(expert_idx == expert)
+            yield expert, token_idx, slot
+
+    def expert_keys(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Down-projection input of one expert for tokens x [M, d_model] (float32): act(gate x) * up x [M, d_hidden]."""
+        experts = self.experts(block)
+        gate_up_proj = experts.gate_up_proj[expert].float()  # [2 * d_hidden, d_model]
+        gate, up = F.linear(x, gate_up_proj).chunk(2, dim=-1)  # [M, d_hidden] each
+        return experts.act_fn(gate) * up
+
+    def keys(self, block: nn.Module, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        """Input of each selected expert's down-projection, in float32.
+
+        x [N, d_model], expert_idx [N, K] (long) -> keys [N, K, d_hidden], keys[n, j] = k of expert expert_idx[n, j].
+        """
+        x = x.reshape(-1, x.shape[-1]).float()  # [N, d_model]
+        keys = x.new_zeros(*expert_idx.shape, self.d_hidden(block))  # [N, K, d_hidden]
+        with torch.no_grad():
+            for expert, token_idx, slot in self._expert_groups(expert_idx):
+                keys[token_idx, slot] = self.expert_keys(block, x[token_idx], expert)
+        return keys
+
+    def down_param(self, block: nn.Module) -> nn.Parameter:
+        """The packed down-projection parameter itself, in its own layout and dtype."""
+        return self.experts(block).down_proj
+
+    def down_weight(self, block: nn.Module) -> torch.Tensor:
+        """Down-projection weights in the canonical layout [E, d_model, d_hidden], float32.
+
+        A view of the parameter when it is float32 and not transposed (do not modify it in place), a copy otherwise.
+        """
+        down_proj = self.down_param(block).detach()
+        if self.is_transposed:
+            down_proj = down_proj.transpose(1, 2)  # [E, d_hidden, d_model] -> [E, d_model, d_hidden]
+        return down_proj.float()
+
+    def down_bias(self, block: nn.Module) -> torch.Tensor | None:
+        """Down-projection bias [E, d_model] float32, or None."""
+        return None
+
+    def experts_output(
+        self, block: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_j g_j (W_j k_j + b_j) for x [N, d_model], computed from keys/down_weight/down_bias -> [N, d_model] float32."""
+        x = x.reshape(-1, x.shape[-1])
+        keys = self.keys(block, x, top_k_index)  # [N, K, d_hidden]
+        down_weight = self.down_weight(block)  # [E, d_model, d_hidden]
+        down_bias = self.down_bias(block)  # [E, d_model] or None
+        top_k_weights = top_k_weights.float()  # [N, K]
+        output = keys.new_zeros(x.shape[0], down_weight.shape[1])  # [N, d_model]
+        with torch.no_grad():
+            for expert, token_idx, slot in self._expert_groups(top_k_index):
+                values = F.linear(keys[token_idx, slot], down_weight[expert])  # [M, d_model]
+                if down_bias is not None:
+                    values = values + down_bias[expert]
+                output.index_add_(0, token_idx, values * top_k_weights[token_idx, slot, None])
+        return output
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Writing edits back
+    # ------------------------------------------------------------------------------------------------------------
+
+    def add_delta(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | None = None) -> None:
+        """Add a canonical-layout update to the packed down-projection in place.
+
+        delta: [E, d_model, d_hidden] (all experts) or, when `experts` [M] (long) is given, [M, d_model, d_hidden]
+        where delta[i] is added to expert experts[i]. The update is transposed to the parameter's layout and cast to
+        its dtype once, then added in place.
+        """
+        if self.is_transposed:
+            delta = delta.transpose(1, 2)  # [*, d_model, d_hidden] -> [*, d_hidden, d_model]
+        self._add_to_down_param(block, delta, experts)
+
+    def add_lowrank(
+        self, block: nn.Module, left: torch.Tensor, right: torch.Tensor, experts: torch.Tensor | None = None
+    ) -> None:
+        """Add left @ right[e] to every expert e (or to experts[e] when `experts` is given) in one batched op.
+
+        left [d_model, r], right [E, r, d_hidden] (or [M, r, d_hidden] with experts [M]).
+        """
+        left, right = left.float(), right.float()
+        equation = "dr,erh->ehd" if self.is_transposed else "dr,erh->edh"
+        delta = torch.einsum(equation, left, right)  # the parameter's layout, float32
+        self._add_to_down_param(block, delta, experts)
+
+    def _add_to_down_param(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | None) -> None:
+        """Cast delta (already in the parameter's layout) to the parameter's dtype once and add it in place."""
+        param = self.down_param(block)
+        delta = delta.to(device=param.device, dtype=param.dtype)
+        with torch.no_grad():
+            if experts is None:
+                param.add_(delta)
+            else:
+                param.index_add_(0, experts.to(param.device), delta)
