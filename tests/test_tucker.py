@@ -1,0 +1,145 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mote_plugin.mote.tucker import (
+    TuckerFactors,
+    reconstruction_error,
+    resolve_ranks,
+    tucker_core,
+    tucker_factors,
+)
+
+
+torch.set_num_threads(1)
+
+
+def _assert_orthonormal(U, atol=1e-5):
+    eye = torch.eye(U.shape[1], dtype=U.dtype)
+    torch.testing.assert_close(U.T @ U, eye, atol=atol, rtol=0)
+
+
+def _random_cov(gen, n):
+    A = torch.randn(n, n, generator=gen)
+    return A @ A.T / n  # [n, n] PSD
+
+
+shapes = dict(E=st.integers(2, 6), d=st.integers(4, 16), h=st.integers(4, 16), seed=st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(**shapes, whitening=st.sampled_from(["none", "in", "out", "both"]), hooi=st.integers(0, 2), data=st.data())
+def test_factors_are_orthonormal(E, d, h, seed, whitening, hooi, data):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(E, d, h, generator=gen)
+    ranks = (data.draw(st.integers(1, E)), data.draw(st.integers(1, d)), data.draw(st.integers(1, h)))
+    f = tucker_factors(W, ranks, whitening=whitening, cov_in=_random_cov(gen, h), cov_out=_random_cov(gen, d),
+                       hooi_sweeps=hooi)
+    assert isinstance(f, TuckerFactors) and f.ranks == ranks
+    assert f.U_e.shape == (E, ranks[0]) and f.U_out.shape == (d, ranks[1]) and f.U_in.shape == (h, ranks[2])
+    for U in f:
+        assert U.dtype == torch.float32
+        _assert_orthonormal(U)
+    assert 0.0 <= reconstruction_error(W, f) <= 1.0 + 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(**shapes, whitening=st.sampled_from(["none", "in", "both"]))
+def test_full_ranks_reconstruct_exactly(E, d, h, seed, whitening):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(E, d, h, generator=gen)
+    f = tucker_factors(W, (E, d, h), whitening=whitening, cov_in=_random_cov(gen, h), cov_out=_random_cov(gen, d))
+    assert reconstruction_error(W, f) < 1e-5
+    assert reconstruction_error(W, tucker_factors(W, (1.0, 1.0, 1.0))) < 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(**shapes, data=st.data())
+def test_hooi_does_not_increase_error(E, d, h, seed, data):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(E, d, h, generator=gen)
+    ranks = (data.draw(st.integers(1, E)), data.draw(st.integers(1, d)), data.draw(st.integers(1, h)))
+    errors = [reconstruction_error(W, tucker_factors(W, ranks, hooi_sweeps=s)) for s in (0, 1, 3)]
+    assert errors[1] <= errors[0] + 1e-6 and errors[2] <= errors[1] + 1e-6, errors
+
+
+def test_truncated_hosvd_error_matches_low_multilinear_rank():
+    gen = torch.Generator().manual_seed(3)
+    core = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    Q = [torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0] for n, r in ((5, 2), (12, 3), (10, 4))]
+    W = torch.einsum("aoi,ja,do,hi->jdh", core, *Q)  # multilinear rank (2, 3, 4)
+    f = tucker_factors(W, (2, 3, 4))
+    assert reconstruction_error(W, f) < 1e-6
+    assert tucker_core(W, f).shape == (2, 3, 4)
+    assert reconstruction_error(W, tucker_factors(W, (2, 2, 4))) > 1e-3
+
+
+def test_whitening_recolours_to_original_coordinates():
+    """W_j = A M_j B^T: whatever the covariances, the re-coloured factors span A and B exactly
+    (without re-colouring they would span S_out A and S_in B)."""
+    gen = torch.Generator().manual_seed(4)
+    E, d, h, r_out, r_in = 4, 10, 16, 2, 3
+    A = torch.randn(d, r_out, generator=gen, dtype=torch.float64)
+    B = torch.randn(h, r_in, generator=gen, dtype=torch.float64)
+    W = torch.einsum("do,joi,hi->jdh", A, torch.randn(E, r_out, r_in, generator=gen, dtype=torch.float64), B)
+    for whitening in ("in", "out", "both"):
+        f = tucker_factors(W, (E, r_out, r_in), whitening=whitening,
+                           cov_in=_random_cov(gen, h), cov_out=_random_cov(gen, d), eps=1e-5)
+        for U, span in ((f.U_out, A), (f.U_in, B)):
+            Q = torch.linalg.qr(span)[0].float()
+            torch.testing.assert_close(U @ U.T, Q @ Q.T, atol=1e-4, rtol=0)
+        assert reconstruction_error(W, f) < 1e-5
+
+
+def test_in_whitening_formula():
+    """U_in = orth(S^-1 U~) with U~ the top eigenvectors of S (sum_j W_j^T W_j) S, S = (C + eps I)^(1/2)."""
+    gen = torch.Generator().manual_seed(6)
+    E, d, h, r = 3, 8, 12, 4
+    W = torch.randn(E, d, h, generator=gen, dtype=torch.float64)
+    C = _random_cov(gen, h).double()
+    eps = 1e-2
+    evals, evecs = torch.linalg.eigh(C + eps * torch.eye(h, dtype=torch.float64))
+    S = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    Wt = W @ S  # [E, d, h]
+    U_tilde = torch.linalg.eigh(torch.einsum("jdh,jdk->hk", Wt, Wt))[1][:, -r:]
+    expected = torch.linalg.qr(torch.linalg.solve(S, U_tilde))[0]
+    U_e_tilde = torch.linalg.eigh(torch.einsum("jdh,idh->ji", Wt, Wt))[1][:, -2:]
+    f = tucker_factors(W, (2, d, r), whitening="in", cov_in=C, eps=eps)
+    torch.testing.assert_close(f.U_in.double() @ f.U_in.double().T, expected @ expected.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(f.U_e.double() @ f.U_e.double().T, U_e_tilde @ U_e_tilde.T, atol=1e-5, rtol=0)
+
+
+def test_identity_covariance_whitening_is_a_no_op():
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(3, 8, 6, generator=gen)
+    plain = tucker_factors(W, (2, 3, 4))
+    white = tucker_factors(W, (2, 3, 4), whitening="both", cov_in=torch.eye(6), cov_out=torch.eye(8))
+    for A, B in zip(plain, white):
+        torch.testing.assert_close(A @ A.T, B @ B.T, atol=1e-5, rtol=0)
+
+
+def test_resolve_ranks():
+    assert resolve_ranks((0.5, 0.25, 1.0), (6, 8, 10)) == (3, 2, 10)
+    assert resolve_ranks((0.01, 0.3, 7), (6, 10, 10)) == (1, 3, 7)  # 0.3 * 10 is 3, not 4
+    assert resolve_ranks((1, 1, 1.0), (1, 1, 1)) == (1, 1, 1)
+    with pytest.raises(ValueError, match=r"mode 'out'.*8"):
+        resolve_ranks((2, 9, 3), (6, 8, 10))
+    with pytest.raises(ValueError, match="mode 'e'"):
+        resolve_ranks((0, 2, 3), (6, 8, 10))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        resolve_ranks((1.5, 2, 3), (6, 8, 10))
+    with pytest.raises(ValueError, match="mode 'in'"):
+        tucker_factors(torch.randn(2, 3, 4), (1, 1, 5))
+
+
+def test_missing_covariance_raises():
+    W = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="cov_in"):
+        tucker_factors(W, (1, 1, 1), whitening="in")
+    with pytest.raises(ValueError, match="cov_out"):
+        tucker_factors(W, (1, 1, 1), whitening="out")
+    with pytest.raises(ValueError, match="cov_out"):
+        tucker_factors(W, (1, 1, 1), whitening="both", cov_in=torch.eye(4))
+    with pytest.raises(ValueError, match="whitening"):
+        tucker_factors(W, (1, 1, 1), whitening="sideways")
