@@ -1,0 +1,191 @@
+"""MoTE hyper-parameters, loadable from an EasyEdit-style YAML file (`hparams/MoTE/<model>.yaml`).
+
+`MoTEHyperParams` subclasses EasyEdit's `HyperParams` when a host is importable and behaves the same without
+one. Values are validated on construction (also when built directly), with messages naming the field.
+
+    alg_name: MoTE
+    model_name: Qwen/Qwen3-30B-A3B
+    layers: [3, 4, 5, 6, 7]
+    device: 0
+    mote_lambda: 0.1
+    eps_whitening: 1e-5
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .lookup import FACT_TOKENS
+from .nullspace import FALLBACKS, RULES
+from .tucker import WHITENINGS
+
+
+def _host_base() -> type:
+    """EasyEdit's `HyperParams` if a host is importable, else `object` (this module must always import).
+
+    Only `easyeditor.util.hparams` is imported (never `import easyeditor` by name), and only when the package
+    is installed. Python still runs `easyeditor/__init__.py` for it; any failure there falls back to `object`.
+    """
+    name = "easyeditor.util.hparams"
+    try:
+        if name not in sys.modules and importlib.util.find_spec("easyeditor") is None:
+            return object
+        base = importlib.import_module(name).HyperParams
+        return base if isinstance(base, type) else object
+    except Exception:
+        return object
+
+
+_Base = _host_base()
+
+SPREADS = ("core", "residual")
+# "1e-5" / "-2.5E+3": YAML 1.1 (PyYAML) reads scientific notation without a dot as a string.
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+_FLOAT_FIELDS = (
+    "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mote_lambda", "eps_whitening", "nullspace_threshold",
+)  # fmt: skip
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class MoTEHyperParams(_Base):
+    alg_name: str  # must be "MoTE"
+    model_name: str  # HF name or local path (EasyEdit may later set it to (model, tok))
+    layers: list[int]  # edited decoder layers (each must hold a sparse MoE block); the last one is L
+    device: str | int  # "cpu", an int N (= cuda:N) or "cuda:N"
+    fact_token: str = "subject_last"  # lookup token: subject_last | subject_first | last
+    layer_module_tmp: str = "model.layers.{}"  # decoder layer module (v* is added to its output)
+    mlp_module_tmp: str = "model.layers.{}.mlp"  # MoE block module
+    experts_module_tmp: str = "model.layers.{}.mlp.experts"  # packed experts module
+    ln_f_module: str = "model.norm"  # final norm (v* optimisation)
+    lm_head_module: str = "lm_head"  # output head (v* optimisation)
+    v_num_grad_steps: int = 25  # Adam steps of the v* optimisation
+    v_lr: float = 0.5  # v* learning rate
+    v_loss_layer: int = -1  # layer whose output feeds the v* loss; -1 = last layer
+    v_weight_decay: float = 0.5  # v* weight decay on ||delta||^2 / ||h||^2
+    clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor * ||h||
+    kl_factor: float = 0.0625  # weight of the KL term keeping "{subject} is a" stable
+    mote_lambda: float = 0.1  # ridge lambda of the core solve (> 0)
+    r_e: int | float = 1.0  # expert-mode Tucker rank: int = absolute, float in (0, 1] = fraction (1 != 1.0!)
+    r_out: int | float = 0.5  # output-mode (d_model) Tucker rank, same convention
+    r_in: int | float = 0.5  # input-mode (expert hidden) Tucker rank, same convention
+    whitening: str = "in"  # HOSVD whitening: none | in | out | both
+    eps_whitening: float = 1e-5  # covariance regulariser of the whitening (>= 0)
+    hooi_sweeps: int = 0  # HOOI refinement sweeps after the HOSVD
+    nullspace: bool = True  # project updates onto each expert's key null space
+    nullspace_rule: str = "relative"  # relative (share of trace kept) | absolute (eigenvalue cut-off)
+    nullspace_threshold: float = 1e-2  # threshold of the rule (relative: in (0, 1])
+    nullspace_min_tokens: int = 8  # experts with fewer preservation tokens get the fallback
+    nullspace_fallback: str = "freeze"  # freeze (never edit) | identity (edit unprotected)
+    preservation_tokens: int = 20000  # corpus tokens behind the preservation statistics
+    preservation_corpus: str | None = None  # None = shipped text; a text file path; or a `datasets` name/path
+    spread: str = "core"  # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture)
+    stats_dir: str = "./.cache/mote-stats"  # cache of the preservation statistics
+    batch_size: int = 1  # EasyEdit batch_edit chunk size (edit() requires 1)
+    sequential_memory: bool = False  # keep earlier edits' keys in the solve across sequential batches
+    max_length: int = 128  # token limit of prompts and of statistics windows
+    model_parallel: bool = False  # EasyEdit host flag (device_map="auto")
+    fp16: bool = False  # EasyEdit host flag (load the model in half precision)
+
+    def __post_init__(self):
+        for name in _FLOAT_FIELDS:  # YAML "lambda: 1" is an int: store floats as floats
+            if _is_int(getattr(self, name)):
+                setattr(self, name, float(getattr(self, name)))
+        errors = self._validate()
+        if errors:
+            raise ValueError("invalid MoTE hyper-parameters: " + "; ".join(errors))
+
+    def _validate(self) -> list[str]:
+        e: list[str] = []
+
+        def need(ok: bool, msg: str):
+            if not ok:
+                e.append(msg)
+
+        need(self.alg_name == "MoTE", f"alg_name must be 'MoTE', got {self.alg_name!r}")
+        layers = self.layers
+        need(
+            isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(l) and l >= 0 for l in layers),
+            f"layers must be a non-empty list of non-negative ints, got {layers!r}",
+        )
+        if isinstance(layers, (list, tuple)):
+            need(len(set(layers)) == len(layers), f"layers has duplicates: {layers!r}")
+        dev = self.device
+        need(
+            (_is_int(dev) and dev >= 0) or (isinstance(dev, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev) is not None),
+            f"device must be 'cpu', 'cuda:N' or an int N >= 0, got {dev!r}",
+        )
+        need(self.fact_token in FACT_TOKENS, f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
+        need(self.whitening in WHITENINGS, f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
+        need(self.spread in SPREADS, f"spread must be one of {SPREADS}, got {self.spread!r}")
+        need(self.nullspace_rule in RULES, f"nullspace_rule must be one of {RULES}, got {self.nullspace_rule!r}")
+        need(self.nullspace_fallback in FALLBACKS, f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
+        for name in ("r_e", "r_out", "r_in"):
+            r = getattr(self, name)
+            ok = (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0)
+            need(ok, f"{name} must be a positive int or a float in (0, 1], got {r!r}")
+        for name in ("mote_lambda", "v_lr", "clamp_norm_factor", "nullspace_threshold"):
+            v = getattr(self, name)
+            need(_is_number(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
+        for name in ("eps_whitening", "v_weight_decay", "kl_factor"):
+            v = getattr(self, name)
+            need(_is_number(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
+        if self.nullspace_rule == "relative" and _is_number(self.nullspace_threshold):
+            need(self.nullspace_threshold <= 1, f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
+        for name in ("preservation_tokens", "batch_size", "max_length"):
+            v = getattr(self, name)
+            need(_is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
+        for name in ("v_num_grad_steps", "hooi_sweeps", "nullspace_min_tokens"):
+            v = getattr(self, name)
+            need(_is_int(v) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
+        need(_is_int(self.v_loss_layer), f"v_loss_layer must be an int (-1 = last layer), got {self.v_loss_layer!r}")
+        for name in ("nullspace", "sequential_memory", "model_parallel", "fp16"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "stats_dir"):
+            need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
+        corpus = self.preservation_corpus
+        need(corpus is None or isinstance(corpus, str), f"preservation_corpus must be null or a string, got {corpus!r}")
+        return e
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: str | Path) -> "MoTEHyperParams":
+        """Load `<path>` (".yaml" appended when missing), convert "1e-5"-style strings, validate."""
+        path = str(hparams_name_or_path)
+        if not path.endswith((".yaml", ".yml")):
+            path += ".yaml"
+        with open(path) as f:
+            config = yaml.safe_load(f)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a mapping of hyper-parameters, got {type(config).__name__}")
+        config = {k: float(v) if isinstance(v, str) and _SCIENTIFIC.match(v.strip()) else v for k, v in config.items()}
+        if "alg_name" in config and config["alg_name"] != "MoTE":
+            raise ValueError(f"{path}: alg_name must be 'MoTE', found {config['alg_name']!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown MoTE hyper-parameter(s): {', '.join(unknown)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ValueError(f"{path}: missing required MoTE hyper-parameter(s): {', '.join(missing)}")
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        """Field name -> value (shallow: `dataclasses.asdict` would deep-copy a `(model, tok)` model_name)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self)}
