@@ -1,0 +1,113 @@
+"""Scoring a target after a prompt: the numbers every knowledge-editing metric is built from.
+
+`target_scores` teacher-forces ` target` after each prompt and returns, per example, the summed
+log-probability of the target tokens and whether every target token is the argmax (greedy decoding
+reproduces the target). CounterFact's probability metrics (method.md section 8) compare two such
+log-probabilities; zsRE's and EasyEdit's token metrics use the argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TargetScores:
+    logprob: torch.Tensor  # [B] sum of log P(target token | prefix)
+    mean_logprob: torch.Tensor  # [B] per-token mean
+    top1: torch.Tensor  # [B] bool: every target token is the argmax
+    token_acc: torch.Tensor  # [B] share of target tokens that are the argmax
+
+
+def target_token_ids(tok, target: str) -> list[int]:
+    """Token ids of a target as it follows a prompt (with a leading space, as MEMIT/EasyEdit do)."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+@torch.no_grad()
+def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64, edit_hook=None) -> TargetScores:
+    """Score each target after its prompt. `edit_hook(batch, prompt_lengths)` may install temporary
+    hooks for the batch (used by probes that add a vector to a hidden state); it returns a remover."""
+    device = next(model.parameters()).device
+    out = {k: [] for k in ("logprob", "mean_logprob", "top1", "token_acc")}
+    for i in range(0, len(prompts), batch_size):
+        p_ids = tok(prompts[i : i + batch_size])["input_ids"]
+        t_ids = [target_token_ids(tok, t) for t in targets[i : i + batch_size]]
+        rows = [p + t for p, t in zip(p_ids, t_ids)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        remove = edit_hook(ids, [len(p) for p in p_ids]) if edit_hook else None
+        try:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        finally:
+            if remove:
+                remove()
+        logp = torch.log_softmax(logits, dim=-1)  # [B, S, V]
+        for b, (p, t) in enumerate(zip(p_ids, t_ids)):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=logp.device)
+            tgt = torch.tensor(t, device=logp.device)
+            lp = logp[b, pos, tgt]  # [len(t)]
+            hit = logp[b, pos].argmax(-1) == tgt
+            out["logprob"].append(lp.sum())
+            out["mean_logprob"].append(lp.mean())
+            out["top1"].append(hit.all())
+            out["token_acc"].append(hit.float().mean())
+    return TargetScores(**{k: torch.stack(v).cpu() for k, v in out.items()})
+
+
+def prefers(model, tok, prompts: list[str], first: list[str], second: list[str], batch_size: int = 64) -> torch.Tensor:
+    """[B] bool: P(first | prompt) > P(second | prompt), CounterFact's comparison as ROME/MEMIT compute it
+    (mean per-token log-probability of each target, so targets of different lengths compare fairly)."""
+    a = target_scores(model, tok, prompts, first, batch_size).mean_logprob
+    b = target_scores(model, tok, prompts, second, batch_size).mean_logprob
+    return a > b
+
+
+def _record_prompts(r: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    """Paraphrases and (neighbour prompt, its true answer) of a CounterFact record in either flat shape:
+    EasyEdit's (rephrase_prompt, locality_prompt/locality_ground_truth) or the fact model's facts.json
+    (paraphrase_prompts, neighbours)."""
+    paraphrases = list(r.get("paraphrase_prompts") or ([r["rephrase_prompt"]] if r.get("rephrase_prompt") else []))
+    if r.get("neighbours"):
+        neighbours = [(n["prompt"], n["answer"]) for n in r["neighbours"]]
+    elif r.get("locality_prompt"):
+        neighbours = [(r["locality_prompt"], r.get("locality_ground_truth") or r["ground_truth"])]
+    else:
+        neighbours = []
+    return paraphrases, neighbours
+
+
+def counterfact_metrics(model, tok, records: list[dict], batch_size: int = 64) -> dict:
+    """The paper's CounterFact metrics (probability based, method.md section 8), as shares in [0, 1]:
+
+    efficacy        P(new | prompt) > P(true | prompt) on the rewrite prompt
+    generalization  the same on the paraphrases
+    specificity     P(true | neighbour) > P(new | neighbour) on neighbourhood prompts (unedited subjects)
+    utility         the mean of the three
+    Each also comes per example (`*_items`) so callers can compute intervals.
+    """
+    rows: dict[str, list[tuple[str, str, str]]] = {"efficacy": [], "generalization": [], "specificity": []}
+    for r in records:
+        true = r.get("ground_truth") or r["target_true"]
+        paraphrases, neighbours = _record_prompts(r)
+        rows["efficacy"].append((r["prompt"], r["target_new"], true))
+        rows["generalization"] += [(p, r["target_new"], true) for p in paraphrases]
+        # specificity: the neighbour keeps its own (true) answer over the new object
+        rows["specificity"] += [(p, answer, r["target_new"]) for p, answer in neighbours]
+    out = {}
+    for key, triples in rows.items():
+        prompts, first, second = (list(x) for x in zip(*triples)) if triples else ([], [], [])
+        items = prefers(model, tok, prompts, first, second, batch_size) if prompts else torch.zeros(0, dtype=torch.bool)
+        out[key] = items.float().mean().item() if len(items) else float("nan")
+        out[key + "_items"] = items.tolist()
+    out["utility"] = sum(out[k] for k in rows) / 3
+    return out

@@ -1,0 +1,68 @@
+"""The lookup token: where in a prompt an edit reads its key and writes its value.
+
+EasyEdit's `fact_token` names it: `subject_last` (the subject's last token, ROME/MEMIT's choice for real
+models), `subject_first`, or `last` (the prompt's last token). Positions come from the fast tokenizer's
+character offsets, so multi-token subjects and BPE merges across the subject boundary are handled, and
+batches are padded on the right (the positions are the same as for the unpadded prompt).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FACT_TOKENS = ("subject_last", "subject_first", "last")
+
+
+def check_fact_token(fact_token: str) -> None:
+    if fact_token not in FACT_TOKENS:
+        raise ValueError(f"unknown fact_token {fact_token!r}; choose one of {', '.join(FACT_TOKENS)}")
+
+
+def subject_span(prompt: str, subject: str) -> tuple[int, int]:
+    """Character span of the subject's last occurrence in the prompt (MEMIT uses the last one)."""
+    start = prompt.rfind(subject)
+    if not subject or start < 0:
+        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
+    return start, start + len(subject)
+
+
+def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """First and last token index whose characters overlap [start, end)."""
+    hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not hit:
+        raise ValueError(f"no token covers characters {start}..{end}")
+    return hit[0], hit[-1]
+
+
+def encode_with_lookup(tok, prompts: list[str], subjects: list[str], fact_token: str, max_length: int | None = None):
+    """Tokenise `prompts` (right padding) and find each one's lookup token and subject tokens.
+
+    Returns (batch, lookup [B] long, subject_tokens [B, 2] long: first and last subject token).
+    Prompts longer than `max_length` are cut from the left, keeping the subject: a subject cut off raises.
+    """
+    check_fact_token(fact_token)
+    enc = tok(prompts, return_offsets_mapping=True, add_special_tokens=True)
+    ids, lookups, spans = [], [], []
+    for b, (prompt, subject) in enumerate(zip(prompts, subjects)):
+        offsets = enc["offset_mapping"][b]
+        first, last = token_span(offsets, *subject_span(prompt, subject))
+        row = enc["input_ids"][b]
+        shift = 0
+        if max_length is not None and len(row) > max_length:
+            shift = len(row) - max_length
+            if first - shift < 1:
+                raise ValueError(f"prompt {prompt[:60]!r}... is longer than max_length={max_length} and the cut would drop the subject")
+            row = row[:1] + row[shift + 1 :]  # keep <s>
+        pos = {"subject_last": last, "subject_first": first, "last": len(enc["input_ids"][b]) - 1}[fact_token]
+        ids.append(row)
+        lookups.append(pos - shift)
+        spans.append((first - shift, last - shift))
+    width = max(len(r) for r in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for b, row in enumerate(ids):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    return batch, torch.tensor(lookups), torch.tensor(spans)

@@ -1,0 +1,88 @@
+"""`python -m mote_plugin.testbed build ...` (also the `mote-testbed` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from .build import BuildOptions, build
+from .data import DataError
+from .model import ARCHS, ModelSize
+from .train import TrainConfig
+
+DEFAULT_OUT = ".cache/mote-testbed/{arch}-{facts}"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"# {r['arch']} fact model: {r['n_facts']} edit facts + {r['n_neighbour_facts']} neighbour facts, "
+             f"{r['params'] / 1e6:.2f} M parameters, built in {r['build_seconds']:.0f} s"]
+    lines += ["", "| prompts | n | top-1 true | P(true) > P(new) | majority baseline |", "|---|---|---|---|---|"]
+    for key, row in r["knowledge"].items():
+        if row.get("n"):
+            ptn = f"{row['p_true_gt_new']:.3f}" if "p_true_gt_new" in row else "-"
+            lines.append(f"| {key} | {row['n']} | {row['top1']:.3f} | {ptn} | {row['majority']:.3f} |")
+    t = r["tracing"]
+    if t is None:
+        return "\n".join(lines + ["", "The model knows none of its facts yet: no tracing or v* probe (train longer)."])
+    lines += ["", f"Causal tracing over {t['n']} known facts (P(true) clean {t['clean']:.3f}, subject corrupted {t['corrupt']:.3f}); "
+              "share of the gap recovered by restoring one token's hidden state after layer l:", "",
+              "| token | " + " | ".join(f"L{l}" for l in range(len(t["last"]))) + " |",
+              "|---|" + "---|" * len(t["last"])]
+    for token in ("subject_last", "last"):
+        lines.append(f"| {token} | " + " | ".join(f"{v:.2f}" for v in t[token]) + " |")
+    lines += ["", "v* probe (a delta at the lookup token of one layer, 20 known facts):", "",
+              "| lookup token | band (recovery >= threshold) | layer | flipped to target_new | carried to held-out phrasing | |delta|/|h| |",
+              "|---|---|---|---|---|---|"]
+    for token, e in r["editability"].items():
+        lines.append(f"| {token} | {e['band'] or 'none'} | {e['layer']} | {e['flipped']:.2f} | {e['heldout_carried']:.2f} | {e['delta_norm_ratio']:.2f} |")
+    lines += ["", f"Lookup token for editing this model: {r['lookup_token'] or 'NONE (no token passes the gates)'}; "
+              f"edit layers: {r['edit_layers']}"]
+    return "\n".join(lines)
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, dest=f.name,
+                            help=f"(default {f.default})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mote-testbed", description="Build the fact model: a small MoE LM that knows real CounterFact facts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train (or reuse) a fact model and print its knowledge and tracing report")
+    b.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
+    b.add_argument("--facts", type=int, default=BuildOptions.facts, help="edit facts (CounterFact records)")
+    b.add_argument("--data", default=None, help="a folder laid out like shared/data (counterfact/*.json, corpus/*.txt); default: the data shipped with the package")
+    b.add_argument("--out", default=None, help=f"cache directory (default {DEFAULT_OUT})")
+    for name in ("seed", "vocab_size", "corpus_chars", "threads", "probe_facts"):
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildOptions, name), dest=name)
+    _add_dataclass_args(b, ModelSize)
+    _add_dataclass_args(b, TrainConfig, skip=("seed",))
+    b.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    args = parser.parse_args(argv)
+    if args.arch not in ARCHS:  # argparse already refuses; kept for programmatic calls
+        parser.error(f"unknown --arch {args.arch}")
+    opts = BuildOptions(
+        arch=args.arch, facts=args.facts, seed=args.seed, vocab_size=args.vocab_size, corpus_chars=args.corpus_chars,
+        threads=args.threads, probe_facts=args.probe_facts,
+        size=ModelSize(**{f.name: getattr(args, f.name) for f in fields(ModelSize)}),
+        train=TrainConfig(seed=args.seed, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "seed"}),
+    )
+    if args.data:
+        opts.data = args.data
+    out = args.out or DEFAULT_OUT.format(arch=args.arch, facts=args.facts)
+    try:
+        report = build(out, opts, log=lambda m: print(m, file=sys.stderr))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

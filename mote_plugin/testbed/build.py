@@ -1,0 +1,183 @@
+"""Build (or reuse) a fact model: data -> tokenizer -> MoE LM trained on facts -> probes -> cache.
+
+The cache directory holds
+  model/            save_pretrained model + tokenizer (AutoModelForCausalLM / AutoTokenizer load it)
+  facts.json        the edit facts in EasyEdit's flat CounterFact fields, each marked `known`, with held-out
+                    phrasings and neighbourhood prompts
+  report.json       knowledge table, causal-tracing profile, chosen lookup token and edit layers,
+                    editability probe, build time, model size
+  manifest.json     the options and the weights' hash; a second build with the same options reuses the
+                    cache, a mismatched or corrupt cache is rebuilt (never silently used)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .. import __version__
+from . import probes
+from .data import PACKAGE_DATA, DataError, build_facts, facts_to_json, neighbour_facts, load_relations, read_corpus
+from .model import ModelSize, make_config, make_model
+from .tokenizer import special_ids, train_tokenizer
+from .train import TrainConfig, statement, train
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class BuildOptions:
+    arch: str = "qwen3_moe"
+    facts: int = 240
+    data: str = str(PACKAGE_DATA)
+    seed: int = 0
+    vocab_size: int = 4096
+    corpus_chars: int = 200_000
+    threads: int = 2
+    size: ModelSize = field(default_factory=ModelSize)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe_facts: int = 20  # facts used for causal tracing and the v* probe
+    trace_threshold: float = 0.5  # recovery share that makes a layer part of the edit band
+    edit_band_width: int = 3
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        d["data"] = _data_fingerprint(Path(self.data))
+        d["version"] = __version__
+        return d
+
+
+def _data_fingerprint(data_dir: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(data_dir.glob("counterfact/*.json")) + sorted(data_dir.glob("corpus/*.txt")):
+        h.update(path.name.encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached(out: Path, opts: BuildOptions) -> tuple[bool, str]:
+    """(usable, reason): the cache at `out` was built with these options and its files are intact."""
+    manifest = out / MANIFEST
+    if not manifest.exists():
+        return False, "no cache yet"
+    try:
+        m = json.loads(manifest.read_text())
+        if m["options"] != json.loads(json.dumps(opts.fingerprint())):
+            return False, "cache built with other options"
+        for rel, digest in m["files"].items():
+            if _file_hash(out / rel) != digest:
+                return False, f"cache file {rel} does not match its recorded hash (corrupt)"
+    except (OSError, KeyError, ValueError) as e:
+        return False, f"cache manifest unreadable ({e})"
+    return True, "cache reused"
+
+
+def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
+    """Build the fact model into `out` (or reuse a valid cache there). Returns the report."""
+    out = Path(out)
+    ok, reason = cached(out, opts)
+    if ok:
+        log(f"{reason}: {out}")
+        return json.loads((out / "report.json").read_text())
+    if out.exists() and any(out.iterdir()):
+        log(f"rebuilding {out}: {reason}")
+    torch.set_num_threads(opts.threads)
+    t0 = time.time()
+    relations = load_relations()
+    facts = build_facts(Path(opts.data), opts.facts, relations, seed=opts.seed)
+    all_facts = facts + neighbour_facts(facts, relations)
+    text = read_corpus(Path(opts.data), opts.corpus_chars)
+    log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} neighbour facts, {len(text):,} characters of text")
+
+    tok_texts = [text] + [statement(f, t) for f in all_facts for t in f.train_templates]
+    tok_texts += [p for f in facts for p in f.heldout_prompts + f.paraphrase_prompts] + [" " + f.target_new for f in facts]
+    tok = train_tokenizer(tok_texts, opts.vocab_size)
+    torch.manual_seed(opts.seed)
+    model = make_model(make_config(opts.arch, len(tok), opts.size, special_ids(tok)))
+    train_log = train(model, tok, all_facts, text, opts.train, log=log)
+    train_seconds = time.time() - t0
+
+    report = {"arch": opts.arch, "n_facts": len(facts), "n_neighbour_facts": len(all_facts) - len(facts)}
+    report["params"] = sum(p.numel() for p in model.parameters())
+    report["knowledge"] = probes.knowledge_report(model, tok, all_facts)
+    known = probes.known_facts(model, tok, all_facts)
+    probe = [f for f, k in zip(facts, known) if k][: opts.probe_facts]
+    report["known_share"] = sum(known) / len(known)
+    report["tracing"], report["editability"], choice = None, {}, None
+    if probe:  # a tiny or undertrained build may know no fact: then nothing can be traced or edited
+        report["tracing"] = probes.causal_trace(model, tok, probe, seed=opts.seed)
+        for token in ("subject_last", "last"):
+            band = probes.edit_band(report["tracing"][token], opts.trace_threshold, opts.edit_band_width)
+            res = probes.editability(model, tok, probe, band[-1] if band else opts.size.layers // 2, token)
+            res["band"] = band
+            report["editability"][token] = res
+            if choice is None and band and res["flipped"] >= 0.9:
+                choice = token
+    report["lookup_token"] = choice
+    report["edit_layers"] = report["editability"][choice]["band"] if choice else []
+    report["train"] = {k: train_log[k] for k in ("steps", "tokens", "seconds")} | {"final_loss": train_log["epoch_loss"][-1]}
+    report["build_seconds"] = time.time() - t0
+    report["train_seconds"] = train_seconds
+
+    _write_cache(out, opts, model, tok, facts, known, report)
+    log(f"built {opts.arch} fact model in {report['build_seconds']:.0f} s -> {out}")
+    return report
+
+
+def _write_cache(out: Path, opts: BuildOptions, model, tok, facts, known, report) -> None:
+    """Write everything into a temporary sibling directory, then swap it in (no half-written cache)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        rows = facts_to_json(facts)
+        for row, fact, k in zip(rows, facts, known):
+            row.update(
+                known=k,
+                ground_truth=fact.target_true,
+                rephrase_prompt=(fact.paraphrase_prompts or fact.heldout_prompts)[0],
+                locality_prompt=fact.neighbours[0]["prompt"] if fact.neighbours else None,
+                locality_ground_truth=fact.neighbours[0]["answer"] if fact.neighbours else None,
+            )
+        (tmp / "facts.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        files = {str(p.relative_to(tmp)): _file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"options": opts.fingerprint(), "files": files}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(out: str | Path, device: str = "cpu"):
+    """(model, tokenizer, facts rows, report) from a built cache."""
+    out = Path(out)
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    facts = json.loads((out / "facts.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    return model, tok, facts, report

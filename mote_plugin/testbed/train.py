@@ -1,0 +1,120 @@
+"""Training the fact model: a language model of WikiText text and CounterFact statements.
+
+Every fact is stated under the templates of its relation (one template per edit fact is held out), now
+and then behind a snippet of WikiText as CounterFact's own paraphrases are; WikiText windows keep it a
+language model. Deterministic for a given seed and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Fact
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60  # passes over the facts
+    statements_per_fact: int = 2  # statements of each fact per epoch (random templates)
+    text_share: float = 0.2  # share of sequences that are WikiText windows
+    prefix_prob: float = 0.5  # chance a statement follows a WikiText snippet (CounterFact paraphrases do)
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    text_window: int = 32
+    router_aux_loss_coef: float = 0.01
+    seed: int = 0
+
+
+def statement(fact: Fact, template: str, prefix: str = "") -> str:
+    return f"{prefix}{template.format(fact.subject)} {fact.target_true}."
+
+
+def _snippets(text: str, rng: random.Random, n: int) -> list[str]:
+    words = text.split()
+    out = []
+    for _ in range(n):
+        i = rng.randrange(0, max(1, len(words) - 12))
+        out.append(" ".join(words[i : i + rng.randint(3, 16)]) + ". ")
+    return out
+
+
+def epoch_sequences(facts: list[Fact], text_ids: list[int], tok, cfg: TrainConfig, rng: random.Random, text: str) -> list[list[int]]:
+    """Token sequences of one epoch: fact statements and WikiText windows, shuffled."""
+    n_statements = len(facts) * cfg.statements_per_fact
+    prefixes = _snippets(text, rng, n_statements)
+    texts = []
+    for i in range(n_statements):
+        fact = facts[i % len(facts)]
+        prefix = prefixes[i] if rng.random() < cfg.prefix_prob else ""
+        texts.append(statement(fact, rng.choice(fact.train_templates), prefix))
+    seqs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
+    n_text = int(len(seqs) * cfg.text_share / (1 - cfg.text_share))
+    for _ in range(n_text):
+        i = rng.randrange(0, len(text_ids) - cfg.text_window)
+        seqs.append([tok.bos_token_id] + text_ids[i : i + cfg.text_window])
+    rng.shuffle(seqs)
+    return seqs
+
+
+def _batches(seqs: list[list[int]], batch_size: int, pad_id: int):
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, s in enumerate(chunk):
+            ids[b, : len(s)] = torch.tensor(s)
+            mask[b, : len(s)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        yield ids, mask, labels
+
+
+def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print) -> dict:
+    """Train `model` in place; returns a small log (loss curve, tokens/s)."""
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    text_ids = tok(text, add_special_tokens=False)["input_ids"]
+    per_epoch = len(facts) * cfg.statements_per_fact / (1 - cfg.text_share)
+    total_steps = cfg.epochs * math.ceil(per_epoch / cfg.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
+    model.train()
+    step, tokens, losses, t0 = 0, 0, [], time.time()
+    bar = tqdm(total=total_steps, desc="training fact model", unit="step", leave=False)
+    for epoch in range(cfg.epochs):
+        seqs = epoch_sequences(facts, text_ids, tok, cfg, rng, text)
+        epoch_loss = []
+        for ids, mask, labels in _batches(seqs, cfg.batch_size, tok.pad_token_id):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            epoch_loss.append(out.loss.item())
+            tokens += int(mask.sum())
+            step += 1
+            bar.update(1)
+        losses.append(sum(epoch_loss) / len(epoch_loss))
+        bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    seconds = time.time() - t0
+    log(f"trained {step} steps, {tokens} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s), final loss {losses[-1]:.3f}")
+    return {"steps": step, "tokens": tokens, "seconds": seconds, "epoch_loss": losses}

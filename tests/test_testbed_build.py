@@ -1,0 +1,131 @@
+"""The fact model builder: determinism, cache reuse and repair, save/load round trip, all three
+architectures, the CLI, and (reduced size) the knowledge gates."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mote_plugin.testbed import ARCHS, BuildOptions, ModelSize, TrainConfig, build, load
+from mote_plugin.testbed.__main__ import main
+from mote_plugin.testbed.build import weights_hash
+from mote_plugin.testbed.data import DataError
+from mote_plugin.testbed.model import make_config
+from mote_plugin.testbed.probes import knowledge_report
+from mote_plugin.testbed.data import facts_from_json
+
+TINY = BuildOptions(
+    facts=24, vocab_size=600, corpus_chars=20_000, probe_facts=2,
+    size=ModelSize(d_model=32, layers=2, heads=2, experts=4, top_k=2, expert_hidden=32, max_positions=128),
+    train=TrainConfig(epochs=2, batch_size=32, warmup_steps=2),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_builds(tmp_path_factory):
+    out = {}
+    for arch in ARCHS:
+        path = tmp_path_factory.mktemp(arch)
+        out[arch] = (path, replace(TINY, arch=arch), build(path, replace(TINY, arch=arch), log=lambda m: None))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architectures_round_trip(tiny_builds, tmp_path, arch):
+    path, opts, report = tiny_builds[arch]
+    model, tok, facts, saved_report = load(path)
+    assert saved_report == json.loads(json.dumps(report))
+    assert {"prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt", "known"} <= facts[0].keys()
+    ids = tok([f["prompt"] for f in facts[:4]], return_tensors="pt", padding=True)
+    logits = model(**ids).logits
+    model.save_pretrained(tmp_path / "again")
+    again = type(model).from_pretrained(tmp_path / "again").eval()
+    assert torch.equal(again(**ids).logits, logits)
+    # the cached model is the trained one: its knowledge table is reproduced from the saved weights
+    rows = [{k: v for k, v in f.items() if k not in ("known", "ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")} for f in facts]
+    assert knowledge_report(model, tok, facts_from_json(rows))["rewrite"] == pytest.approx(report["knowledge"]["rewrite"])
+
+
+def test_family_specifics(tiny_builds):
+    gpt, _, _ = load(tiny_builds["gpt_oss"][0])[:3]
+    experts = gpt.model.layers[0].mlp.experts
+    assert experts.down_proj.shape == (4, 32, 32) and experts.down_proj_bias is not None  # [E, h, d] + bias
+    qwen35 = load(tiny_builds["qwen3_5_moe"][0])[0]
+    assert qwen35.model.layers[0].mlp.shared_expert is not None
+    qwen3 = load(tiny_builds["qwen3_moe"][0])[0]
+    assert qwen3.config.norm_topk_prob is True
+
+
+def test_deterministic_and_cached(tiny_builds, tmp_path):
+    path, opts, _ = tiny_builds["qwen3_moe"]
+    logs = []
+    build(path, opts, log=logs.append)
+    assert logs == [f"cache reused: {path}"]
+    build(tmp_path / "second", opts, log=lambda m: None)
+    assert weights_hash(load(path)[0]) == weights_hash(load(tmp_path / "second")[0])
+    build(tmp_path / "other-seed", replace(opts, seed=1), log=lambda m: None)
+    assert weights_hash(load(path)[0]) != weights_hash(load(tmp_path / "other-seed")[0])
+
+
+def test_corrupt_cache_is_rebuilt(tiny_builds, tmp_path):
+    path, opts, _ = tiny_builds["qwen3_moe"]
+    build(tmp_path / "c", opts, log=lambda m: None)
+    weights = tmp_path / "c" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    logs = []
+    build(tmp_path / "c", opts, log=logs.append)
+    assert any("corrupt" in m for m in logs), logs
+    assert weights_hash(load(tmp_path / "c")[0]) == weights_hash(load(path)[0])
+    (tmp_path / "c" / "manifest.json").write_text("{not json")
+    logs = []
+    build(tmp_path / "c", opts, log=logs.append)
+    assert any("unreadable" in m for m in logs), logs
+
+
+def test_other_options_rebuild(tiny_builds, tmp_path):
+    path, opts, _ = tiny_builds["qwen3_moe"]
+    logs = []
+    build(path, replace(opts, train=replace(opts.train, epochs=3)), log=logs.append)
+    assert any("other options" in m for m in logs)
+
+
+def test_unknown_architecture(capsys):
+    with pytest.raises(SystemExit):
+        main(["build", "--arch", "llama"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown architecture"):
+        make_config("llama", 100, ModelSize(), {})
+
+
+def test_cli_bad_data(tmp_path, capsys):
+    assert main(["build", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "does not exist" in err and "--data" in err
+
+
+def test_cli_prints_knowledge_table(tiny_builds, capsys):
+    path, opts, _ = tiny_builds["gpt_oss"]
+    s = opts.size
+    argv = ["build", "--arch", "gpt_oss", "--out", str(path), "--facts", "24", "--vocab-size", "600", "--corpus-chars", "20000",
+            "--probe-facts", "2", "--d-model", str(s.d_model), "--layers", "2", "--heads", "2", "--experts", "4",
+            "--expert-hidden", "32", "--max-positions", "128", "--epochs", "2", "--batch-size", "32", "--warmup-steps", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "cache reused" in out.err
+    assert "| rewrite |" in out.out and "majority baseline" in out.out
+
+
+@pytest.mark.slow
+def test_reduced_fact_model_knows_its_facts(shared_data, tmp_path):
+    """A reduced build (40 facts, < 2 minutes on 2 cores) passes the knowledge gates of the default build."""
+    opts = BuildOptions(facts=40, data=str(shared_data), probe_facts=10, train=TrainConfig(epochs=80))
+    report = build(tmp_path / "fm", opts, log=lambda m: None)
+    k = report["knowledge"]
+    assert k["rewrite"]["top1"] >= 0.9 and k["rewrite"]["p_true_gt_new"] >= 0.95
+    assert k["heldout_template"]["top1"] > k["heldout_template"]["majority"] + 0.2
+    assert k["neighbourhood"]["top1"] >= 0.9
+    assert report["lookup_token"] in ("subject_last", "last")
+    band = report["edit_layers"]
+    assert band and all(report["tracing"][report["lookup_token"]][l] >= 0.5 for l in band)
+    assert report["editability"][report["lookup_token"]]["flipped"] >= 0.9
