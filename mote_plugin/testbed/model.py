@@ -59,7 +59,8 @@ def make_config(arch: str, vocab_size: int, size: ModelSize, special_ids: dict[s
     elif arch == "gpt_oss":
         cfg = GptOssConfig(
             intermediate_size=size.expert_hidden, num_local_experts=size.experts,
-            sliding_window=size.max_positions, **common,
+            sliding_window=size.max_positions, rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+            **common,
         )
     else:
         cfg = Qwen3_5MoeTextConfig(

@@ -142,16 +142,18 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
 
 
 def edit_band(recovery: list[float], threshold: float = 0.5, width: int = 3) -> list[int]:
-    """The edit layers: the `width` layers ending at the highest-recovery layer of the earliest run of
-    layers whose recovery >= threshold (MEMIT edits a band of layers where the lookup token carries the fact)."""
-    above = [l for l, r in enumerate(recovery) if r >= threshold]
-    if not above:
-        return []
-    start = above[0]
-    end = start
-    while end + 1 < len(recovery) and recovery[end + 1] >= threshold and end + 1 - start < width:
-        end += 1
-    return list(range(max(0, end - width + 1), end + 1))
+    """The edit layers: the first `width` layers of the earliest run of at least two consecutive layers whose
+    recovery is >= threshold (MEMIT edits a band of layers where the lookup token carries the fact; a lone
+    layer, typically layer 0 where restoring a token just undoes the noise on it, is no band)."""
+    run: list[int] = []
+    for l, r in enumerate(recovery + [float("-inf")]):
+        if r >= threshold:
+            run.append(l)
+            continue
+        if len(run) >= 2:
+            return run[:width]
+        run = []
+    return []
 
 
 def editability(model, tok, facts: list[Fact], layer: int, fact_token: str, cfg: VStarConfig | None = None) -> dict:

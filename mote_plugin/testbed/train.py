@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..mote.lookup import token_span
 from .data import Fact
 
 
@@ -30,11 +31,21 @@ class TrainConfig:
     warmup_steps: int = 50
     text_window: int = 32
     router_aux_loss_coef: float = 0.01
+    # In fact statements, tokens after the subject may not attend to the subject in decoder layers below this
+    # one (training only): what the model knows of the subject must be computed at the subject's own tokens in
+    # the early layers and read from there later, the storage locate-and-edit methods assume. 0 = off.
+    subject_readout_layer: int = 0
     seed: int = 0
 
 
 def statement(fact: Fact, template: str, prefix: str = "") -> str:
     return f"{prefix}{template.format(fact.subject)} {fact.target_true}."
+
+
+def subject_chars(fact: Fact, template: str, prefix: str = "") -> tuple[int, int]:
+    """Character span of the subject in `statement(fact, template, prefix)`."""
+    start = len(prefix) + template.index("{}")
+    return start, start + len(fact.subject)
 
 
 def _snippets(text: str, rng: random.Random, n: int) -> list[str]:
@@ -46,27 +57,64 @@ def _snippets(text: str, rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def epoch_sequences(facts: list[Fact], text_ids: list[int], tok, cfg: TrainConfig, rng: random.Random, text: str) -> list[list[int]]:
-    """Token sequences of one epoch: fact statements and WikiText windows, shuffled."""
+def epoch_sequences(facts: list[Fact], text_ids: list[int], tok, cfg: TrainConfig, rng: random.Random, text: str):
+    """One epoch, shuffled: (token ids, subject token span or None) for fact statements and WikiText windows."""
     n_statements = len(facts) * cfg.statements_per_fact
     prefixes = _snippets(text, rng, n_statements)
-    texts = []
+    texts, chars = [], []
     for i in range(n_statements):
         fact = facts[i % len(facts)]
         prefix = prefixes[i] if rng.random() < cfg.prefix_prob else ""
-        texts.append(statement(fact, rng.choice(fact.train_templates), prefix))
-    seqs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
+        template = rng.choice(fact.train_templates)
+        texts.append(statement(fact, template, prefix))
+        chars.append(subject_chars(fact, template, prefix))
+    enc = tok(texts, return_offsets_mapping=True)
+    seqs = [(ids + [tok.eos_token_id], token_span(offsets, *span))
+            for ids, offsets, span in zip(enc["input_ids"], enc["offset_mapping"], chars)]
     n_text = int(len(seqs) * cfg.text_share / (1 - cfg.text_share))
     for _ in range(n_text):
         i = rng.randrange(0, len(text_ids) - cfg.text_window)
-        seqs.append([tok.bos_token_id] + text_ids[i : i + cfg.text_window])
+        seqs.append(([tok.bos_token_id] + text_ids[i : i + cfg.text_window], None))
     rng.shuffle(seqs)
     return seqs
 
 
-def _batches(seqs: list[list[int]], batch_size: int, pad_id: int):
+def readout_mask(spans: list[tuple[int, int] | None], width: int) -> torch.Tensor:
+    """[B, 1, S, S] bool, False where a query after the subject would read a subject token."""
+    allowed = torch.ones(len(spans), 1, width, width, dtype=torch.bool)
+    for b, span in enumerate(spans):
+        if span is not None:
+            first, last = span
+            allowed[b, 0, last + 1 :, first : last + 1] = False
+    return allowed
+
+
+def _restrict(mask, allowed: torch.Tensor):
+    """Combine a layer's attention mask (None = causal, bool = keep, float = additive) with `allowed`."""
+    if mask is None:
+        width = allowed.shape[-1]
+        return allowed & torch.ones(width, width, dtype=torch.bool).tril()
+    if mask.dtype == torch.bool:
+        return mask & allowed[..., : mask.shape[-2], : mask.shape[-1]]
+    return mask.masked_fill(~allowed[..., : mask.shape[-2], : mask.shape[-1]], torch.finfo(mask.dtype).min)
+
+
+def subject_readout_hooks(model, cfg: TrainConfig, current: dict):
+    """Pre-hooks on the attention of layers < cfg.subject_readout_layer applying `current['allowed']`."""
+    handles = []
+    for layer in model.get_submodule("model.layers")[: cfg.subject_readout_layer]:
+        def hook(module, args, kwargs):
+            if current.get("allowed") is not None:
+                kwargs["attention_mask"] = _restrict(kwargs.get("attention_mask"), current["allowed"])
+            return args, kwargs
+        handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def _batches(seqs, batch_size: int, pad_id: int):
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
+        chunk = [s for s, _ in seqs[i : i + batch_size]]
+        spans = [span for _, span in seqs[i : i + batch_size]]
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -74,7 +122,7 @@ def _batches(seqs: list[list[int]], batch_size: int, pad_id: int):
             ids[b, : len(s)] = torch.tensor(s)
             mask[b, : len(s)] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        yield ids, mask, labels
+        yield ids, mask, labels, spans
 
 
 def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print) -> dict:
@@ -94,13 +142,16 @@ def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
+    current: dict = {}
+    handles = subject_readout_hooks(model, cfg, current)
     model.train()
     step, tokens, losses, t0 = 0, 0, [], time.time()
     bar = tqdm(total=total_steps, desc="training fact model", unit="step", leave=False)
     for epoch in range(cfg.epochs):
         seqs = epoch_sequences(facts, text_ids, tok, cfg, rng, text)
         epoch_loss = []
-        for ids, mask, labels in _batches(seqs, cfg.batch_size, tok.pad_token_id):
+        for ids, mask, labels, spans in _batches(seqs, cfg.batch_size, tok.pad_token_id):
+            current["allowed"] = readout_mask(spans, ids.shape[1]) if handles else None
             out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -114,6 +165,8 @@ def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print)
         losses.append(sum(epoch_loss) / len(epoch_loss))
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
     bar.close()
+    for h in handles:
+        h.remove()
     model.eval()
     seconds = time.time() - t0
     log(f"trained {step} steps, {tokens} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s), final loss {losses[-1]:.3f}")

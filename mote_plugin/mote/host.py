@@ -1,0 +1,47 @@
+"""The EasyEdit host, when one is importable: its v* (`compute_z`) and context templates.
+
+The plugin never needs a host; with one, v* comes from the host so MoTE's targets are exactly those its
+baselines (MEMIT, AlphaEdit) get. Detection is lazy and cached; a host that fails to import counts as
+absent (the reason is kept in `host_status()`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _memit_modules():
+    if importlib.util.find_spec("easyeditor") is None:
+        return None, "easyeditor is not installed"
+    try:
+        compute_z = importlib.import_module("easyeditor.models.memit.compute_z")
+        memit_main = importlib.import_module("easyeditor.models.memit.memit_main")
+    except Exception as e:  # a stale or broken host (see docs/easyedit-contract): treat as absent
+        return None, f"easyeditor is installed but its MEMIT modules do not import ({type(e).__name__}: {e})"
+    return (compute_z, memit_main), "easyeditor MEMIT compute_z"
+
+
+def host_status() -> str:
+    return _memit_modules()[1]
+
+
+def compute_z_fn():
+    """The host's `compute_z(model, tok, request, hparams, layer, context_templates)`, or None."""
+    mods = _memit_modules()[0]
+    if mods is None:
+        return None
+
+    def host_compute_z(model, tok, request, hparams, layer, templates):
+        req = dict(request)
+        if not req["target_new"].startswith(" "):
+            req["target_new"] = " " + req["target_new"]  # the host's MEMIT prepends the space itself
+        return mods[0].compute_z(model, tok, req, hparams, layer, templates)
+
+    return host_compute_z
+
+
+def context_templates(model, tok):
+    return _memit_modules()[0][1].get_context_templates(model, tok)

@@ -1,0 +1,289 @@
+"""`apply_mote_to_model`: MoTE behind EasyEdit's editor contract.
+
+One batch of edits, step by step (method.md):
+  1. check everything that can be checked before a weight changes (requests, layers, MoE blocks);
+  2. per edited layer, once per model: preservation statistics -> null-space projectors P_j and Tucker
+     factors (`LayerBasis`, cached on the model, so sequential batches share one basis);
+  3. v*: the target z of every request at the last edited layer L (the host's compute_z when EasyEdit is
+     importable, else the plugin's own); residual r = z - h_L;
+  4. `core` spread: capture keys at L, solve the core there, write G / (L - l + 1) into every layer l with
+     its own basis; `residual` spread: for each layer l in order, re-capture keys at l, re-measure the
+     residual at L and solve with r / (L - l + 1);
+  5. any failure (KeyboardInterrupt included) restores every written parameter bit-exactly.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import get_adapter
+from . import host
+from .capture import capture, moe_blocks
+from .compute_z import VStarConfig, compute_z
+from .hparams import MoTEHyperParams
+from .lookup import encode_with_lookup
+from .nullspace import nullspace_projectors
+from .solve import lowrank_update, project_keys, solve_core, uint_p, update_memory
+from .stats import preservation_stats
+from .tucker import TuckerFactors, tucker_factors
+
+
+@dataclass
+class LayerBasis:
+    """What the solve needs of one layer, fixed for a model: projectors, factors, U_in^T P_j."""
+
+    P: torch.Tensor  # [E, h, h] null-space projectors (identity when the null space is off)
+    factors: TuckerFactors  # U_e [E, r_e], U_out [d, r_out], U_in [h, r_in]
+    UinT_P: torch.Tensor  # [E, r_in, h]
+
+
+@dataclass
+class EditorState:
+    """Per-model state kept between calls: layer bases and the sequential-editing memory."""
+
+    bases: dict = field(default_factory=dict)  # (layer, basis settings) -> LayerBasis
+    memory: dict = field(default_factory=dict)  # layer -> [r_e*r_in, r_e*r_in] sum of past phi phi^T
+    context_templates: list[str] | None = None
+
+
+_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, EditorState]" = weakref.WeakKeyDictionary()
+
+
+def editor_state(model) -> EditorState:
+    return _STATES.setdefault(model, EditorState())
+
+
+def reset_state(model) -> None:
+    """Forget the bases and the sequential memory of `model` (e.g. after restoring its weights by hand)."""
+    _STATES.pop(model, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. checks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def normalise_requests(requests: list[dict]) -> list[dict]:
+    """EasyEdit requests -> copies with `prompt` containing the subject and `target_new` a string."""
+    if isinstance(requests, dict):
+        requests = [requests]
+    out = []
+    for i, r in enumerate(requests):
+        if not isinstance(r, dict):
+            raise ValueError(f"request {i} is not a dict: {r!r}")
+        missing = [k for k in ("prompt", "subject", "target_new") if not r.get(k)]
+        if missing:
+            raise ValueError(f"request {i} ({r.get('prompt')!r}) has no {', '.join(missing)}")
+        target = r["target_new"]["str"] if isinstance(r["target_new"], dict) else r["target_new"]
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(f"request {i} ({r['prompt']!r}) has an empty target_new")
+        prompt = r["prompt"].format(r["subject"]) if "{}" in r["prompt"] else r["prompt"]
+        if r["subject"] not in prompt:
+            raise ValueError(f"request {i}: subject {r['subject']!r} not found in prompt {prompt!r}")
+        out.append({**r, "prompt": prompt, "target_new": target.strip()})
+    return out
+
+
+def check_layers(model, adapter, layers: list[int]) -> dict:
+    """The MoE block of every edited layer; ValueError for an index out of range or a dense layer."""
+    n = adapter.num_layers(model)
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
+    return moe_blocks(model, adapter, layers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. per-layer basis (statistics -> projectors + factors)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _basis_key(layer: int, hp: MoTEHyperParams) -> tuple:
+    return (layer, hp.r_e, hp.r_out, hp.r_in, hp.whitening, hp.eps_whitening, hp.hooi_sweeps, hp.nullspace,
+            hp.nullspace_rule, hp.nullspace_threshold, hp.nullspace_min_tokens, hp.nullspace_fallback,
+            hp.preservation_corpus, hp.preservation_tokens)
+
+
+def layer_bases(model, tok, adapter, blocks: dict, hp: MoTEHyperParams, log=print) -> dict[int, LayerBasis]:
+    state = editor_state(model)
+    todo = [l for l in blocks if _basis_key(l, hp) not in state.bases]
+    if todo:
+        stats = preservation_stats(model, tok, adapter, todo, corpus=hp.preservation_corpus, n_tokens=hp.preservation_tokens,
+                                   max_length=hp.max_length, stats_dir=hp.stats_dir)
+        for l in todo:
+            block = blocks[l]
+            W = adapter.down_weight(block)  # [E, d, h]
+            s = stats[l]
+            if hp.nullspace:
+                P = nullspace_projectors(s.moments, s.counts, rule=hp.nullspace_rule, threshold=hp.nullspace_threshold,
+                                         min_tokens=hp.nullspace_min_tokens, fallback=hp.nullspace_fallback)  # [E, h, h]
+            else:
+                P = torch.eye(W.shape[2]).expand(W.shape[0], -1, -1).clone()
+            factors = tucker_factors(W, (hp.r_e, hp.r_out, hp.r_in), whitening=hp.whitening, cov_in=s.cov_in,
+                                     cov_out=s.cov_out, eps=hp.eps_whitening, hooi_sweeps=hp.hooi_sweeps)
+            P = P.to(W.device)
+            factors = TuckerFactors(*(u.to(W.device) for u in factors))
+            state.bases[_basis_key(l, hp)] = LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P))
+    return {l: state.bases[_basis_key(l, hp)] for l in blocks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. targets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def vstar_config(hp: MoTEHyperParams) -> VStarConfig:
+    return VStarConfig(layer_module_tmp=hp.layer_module_tmp, fact_token=hp.fact_token, v_num_grad_steps=hp.v_num_grad_steps,
+                       v_lr=hp.v_lr, v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+                       kl_factor=hp.kl_factor, max_length=hp.max_length)
+
+
+def context_templates(model, tok, state: EditorState, n: int = 5, length: int = 10, seed: int = 0) -> list[str]:
+    """MEMIT's context templates: "{}" plus short texts sampled from the model itself, each followed by the prompt."""
+    if state.context_templates is None:
+        gen = torch.Generator().manual_seed(seed)
+        device = next(model.parameters()).device
+        out = ["{}"]
+        for start in ("The", "Therefore", "Because", "I", "You")[:n]:
+            ids = tok(start, return_tensors="pt")["input_ids"].to(device)
+            with torch.no_grad():
+                for _ in range(length):
+                    probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1).cpu()
+                    top = torch.topk(probs, 5)
+                    nxt = top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=gen)]
+                    ids = torch.cat([ids, nxt.view(1, 1).to(device)], dim=1)
+            text = tok.decode(ids[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+            out.append(text + ". {}")
+        state.context_templates = out
+    return state.context_templates
+
+
+def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_token: str, max_length: int | None) -> torch.Tensor:
+    """[T, d] output of a decoder layer at each request's lookup token (one batched forward)."""
+    batch, lookup, _ = encode_with_lookup(tok, [r["prompt"] for r in requests], [r["subject"] for r in requests], fact_token, max_length)
+    device = next(model.parameters()).device
+    grabbed = {}
+    handle = model.get_submodule(layer_module).register_forward_hook(
+        lambda m, a, o: grabbed.__setitem__("h", (o[0] if isinstance(o, tuple) else o).detach()))
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        handle.remove()
+    return grabbed["h"][torch.arange(len(requests)), lookup.to(device)].float()
+
+
+def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: EditorState, progress: bool = True) -> torch.Tensor:
+    """[T, d] v* targets z at the last edited layer, one per request."""
+    L = max(hp.layers)
+    host_compute_z = host.compute_z_fn()
+    templates = None if host_compute_z else context_templates(model, tok, state)
+    zs = []
+    for r in tqdm(requests, desc="v* targets", disable=not progress, leave=False):
+        if host_compute_z:
+            zs.append(host_compute_z(model, tok, r, hp, L, host.context_templates(model, tok)))
+        else:
+            zs.append(compute_z(model, tok, r, L, vstar_config(hp), templates).z)
+    return torch.stack([z.float().to(next(model.parameters()).device) for z in zs])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. solve and write back
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _solve_and_write(model, tok, adapter, blocks, bases, requests, residual_fn, hp, state, timings) -> None:
+    L = max(hp.layers)
+    layers = sorted(hp.layers)
+    solve_layers = [L] if hp.spread == "core" else layers
+    for l in solve_layers:
+        t = time.time()
+        cap = capture(model, tok, adapter, requests, [l], hp.fact_token, max_length=hp.max_length)[l]
+        timings["capture"] += time.time() - t
+        t = time.time()
+        basis = bases[l]
+        keys = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
+        share = 1.0 if hp.spread == "core" else 1.0 / (L - l + 1)
+        R = residual_fn() * share  # [T, d]
+        memory = state.memory.get(l) if hp.sequential_memory else None
+        sol = solve_core(keys, cap.gates, cap.expert_idx, R, basis.factors, hp.mote_lambda, memory=memory)
+        if hp.sequential_memory:
+            state.memory[l] = update_memory(memory, sol.Phi)
+        timings["solve"] += time.time() - t
+        t = time.time()
+        for target in (layers if hp.spread == "core" else [l]):
+            b = bases[target]
+            scale = 1.0 / (L - target + 1) if hp.spread == "core" else 1.0
+            left, right = lowrank_update(sol, b.factors, b.P, scale=scale, UinT_P=b.UinT_P)  # [d, r], [E, r, h]
+            adapter.add_lowrank(blocks[target], left, right)
+        timings["writeback"] += time.time() - t
+
+
+def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, progress: bool = True) -> dict:
+    """Edit `model` in place (no restore on failure: `apply_mote_to_model` does that). Returns timings."""
+    adapter = get_adapter(model)
+    blocks = check_layers(model, adapter, hp.layers)
+    state = editor_state(model)
+    timings = {"statistics": 0.0, "vstar": 0.0, "capture": 0.0, "solve": 0.0, "writeback": 0.0}
+    t = time.time()
+    bases = layer_bases(model, tok, adapter, blocks, hp)
+    timings["statistics"] = time.time() - t
+    t = time.time()
+    z = targets(model, tok, requests, hp, state, progress)  # [T, d]
+    timings["vstar"] = time.time() - t
+    L_module = hp.layer_module_tmp.format(max(hp.layers))
+
+    def residual():
+        t = time.time()
+        h = layer_outputs(model, tok, requests, L_module, hp.fact_token, hp.max_length)  # [T, d]
+        timings["capture"] += time.time() - t
+        return z - h
+
+    _solve_and_write(model, tok, adapter, blocks, bases, requests, residual, hp, state, timings)
+    return timings
+
+
+def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bool = False, return_orig_weights: bool = False,
+                        keep_original_weight: bool = False, **kwargs):
+    """EasyEdit's apply function: edit `model` (in place, or a deep copy when `copy`) with MoTE.
+
+    Returns (model, weights_copy): weights_copy maps the names of the parameters MoTE changes to their
+    original tensors when `return_orig_weights` (the host restores them from it), else {}. All-or-nothing:
+    if anything fails, every changed parameter is restored bit-exactly before the exception propagates.
+    Unknown keyword arguments (the host passes e.g. `train_ds`) are ignored.
+    """
+    if not isinstance(hparams, MoTEHyperParams):
+        alg = getattr(hparams, "alg_name", type(hparams).__name__)
+        raise ValueError(f"apply_mote_to_model needs MoTEHyperParams, got hyper-parameters for {alg!r}")
+    requests = normalise_requests(requests)
+    if not requests:
+        return model, {}
+    if copy:
+        model = copy_module.deepcopy(model)
+    adapter = get_adapter(model)
+    blocks = check_layers(model, adapter, hparams.layers)
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = {names[id(adapter.down_param(b))]: adapter.down_param(b) for b in blocks.values()}
+    originals = {n: p.detach().clone() for n, p in params.items()}
+    state = editor_state(model)
+    memory = dict(state.memory)
+    padding_side = getattr(tok, "padding_side", None)
+    try:
+        tok.padding_side = "right"
+        execute_mote(model, tok, requests, hparams)
+    except BaseException:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(originals[n])
+        state.memory = memory
+        raise
+    finally:
+        if padding_side is not None:
+            tok.padding_side = padding_side
+    return model, (originals if return_orig_weights else {})

@@ -1,0 +1,195 @@
+"""apply_mote_to_model on tiny random MoE models: the closed form as seen by the model's own forward pass,
+bad input before any weight changes, all-or-nothing, EasyEdit's restore contract."""
+
+import pytest
+import torch
+
+from mote_plugin.adapters import get_adapter
+from mote_plugin.mote import mote_main
+from mote_plugin.mote.capture import capture
+from mote_plugin.mote.hparams import MoTEHyperParams
+from mote_plugin.mote.mote_main import apply_mote_to_model, layer_outputs, normalise_requests
+from mote_plugin.mote.solve import predicted_change
+from mote_plugin.mote.stats import corpus_texts
+from mote_plugin.testbed.model import ModelSize, make_config, make_model
+from mote_plugin.testbed.tokenizer import special_ids, train_tokenizer
+
+REQUESTS = [
+    {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "Toko Yasuda, the", "subject": "Toko Yasuda", "target_new": "piano"},
+    {"prompt": "Autonomous University of Madrid, which is located in", "subject": "Autonomous University of Madrid", "target_new": "Sweden"},
+    {"prompt": "What is the twin city of Wellington? It is", "subject": "Wellington", "target_new": "Sheffield"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = list(corpus_texts(None))[:400] + [r["prompt"] + " " + r["target_new"] for r in REQUESTS]
+    return train_tokenizer(texts, 800)
+
+
+def tiny_model(tok, arch="qwen3_moe", layers=3, seed=0):
+    torch.manual_seed(seed)
+    size = ModelSize(d_model=32, layers=layers, heads=2, experts=4, top_k=2, expert_hidden=24, max_positions=256)
+    return make_model(make_config(arch, len(tok), size, special_ids(tok))).eval()
+
+
+def hparams(tmp_path, **kw):
+    base = dict(alg_name="MoTE", model_name="tiny", layers=[0, 1], device="cpu", fact_token="subject_last",
+                v_num_grad_steps=5, preservation_tokens=3000, max_length=64, stats_dir=str(tmp_path / "stats"),
+                r_e=1.0, r_out=1.0, r_in=1.0, mote_lambda=1e-2, nullspace_min_tokens=1)
+    base.update(kw)
+    return MoTEHyperParams(**base)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model, before) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "qwen3_5_moe"])
+def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch):
+    """After the writeback, the routed experts' output at each edited key changes by U_out G phi (forward pass)."""
+    model = tiny_model(tok, arch)
+    hp = hparams(tmp_path, layers=[1], whitening="none")
+    reqs = normalise_requests(REQUESTS)
+    adapter = get_adapter(model)
+    before = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
+    solved = {}
+    real_solve = mote_main.solve_core
+
+    def spy(*args, **kwargs):
+        solved["sol"] = real_solve(*args, **kwargs)
+        solved["args"] = args
+        return solved["sol"]
+
+    mote_main.solve_core = spy
+    try:
+        apply_mote_to_model(model, tok, reqs, hp)
+    finally:
+        mote_main.solve_core = real_solve
+    after = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
+    keys, gates, idx, _, factors = solved["args"][:5]
+    expected = predicted_change(solved["sol"], factors, keys, gates, idx)
+    assert torch.equal(after.expert_idx, before.expert_idx)
+    torch.testing.assert_close(after.out - before.out, expected.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_full_rank_small_lambda_reproduces_the_residual(tok, tmp_path):
+    """lambda -> 0, full ranks, no null space: the last layer's output at the lookup token becomes z."""
+    model = tiny_model(tok)
+    hp = hparams(tmp_path, layers=[1], nullspace=False, mote_lambda=1e-6, whitening="none")
+    reqs = normalise_requests(REQUESTS)
+    st = mote_main.editor_state(model)
+    z = mote_main.targets(model, tok, reqs, hp, st, progress=False)
+    h0 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
+    apply_mote_to_model(model, tok, reqs, hp)
+    h1 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
+    rel = ((h1 - z).norm(dim=1) / (z - h0).norm(dim=1)).max().item()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("spread", ["core", "residual"])
+def test_return_orig_weights_restores_bit_exactly(tok, tmp_path, spread):
+    model = tiny_model(tok)
+    before = state(model)
+    model, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, spread=spread), return_orig_weights=True)
+    assert not same(model, before)
+    assert set(weights_copy) == {"model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"}
+    with torch.no_grad():
+        for name, value in weights_copy.items():
+            model.get_parameter(name).copy_(value)
+    assert same(model, before)
+
+
+def test_copy_leaves_the_original_alone(tok, tmp_path):
+    model = tiny_model(tok)
+    before = state(model)
+    edited, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path), copy=True)
+    assert edited is not model and same(model, before) and weights_copy == {}
+
+
+def test_padding_side_is_restored(tok, tmp_path):
+    model = tiny_model(tok)
+    tok.padding_side = "left"
+    try:
+        apply_mote_to_model(model, tok, REQUESTS[:1], hparams(tmp_path))
+        assert tok.padding_side == "left"
+    finally:
+        tok.padding_side = "right"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(requests=[{"prompt": "Paris is in", "subject": "London", "target_new": "x"}]), "not found"),
+        (dict(requests=[{"prompt": "Paris is in", "subject": "Paris", "target_new": "  "}]), "empty target_new"),
+        (dict(requests=[{"prompt": "Paris is in", "target_new": "x"}]), "no subject"),
+        (dict(hp=dict(layers=[7])), "out of range"),
+        (dict(hp=dict(r_out=64)), "rank"),
+    ],
+)
+def test_bad_input_leaves_weights_untouched(tok, tmp_path, change, match):
+    model = tiny_model(tok)
+    before = state(model)
+    with pytest.raises(ValueError, match=match):
+        apply_mote_to_model(model, tok, change.get("requests", REQUESTS), hparams(tmp_path, **change.get("hp", {})))
+    assert same(model, before)
+
+
+def test_dense_layer_is_refused(tok, tmp_path):
+    model = tiny_model(tok)
+    model.config.mlp_only_layers = [0]
+    dense = make_model(model.config).eval()
+    before = state(dense)
+    with pytest.raises(ValueError, match="no MoE block"):
+        apply_mote_to_model(dense, tok, REQUESTS, hparams(tmp_path))
+    assert same(dense, before)
+
+
+def test_wrong_hparams_type(tok):
+    class MEMITHyperParams:
+        alg_name = "MEMIT"
+
+    with pytest.raises(ValueError, match="MEMIT"):
+        apply_mote_to_model(tiny_model(tok), tok, REQUESTS, MEMITHyperParams())
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failure_during_writeback_restores_everything(tok, tmp_path, monkeypatch, error):
+    model = tiny_model(tok)
+    before = state(model)
+    adapter_cls = type(get_adapter(model))
+    calls = {"n": 0}
+    real = adapter_cls.add_lowrank
+
+    def flaky(self, block, left, right, experts=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first layer is already written
+            raise error
+        return real(self, block, left, right, experts)
+
+    monkeypatch.setattr(adapter_cls, "add_lowrank", flaky)
+    with pytest.raises(type(error)):
+        apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, sequential_memory=True))
+    assert calls["n"] == 2
+    assert same(model, before)
+    assert mote_main.editor_state(model).memory == {}
+
+
+def test_sequential_memory_keeps_earlier_edits(tok, tmp_path):
+    """With the memory on, a second batch disturbs the first batch's edited outputs less than without it."""
+    drift = {}
+    for memory in (False, True):
+        model = tiny_model(tok)
+        hp = hparams(tmp_path, layers=[1], sequential_memory=memory, nullspace=False, whitening="none", mote_lambda=1e-6)
+        first, second = normalise_requests(REQUESTS[:2]), normalise_requests(REQUESTS[2:])
+        apply_mote_to_model(model, tok, first, hp)
+        h1 = layer_outputs(model, tok, first, "model.layers.1", hp.fact_token, hp.max_length)
+        apply_mote_to_model(model, tok, second, hp)
+        h2 = layer_outputs(model, tok, first, "model.layers.1", hp.fact_token, hp.max_length)
+        drift[memory] = (h2 - h1).norm().item()
+    assert drift[True] < 0.5 * drift[False], drift
