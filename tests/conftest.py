@@ -18,3 +18,25 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(2)
+
+
+# Reduced fact models shared by the knowledge and editing tests: built once (about a minute each on 2 cores)
+# into .cache/, where the builder's manifest makes a later run reuse them only when nothing changed.
+REDUCED_FACTS = {"qwen3_moe": 56, "gpt_oss": 24, "qwen3_5_moe": 24}
+
+
+@pytest.fixture(scope="session")
+def reduced_fact_model(shared_data):
+    from mote_plugin.testbed import BuildOptions, TrainConfig, build
+
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            facts = REDUCED_FACTS[arch]
+            opts = BuildOptions(arch=arch, facts=facts, data=str(shared_data), probe_facts=10, train=TrainConfig(epochs=60))
+            out = ROOT / ".cache" / "test-fact-models" / f"{arch}-{facts}"
+            built[arch] = (out, build(out, opts, log=lambda m: None))
+        return built[arch]
+
+    return get

@@ -117,15 +117,15 @@ def test_cli_prints_knowledge_table(tiny_builds, capsys):
 
 
 @pytest.mark.slow
-def test_reduced_fact_model_knows_its_facts(shared_data, tmp_path):
-    """A reduced build (40 facts, < 2 minutes on 2 cores) passes the knowledge gates of the default build."""
-    opts = BuildOptions(facts=40, data=str(shared_data), probe_facts=10, train=TrainConfig(epochs=80))
-    report = build(tmp_path / "fm", opts, log=lambda m: None)
+def test_reduced_fact_model_knows_its_facts(reduced_fact_model):
+    """A reduced build (56 facts, a few minutes on 2 cores) passes the knowledge gates of the default build."""
+    _, report = reduced_fact_model("qwen3_moe")
     k = report["knowledge"]
     assert k["rewrite"]["top1"] >= 0.9 and k["rewrite"]["p_true_gt_new"] >= 0.95
     assert k["heldout_template"]["top1"] > k["heldout_template"]["majority"] + 0.2
     assert k["neighbourhood"]["top1"] >= 0.9
-    assert report["lookup_token"] in ("subject_last", "last")
+    token = report["lookup_token"]
+    assert token in ("subject_last", "last")
     band = report["edit_layers"]
-    assert band and all(report["tracing"][report["lookup_token"]][l] >= 0.5 for l in band)
-    assert report["editability"][report["lookup_token"]]["flipped"] >= 0.9
+    assert len(band) >= 2 and all(report["tracing"][token][l] >= 0.5 for l in band)
+    assert report["editability"][token]["flipped"] >= 0.9

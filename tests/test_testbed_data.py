@@ -9,7 +9,7 @@ from mote_plugin.testbed.data import (
     DataError,
     build_facts,
     load_relations,
-    neighbour_facts,
+    unedited_facts,
     read_corpus,
     read_counterfact_records,
     split_subject,
@@ -38,7 +38,7 @@ def test_both_counterfact_formats(shared_data, tmp_path, fmt):
         held = f.heldout_prompts[0].replace(f.subject, "{}", 1)
         assert held in relations[f.relation_id] and held not in f.train_templates
         assert f.prompt.replace(f.subject, "{}", 1) in f.train_templates
-    subjects = [f.subject for f in facts] + [n.subject for n in neighbour_facts(facts, relations)]
+    subjects = [f.subject for f in facts] + [n.subject for n in unedited_facts(facts, relations)]
     assert len(subjects) == len(set(subjects)), "a subject appears in two facts"
     assert sum(bool(f.neighbours) for f in facts) > 40
 

@@ -29,7 +29,7 @@ def test_readout_mask_hides_the_subject_from_later_tokens(arch):
     torch.manual_seed(0)
     size = ModelSize(d_model=32, layers=2, heads=2, experts=4, expert_hidden=32)
     model = make_model(make_config(arch, 100, size, dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))).eval()
-    current = {"allowed": readout_mask([(2, 3), (2, 3), None], 8)}
+    current = {"early": readout_mask([(2, 3), (2, 3), None], 8)}
     handles = subject_readout_hooks(model, TrainConfig(subject_readout_layer=2), current)
     ids = torch.randint(3, 100, (3, 8))
     other = ids.clone()
@@ -52,3 +52,10 @@ def test_edit_band():
     assert edit_band([0.53, 0.27, 0.14, 0.04, 0.01, 0.0]) == []  # a lone layer 0 is no band
     assert edit_band([0.6, 0.2, 0.7, 0.8, 0.3]) == [2, 3]
     assert edit_band([0.1, 0.2]) == []
+
+
+def test_readout_mask_last_only_keeps_the_subject_last_token_visible():
+    early, late = readout_mask([(2, 4), None], 7), readout_mask([(2, 4), None], 7, keep_last=True)
+    assert not early[0, 0, 5:, 2:5].any() and early[0, 0, :5].all()  # queries up to the subject's end see it all
+    assert not late[0, 0, 5:, 2:4].any() and late[0, 0, 5:, 4].all()  # later queries see only its last token
+    assert early[1].all() and late[1].all()  # no subject span (a WikiText window): no restriction

@@ -16,7 +16,7 @@ DEFAULT_OUT = ".cache/mote-testbed/{arch}-{facts}"
 
 
 def format_report(r: dict) -> str:
-    lines = [f"# {r['arch']} fact model: {r['n_facts']} edit facts + {r['n_neighbour_facts']} neighbour facts, "
+    lines = [f"# {r['arch']} fact model: {r['n_facts']} edit facts + {r['n_unedited_facts']} unedited (neighbour and support) facts, "
              f"{r['params'] / 1e6:.2f} M parameters, built in {r['build_seconds']:.0f} s"]
     lines += ["", "| prompts | n | top-1 true | P(true) > P(new) | majority baseline |", "|---|---|---|---|---|"]
     for key, row in r["knowledge"].items():
@@ -46,8 +46,11 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     for f in fields(cls):
         if f.name in skip:
             continue
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, dest=f.name,
-                            help=f"(default {f.default})")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=f.name)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, dest=f.name, help=f"(default {f.default})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
 from . import probes
-from .data import PACKAGE_DATA, DataError, build_facts, facts_to_json, neighbour_facts, load_relations, read_corpus
+from .data import PACKAGE_DATA, DataError, build_facts, facts_to_json, unedited_facts, load_relations, read_corpus
 from .model import ModelSize, make_config, make_model
 from .tokenizer import special_ids, train_tokenizer
 from .train import TrainConfig, statement, train
@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 @dataclass
 class BuildOptions:
     arch: str = "qwen3_moe"
-    facts: int = 240
+    facts: int = 200
     data: str = str(PACKAGE_DATA)
     seed: int = 0
     vocab_size: int = 4096
@@ -106,9 +106,9 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
     t0 = time.time()
     relations = load_relations()
     facts = build_facts(Path(opts.data), opts.facts, relations, seed=opts.seed)
-    all_facts = facts + neighbour_facts(facts, relations)
+    all_facts = facts + unedited_facts(facts, relations)
     text = read_corpus(Path(opts.data), opts.corpus_chars)
-    log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} neighbour facts, {len(text):,} characters of text")
+    log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} unedited (neighbour and support) facts, {len(text):,} characters of text")
 
     tok_texts = [text] + [statement(f, t) for f in all_facts for t in f.train_templates]
     tok_texts += [p for f in facts for p in f.heldout_prompts + f.paraphrase_prompts] + [" " + f.target_new for f in facts]
@@ -118,7 +118,7 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
     train_log = train(model, tok, all_facts, text, opts.train, log=log)
     train_seconds = time.time() - t0
 
-    report = {"arch": opts.arch, "n_facts": len(facts), "n_neighbour_facts": len(all_facts) - len(facts)}
+    report = {"arch": opts.arch, "n_facts": len(facts), "n_unedited_facts": len(all_facts) - len(facts)}
     report["params"] = sum(p.numel() for p in model.parameters())
     report["knowledge"] = probes.knowledge_report(model, tok, all_facts)
     known = probes.known_facts(model, tok, all_facts)
@@ -129,7 +129,8 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
         report["tracing"] = probes.causal_trace(model, tok, probe, seed=opts.seed)
         for token in ("subject_last", "last"):
             band = probes.edit_band(report["tracing"][token], opts.trace_threshold, opts.edit_band_width)
-            res = probes.editability(model, tok, probe, band[-1] if band else opts.size.layers // 2, token)
+            recovery = report["tracing"][token]
+            res = probes.editability(model, tok, probe, band[-1] if band else recovery.index(max(recovery[:-1])), token)
             res["band"] = band
             report["editability"][token] = res
             if choice is None and band and res["flipped"] >= 0.9:

@@ -38,6 +38,9 @@ class Fact:
     heldout_prompts: list[str] = field(default_factory=list)  # relation templates never trained for this subject
     train_templates: list[str] = field(default_factory=list)  # templates ('{}' = subject) trained on
     neighbours: list[dict] = field(default_factory=list)  # [{"prompt", "subject", "answer"}]
+    # a subject whose true object (same relation) is this fact's target_new: trained, so the model knows the
+    # new object as an answer of the relation, as a real LM knows every object CounterFact rewrites to
+    support: list[dict] = field(default_factory=list)  # [{"subject", "answer"}]
 
     @property
     def is_edit_fact(self) -> bool:
@@ -152,6 +155,11 @@ def build_facts(
     records = read_counterfact_records(data_dir)
     rng = random.Random(seed)
     rng.shuffle(records)
+    # (relation, true object) -> subjects that have it, for the support facts
+    holders: dict[tuple[str, str], list[str]] = {}
+    for rec in records:
+        rel = rec["relation_id"] or by_template.get(rec["template"])
+        holders.setdefault((rel, rec["target_true"]), []).append(rec["subject"])
 
     facts: list[Fact] = []
     used_subjects: set[str] = set()
@@ -164,6 +172,9 @@ def build_facts(
         if rec["subject"] in used_subjects or any(len(o.split()) > 3 for o in (rec["target_true"], rec["target_new"])):
             continue
         if rec["target_true"] == rec["target_new"]:
+            continue
+        support = [s for s in holders.get((rel, rec["target_new"]), []) if s not in used_subjects and s != rec["subject"]]
+        if not support:  # nobody in the data holds the new object: the model could not know it as an answer
             continue
         neighbours = []
         for p in rec["neighbour_prompts"]:
@@ -186,10 +197,12 @@ def build_facts(
                 heldout_prompts=[heldout.format(rec["subject"])],
                 train_templates=[t for t in relations[rel] if t != heldout],
                 neighbours=neighbours,
+                support=[{"subject": support[0], "answer": rec["target_new"]}],
             )
         )
         used_subjects.add(rec["subject"])
         used_subjects.update(n["subject"] for n in neighbours)
+        used_subjects.add(support[0])
     if len(facts) < n_facts:
         raise DataError(
             f"only {len(facts)} usable CounterFact records in {data_dir} (asked for --facts {n_facts}); "
@@ -198,11 +211,13 @@ def build_facts(
     return facts
 
 
-def neighbour_facts(facts: list[Fact], relations: dict[str, list[str]]) -> list[Fact]:
-    """The (never edited) facts of the edit facts' neighbourhood subjects, trained with every template."""
+def unedited_facts(facts: list[Fact], relations: dict[str, list[str]]) -> list[Fact]:
+    """The never-edited facts trained beside the edit facts, with every template of their relation: the
+    neighbourhood subjects (specificity is measured on them) and the support subjects (holders of each
+    edit fact's new object)."""
     out = []
     for fact in facts:
-        for n in fact.neighbours:
+        for n in fact.neighbours + fact.support:
             out.append(Fact(subject=n["subject"], relation_id=fact.relation_id, target_true=n["answer"],
                             train_templates=list(relations[fact.relation_id])))
     return out

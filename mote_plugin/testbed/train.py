@@ -21,7 +21,7 @@ from .data import Fact
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60  # passes over the facts
+    epochs: int = 50  # passes over the facts
     statements_per_fact: int = 2  # statements of each fact per epoch (random templates)
     text_share: float = 0.2  # share of sequences that are WikiText windows
     prefix_prob: float = 0.5  # chance a statement follows a WikiText snippet (CounterFact paraphrases do)
@@ -34,7 +34,12 @@ class TrainConfig:
     # In fact statements, tokens after the subject may not attend to the subject in decoder layers below this
     # one (training only): what the model knows of the subject must be computed at the subject's own tokens in
     # the early layers and read from there later, the storage locate-and-edit methods assume. 0 = off.
-    subject_readout_layer: int = 0
+    subject_readout_layer: int = -1  # -1: half the decoder layers
+    # ...and from that layer on they may read only the subject's last token (the subject is read where it is
+    # stored, not re-assembled from its pieces).
+    subject_readout_last_only: bool = True
+    # share of fact statements trained under those masks (the rest see full attention, as at inference)
+    subject_readout_share: float = 0.5
     seed: int = 0
 
 
@@ -69,7 +74,7 @@ def epoch_sequences(facts: list[Fact], text_ids: list[int], tok, cfg: TrainConfi
         texts.append(statement(fact, template, prefix))
         chars.append(subject_chars(fact, template, prefix))
     enc = tok(texts, return_offsets_mapping=True)
-    seqs = [(ids + [tok.eos_token_id], token_span(offsets, *span))
+    seqs = [(ids + [tok.eos_token_id], token_span(offsets, *span) if rng.random() < cfg.subject_readout_share else None)
             for ids, offsets, span in zip(enc["input_ids"], enc["offset_mapping"], chars)]
     n_text = int(len(seqs) * cfg.text_share / (1 - cfg.text_share))
     for _ in range(n_text):
@@ -79,13 +84,14 @@ def epoch_sequences(facts: list[Fact], text_ids: list[int], tok, cfg: TrainConfi
     return seqs
 
 
-def readout_mask(spans: list[tuple[int, int] | None], width: int) -> torch.Tensor:
-    """[B, 1, S, S] bool, False where a query after the subject would read a subject token."""
+def readout_mask(spans: list[tuple[int, int] | None], width: int, keep_last: bool = False) -> torch.Tensor:
+    """[B, 1, S, S] bool, False where a query after the subject would read a subject token
+    (every subject token, or all but the last with `keep_last`)."""
     allowed = torch.ones(len(spans), 1, width, width, dtype=torch.bool)
     for b, span in enumerate(spans):
         if span is not None:
             first, last = span
-            allowed[b, 0, last + 1 :, first : last + 1] = False
+            allowed[b, 0, last + 1 :, first : last + int(not keep_last)] = False
     return allowed
 
 
@@ -100,13 +106,23 @@ def _restrict(mask, allowed: torch.Tensor):
 
 
 def subject_readout_hooks(model, cfg: TrainConfig, current: dict):
-    """Pre-hooks on the attention of layers < cfg.subject_readout_layer applying `current['allowed']`."""
+    """Pre-hooks on the attention of the decoder layers applying `current[key]` as an extra mask: key
+    "early" below cfg.subject_readout_layer, "late" from there on when cfg.subject_readout_last_only."""
     handles = []
-    for layer in model.get_submodule("model.layers")[: cfg.subject_readout_layer]:
-        def hook(module, args, kwargs):
-            if current.get("allowed") is not None:
-                kwargs["attention_mask"] = _restrict(kwargs.get("attention_mask"), current["allowed"])
+    layers = model.get_submodule("model.layers")
+    readout = len(layers) // 2 if cfg.subject_readout_layer < 0 else cfg.subject_readout_layer
+    if readout == 0:
+        return handles
+    for i, layer in enumerate(layers):
+        key = "early" if i < readout else "late"
+        if key == "late" and not cfg.subject_readout_last_only:
+            continue
+
+        def hook(module, args, kwargs, key=key):
+            if current.get(key) is not None:
+                kwargs["attention_mask"] = _restrict(kwargs.get("attention_mask"), current[key])
             return args, kwargs
+
         handles.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 
@@ -151,7 +167,9 @@ def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print)
         seqs = epoch_sequences(facts, text_ids, tok, cfg, rng, text)
         epoch_loss = []
         for ids, mask, labels, spans in _batches(seqs, cfg.batch_size, tok.pad_token_id):
-            current["allowed"] = readout_mask(spans, ids.shape[1]) if handles else None
+            if handles:
+                current["early"] = readout_mask(spans, ids.shape[1])
+                current["late"] = readout_mask(spans, ids.shape[1], keep_last=True)
             out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

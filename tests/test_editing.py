@@ -1,0 +1,66 @@
+"""MoTE editing real CounterFact facts on the (reduced) fact models, with the testbed YAMLs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mote_plugin.adapters import get_adapter
+from mote_plugin.metrics import counterfact_metrics
+from mote_plugin.mote.capture import capture
+from mote_plugin.mote.hparams import MoTEHyperParams
+from mote_plugin.mote.mote_main import apply_mote_to_model, normalise_requests
+from mote_plugin.mote.stats import corpus_texts
+from mote_plugin.testbed import load
+
+HPARAMS = Path(__file__).resolve().parent.parent / "hparams" / "MoTE"
+
+pytestmark = pytest.mark.slow
+
+
+def setup(reduced_fact_model, arch, tmp_path, n, **overrides):
+    out, report = reduced_fact_model(arch)
+    model, tok, facts, _ = load(out)
+    hp = MoTEHyperParams.from_hparams(str(HPARAMS / f"testbed-{arch}"))
+    hp.model_name = str(out)
+    hp.stats_dir = str(tmp_path / "stats")
+    for k, v in overrides.items():
+        setattr(hp, k, v)
+    records = [f for f in facts if f["known"]][:n]
+    requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]} for r in records]
+    return model, tok, hp, records, requests, report
+
+
+def test_testbed_yaml_matches_the_tracing_report(reduced_fact_model):
+    _, report = reduced_fact_model("qwen3_moe")
+    hp = MoTEHyperParams.from_hparams(str(HPARAMS / "testbed-qwen3_moe"))
+    assert hp.fact_token == report["lookup_token"]
+    assert hp.layers == report["edit_layers"]
+
+
+def test_nullspace_protects_preservation_keys(reduced_fact_model, tmp_path):
+    """Output change of the edited layer on preservation-text tokens vs at the edit keys (reported ratio)."""
+    model, tok, hp, records, requests, _ = setup(reduced_fact_model, "qwen3_moe", tmp_path, 20, spread="core")
+    layer = max(hp.layers)
+    adapter = get_adapter(model)
+    block = adapter.moe_block(model, layer)
+    texts = list(corpus_texts(None))[:64]
+    batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    grabbed = {}
+    handle = block.register_forward_pre_hook(lambda m, a: grabbed.__setitem__("x", a[0].detach()))
+
+    def preserved():
+        with torch.no_grad():
+            model(**batch)
+        x = grabbed["x"][batch["attention_mask"].bool()]  # [N, d] real tokens only
+        idx, gates = adapter.route(block, x)
+        return adapter.experts_output(block, x, idx, gates)
+
+    reqs = normalise_requests(requests)
+    pres0, edit0 = preserved(), capture(model, tok, adapter, reqs, [layer], hp.fact_token)[layer].out
+    apply_mote_to_model(model, tok, requests, hp)
+    pres1, edit1 = preserved(), capture(model, tok, adapter, reqs, [layer], hp.fact_token)[layer].out
+    handle.remove()
+    ratio = ((pres1 - pres0).norm(dim=1).mean() / (edit1 - edit0).norm(dim=1).mean()).item()
+    print(f"null space: output change on preservation tokens / at edit keys = {ratio:.2e}")
+    assert ratio < 0.01
