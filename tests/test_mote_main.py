@@ -8,7 +8,8 @@ from mote_plugin.adapters import get_adapter
 from mote_plugin.mote import mote_main
 from mote_plugin.mote.capture import capture
 from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin.mote.mote_main import apply_mote_to_model, layer_outputs, normalise_requests
+from mote_plugin.mote.mote_main import apply_mote_to_model, layer_outputs
+from mote_plugin.mote.requests import normalise_requests
 from mote_plugin.mote.solve import predicted_change
 from mote_plugin.mote.stats import corpus_texts
 from mote_plugin.testbed.model import ModelSize, make_config, make_model

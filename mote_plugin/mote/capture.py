@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .lookup import encode_with_lookup
+from .requests import normalise_requests
 
 
 @dataclass
@@ -94,20 +95,6 @@ def forward_block_inputs(
             h.remove()
 
 
-def _prompt(request: dict, i: int) -> tuple[str, str]:
-    """(prompt with the subject filled in, subject); ValueError naming the request when they do not fit."""
-    name = f"request {i}" + (f" (case_id={request['case_id']})" if "case_id" in request else "")
-    subject, prompt = request.get("subject"), request.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"{name} has no prompt: {request!r}")
-    if not isinstance(subject, str) or not subject:
-        raise ValueError(f"{name} has no subject (EasyEdit needs `subject` for MoTE): prompt {prompt!r}")
-    prompt = prompt.replace("{}", subject)  # MEMIT-style template "{} was born in"
-    if subject not in prompt:
-        raise ValueError(f"{name}: subject {subject!r} is not in prompt {prompt!r}")
-    return prompt, subject
-
-
 def capture(
     model: nn.Module,
     tok,
@@ -124,7 +111,7 @@ def capture(
     irrelevant (prompts are padded on the right here). Runs on the model's device in eval mode (the previous mode is
     restored), without gradients.
     """
-    pairs = [_prompt(r, i) for i, r in enumerate(requests)]
+    pairs = [(r["prompt"], r["subject"]) for r in normalise_requests(requests, need_target=False)]
     if not pairs:
         raise ValueError("no requests to capture")
     blocks = moe_blocks(model, adapter, layers)

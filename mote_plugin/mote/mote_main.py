@@ -29,6 +29,7 @@ from .compute_z import VStarConfig, compute_z
 from .hparams import MoTEHyperParams
 from .lookup import encode_with_lookup
 from .nullspace import nullspace_projectors
+from .requests import normalise_requests
 from .solve import lowrank_update, project_keys, solve_core, uint_p, update_memory
 from .stats import preservation_stats
 from .tucker import TuckerFactors, tucker_factors
@@ -67,27 +68,6 @@ def reset_state(model) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # 1. checks
 # ---------------------------------------------------------------------------------------------------------
-
-
-def normalise_requests(requests: list[dict]) -> list[dict]:
-    """EasyEdit requests -> copies with `prompt` containing the subject and `target_new` a string."""
-    if isinstance(requests, dict):
-        requests = [requests]
-    out = []
-    for i, r in enumerate(requests):
-        if not isinstance(r, dict):
-            raise ValueError(f"request {i} is not a dict: {r!r}")
-        missing = [k for k in ("prompt", "subject", "target_new") if not r.get(k)]
-        if missing:
-            raise ValueError(f"request {i} ({r.get('prompt')!r}) has no {', '.join(missing)}")
-        target = r["target_new"]["str"] if isinstance(r["target_new"], dict) else r["target_new"]
-        if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"request {i} ({r['prompt']!r}) has an empty target_new")
-        prompt = r["prompt"].format(r["subject"]) if "{}" in r["prompt"] else r["prompt"]
-        if r["subject"] not in prompt:
-            raise ValueError(f"request {i}: subject {r['subject']!r} not found in prompt {prompt!r}")
-        out.append({**r, "prompt": prompt, "target_new": target.strip()})
-    return out
 
 
 def check_layers(model, adapter, layers: list[int]) -> dict:
