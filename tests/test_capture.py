@@ -4,10 +4,10 @@ import pytest
 import torch
 import transformers
 
-from mote_plugin.adapters import get_adapter
 from mote_plugin.mote.capture import capture
 from mote_plugin.mote.lookup import encode_with_lookup
 from mote_plugin.testbed.tokenizer import train_tokenizer
+from tiny import spread_routing
 
 REQUESTS = [
     {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": " English"},
@@ -33,15 +33,7 @@ def common(tok):
 
 def build(model):
     torch.manual_seed(0)
-    model = model.float().eval()
-    adapter = get_adapter(model)
-    with torch.no_grad():  # spread the routing (default init gives near-uniform routers)
-        for layer in adapter.moe_layers(model):
-            block = adapter.moe_block(model, layer)
-            for p in adapter.experts(block).parameters():
-                p.normal_(0.0, 0.5)
-            adapter.router(block).weight.normal_(0.0, 1.0)
-    return model, adapter
+    return spread_routing(model)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers
 
-from mote_plugin.adapters import get_adapter
 from mote_plugin.mote import stats as S
-from mote_plugin.mote.stats import LayerStats, StatsCache, corpus_texts, layer_statistics, model_fingerprint
+from mote_plugin.mote.stats import StatsCache, corpus_texts, layer_statistics, model_fingerprint
 from mote_plugin.testbed.tokenizer import train_tokenizer
+from tiny import spread_routing
 
 N_TOKENS, MAX_LENGTH, LAYERS = 150, 16, [1, 2]
 
@@ -33,15 +33,7 @@ def qwen3(tok):
         num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=True, mlp_only_layers=[0], pad_token_id=tok.pad_token_id,
     )  # fmt: skip
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    adapter = get_adapter(model)
-    with torch.no_grad():
-        for layer in adapter.moe_layers(model):
-            block = adapter.moe_block(model, layer)
-            for p in adapter.experts(block).parameters():
-                p.normal_(0.0, 0.5)
-            adapter.router(block).weight.normal_(0.0, 1.0)
-    return model, adapter
+    return spread_routing(transformers.Qwen3MoeForCausalLM(config))
 
 
 def run(qwen3, tok, texts, batch_size, layers=LAYERS):

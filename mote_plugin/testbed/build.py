@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
 from . import probes
-from .data import PACKAGE_DATA, DataError, build_facts, facts_to_json, unedited_facts, load_relations, read_corpus
+from .data import PACKAGE_DATA, build_facts, facts_to_json, unedited_facts, load_relations, read_corpus
 from .model import ModelSize, make_config, make_model
 from .tokenizer import special_ids, train_tokenizer
 from .train import TrainConfig, statement, train
