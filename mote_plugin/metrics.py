@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .mote.lookup import pad_right
+
 
 @dataclass
 class TargetScores:
@@ -38,13 +40,8 @@ def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size
     for i in range(0, len(prompts), batch_size):
         p_ids = tok(prompts[i : i + batch_size])["input_ids"]
         t_ids = [target_token_ids(tok, t) for t in targets[i : i + batch_size]]
-        rows = [p + t for p, t in zip(p_ids, t_ids)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
-            mask[b, : len(r)] = 1
+        batch = pad_right([p + t for p, t in zip(p_ids, t_ids)], tok.pad_token_id)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         remove = edit_hook(ids, [len(p) for p in p_ids]) if edit_hook else None
         try:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()

@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from mote_plugin.adapters import ADAPTERS, MoEAdapter, get_adapter
+from tiny import spread_routing
 
 
 torch.set_num_threads(1)
@@ -84,20 +85,7 @@ IMPLEMENTATIONS = ["eager", "grouped_mm"]
 
 def _build(name):
     torch.manual_seed(0)
-    model = FAMILIES[name]().float().eval()
-    adapter = get_adapter(model)
-    # Spread routing and expert activations (default init is std 0.02: near-uniform routers, no GPT-OSS clamping).
-    with torch.no_grad():
-        for layer in adapter.moe_layers(model):
-            block = adapter.moe_block(model, layer)
-            for param in adapter.experts(block).parameters():
-                param.normal_(0.0, 0.5)
-            adapter.router(block).weight.normal_(0.0, 1.0)
-            if hasattr(adapter.router(block), "bias"):
-                adapter.router(block).bias.normal_(0.0, 1.0)
-            if hasattr(adapter.router(block), "e_score_correction_bias"):
-                adapter.router(block).e_score_correction_bias.normal_(0.0, 0.5)
-    return model, adapter
+    return spread_routing(FAMILIES[name](), router_biases=True)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

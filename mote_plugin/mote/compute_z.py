@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..metrics import target_token_ids
-from .lookup import encode_with_lookup
+from .lookup import encode_with_lookup, pad_right
 
 
 @dataclass
@@ -65,13 +65,8 @@ def compute_z(model, tok, request: dict, layer: int, cfg: VStarConfig, context_t
     # the last row is the KL prompt, whose next-token distribution should not move
     lengths = batch["attention_mask"].sum(1).tolist()
     rows = [batch["input_ids"][i, : lengths[i]].tolist() + (target_ids[:-1] if i < n else []) for i in range(n + 1)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((n + 1, width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    ids, mask, lookup = ids.to(device), mask.to(device), lookup.to(device)
+    padded = pad_right(rows, tok.pad_token_id)
+    ids, mask, lookup = padded["input_ids"].to(device), padded["attention_mask"].to(device), lookup.to(device)
     tgt = torch.tensor(target_ids, device=device)  # [t]
     # the logits at position len_i - 1 + j predict target token j of rewrite row i
     pos = torch.tensor([[lengths[i] - 1 + j for j in range(len(target_ids))] for i in range(n)], device=device)  # [n, t]

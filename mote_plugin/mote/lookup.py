@@ -34,6 +34,17 @@ def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[in
     return hit[0], hit[-1]
 
 
+def pad_right(rows: list[list[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
+    """Token-id rows -> {"input_ids" [B, S], "attention_mask" [B, S]}, padded on the right."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)  # [B, S]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def encode_with_lookup(tok, prompts: list[str], subjects: list[str], fact_token: str, max_length: int | None = None):
     """Tokenise `prompts` (right padding) and find each one's lookup token and subject tokens.
 
@@ -57,12 +68,4 @@ def encode_with_lookup(tok, prompts: list[str], subjects: list[str], fact_token:
         ids.append(row)
         lookups.append(pos - shift)
         spans.append((first - shift, last - shift))
-    width = max(len(r) for r in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for b, row in enumerate(ids):
-        input_ids[b, : len(row)] = torch.tensor(row)
-        mask[b, : len(row)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask}
-    return batch, torch.tensor(lookups), torch.tensor(spans)
+    return pad_right(ids, tok.pad_token_id), torch.tensor(lookups), torch.tensor(spans)

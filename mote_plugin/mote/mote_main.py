@@ -70,15 +70,6 @@ def reset_state(model) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_layers(model, adapter, layers: list[int]) -> dict:
-    """The MoE block of every edited layer; ValueError for an index out of range or a dense layer."""
-    n = adapter.num_layers(model)
-    bad = [l for l in layers if not 0 <= l < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
-    return moe_blocks(model, adapter, layers)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 2. per-layer basis (statistics -> projectors + factors)
 # ---------------------------------------------------------------------------------------------------------
@@ -208,7 +199,7 @@ def _solve_and_write(model, tok, adapter, blocks, bases, requests, residual_fn, 
 def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, progress: bool = True) -> dict:
     """Edit `model` in place (no restore on failure: `apply_mote_to_model` does that). Returns timings."""
     adapter = get_adapter(model)
-    blocks = check_layers(model, adapter, hp.layers)
+    blocks = moe_blocks(model, adapter, hp.layers)
     state = editor_state(model)
     timings = {"statistics": 0.0, "vstar": 0.0, "capture": 0.0, "solve": 0.0, "writeback": 0.0}
     t = time.time()
@@ -247,7 +238,7 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     if copy:
         model = copy_module.deepcopy(model)
     adapter = get_adapter(model)
-    blocks = check_layers(model, adapter, hparams.layers)
+    blocks = moe_blocks(model, adapter, hparams.layers)
     names = {id(p): n for n, p in model.named_parameters()}
     params = {names[id(adapter.down_param(b))]: adapter.down_param(b) for b in blocks.values()}
     originals = {n: p.detach().clone() for n, p in params.items()}

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import forward_block_inputs, input_device, moe_blocks
+from .lookup import pad_right
 
 log = logging.getLogger(__name__)
 
@@ -125,22 +126,12 @@ def _batches(tok, texts: Iterable[str], n_tokens: int, batch_size: int, max_leng
         rows.append(row[:left])
         left -= len(rows[-1])
         if len(rows) == batch_size or left == 0:
-            yield _pad(rows, pad)
+            yield pad_right(rows, pad)
             rows = []
         if left == 0:
             return
     if rows:
-        yield _pad(rows, pad)
-
-
-def _pad(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [B, S]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, S]
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+        yield pad_right(rows, pad)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..mote.lookup import token_span
+from ..mote.lookup import pad_right, token_span
 from .data import Fact
 
 
@@ -131,12 +131,8 @@ def _batches(seqs, batch_size: int, pad_id: int):
     for i in range(0, len(seqs), batch_size):
         chunk = [s for s, _ in seqs[i : i + batch_size]]
         spans = [span for _, span in seqs[i : i + batch_size]]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(chunk):
-            ids[b, : len(s)] = torch.tensor(s)
-            mask[b, : len(s)] = 1
+        batch = pad_right(chunk, pad_id)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.masked_fill(mask == 0, -100)
         yield ids, mask, labels, spans
 
