@@ -5,15 +5,17 @@ import json
 import pytest
 
 from mote_plugin.testbed.data import (
-    PACKAGE_DATA,
     DataError,
+    PACKAGE_DATA,
     build_facts,
     load_relations,
-    unedited_facts,
+    profile_facts,
     read_corpus,
     read_counterfact_records,
+    relation_objects,
     split_subject,
     template_index,
+    unedited_facts,
 )
 
 
@@ -87,3 +89,17 @@ def test_corrupt_json(tmp_path):
 def test_missing_corpus(tmp_path):
     with pytest.raises(DataError, match="corpus"):
         read_corpus(tmp_path)
+
+
+def test_profile_facts(shared_data):
+    relations = load_relations()
+    facts = build_facts(shared_data, 10, relations)
+    pools = relation_objects(shared_data, relations)
+    profiles = profile_facts(facts, pools, relations, 3)
+    assert profiles == profile_facts(facts, pools, relations, 3), "deterministic"
+    assert profile_facts(facts, pools, relations, 0) == []
+    for fact in facts:
+        mine = [p for p in profiles if p.subject == fact.subject]
+        assert len(mine) == 3 and len({p.relation_id for p in mine}) == 3
+        assert all(p.relation_id != fact.relation_id and p.target_true in pools[p.relation_id] for p in mine)
+        assert all(p.train_templates == relations[p.relation_id] and not p.is_edit_fact for p in mine)

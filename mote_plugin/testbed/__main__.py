@@ -16,7 +16,8 @@ DEFAULT_OUT = ".cache/mote-testbed/{arch}-{facts}"
 
 
 def format_report(r: dict) -> str:
-    lines = [f"# {r['arch']} fact model: {r['n_facts']} edit facts + {r['n_unedited_facts']} unedited (neighbour and support) facts, "
+    lines = [f"# {r['arch']} fact model: {r['n_facts']} edit facts + {r['n_unedited_facts']} unedited (neighbour and support) facts + "
+             f"{r.get('n_profile_facts', 0)} profile facts, "
              f"{r['params'] / 1e6:.2f} M parameters, built in {r['build_seconds']:.0f} s"]
     lines += ["", "| prompts | n | top-1 true | P(true) > P(new) | majority baseline |", "|---|---|---|---|---|"]
     for key, row in r["knowledge"].items():

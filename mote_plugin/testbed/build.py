@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
 from . import probes
-from .data import PACKAGE_DATA, build_facts, facts_to_json, unedited_facts, load_relations, read_corpus
+from .data import (PACKAGE_DATA, build_facts, facts_to_json, load_relations, profile_facts, read_corpus, relation_objects,
+                   unedited_facts)
 from .model import ModelSize, make_config, make_model
 from .tokenizer import special_ids, train_tokenizer
 from .train import TrainConfig, statement, train
@@ -45,6 +46,10 @@ class BuildOptions:
     threads: int = 2
     size: ModelSize = field(default_factory=ModelSize)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # extra (fictional) facts per subject, so a subject is more than one fact (data.profile_facts). Measured on the
+    # 56-fact qwen3_moe build: 3 per subject lifts a 50-edit batch's generalisation from 0.64 to 0.92 and its
+    # specificity from 0.72 to 0.78, for 4x the training time; off by default until the build is cheaper.
+    profile_facts: int = 0
     probe_facts: int = 20  # facts used for causal tracing and the v* probe
     trace_threshold: float = 0.5  # recovery share that makes a layer part of the edit band
     edit_band_width: int = 3
@@ -53,6 +58,8 @@ class BuildOptions:
         d = asdict(self)
         d["data"] = _data_fingerprint(Path(self.data))
         d["version"] = __version__
+        if not d["profile_facts"]:  # added after the first release: caches built without it stay valid
+            del d["profile_facts"]
         return d
 
 
@@ -107,20 +114,24 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
     relations = load_relations()
     facts = build_facts(Path(opts.data), opts.facts, relations, seed=opts.seed)
     all_facts = facts + unedited_facts(facts, relations)
+    profiles = profile_facts(all_facts, relation_objects(Path(opts.data), relations), relations, opts.profile_facts, opts.seed)
     text = read_corpus(Path(opts.data), opts.corpus_chars)
-    log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} unedited (neighbour and support) facts, {len(text):,} characters of text")
+    log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} unedited (neighbour and support) facts + {len(profiles)} "
+        f"profile facts, {len(text):,} characters of text")
 
-    tok_texts = [text] + [statement(f, t) for f in all_facts for t in f.train_templates]
+    tok_texts = [text] + [statement(f, t) for f in all_facts + profiles for t in f.train_templates]
     tok_texts += [p for f in facts for p in f.heldout_prompts + f.paraphrase_prompts] + [" " + f.target_new for f in facts]
     tok = train_tokenizer(tok_texts, opts.vocab_size)
     torch.manual_seed(opts.seed)
     model = make_model(make_config(opts.arch, len(tok), opts.size, special_ids(tok)))
-    train_log = train(model, tok, all_facts, text, opts.train, log=log)
+    train_log = train(model, tok, all_facts + profiles, text, opts.train, log=log)
     train_seconds = time.time() - t0
 
-    report = {"arch": opts.arch, "n_facts": len(facts), "n_unedited_facts": len(all_facts) - len(facts)}
+    report = {"arch": opts.arch, "n_facts": len(facts), "n_unedited_facts": len(all_facts) - len(facts), "n_profile_facts": len(profiles)}
     report["params"] = sum(p.numel() for p in model.parameters())
     report["knowledge"] = probes.knowledge_report(model, tok, all_facts)
+    if profiles:
+        report["knowledge"]["profile"] = probes.profile_knowledge(model, tok, profiles)
     known = probes.known_facts(model, tok, all_facts)
     probe = [f for f, k in zip(facts, known) if k][: opts.probe_facts]
     report["known_share"] = sum(known) / len(known)

@@ -223,6 +223,39 @@ def unedited_facts(facts: list[Fact], relations: dict[str, list[str]]) -> list[F
     return out
 
 
+def relation_objects(data_dir: Path, relations: dict[str, list[str]], max_words: int = 3) -> dict[str, list[str]]:
+    """relation_id -> the true objects CounterFact gives for it (short ones, sorted, deduplicated)."""
+    by_template = template_index(relations)
+    pools: dict[str, set[str]] = {}
+    for rec in read_counterfact_records(data_dir):
+        rel = rec["relation_id"] or by_template.get(rec["template"])
+        if rel in relations and len(rec["target_true"].split()) <= max_words:
+            pools.setdefault(rel, set()).add(rec["target_true"])
+    return {rel: sorted(objs) for rel, objs in pools.items()}
+
+
+def profile_facts(facts: list[Fact], pools: dict[str, list[str]], relations: dict[str, list[str]], n: int, seed: int = 0) -> list[Fact]:
+    """`n` more facts for every subject of `facts`, each of another relation, its object drawn from that
+    relation's CounterFact objects (deterministic per subject and seed).
+
+    A real LM knows many things about an entity, so its representation of the subject is specific to that
+    entity. A subject the fact model knows one fact of is stored as little more than that fact's object:
+    two subjects sharing the object get nearly the same key, and no editor can then rewrite one without
+    the other (specificity measures exactly that). These facts are fictional (a random object of a real
+    relation); they are trained, never edited nor scored, except in the knowledge report.
+    """
+    if n <= 0:
+        return []
+    out = []
+    for fact in facts:
+        rng = _stable_rng("profile", fact.subject, seed)
+        others = sorted(r for r in pools if r != fact.relation_id and pools[r])
+        for rel in rng.sample(others, min(n, len(others))):
+            out.append(Fact(subject=fact.subject, relation_id=rel, target_true=rng.choice(pools[rel]),
+                            train_templates=list(relations[rel])))
+    return out
+
+
 def read_corpus(data_dir: Path, max_chars: int | None = None) -> str:
     """Concatenated text of `data_dir/corpus/*.txt` (WikiText-style: headings and blank lines dropped)."""
     files = sorted((Path(data_dir) / "corpus").glob("*.txt"))

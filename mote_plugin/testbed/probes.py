@@ -59,6 +59,12 @@ def knowledge_report(model, tok, facts: list[Fact]) -> dict:
     return rows
 
 
+def profile_knowledge(model, tok, facts: list[Fact]) -> dict:
+    """Top-1 accuracy on the (trained) profile facts, one trained template each."""
+    return _row(model, tok, [f.train_templates[0].format(f.subject) for f in facts], [f.target_true for f in facts], None,
+                [f.relation_id for f in facts])
+
+
 def known_facts(model, tok, facts: list[Fact]) -> list[bool]:
     """Per edit fact: the model answers its rewrite prompt with the true object (top-1) and prefers it to target_new."""
     edit = [f for f in facts if f.is_edit_fact]
