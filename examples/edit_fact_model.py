@@ -28,7 +28,7 @@ def main() -> None:
     build(out, opts)
     model, tok, facts, _ = load(out)
     hp = MoTEHyperParams.from_hparams(args.hparams or f"hparams/MoTE/testbed-{args.arch}")
-    hp.model_name = out
+    hp.model_name = f"{out}/model"
     records = [f for f in facts if f["known"]][: args.n]
     if len(records) < args.n:
         raise SystemExit(f"the fact model knows only {len(records)} facts; use --n {len(records)} or a larger build")

@@ -1,10 +1,18 @@
-"""MoTE (MoE Tucker Editor): closed-form knowledge editing for Mixture-of-Experts LLMs."""
+"""MoTE (MoE Tucker Editor): closed-form knowledge editing for Mixture-of-Experts LLMs.
+
+`mote_plugin.register()` makes "MoTE" selectable in an EasyEdit host (see `mote_plugin.easyedit`); when the host
+is already imported, `import mote_plugin` registers by itself.
+"""
+
+import sys
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "MoTEHyperParams": "mote_plugin.mote.hparams",
     "apply_mote_to_model": "mote_plugin.mote.mote_main",
+    "last_timings": "mote_plugin.mote.mote_main",
+    "register": "mote_plugin.easyedit",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -17,3 +25,9 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mote_plugin' has no attribute {name!r}")
+
+
+if "easyeditor.util.alg_dict" in sys.modules:  # the host is loaded already: register now (never raises)
+    from .easyedit import register as _register
+
+    _register()

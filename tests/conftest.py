@@ -1,7 +1,16 @@
+import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+import host_stubs
+
+# With an EasyEdit checkout on PYTHONPATH, stand in for the vision packages it imports but cannot load here, before
+# anything imports mote_plugin.mote.hparams (whose base class is the host's HyperParams when the host imports).
+if importlib.util.find_spec("easyeditor") is not None:
+    host_stubs.install()
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -40,3 +49,18 @@ def reduced_fact_model(shared_data):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def easyedit_host():
+    """The current EasyEdit (`easyeditor` package) with MoTE registered; skipped when none is importable."""
+    if importlib.util.find_spec("easyeditor") is None:
+        pytest.skip("no easyeditor importable: put an EasyEdit checkout on PYTHONPATH to run the host tests")
+    import mote_plugin
+
+    try:
+        status = mote_plugin.register(strict=True)
+    except Exception as e:
+        pytest.skip(f"easyeditor is not usable as a host: {type(e).__name__}: {e}")
+    assert status
+    return importlib.import_module("easyeditor")

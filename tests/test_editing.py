@@ -23,7 +23,7 @@ def setup(reduced_fact_model, arch, tmp_path, n, **overrides):
     out, report = reduced_fact_model(arch)
     model, tok, facts, _ = load(out)
     hp = MoTEHyperParams.from_hparams(str(HPARAMS / f"testbed-{arch}"))
-    hp.model_name = str(out)
+    hp.model_name = str(out / "model")
     hp.stats_dir = str(tmp_path / "stats")
     for k, v in overrides.items():
         setattr(hp, k, v)

@@ -6,7 +6,8 @@ import pytest
 
 from mote_plugin.mote.hparams import MoTEHyperParams
 
-YAMLS = sorted((Path(__file__).resolve().parent.parent / "hparams").rglob("*.yaml"))
+HPARAMS = Path(__file__).resolve().parent.parent / "hparams"
+YAMLS = sorted(HPARAMS.rglob("*.yaml"))
 
 
 def test_there_are_yaml_files():
@@ -18,3 +19,31 @@ def test_yaml_loads(path):
     hp = MoTEHyperParams.from_hparams(str(path.with_suffix("")))  # '.yaml' is optional
     assert hp.alg_name == "MoTE" and hp.layers
     assert isinstance(hp.eps_whitening, float)
+
+
+# the real checkpoints' decoder-layer counts and transformers-5 architectures (config.json of each model)
+REAL_MODELS = {"qwen3-30b-a3b": ("qwen3_moe", 48), "gpt-oss-20b": ("gpt_oss", 24), "qwen3.6-35b-a3b": ("qwen3_5_moe", 40)}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+def test_real_model_yaml_module_names(name):
+    """The module templates of each real-model YAML resolve on a tiny model of the same transformers class with the
+    checkpoint's layer count; every edited layer is an MoE layer and v* reads the last layer."""
+    from mote_plugin.adapters import get_adapter
+    from mote_plugin.mote.capture import moe_blocks
+    from mote_plugin.testbed.model import ModelSize, make_config, make_model
+
+    arch, n_layers = REAL_MODELS[name]
+    hp = MoTEHyperParams.from_hparams(str(HPARAMS / "MoTE" / name))
+    size = ModelSize(d_model=16, layers=n_layers, heads=2, experts=4, top_k=2, expert_hidden=8, max_positions=32)
+    model = make_model(make_config(arch, 64, size, {}))
+    for l in hp.layers:
+        for tmp in (hp.layer_module_tmp, hp.mlp_module_tmp, hp.experts_module_tmp):
+            model.get_submodule(tmp.format(l))
+    model.get_submodule(hp.ln_f_module)
+    model.get_submodule(hp.lm_head_module)
+    assert hp.v_loss_layer == n_layers - 1
+    adapter = get_adapter(model)
+    assert set(moe_blocks(model, adapter, hp.layers)) == set(hp.layers)
+    for l in hp.layers:
+        assert model.get_submodule(hp.experts_module_tmp.format(l)) is adapter.experts(adapter.moe_block(model, l))

@@ -1,6 +1,8 @@
 """apply_mote_to_model on tiny random MoE models: the closed form as seen by the model's own forward pass,
 bad input before any weight changes, all-or-nothing, EasyEdit's restore contract."""
 
+import copy
+
 import pytest
 import torch
 
@@ -121,6 +123,18 @@ def test_padding_side_is_restored(tok, tmp_path):
         assert tok.padding_side == "left"
     finally:
         tok.padding_side = "right"
+
+
+def test_pad_token_outside_the_vocabulary(tok, tmp_path):
+    """EasyEdit loads Qwen tokenizers with pad_token="<|endoftext|>"; where the tokenizer lacks it, the token is added
+    with an id past the embeddings. The edit pads with an id inside the vocabulary and gives the tokenizer back."""
+    model = tiny_model(tok)
+    host_tok = copy.deepcopy(tok)
+    host_tok.add_special_tokens({"pad_token": "<|endoftext|>"})
+    assert host_tok.pad_token_id >= model.get_input_embeddings().num_embeddings
+    before = state(model)
+    apply_mote_to_model(model, host_tok, REQUESTS[:2], hparams(tmp_path))
+    assert not same(model, before) and host_tok.pad_token == "<|endoftext|>"
 
 
 @pytest.mark.parametrize(

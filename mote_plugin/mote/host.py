@@ -7,6 +7,7 @@ absent (the reason is kept in `host_status()`).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 from functools import lru_cache
@@ -36,8 +37,12 @@ def compute_z_fn():
 
     def host_compute_z(model, tok, request, hparams, layer, templates):
         req = dict(request)
+        req["prompt"] = req["prompt"].replace(req["subject"], "{}", 1)  # the host's MEMIT works on "{}" templates
         if not req["target_new"].startswith(" "):
             req["target_new"] = " " + req["target_new"]  # the host's MEMIT prepends the space itself
+        if hparams.v_loss_layer < 0:  # the host reads `max(v_loss_layer, layer)`: give it the real last layer
+            hparams = copy.copy(hparams)
+            hparams.v_loss_layer = model.config.get_text_config().num_hidden_layers + hparams.v_loss_layer
         return mods[0].compute_z(model, tok, req, hparams, layer, templates)
 
     return host_compute_z

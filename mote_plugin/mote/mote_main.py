@@ -15,6 +15,7 @@ One batch of edits, step by step (method.md):
 from __future__ import annotations
 
 import copy as copy_module
+import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from .solve import lowrank_update, project_keys, solve_core, uint_p, update_memo
 from .stats import preservation_stats
 from .tucker import TuckerFactors, tucker_factors
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LayerBasis:
@@ -51,6 +54,7 @@ class EditorState:
     bases: dict = field(default_factory=dict)  # (layer, basis settings) -> LayerBasis
     memory: dict = field(default_factory=dict)  # layer -> [r_e*r_in, r_e*r_in] sum of past phi phi^T
     context_templates: list[str] | None = None
+    timings: list[dict] = field(default_factory=list)  # seconds per stage, one dict per successful call
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, EditorState]" = weakref.WeakKeyDictionary()
@@ -81,7 +85,7 @@ def _basis_key(layer: int, hp: MoTEHyperParams) -> tuple:
             hp.preservation_corpus, hp.preservation_tokens)
 
 
-def layer_bases(model, tok, adapter, blocks: dict, hp: MoTEHyperParams, log=print) -> dict[int, LayerBasis]:
+def layer_bases(model, tok, adapter, blocks: dict, hp: MoTEHyperParams) -> dict[int, LayerBasis]:
     state = editor_state(model)
     todo = [l for l in blocks if _basis_key(l, hp) not in state.bases]
     if todo:
@@ -150,17 +154,26 @@ def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_toke
     return grabbed["h"][torch.arange(len(requests)), lookup.to(device)].float()
 
 
+V_STAR_NLL_WARN = 0.6931  # ln 2: the optimised delta still leaves P(target token) below 1/2
+
+
 def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: EditorState, progress: bool = True) -> torch.Tensor:
     """[T, d] v* targets z at the last edited layer, one per request."""
     L = max(hp.layers)
     host_compute_z = host.compute_z_fn()
     templates = None if host_compute_z else context_templates(model, tok, state)
-    zs = []
+    zs, missed = [], []
     for r in tqdm(requests, desc="v* targets", disable=not progress, leave=False):
         if host_compute_z:
             zs.append(host_compute_z(model, tok, r, hp, L, host.context_templates(model, tok)))
         else:
-            zs.append(compute_z(model, tok, r, L, vstar_config(hp), templates).z)
+            v = compute_z(model, tok, r, L, vstar_config(hp), templates)
+            zs.append(v.z)
+            if v.nll > V_STAR_NLL_WARN:
+                missed.append(r["subject"])
+    if missed:
+        log.warning("v* at layer %d left P(target) < 1/2 for %d of %d requests (e.g. %r): the edit will be weak there; "
+                    "raise v_num_grad_steps / v_lr / clamp_norm_factor or edit another layer", L, len(missed), len(requests), missed[0])
     return torch.stack([z.float().to(next(model.parameters()).device) for z in zs])
 
 
@@ -244,10 +257,11 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     originals = {n: p.detach().clone() for n, p in params.items()}
     state = editor_state(model)
     memory = dict(state.memory)
-    padding_side = getattr(tok, "padding_side", None)
+    padding_side, pad_token = getattr(tok, "padding_side", None), getattr(tok, "pad_token", None)
     try:
         tok.padding_side = "right"
-        execute_mote(model, tok, requests, hparams)
+        _usable_pad_token(model, tok)
+        timings = execute_mote(model, tok, requests, hparams)
     except BaseException:
         with torch.no_grad():
             for n, p in params.items():
@@ -257,4 +271,28 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     finally:
         if padding_side is not None:
             tok.padding_side = padding_side
+        if pad_token != getattr(tok, "pad_token", None):
+            tok.pad_token = pad_token
+    timings["edits"] = len(requests)
+    state.timings.append(timings)
+    log.info("MoTE: %d edits, %s", len(requests), ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "edits"))
     return model, (originals if return_orig_weights else {})
+
+
+def _usable_pad_token(model, tok) -> None:
+    """Padding needs an id inside the model's vocabulary. EasyEdit sets Qwen tokenizers' pad token to
+    "<|endoftext|>", which a tokenizer without it appends as a new id past the embeddings: pad with EOS (or id 0)
+    during the edit then (padded positions are masked; the caller restores the tokenizer)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if tok.pad_token_id is None or not 0 <= tok.pad_token_id < vocab:
+        eos = tok.eos_token_id
+        tok.pad_token_id = eos if isinstance(eos, int) and 0 <= eos < vocab else 0
+
+
+def last_timings(model) -> dict:
+    """Seconds per stage of the last successful `apply_mote_to_model` call on `model`: statistics (one-time per
+    layer and basis settings; ~0 when cached), vstar, capture, solve, writeback, and `edits`."""
+    timings = editor_state(model).timings
+    if not timings:
+        raise ValueError("no MoTE edit has been applied to this model yet")
+    return dict(timings[-1])

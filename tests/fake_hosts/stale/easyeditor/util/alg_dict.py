@@ -1,0 +1,3 @@
+"""FAKE: the shape of the stale PyPI easyeditor 0.0.1.dev0 registry (no AlphaEdit)."""
+
+ALG_DICT = {"ROME": object(), "MEMIT": object()}
