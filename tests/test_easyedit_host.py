@@ -28,6 +28,11 @@ def test_registered(easyedit_host):
     assert issubclass(MoTEHyperParams, hparams_base)
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the host writes logs/ into the working directory
+
+
 def _editor(easyedit_host, out, model_and_tok=None, **overrides):
     hp = MoTEHyperParams.from_hparams(str(HPARAMS / "testbed-qwen3_moe"))
     hp.model_name = str(out / "model")
