@@ -108,3 +108,46 @@ def counterfact_metrics(model, tok, records: list[dict], batch_size: int = 64) -
         out[key + "_items"] = items.tolist()
     out["utility"] = sum(out[k] for k in rows) / 3
     return out
+
+
+def _greedy_tokens(model, tok, prompts: list[str], answers: list[str], batch_size: int) -> list[torch.Tensor]:
+    """Per example, the model's argmax token at each position of ` answer` (teacher-forced after the prompt)."""
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(prompts), batch_size):
+        p_ids = tok(prompts[i : i + batch_size])["input_ids"]
+        a_ids = [target_token_ids(tok, a) for a in answers[i : i + batch_size]]
+        batch = pad_right([p + a for p, a in zip(p_ids, a_ids)], tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        for b, (p, a) in enumerate(zip(p_ids, a_ids)):
+            out.append(logits[b, len(p) - 1 : len(p) - 1 + len(a)].argmax(-1).cpu())
+    return out
+
+
+def zsre_locality_predictions(model, tok, records: list[dict], batch_size: int = 64) -> list[torch.Tensor]:
+    """The unedited model's greedy tokens on each record's unrelated (`loc`) question: pass them to `zsre_metrics`
+    after the edit."""
+    return _greedy_tokens(model, tok, [r["loc"] for r in records], [r["loc_ans"] for r in records], batch_size)
+
+
+def zsre_metrics(model, tok, records: list[dict], locality_before: list[torch.Tensor], batch_size: int = 64) -> dict:
+    """MEMIT-style zsRE metrics (argmax based, method.md section 8), as shares in [0, 1]:
+
+    efficacy        token-level accuracy of greedy decoding of the new answer after `src`
+    generalization  the same after `rephrase`
+    specificity     share of the unrelated question's greedy tokens (teacher-forced on `loc_ans`) unchanged from
+                    before the edit (`locality_before` from `zsre_locality_predictions`)
+    utility         the mean of the three; `*_items` per record.
+    Records are MEND/MEMIT zsRE rows (src, rephrase, alt or answers, loc, loc_ans); the new answer is `alt`.
+    """
+    new = [r.get("alt") or r["answers"][0] for r in records]
+    out = {}
+    for key, field in (("efficacy", "src"), ("generalization", "rephrase")):
+        scores = target_scores(model, tok, [r[field] for r in records], new, batch_size).token_acc
+        out[key], out[key + "_items"] = scores.mean().item(), scores.tolist()
+    after = zsre_locality_predictions(model, tok, records, batch_size)
+    same = torch.tensor([(a == b).float().mean().item() for a, b in zip(after, locality_before)])
+    out["specificity"], out["specificity_items"] = same.mean().item(), same.tolist()
+    out["utility"] = (out["efficacy"] + out["generalization"] + out["specificity"]) / 3
+    return out

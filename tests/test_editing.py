@@ -9,6 +9,7 @@ from mote_plugin.adapters import get_adapter
 from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote.capture import capture
 from mote_plugin.mote.hparams import MoTEHyperParams
+from mote_plugin.mote import mote_main
 from mote_plugin.mote.mote_main import apply_mote_to_model
 from mote_plugin.mote.requests import normalise_requests
 from mote_plugin.mote.stats import corpus_texts
@@ -66,13 +67,14 @@ def preservation_ratio(reduced_fact_model, tmp_path, **overrides) -> float:
 
 
 def test_nullspace_protects_preservation_keys(reduced_fact_model, tmp_path):
-    """The per-expert null-space projection cuts the change on preserved text by far. (Measured here:
-    about 2% of the change at the edit keys with a strict threshold, against about 13% without projection;
-    the editor issue's < 1% is not reached on the fact model yet.)"""
-    without = preservation_ratio(reduced_fact_model, tmp_path, nullspace=False)
-    strict = preservation_ratio(reduced_fact_model, tmp_path, nullspace_threshold=1e-3)
-    print(f"preservation / edit output change: no null space {without:.2e}, relative threshold 1e-3 {strict:.2e}")
-    assert strict < 0.25 * without
+    """The per-expert null-space projection keeps the output change on preserved text below 1% of the change at the
+    edit keys. Measured here (20 edits, last edited layer, mean change norms): 12.9% without projection, 2.1% with the
+    relative rule at 1e-3, 0.56% at 1e-4 (the strict setting asserted; the testbed YAML's 0.1 trades protection for
+    edit strength on this small model)."""
+    without = preservation_ratio(reduced_fact_model, tmp_path / "off", nullspace=False)
+    strict = preservation_ratio(reduced_fact_model, tmp_path / "strict", nullspace_threshold=1e-4)
+    print(f"preservation / edit output change: no null space {without:.2e}, relative threshold 1e-4 {strict:.2e}")
+    assert strict < 0.01 and strict < 0.1 * without
 
 
 def test_fifty_edits_in_one_batch(reduced_fact_model, tmp_path):
@@ -87,3 +89,29 @@ def test_fifty_edits_in_one_batch(reduced_fact_model, tmp_path):
     print({k: (round(before[k], 3), round(after[k], 3)) for k in ("efficacy", "generalization", "specificity", "utility")})
     assert before["efficacy"] == 0.0 and after["efficacy"] >= 0.9
     assert after["generalization"] > before["generalization"]
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_5_moe"])
+def test_other_architectures_edit(reduced_fact_model, tmp_path, arch):
+    """The GPT-OSS (router bias, interleaved clamped experts, [E, h, d] down_proj with bias) and Qwen3.5-MoE (shared
+    expert, left untouched) fact models take a batch of edits, at the lookup token and layers their build's tracing
+    report selects (these reduced 24-fact builds may not store facts at the subject as the default builds do; the
+    testbed YAMLs are for the default builds)."""
+    _, report = reduced_fact_model(arch)
+    assert report["lookup_token"], report["editability"]
+    model, tok, hp, records, requests, _ = setup(reduced_fact_model, arch, tmp_path, 20, fact_token=report["lookup_token"],
+                                                 layers=report["edit_layers"])
+    assert len(records) >= 15
+    adapter = get_adapter(model)
+    shared = [p.clone() for l in hp.layers if (s := adapter.shared_expert(adapter.moe_block(model, l))) is not None
+              for p in s.parameters()]
+    before = counterfact_metrics(model, tok, records)
+    apply_mote_to_model(model, tok, requests, hp)
+    after = counterfact_metrics(model, tok, records)
+    timings = mote_main.last_timings(model)
+    print(arch, {k: (round(before[k], 3), round(after[k], 3)) for k in ("efficacy", "generalization", "specificity")},
+          {k: round(v, 2) for k, v in timings.items()})
+    assert before["efficacy"] == 0.0 and after["efficacy"] >= 0.9
+    assert set(timings) == {"statistics", "vstar", "capture", "solve", "writeback", "edits"} and timings["edits"] == len(requests)
+    now = [p for l in hp.layers if (s := adapter.shared_expert(adapter.moe_block(model, l))) is not None for p in s.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(shared, now)) and (arch != "qwen3_5_moe" or shared)

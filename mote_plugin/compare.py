@@ -1,0 +1,396 @@
+"""Editors side by side on one model and one set of records (the command line is examples/compare_editors.py).
+
+Every method edits the same records in the same sequential batches (`batch_size`), starting from the same weights;
+the weights are restored between methods. MoTE always runs (with the host's v* when EasyEdit is importable); ROME,
+MEMIT and AlphaEdit run when the EasyEdit host provides them. A method that cannot edit this model is reported as
+"not applicable" with the reason (MoTE on a dense model; a dense method whose `rewrite_module_tmp` is not a 2-D
+weight, e.g. packed MoE experts), a method without a host as "unavailable".
+
+Metrics: the paper's, computed by the plugin (CounterFact probability metrics or MEMIT-style zsRE metrics, see
+`mote_plugin.metrics`), and with a host its token accuracies (`compute_edit_quality`: rewrite, rephrase, locality).
+
+Dense baselines need the key covariance of their rewrite module (MEMIT, AlphaEdit; ROME with mom2_adjustment). The
+host computes it from Wikipedia through `datasets`, which fails offline; `prime_host_covariance` writes it from the
+plugin's corpus into the host's own cache format and place instead, under the run's directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from .metrics import counterfact_metrics, zsre_locality_predictions, zsre_metrics
+from .mote.hparams import MoTEHyperParams
+from .mote.mote_main import apply_mote_to_model, reset_state
+from .mote.stats import corpus_texts
+
+HOST_METHODS = ("ROME", "MEMIT", "AlphaEdit")
+METRICS = ("efficacy", "generalization", "specificity", "utility")
+
+
+@dataclass
+class CompareConfig:
+    model: str  # a fact-model build directory (with facts.json) or a Hugging Face model directory
+    methods: dict  # method name -> hyper-parameter YAML (MoTE: hparams/MoTE/*.yaml; others: the host's format)
+    dataset: str = "counterfact"  # counterfact | zsre
+    data: str | None = None  # records file; None: the fact model's known facts (counterfact only)
+    n: int = 50  # records edited
+    batch_size: int = 50  # records per edit call; batches are applied one after another
+    out: str = "runs/compare"  # results directory (JSON, Markdown, PNG; the host's covariance cache)
+    build: dict | None = None  # fact-model BuildOptions (arch, facts, ...) to build `model` first when missing
+    covariance_texts: int = 2000  # corpus lines behind a dense baseline's key covariance
+    host_metrics: bool = True  # also report the host's token accuracies when a host is importable
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "CompareConfig":
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(raw) - known), sorted({"model", "methods"} - set(raw))
+        if unknown or missing:
+            raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing} (known: {sorted(known)})")
+        cfg = cls(**raw)
+        if cfg.dataset not in ("counterfact", "zsre"):
+            raise ValueError(f"{path}: dataset must be counterfact or zsre, got {cfg.dataset!r}")
+        if not cfg.methods:
+            raise ValueError(f"{path}: no methods")
+        if cfg.n < 1 or cfg.batch_size < 1:
+            raise ValueError(f"{path}: n and batch_size must be >= 1")
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model, records, host
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_model(cfg: CompareConfig):
+    """(model, tok, fact rows or None)."""
+    path = Path(cfg.model)
+    if cfg.build is not None:
+        from .testbed import BuildOptions, TrainConfig, build
+
+        opts = dict(cfg.build)
+        train = TrainConfig(**opts.pop("train", {}))
+        build(path, BuildOptions(**opts, train=train))
+    if (path / "facts.json").exists():
+        from .testbed import load
+
+        return load(path)[:3]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model directory)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path), None
+
+
+def _flat_counterfact(r: dict) -> dict:
+    """A CounterFact record (flat EasyEdit or ROME format) as a flat EasyEdit record."""
+    if "requested_rewrite" in r:
+        rw = r["requested_rewrite"]
+        return {"case_id": r.get("case_id"), "prompt": rw["prompt"].format(rw["subject"]), "subject": rw["subject"],
+                "target_new": rw["target_new"]["str"], "ground_truth": rw["target_true"]["str"],
+                "rephrase_prompt": (r.get("paraphrase_prompts") or [None])[0],
+                "locality_prompt": (r.get("neighborhood_prompts") or [None])[0],
+                "locality_ground_truth": rw["target_true"]["str"]}
+    return r
+
+
+def load_records(cfg: CompareConfig, facts: list[dict] | None, host=None) -> list[dict]:
+    """The first `n` records. CounterFact: the fact model's known facts, or a file (the host's CounterFactDataset
+    when a host is present, else the plugin's reader; either format). zsRE: a MEND/MEMIT zsRE file (the plugin's
+    reader: the host's ZsreDataset drops `subject`, which every locate-then-edit method needs)."""
+    if cfg.data is None:
+        if cfg.dataset != "counterfact" or facts is None:
+            raise ValueError("data: needs a records file unless the model is a fact model and the dataset counterfact")
+        records = [f for f in facts if f["known"]]
+    elif cfg.dataset == "counterfact" and host is not None:
+        records = [_flat_counterfact(r) for r in host.CounterFactDataset(cfg.data)]
+    else:
+        with open(cfg.data) as f:
+            raw = json.load(f)
+        records = [_flat_counterfact(r) for r in raw] if cfg.dataset == "counterfact" else raw
+    bad = [i for i, r in enumerate(records[: cfg.n]) if not r.get("subject")]
+    if bad:
+        raise ValueError(f"records {bad[:5]} of {cfg.data} have no `subject` (locate-then-edit methods need it)")
+    if len(records) < cfg.n:
+        raise ValueError(f"only {len(records)} records available, n = {cfg.n}")
+    return records[: cfg.n]
+
+
+def request_of(r: dict, dataset: str) -> dict:
+    if dataset == "zsre":
+        return {"prompt": r["src"], "subject": r["subject"], "target_new": r.get("alt") or r["answers"][0],
+                "ground_truth": r.get("pred") or "", "rephrase_prompt": r["rephrase"],
+                "locality": {"nq": {"prompt": r["loc"], "ground_truth": r["loc_ans"]}}, "portability": {}}
+    req = {"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
+           "ground_truth": r.get("ground_truth") or r["target_true"], "portability": {}, "locality": {}}
+    rephrase = r.get("rephrase_prompt") or (r.get("paraphrase_prompts") or [None])[0]
+    if rephrase:
+        req["rephrase_prompt"] = rephrase
+    neighbour = (r.get("neighbours") or [None])[0]
+    if neighbour:
+        req["locality"] = {"neighborhood": {"prompt": neighbour["prompt"], "ground_truth": neighbour["answer"]}}
+    elif r.get("locality_prompt"):
+        req["locality"] = {"neighborhood": {"prompt": r["locality_prompt"], "ground_truth": r["locality_ground_truth"]}}
+    return req
+
+
+def import_host():
+    """The EasyEdit package with MoTE registered, or None (with the reason)."""
+    from .easyedit import register
+
+    status = register()
+    return (importlib.import_module("easyeditor") if status else None), status.reason
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    previous = os.getcwd()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def prime_host_covariance(model, tok, hp, cfg: CompareConfig) -> None:
+    """Write the uncentred second moment of the inputs of `rewrite_module_tmp` at each layer, over the plugin's
+    corpus, where the host's `layer_stats` looks for it (its own npz format, via its own running statistics)."""
+    runningstats = importlib.import_module("easyeditor.util.runningstats")
+    name = model.config._name_or_path.rsplit("/")[-1]
+    texts = [t for _, t in zip(range(cfg.covariance_texts), corpus_texts(None))]
+    device = next(model.parameters()).device
+    for layer in hp.layers:
+        module_name = hp.rewrite_module_tmp.format(layer)
+        path = Path(hp.stats_dir) / name / f"{hp.mom2_dataset}_stats" / f"{module_name}_{hp.mom2_dtype}_mom2_{hp.mom2_n_samples}.npz"
+        stat = runningstats.CombinedStat(mom2=runningstats.SecondMoment())
+        grab = {}
+        handle = model.get_submodule(module_name).register_forward_pre_hook(lambda m, a: grab.__setitem__("x", a[0]))
+        try:
+            for i in range(0, len(texts), 16):
+                batch = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128).to(device)
+                with torch.no_grad():
+                    model(**batch)
+                stat.add(grab["x"][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))
+        finally:
+            handle.remove()
+        runningstats.save_cached_state(str(path), stat, {"sample_size": hp.mom2_n_samples})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one method
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodResult:
+    method: str
+    status: str  # ok | not applicable | unavailable
+    reason: str = ""
+    metrics: dict = field(default_factory=dict)  # the plugin's metrics (shares)
+    host_metrics: dict = field(default_factory=dict)  # the host's token accuracies (means)
+    edit_seconds: float = 0.0
+    hparams: str = ""
+
+
+def _dense_module_problem(model, hp) -> str | None:
+    for layer in hp.layers:
+        name = hp.rewrite_module_tmp.format(layer)
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            return f"{name} does not exist in this model"
+        if weight.ndim != 2:
+            return f"{name}.weight is {weight.ndim}-D {tuple(weight.shape)} (packed experts): a dense method edits a 2-D weight"
+    return None
+
+
+def _host_setup(name: str, hp_path: str, model, tok, cfg: CompareConfig, host):
+    """(apply function, hparams, batch size) for a host method, or a MethodResult saying why not."""
+    alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
+    if name not in alg_dict:
+        return MethodResult(name, "unavailable", f"the EasyEdit host has no {name}", hparams=hp_path)
+    hp = getattr(host, f"{name}HyperParams").from_hparams(hp_path)
+    problem = _dense_module_problem(model, hp)
+    if problem:
+        return MethodResult(name, "not applicable", problem, hparams=hp_path)
+    hp.stats_dir = str(Path(cfg.out).resolve() / "host-stats")
+    if name == "AlphaEdit":
+        hp.P_loc = "null_space_project.pt"  # the host saves P to the working directory: the run's directory
+        stale = Path(cfg.out) / hp.P_loc
+        if stale.exists():
+            stale.unlink()
+    if name in ("MEMIT", "AlphaEdit") or getattr(hp, "mom2_adjustment", False):
+        prime_host_covariance(model, tok, hp, cfg)
+    # ROME edits one fact per call (the host's batch_edit refuses it): its batches are single requests
+    return alg_dict[name], hp, 1 if name == "ROME" else cfg.batch_size
+
+
+def run_method(name: str, hp_path: str, model, tok, records: list[dict], cfg: CompareConfig, host, before: dict) -> MethodResult:
+    """Edit all records with one method in sequential batches, measure, and restore the weights."""
+    if name == "MoTE":
+        from .adapters import get_adapter
+
+        hp = MoTEHyperParams.from_hparams(hp_path)
+        try:
+            get_adapter(model)
+        except ValueError as e:
+            return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path)
+        apply, batch_size, extra = apply_mote_to_model, cfg.batch_size, {}
+        reset_state(model)
+    elif host is None:
+        return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path)
+    else:
+        setup = _host_setup(name, hp_path, model, tok, cfg, host)
+        if isinstance(setup, MethodResult):
+            return setup
+        apply, hp, batch_size = setup
+        extra = {"reset_cache": True} if name == "AlphaEdit" else {}
+
+    requests = [request_of(r, cfg.dataset) for r in records]
+    originals: dict = {}
+    seconds = 0.0
+    try:
+        # the host's AlphaEdit saves its projector into the working directory: host methods run in the run's one
+        with _working_directory(Path(cfg.out)) if name != "MoTE" else contextlib.nullcontext():
+            for i in range(0, len(requests), batch_size):
+                start = time.time()
+                _, weights_copy = apply(model, tok, copy.deepcopy(requests[i : i + batch_size]), hp, copy=False,
+                                        return_orig_weights=True, **(extra if i == 0 else {}))
+                seconds += time.time() - start
+                for k, v in weights_copy.items():
+                    originals.setdefault(k, v)
+        result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before), edit_seconds=seconds,
+                              hparams=hp_path)
+        if host is not None and cfg.host_metrics:
+            result.host_metrics = host_token_metrics(model, tok, requests, hp, before)
+        return result
+    finally:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in originals.items():
+                params[k].copy_(v)
+        if name == "MoTE":
+            reset_state(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference(model, tok, records: list[dict], cfg: CompareConfig, host) -> dict:
+    """What the metrics compare against, from the unedited model."""
+    ref = {}
+    if cfg.dataset == "zsre":
+        ref["zsre_locality"] = zsre_locality_predictions(model, tok, records)
+    if host is not None and cfg.host_metrics:
+        ref["host_locality"] = [_host_quality(model, tok, request_of(r, cfg.dataset), None)["locality"] for r in records]
+    return ref
+
+
+def plugin_metrics(model, tok, records, cfg: CompareConfig, before: dict) -> dict:
+    if cfg.dataset == "zsre":
+        return zsre_metrics(model, tok, records, before["zsre_locality"])
+    return counterfact_metrics(model, tok, records)
+
+
+def _host_quality(model, tok, request: dict, hp) -> dict:
+    evaluate = importlib.import_module("easyeditor.evaluate.evaluate")
+    hp = hp or MoTEHyperParams(alg_name="MoTE", model_name="model", layers=[0], device="cpu")
+    return evaluate.compute_edit_quality(model, "model", hp, tok, request, "cpu")
+
+
+def host_token_metrics(model, tok, requests: list[dict], hp, before: dict) -> dict:
+    """The host's token accuracies after the edits: rewrite, rephrase, and locality (share of the unrelated prompt's
+    argmax tokens unchanged, as BaseEditor computes it from pre/post outputs)."""
+    sums: dict[str, list[float]] = {"rewrite_acc": [], "rephrase_acc": [], "locality_acc": []}
+    for request, pre in zip(requests, before["host_locality"]):
+        post = _host_quality(model, tok, request, hp)
+        sums["rewrite_acc"].append(float(torch.tensor(post["rewrite_acc"], dtype=torch.float).mean()))
+        if "rephrase_acc" in post:
+            sums["rephrase_acc"].append(float(torch.tensor(post["rephrase_acc"], dtype=torch.float).mean()))
+        for key, tokens in post["locality"].items():
+            a, b = torch.tensor(tokens), torch.tensor(pre[key])
+            sums["locality_acc"].append(float((a == b).float().mean()))
+    return {k: sum(v) / len(v) for k, v in sums.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole comparison
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def compare(cfg: CompareConfig, log=print) -> dict:
+    host, host_reason = import_host()
+    log(f"EasyEdit host: {host_reason}")
+    model, tok, facts = load_model(cfg)
+    records = load_records(cfg, facts, host)
+    before = reference(model, tok, records, cfg, host)
+    unedited = MethodResult("unedited", "ok", metrics=plugin_metrics(model, tok, records, cfg, before))
+    if host is not None and cfg.host_metrics:
+        unedited.host_metrics = host_token_metrics(model, tok, [request_of(r, cfg.dataset) for r in records], None, before)
+    results = [unedited]
+    for name, hp_path in cfg.methods.items():
+        log(f"{name}: editing {len(records)} records in batches of {cfg.batch_size}")
+        results.append(run_method(name, hp_path, model, tok, records, cfg, host, before))
+        log(f"{name}: {results[-1].status} {results[-1].reason}")
+    report = {"config": asdict(cfg), "host": host_reason, "n": len(records),
+              "results": [asdict(r) for r in results]}
+    for r in report["results"]:
+        r["metrics"] = {k: v for k, v in r["metrics"].items() if not k.endswith("_items")}
+    write_outputs(report, Path(cfg.out))
+    return report
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"{report['n']} {cfg['dataset']} edits in batches of {cfg['batch_size']} on {cfg['model']}; host: {report['host']}",
+             "", "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | edit time (s) |",
+             "|---|---|" + "---|" * (len(METRICS) + 4)]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['status']}: {r['reason']} |" + " |" * (len(METRICS) + 4))
+            continue
+        m, h = r["metrics"], r["host_metrics"]
+        host_cells = [f"{h[k]:.3f}" if k in h else "-" for k in ("rewrite_acc", "rephrase_acc", "locality_acc")]
+        lines.append(f"| {r['method']} | ok | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " | "
+                     + " | ".join(host_cells) + f" | {r['edit_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        (out / "results.png").unlink(missing_ok=True)
+        return
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / max(1, len(ok))
+    for i, r in enumerate(ok):
+        ax.bar([j + i * width for j in range(len(METRICS))], [r["metrics"][k] for k in METRICS], width, label=r["method"])
+    ax.set_xticks([j + width * (len(ok) - 1) / 2 for j in range(len(METRICS))], METRICS)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{report['n']} {report['config']['dataset']} edits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)

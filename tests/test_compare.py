@@ -1,0 +1,102 @@
+"""examples/compare_editors.py and mote_plugin.compare without a host: MoTE on the fact model, baselines reported as
+unavailable, MoTE not applicable on a dense model, bad configurations refused. (With EasyEdit on PYTHONPATH the
+host methods run too: tests/test_easyedit_host.py.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mote_plugin.compare import CompareConfig, compare, run_method
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path, out_dir, **kw) -> Path:
+    cfg = {"model": str(out_dir), "n": 6, "batch_size": 3, "out": str(tmp_path / "out"),
+           "methods": {"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"),
+                       "MEMIT": str(ROOT / "hparams/MEMIT/testbed-qwen3_moe.yaml")}} | kw
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
+    out_dir, _ = reduced_fact_model("qwen3_moe")
+    config = write_config(tmp_path, out_dir)
+    run = subprocess.run([sys.executable, str(ROOT / "examples/compare_editors.py"), "--config", str(config)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "out/results.json").read_text())
+    by_method = {r["method"]: r for r in report["results"]}
+    assert by_method["unedited"]["metrics"]["efficacy"] == 0.0
+    assert by_method["MoTE"]["status"] == "ok" and by_method["MoTE"]["metrics"]["efficacy"] >= 0.8
+    assert by_method["MoTE"]["edit_seconds"] > 0
+    if by_method["MEMIT"]["status"] == "unavailable":  # no host in this environment
+        assert "EasyEdit" in by_method["MEMIT"]["reason"]
+    table = (tmp_path / "out/results.md").read_text()
+    assert "| MoTE | ok |" in table and "| MEMIT |" in table and "| MoTE | ok |" in run.stdout
+    assert (tmp_path / "out/results.png").stat().st_size > 1000
+
+
+def test_weights_restored_between_methods(reduced_fact_model, tmp_path):
+    from mote_plugin.testbed import load
+
+    out_dir, _ = reduced_fact_model("qwen3_moe")
+    model, tok, facts, _ = load(out_dir)
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=2, batch_size=1))
+    records = [f for f in facts if f["known"]][:2]
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    result = run_method("MoTE", str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), model, tok, records, cfg, None, {})
+    assert result.status == "ok" and result.metrics["efficacy"] == 1.0
+    assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
+
+
+def test_mote_not_applicable_on_a_dense_model(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, head_dim=8))
+    cfg = CompareConfig(model="dense", methods={}, out=str(tmp_path))
+    result = run_method("MoTE", str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), model, None, [], cfg, None, {})
+    assert result.status == "not applicable" and "MoE" in result.reason
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"colour": "red"}, "unknown keys \\['colour'\\]"),
+    ({"dataset": "wikipedia"}, "counterfact or zsre"),
+    ({"methods": {}}, "no methods"),
+])
+def test_bad_config(tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        CompareConfig.from_yaml(write_config(tmp_path, tmp_path, **change))
+
+
+def test_records_without_subject_are_refused(reduced_fact_model, tmp_path):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([{"case_id": 1, "prompt": "Paris is in", "target_new": "Italy", "ground_truth": "France"}]))
+    out_dir, _ = reduced_fact_model("qwen3_moe")
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, data=str(data), n=1))
+    with pytest.raises(ValueError, match="no `subject`"):
+        compare(cfg, log=lambda m: None)
+
+
+def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path, caplog):
+    """zsRE records (MEND/MEMIT format) through the comparison: argmax metrics, specificity against the unedited
+    model's own predictions on the unrelated questions. The fact model never learnt zsRE's answers (multi-piece names
+    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned, and the
+    metrics say so (nothing is claimed for zsRE on the fact model)."""
+    out_dir, _ = reduced_fact_model("qwen3_moe")
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre", data=str(shared_data / "zsre/zsre-eval.json"),
+                                               n=4, batch_size=4, methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
+    report = compare(cfg, log=lambda m: None)
+    unedited, mote = (r["metrics"] for r in report["results"])
+    assert unedited["specificity"] == 1.0 and unedited["efficacy"] < 0.5
+    assert mote["efficacy"] >= unedited["efficacy"] and 0.0 <= mote["specificity"] <= 1.0
+    assert "v* at layer 2 left P(target) < 1/2" in caplog.text
+    assert set(mote) >= {"efficacy", "generalization", "specificity", "utility"}
