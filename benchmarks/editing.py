@@ -52,7 +52,7 @@ def main() -> None:
         rows.append((arch, len(records), hp, before, after, last_timings(model)))
         print(arch, {k: (round(before[k], 3), round(after[k], 3)) for k in METRICS}, last_timings(model))
 
-    lines = [f"# One batch of CounterFact edits on the default fact models", "",
+    lines = ["# One batch of CounterFact edits on the default fact models", "",
              f"`python benchmarks/editing.py --n {args.n}`; {datetime.date.today()}, {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Metrics: unedited -> edited (method.md section 8).", "",
              "| model | edits | YAML layers / token | " + " | ".join(METRICS) + " | " + " | ".join(f"{s} (s)" for s in STAGES) + " |",
