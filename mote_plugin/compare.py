@@ -181,7 +181,7 @@ def prime_host_covariance(model, tok, hp, cfg: CompareConfig) -> None:
             for i in range(0, len(texts), 16):
                 batch = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128).to(device)
                 with torch.no_grad():
-                    model(**batch)
+                    model(**batch, use_cache=False)
                 stat.add(grab["x"][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))
         finally:
             handle.remove()
@@ -205,14 +205,18 @@ class MethodResult:
 
 
 def _dense_module_problem(model, hp) -> str | None:
+    """Why a dense method (which rewrites `{rewrite_module_tmp}.weight`, 2-D) cannot edit this model, or None."""
+    params = dict(model.named_parameters())
     for layer in hp.layers:
         name = hp.rewrite_module_tmp.format(layer)
-        try:
-            weight = model.get_submodule(name).weight
-        except AttributeError:
-            return f"{name} does not exist in this model"
+        weight = params.get(f"{name}.weight")
+        if weight is None:
+            packed = [n for n, p in params.items() if n.startswith(name + ".") and p.ndim == 3]
+            if packed:
+                return f"{name} holds packed experts ({', '.join(packed)}): a dense method edits a 2-D `weight`"
+            return f"{name}.weight does not exist in this model"
         if weight.ndim != 2:
-            return f"{name}.weight is {weight.ndim}-D {tuple(weight.shape)} (packed experts): a dense method edits a 2-D weight"
+            return f"{name}.weight is {weight.ndim}-D {tuple(weight.shape)}: a dense method edits a 2-D weight"
     return None
 
 

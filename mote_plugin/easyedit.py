@@ -18,6 +18,7 @@ transformers 5; it is recognised (no AlphaEdit in its ALG_DICT) and refused with
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -42,18 +43,32 @@ class HostStatus:
         return self.registered
 
 
+def _installed_version() -> str | None:
+    """The version pip recorded for `easyeditor` (None for a git checkout on PYTHONPATH, which has no metadata)."""
+    try:
+        return importlib.metadata.version("easyeditor")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _host_modules():
     """(alg_dict module, batch_editor module), or raise ImportError / HostError."""
     if importlib.util.find_spec("easyeditor") is None:
         raise ImportError("easyeditor is not installed")
     # `import easyeditor.util.alg_dict as m` breaks after the package's star-imports rebind `easyeditor.util`;
     # importlib.import_module resolves through sys.modules instead.
-    alg_dict = importlib.import_module("easyeditor.util.alg_dict")
-    batch_editor = importlib.import_module("easyeditor.editors.batch_editor")
+    try:
+        alg_dict = importlib.import_module("easyeditor.util.alg_dict")
+    except Exception as e:
+        version = _installed_version()
+        if version and version.startswith("0.0."):
+            raise HostError(f"easyeditor {version} (the stale PyPI release) does not import here ({type(e).__name__}: {e}); "
+                            f"MoTE needs the current EasyEdit: {HOST_HINT}") from e
+        raise
     if "AlphaEdit" not in alg_dict.ALG_DICT:
         raise HostError(f"the importable easyeditor ({alg_dict.__file__}) is the stale 2023 release (its ALG_DICT has no "
                         f"AlphaEdit); MoTE needs the current EasyEdit: {HOST_HINT}")
-    return alg_dict, batch_editor
+    return alg_dict, importlib.import_module("easyeditor.editors.batch_editor")
 
 
 def _admit_to_batch_edit(batch_editor) -> None:

@@ -44,7 +44,7 @@ def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size
         ids, mask = batch["input_ids"], batch["attention_mask"]
         remove = edit_hook(ids, [len(p) for p in p_ids]) if edit_hook else None
         try:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
         finally:
             if remove:
                 remove()
@@ -119,7 +119,8 @@ def _greedy_tokens(model, tok, prompts: list[str], answers: list[str], batch_siz
         a_ids = [target_token_ids(tok, a) for a in answers[i : i + batch_size]]
         batch = pad_right([p + a for p, a in zip(p_ids, a_ids)], tok.pad_token_id)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False).logits
         for b, (p, a) in enumerate(zip(p_ids, a_ids)):
             out.append(logits[b, len(p) - 1 : len(p) - 1 + len(a)].argmax(-1).cpu())
     return out

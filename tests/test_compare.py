@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mote_plugin.compare import CompareConfig, compare, run_method
+from mote_plugin.compare import CompareConfig, _dense_module_problem, compare, run_method
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -103,3 +103,18 @@ def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path,
     if host.compute_z_fn() is None:  # the plugin's own v* reports its final loss (the host's prints it instead)
         assert "v* at layer 2 left P(target) < 1/2" in caplog.text
     assert set(mote) >= {"efficacy", "generalization", "specificity", "utility"}
+
+
+def test_dense_method_on_packed_experts_is_not_applicable(reduced_fact_model):
+    """What makes a dense baseline (ROME/MEMIT/AlphaEdit) not applicable: its rewrite module must be a 2-D weight."""
+    from types import SimpleNamespace
+
+    from mote_plugin.testbed import load
+
+    model = load(reduced_fact_model("qwen3_moe")[0])[0]
+    attn = SimpleNamespace(layers=[0, 1], rewrite_module_tmp="model.layers.{}.self_attn.o_proj")
+    experts = SimpleNamespace(layers=[1], rewrite_module_tmp="model.layers.{}.mlp.experts")
+    missing = SimpleNamespace(layers=[1], rewrite_module_tmp="model.layers.{}.mlp.down_proj")
+    assert _dense_module_problem(model, attn) is None
+    assert "packed experts (model.layers.1.mlp.experts.gate_up_proj" in _dense_module_problem(model, experts)
+    assert "does not exist" in _dense_module_problem(model, missing)

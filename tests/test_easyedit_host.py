@@ -97,3 +97,24 @@ def test_yaml_selected_model_by_name(easyedit_host, reduced_fact_model, tmp_path
     editor, _ = _editor(easyedit_host, out, stats_dir=str(tmp_path / "stats"), batch_size=2)
     metrics, _, _ = editor.batch_edit(**_inputs(records), sequential_edit=True, verbose=False)
     assert [m["post"]["rewrite_acc"][0] for m in metrics] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["edit", "sequential", "batch"])
+def test_easyedit_style_script(easyedit_host, reduced_fact_model, tmp_path, monkeypatch, capsys, mode):
+    """examples/easyedit_edit.py: an EasyEdit-style script selecting MoTE only through its YAML."""
+    import runpy
+    import sys
+
+    import yaml
+
+    out, _ = reduced_fact_model("qwen3_moe")
+    cfg = yaml.safe_load((HPARAMS / "testbed-qwen3_moe.yaml").read_text())
+    cfg.update(model_name=str(out / "model"), stats_dir=str(tmp_path / "stats"), batch_size=3)
+    (tmp_path / "mote.yaml").write_text(yaml.safe_dump(cfg))
+    script = Path(__file__).resolve().parent.parent / "examples" / "easyedit_edit.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--hparams", str(tmp_path / "mote.yaml"), "--mode", mode, "--n", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"3 edits, mode {mode}: rewrite_acc")
+    post = float(line.split("rewrite_acc ")[1].split(" -> ")[1].split(",")[0])
+    assert post >= 0.6, line

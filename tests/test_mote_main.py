@@ -145,6 +145,7 @@ def test_pad_token_outside_the_vocabulary(tok, tmp_path):
         (dict(requests=[{"prompt": "Paris is in", "target_new": "x"}]), "no subject"),
         (dict(hp=dict(layers=[7])), "out of range"),
         (dict(hp=dict(r_out=64)), "rank"),
+        (dict(hp=dict(device="cuda:99")), "CUDA"),  # no CUDA on this build, or no 100th GPU
     ],
 )
 def test_bad_input_leaves_weights_untouched(tok, tmp_path, change, match):

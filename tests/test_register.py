@@ -3,6 +3,7 @@ cannot be checked without a host: a current-style host, a stale one, none. The r
 tests/test_easyedit_host.py when EasyEdit is importable."""
 
 import importlib
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -63,3 +64,12 @@ def test_register_without_host(monkeypatch):
     with pytest.raises(ImportError):
         register(strict=True)
     assert mote_plugin.register is register
+
+
+def test_stale_release_that_does_not_import(fake_host, monkeypatch):
+    """The real PyPI 0.0.1.dev0 fails at import on transformers 5: the message names the release, not just the error."""
+    fake_host("broken")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1.dev0")
+    status = register()
+    assert not status and "easyeditor 0.0.1.dev0 (the stale PyPI release)" in status.reason
+    assert "apply_chunking_to_forward" in status.reason and "PYTHONPATH" in status.reason

@@ -76,7 +76,7 @@ def compute_z(model, tok, request: dict, layer: int, cfg: VStarConfig, context_t
     with torch.no_grad():
         captured = {}
         handle = module.register_forward_hook(lambda m, a, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o)))
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         handle.remove()
         h = captured["h"][0, lookup[0]].float().detach()  # [d]
         kl_ref = torch.log_softmax(logits[n, kl_pos].float(), -1).detach()  # [V]
@@ -93,7 +93,7 @@ def compute_z(model, tok, request: dict, layer: int, cfg: VStarConfig, context_t
         for step in range(1, cfg.v_num_grad_steps + 1):
             handle = module.register_forward_hook(_add_at(lookup, delta))
             try:
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [B, S, V]
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # [B, S, V]
             finally:
                 handle.remove()
             logp = torch.log_softmax(logits, -1)

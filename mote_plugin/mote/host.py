@@ -1,7 +1,8 @@
-"""The EasyEdit host, when one is importable: its v* (`compute_z`) and context templates.
+"""The EasyEdit host, when one is importable: its v* (MEMIT's `compute_z`).
 
-The plugin never needs a host; with one, v* comes from the host so MoTE's targets are exactly those its
-baselines (MEMIT, AlphaEdit) get. Detection is lazy and cached; a host that fails to import counts as
+The plugin never needs a host; with one, v* comes from the host's procedure, as its baselines (MEMIT,
+AlphaEdit) compute it. The context templates are the plugin's, generated the same way per model (the host's
+`get_context_templates` keeps one list per process, from whichever model asked first). Detection is lazy and cached; a host that fails to import counts as
 absent (the reason is kept in `host_status()`).
 """
 
@@ -40,13 +41,22 @@ def compute_z_fn():
         req["prompt"] = req["prompt"].replace(req["subject"], "{}", 1)  # the host's MEMIT works on "{}" templates
         if not req["target_new"].startswith(" "):
             req["target_new"] = " " + req["target_new"]  # the host's MEMIT prepends the space itself
+        hparams = copy.copy(hparams)
         if hparams.v_loss_layer < 0:  # the host reads `max(v_loss_layer, layer)`: give it the real last layer
-            hparams = copy.copy(hparams)
             hparams.v_loss_layer = model.config.get_text_config().num_hidden_layers + hparams.v_loss_layer
-        return mods[0].compute_z(model, tok, req, hparams, layer, templates)
+        names = {id(p): n for n, p in model.named_parameters()}
+        if f"{hparams.lm_head_module}.weight" not in names.values():  # a tied head is listed under the embeddings
+            head = model.get_output_embeddings()
+            if head is not None and id(head.weight) in names:
+                hparams.lm_head_module = names[id(head.weight)].removesuffix(".weight")
+        # the host's forward passes would build a KV cache (config.use_cache); v* needs none, and transformers'
+        # Qwen3.5-MoE cache fails on a model with full attention only (the fact model variant)
+        use_cache = getattr(model.config, "use_cache", None)
+        model.config.use_cache = False
+        try:
+            return mods[0].compute_z(model, tok, req, hparams, layer, templates)
+        finally:
+            model.config.use_cache = use_cache
 
     return host_compute_z
 
-
-def context_templates(model, tok):
-    return _memit_modules()[0][1].get_context_templates(model, tok)

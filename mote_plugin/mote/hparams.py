@@ -186,6 +186,21 @@ class MoTEHyperParams(_Base):
             raise ValueError(f"{path}: missing required MoTE hyper-parameter(s): {', '.join(missing)}")
         return cls(**config)
 
+    def torch_device(self):
+        """The `torch.device` the settings name (an int N is cuda:N, as EasyEdit reads it); ValueError when this torch
+        cannot use it (e.g. `device: 0` on a CPU-only build), so a run fails before any weight is touched."""
+        import torch
+
+        dev = torch.device(f"cuda:{self.device}" if _is_int(self.device) else self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} needs CUDA, which this torch build cannot use "
+                             f"(torch.cuda.is_available() is False): set `device: cpu`")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {self.device!r}: MPS is not available here; set `device: cpu`")
+        return dev
+
     def to_dict(self) -> dict:
         """Field name -> value (shallow: `dataclasses.asdict` would deep-copy a `(model, tok)` model_name)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self)}

@@ -129,7 +129,7 @@ def context_templates(model, tok, state: EditorState, n: int = 5, length: int = 
             ids = tok(start, return_tensors="pt")["input_ids"].to(device)
             with torch.no_grad():
                 for _ in range(length):
-                    probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1).cpu()
+                    probs = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1).cpu()
                     top = torch.topk(probs, 5)
                     nxt = top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=gen)]
                     ids = torch.cat([ids, nxt.view(1, 1).to(device)], dim=1)
@@ -148,7 +148,7 @@ def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_toke
         lambda m, a, o: grabbed.__setitem__("h", (o[0] if isinstance(o, tuple) else o).detach()))
     try:
         with torch.no_grad():
-            model(**{k: v.to(device) for k, v in batch.items()})
+            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
     finally:
         handle.remove()
     return grabbed["h"][torch.arange(len(requests)), lookup.to(device)].float()
@@ -161,11 +161,13 @@ def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: Editor
     """[T, d] v* targets z at the last edited layer, one per request."""
     L = max(hp.layers)
     host_compute_z = host.compute_z_fn()
-    templates = None if host_compute_z else context_templates(model, tok, state)
+    # MEMIT's context templates, generated once per model; also given to the host's compute_z (its own
+    # get_context_templates keeps one list per process, from whichever model asked first)
+    templates = context_templates(model, tok, state)
     zs, missed = [], []
     for r in tqdm(requests, desc="v* targets", disable=not progress, leave=False):
         if host_compute_z:
-            zs.append(host_compute_z(model, tok, r, hp, L, host.context_templates(model, tok)))
+            zs.append(host_compute_z(model, tok, r, hp, L, [templates]))
         else:
             v = compute_z(model, tok, r, L, vstar_config(hp), templates)
             zs.append(v.z)
@@ -245,6 +247,7 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     if not isinstance(hparams, MoTEHyperParams):
         alg = getattr(hparams, "alg_name", type(hparams).__name__)
         raise ValueError(f"apply_mote_to_model needs MoTEHyperParams, got hyper-parameters for {alg!r}")
+    hparams.torch_device()  # a device this torch cannot use is bad input, refused before anything else
     requests = normalise_requests(requests)
     if not requests:
         return model, {}

@@ -101,7 +101,7 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
         positions = {"subject_last": last, "last": ids.shape[1] - 1}
         clean_states = []
         hooks = [layer.register_forward_hook(lambda m, a, o: clean_states.append(o[0] if isinstance(o, tuple) else o)) for layer in layers]
-        p_clean = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)[answer].item()
+        p_clean = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)[answer].item()
         for h in hooks:
             h.remove()
         # one batch: row 0..n_noise-1 corrupted only; then for each (token, layer) n_noise restored rows
@@ -126,7 +126,7 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
 
         hooks = [embed.register_forward_hook(corrupt)] + [layer.register_forward_hook(restore(l)) for l, layer in enumerate(layers)]
         try:
-            probs = torch.softmax(model(input_ids=ids.repeat(rows, 1)).logits[:, -1].float(), -1)[:, answer]
+            probs = torch.softmax(model(input_ids=ids.repeat(rows, 1), use_cache=False).logits[:, -1].float(), -1)[:, answer]
         finally:
             for h in hooks:
                 h.remove()
