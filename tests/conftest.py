@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import host_stubs
 
@@ -44,7 +45,8 @@ def reduced_fact_model(shared_data):
         if arch not in built:
             facts = REDUCED_FACTS[arch]
             opts = BuildOptions(arch=arch, facts=facts, data=str(shared_data), probe_facts=10, train=TrainConfig(epochs=60))
-            out = ROOT / ".cache" / "test-fact-models" / f"{arch}-{facts}"
+            # one directory per transformers version (a build is only valid under the version it was trained with)
+            out = ROOT / ".cache" / "test-fact-models" / f"{arch}-{facts}-transformers{transformers.__version__}"
             built[arch] = (out, build(out, opts, log=lambda m: None))
         return built[arch]
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import __version__
@@ -58,6 +59,8 @@ class BuildOptions:
         d = asdict(self)
         d["data"] = _data_fingerprint(Path(self.data))
         d["version"] = __version__
+        # the model code is transformers': a build trained under one version may compute differently under another
+        d["transformers"] = transformers.__version__
         if not d["profile_facts"]:  # added after the first release: caches built without it stay valid
             del d["profile_facts"]
         return d

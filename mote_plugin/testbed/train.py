@@ -166,7 +166,7 @@ def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print)
             if handles:
                 current["early"] = readout_mask(spans, ids.shape[1])
                 current["late"] = readout_mask(spans, ids.shape[1], keep_last=True)
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True, use_cache=False)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
