@@ -33,7 +33,6 @@ from .mote.hparams import MoTEHyperParams
 from .mote.mote_main import apply_mote_to_model, reset_state
 from .mote.stats import corpus_texts
 
-HOST_METHODS = ("ROME", "MEMIT", "AlphaEdit")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 
 
@@ -312,8 +311,9 @@ def plugin_metrics(model, tok, records, cfg: CompareConfig, before: dict) -> dic
 
 def _host_quality(model, tok, request: dict, hp) -> dict:
     evaluate = importlib.import_module("easyeditor.evaluate.evaluate")
-    hp = hp or MoTEHyperParams(alg_name="MoTE", model_name="model", layers=[0], device="cpu")
-    return evaluate.compute_edit_quality(model, "model", hp, tok, request, "cpu")
+    device = next(model.parameters()).device
+    hp = hp or MoTEHyperParams(alg_name="MoTE", model_name="model", layers=[0], device=str(device))
+    return evaluate.compute_edit_quality(model, "model", hp, tok, request, device)
 
 
 def host_token_metrics(model, tok, requests: list[dict], hp, before: dict) -> dict:

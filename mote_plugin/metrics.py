@@ -21,6 +21,7 @@ class TargetScores:
     mean_logprob: torch.Tensor  # [B] per-token mean
     top1: torch.Tensor  # [B] bool: every target token is the argmax
     token_acc: torch.Tensor  # [B] share of target tokens that are the argmax
+    predicted: list[torch.Tensor]  # B x [len(target)] the argmax token at each target position (teacher-forced)
 
 
 def target_token_ids(tok, target: str) -> list[int]:
@@ -37,6 +38,7 @@ def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size
     hooks for the batch (used by probes that add a vector to a hidden state); it returns a remover."""
     device = next(model.parameters()).device
     out = {k: [] for k in ("logprob", "mean_logprob", "top1", "token_acc")}
+    predicted = []
     for i in range(0, len(prompts), batch_size):
         p_ids = tok(prompts[i : i + batch_size])["input_ids"]
         t_ids = [target_token_ids(tok, t) for t in targets[i : i + batch_size]]
@@ -53,12 +55,14 @@ def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=logp.device)
             tgt = torch.tensor(t, device=logp.device)
             lp = logp[b, pos, tgt]  # [len(t)]
-            hit = logp[b, pos].argmax(-1) == tgt
+            argmax = logp[b, pos].argmax(-1)  # [len(t)]
+            hit = argmax == tgt
+            predicted.append(argmax.cpu())
             out["logprob"].append(lp.sum())
             out["mean_logprob"].append(lp.mean())
             out["top1"].append(hit.all())
             out["token_acc"].append(hit.float().mean())
-    return TargetScores(**{k: torch.stack(v).cpu() for k, v in out.items()})
+    return TargetScores(**{k: torch.stack(v).cpu() for k, v in out.items()}, predicted=predicted)
 
 
 def prefers(model, tok, prompts: list[str], first: list[str], second: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -110,26 +114,10 @@ def counterfact_metrics(model, tok, records: list[dict], batch_size: int = 64) -
     return out
 
 
-def _greedy_tokens(model, tok, prompts: list[str], answers: list[str], batch_size: int) -> list[torch.Tensor]:
-    """Per example, the model's argmax token at each position of ` answer` (teacher-forced after the prompt)."""
-    out = []
-    device = next(model.parameters()).device
-    for i in range(0, len(prompts), batch_size):
-        p_ids = tok(prompts[i : i + batch_size])["input_ids"]
-        a_ids = [target_token_ids(tok, a) for a in answers[i : i + batch_size]]
-        batch = pad_right([p + a for p, a in zip(p_ids, a_ids)], tok.pad_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False).logits
-        for b, (p, a) in enumerate(zip(p_ids, a_ids)):
-            out.append(logits[b, len(p) - 1 : len(p) - 1 + len(a)].argmax(-1).cpu())
-    return out
-
-
 def zsre_locality_predictions(model, tok, records: list[dict], batch_size: int = 64) -> list[torch.Tensor]:
     """The unedited model's greedy tokens on each record's unrelated (`loc`) question: pass them to `zsre_metrics`
     after the edit."""
-    return _greedy_tokens(model, tok, [r["loc"] for r in records], [r["loc_ans"] for r in records], batch_size)
+    return target_scores(model, tok, [r["loc"] for r in records], [r["loc_ans"] for r in records], batch_size).predicted
 
 
 def zsre_metrics(model, tok, records: list[dict], locality_before: list[torch.Tensor], batch_size: int = 64) -> dict:

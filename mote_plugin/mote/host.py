@@ -15,25 +15,24 @@ from functools import lru_cache
 
 
 @lru_cache(maxsize=1)
-def _memit_modules():
+def _compute_z_module():
     if importlib.util.find_spec("easyeditor") is None:
         return None, "easyeditor is not installed"
     try:
-        compute_z = importlib.import_module("easyeditor.models.memit.compute_z")
-        memit_main = importlib.import_module("easyeditor.models.memit.memit_main")
+        module = importlib.import_module("easyeditor.models.memit.compute_z")
     except Exception as e:  # a stale or broken host (see docs/easyedit-contract): treat as absent
-        return None, f"easyeditor is installed but its MEMIT modules do not import ({type(e).__name__}: {e})"
-    return (compute_z, memit_main), "easyeditor MEMIT compute_z"
+        return None, f"easyeditor is installed but its MEMIT compute_z does not import ({type(e).__name__}: {e})"
+    return module, "easyeditor MEMIT compute_z"
 
 
 def host_status() -> str:
-    return _memit_modules()[1]
+    return _compute_z_module()[1]
 
 
 def compute_z_fn():
     """The host's `compute_z(model, tok, request, hparams, layer, context_templates)`, or None."""
-    mods = _memit_modules()[0]
-    if mods is None:
+    module = _compute_z_module()[0]
+    if module is None:
         return None
 
     def host_compute_z(model, tok, request, hparams, layer, templates):
@@ -54,7 +53,7 @@ def compute_z_fn():
         use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
         try:
-            return mods[0].compute_z(model, tok, req, hparams, layer, templates)
+            return module.compute_z(model, tok, req, hparams, layer, templates)
         finally:
             model.config.use_cache = use_cache
 

@@ -117,7 +117,9 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
     relations = load_relations()
     facts = build_facts(Path(opts.data), opts.facts, relations, seed=opts.seed)
     all_facts = facts + unedited_facts(facts, relations)
-    profiles = profile_facts(all_facts, relation_objects(Path(opts.data), relations), relations, opts.profile_facts, opts.seed)
+    profiles = []
+    if opts.profile_facts:  # the object pools need a second pass over the CounterFact files
+        profiles = profile_facts(all_facts, relation_objects(Path(opts.data), relations), relations, opts.profile_facts, opts.seed)
     text = read_corpus(Path(opts.data), opts.corpus_chars)
     log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} unedited (neighbour and support) facts + {len(profiles)} "
         f"profile facts, {len(text):,} characters of text")

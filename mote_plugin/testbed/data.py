@@ -63,6 +63,11 @@ def template_index(relations: dict[str, list[str]]) -> dict[str, str]:
     return {t: next(iter(r)) for t, r in owners.items() if len(r) == 1}
 
 
+def record_relation(rec: dict, by_template: dict[str, str]) -> str | None:
+    """The relation of a normalised CounterFact record: its own id (ROME format) or its prompt template's (flat)."""
+    return rec["relation_id"] or by_template.get(rec["template"])
+
+
 def split_subject(prompt: str, templates: list[str]) -> str | None:
     """Recover the subject of `prompt` from a list of templates (longest fixed text first)."""
     for t in sorted(templates, key=len, reverse=True):
@@ -158,7 +163,7 @@ def build_facts(
     # (relation, true object) -> subjects that have it, for the support facts
     holders: dict[tuple[str, str], list[str]] = {}
     for rec in records:
-        rel = rec["relation_id"] or by_template.get(rec["template"])
+        rel = record_relation(rec, by_template)
         holders.setdefault((rel, rec["target_true"]), []).append(rec["subject"])
 
     facts: list[Fact] = []
@@ -166,7 +171,7 @@ def build_facts(
     for rec in records:
         if len(facts) == n_facts:
             break
-        rel = rec["relation_id"] or by_template.get(rec["template"])
+        rel = record_relation(rec, by_template)
         if rel not in relations or len(relations[rel]) < 3 or rec["template"] not in relations[rel]:
             continue
         if rec["subject"] in used_subjects or any(len(o.split()) > 3 for o in (rec["target_true"], rec["target_new"])):
@@ -228,7 +233,7 @@ def relation_objects(data_dir: Path, relations: dict[str, list[str]], max_words:
     by_template = template_index(relations)
     pools: dict[str, set[str]] = {}
     for rec in read_counterfact_records(data_dir):
-        rel = rec["relation_id"] or by_template.get(rec["template"])
+        rel = record_relation(rec, by_template)
         if rel in relations and len(rec["target_true"].split()) <= max_words:
             pools.setdefault(rel, set()).add(rec["target_true"])
     return {rel: sorted(objs) for rel, objs in pools.items()}
