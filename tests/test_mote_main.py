@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mote_plugin.adapters import get_adapter
-from mote_plugin.mote import mote_main
+from mote_plugin.mote import mote_main, solvers
 from mote_plugin.mote.capture import capture
 from mote_plugin.mote.hparams import MoTEHyperParams
 from mote_plugin.mote.mote_main import apply_mote_to_model, layer_outputs
@@ -54,7 +54,7 @@ def same(model, before) -> bool:
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "qwen3_5_moe"])
-def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch):
+def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch, monkeypatch):
     """After the writeback, the routed experts' output at each edited key changes by U_out G phi (forward pass)."""
     model = tiny_model(tok, arch)
     hp = hparams(tmp_path, layers=[1], whitening="none")
@@ -62,18 +62,15 @@ def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch):
     adapter = get_adapter(model)
     before = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
     solved = {}
-    real_solve = mote_main.solve_core
+    real_solve = solvers.solve_core
 
     def spy(*args, **kwargs):
         solved["sol"] = real_solve(*args, **kwargs)
         solved["args"] = args
         return solved["sol"]
 
-    mote_main.solve_core = spy
-    try:
-        apply_mote_to_model(model, tok, reqs, hp)
-    finally:
-        mote_main.solve_core = real_solve
+    monkeypatch.setattr(solvers, "solve_core", spy)
+    apply_mote_to_model(model, tok, reqs, hp)
     after = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
     keys, gates, idx, _, factors = solved["args"][:5]
     expected = predicted_change(solved["sol"], factors, keys, gates, idx)
@@ -209,3 +206,46 @@ def test_sequential_memory_keeps_earlier_edits(tok, tmp_path):
         h2 = layer_outputs(model, tok, first, "model.layers.1", hp.fact_token, hp.max_length)
         drift[memory] = (h2 - h1).norm().item()
     assert drift[True] < 0.5 * drift[False], drift
+
+
+@pytest.mark.parametrize("solver", ["global", "bcd"])
+def test_unstructured_solvers_reproduce_the_residual(tok, tmp_path, solver):
+    """global (exact) and bcd (many passes) with lambda -> 0 and no null space: the layer's output becomes z."""
+    model = tiny_model(tok)
+    hp = hparams(tmp_path, layers=[1], nullspace=False, mote_lambda=1e-6, solver=solver, bcd_passes=50)
+    reqs = normalise_requests(REQUESTS)
+    z = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)
+    h0 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
+    apply_mote_to_model(model, tok, reqs, hp)
+    h1 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
+    rel = ((h1 - z).norm(dim=1) / (z - h0).norm(dim=1)).max().item()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("solver,spread", [("global", "core"), ("bcd", "core"), ("bcd", "layerwise"), ("mote", "layerwise")])
+def test_solvers_and_spreads_edit_routed_experts_and_restore(tok, tmp_path, solver, spread):
+    """Every solver/spread pair edits each configured layer; the unstructured solvers touch only experts that the
+    edits route to (at the solve layer) or whose projector lets the transplanted update through; restore is exact."""
+    model = tiny_model(tok)
+    before = state(model)
+    hp = hparams(tmp_path, solver=solver, spread=spread)
+    model, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hp, return_orig_weights=True)
+    writes = mote_main.editor_state(model).last_writes
+    assert sorted({layer for layer, _ in writes}) == [0, 1]
+    for name, value in weights_copy.items():
+        assert not torch.equal(model.get_parameter(name), value), name
+    with torch.no_grad():
+        for name, value in weights_copy.items():
+            model.get_parameter(name).copy_(value)
+    assert same(model, before)
+
+
+def test_lambda_grows_with_edits_when_asked(tok, tmp_path, monkeypatch):
+    model = tiny_model(tok)
+    seen = []
+    real = solvers.global_solve
+    monkeypatch.setattr(solvers, "global_solve", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    hp = hparams(tmp_path, layers=[1], solver="global", mote_lambda=0.5, lambda_growth=1e-3)
+    apply_mote_to_model(model, tok, REQUESTS[:2], hp)
+    apply_mote_to_model(model, tok, REQUESTS[2:], hp)
+    assert seen == [0.5, pytest.approx(0.5 * (1 + 2e-3))]

@@ -232,10 +232,12 @@ class MoEAdapter(ABC):
     ) -> None:
         """Add left @ right[e] to every expert e (or to experts[e] when `experts` is given) in one batched op.
 
-        left [d_model, r], right [E, r, d_hidden] (or [M, r, d_hidden] with experts [M]).
+        left [d_model, r] (shared by all experts) or [M, d_model, r] (one per expert), right [E, r, d_hidden] (or
+        [M, r, d_hidden] with experts [M]).
         """
         left, right = left.float(), right.float()
-        equation = "dr,erh->ehd" if self.is_transposed else "dr,erh->edh"
+        shared = "dr" if left.dim() == 2 else "edr"
+        equation = f"{shared},erh->ehd" if self.is_transposed else f"{shared},erh->edh"
         delta = torch.einsum(equation, left, right)  # the parameter's layout, float32
         self._add_to_down_param(block, delta, experts)
 

@@ -24,6 +24,7 @@ import yaml
 
 from .lookup import FACT_TOKENS
 from .nullspace import FALLBACKS, RULES
+from .solvers import SOLVERS
 from .tucker import WHITENINGS
 
 
@@ -45,13 +46,14 @@ def _host_base() -> type:
 
 _Base = _host_base()
 
-SPREADS = ("core", "residual")
+SPREADS = ("core", "residual", "layerwise")
 # "1e-5" / "-2.5E+3": YAML 1.1 (PyYAML) reads scientific notation without a dot as a string.
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 _FLOAT_FIELDS = (
     "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mote_lambda", "eps_whitening", "nullspace_threshold",
+    "lambda_growth",
 )  # fmt: skip
 
 
@@ -95,7 +97,11 @@ class MoTEHyperParams(_Base):
     nullspace_fallback: str = "freeze"  # freeze (never edit) | identity (edit unprotected)
     preservation_tokens: int = 20000  # corpus tokens behind the preservation statistics
     preservation_corpus: str | None = None  # None = shipped text; a text file path; or a `datasets` name/path
-    spread: str = "core"  # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture)
+    spread: str = "core"  # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture) | layerwise (MoEEdit)
+    solver: str = "mote"  # mote (Tucker core) | global (unstructured Woodbury) | bcd (MoEEdit's block-coordinate descent)
+    bcd_passes: int = 4  # bcd: sweeps over the experts
+    bcd_seed: int = 42  # bcd: seed of the random expert order
+    lambda_growth: float = 0.0  # lambda * (1 + lambda_growth * edits so far); MoEEdit's sequential runs use 1e-3
     stats_dir: str = "./.cache/mote-stats"  # cache of the preservation statistics
     batch_size: int = 1  # EasyEdit batch_edit chunk size (edit() requires 1)
     sequential_memory: bool = False  # keep earlier edits' keys in the solve across sequential batches
@@ -134,6 +140,9 @@ class MoTEHyperParams(_Base):
         need(self.fact_token in FACT_TOKENS, f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         need(self.whitening in WHITENINGS, f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
         need(self.spread in SPREADS, f"spread must be one of {SPREADS}, got {self.spread!r}")
+        need(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        need(not (self.sequential_memory and self.solver != "mote"),
+             f"sequential_memory needs solver 'mote' (the {self.solver!r} solver keeps no memory of past edits)")
         need(self.nullspace_rule in RULES, f"nullspace_rule must be one of {RULES}, got {self.nullspace_rule!r}")
         need(self.nullspace_fallback in FALLBACKS, f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
         for name in ("r_e", "r_out", "r_in"):
@@ -143,15 +152,15 @@ class MoTEHyperParams(_Base):
         for name in ("mote_lambda", "v_lr", "clamp_norm_factor", "nullspace_threshold"):
             v = getattr(self, name)
             need(_is_number(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
-        for name in ("eps_whitening", "v_weight_decay", "kl_factor"):
+        for name in ("eps_whitening", "v_weight_decay", "kl_factor", "lambda_growth"):
             v = getattr(self, name)
             need(_is_number(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
         if self.nullspace_rule == "relative" and _is_number(self.nullspace_threshold):
             need(self.nullspace_threshold <= 1, f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
-        for name in ("preservation_tokens", "batch_size", "max_length"):
+        for name in ("preservation_tokens", "batch_size", "max_length", "bcd_passes"):
             v = getattr(self, name)
             need(_is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
-        for name in ("v_num_grad_steps", "hooi_sweeps", "nullspace_min_tokens"):
+        for name in ("v_num_grad_steps", "hooi_sweeps", "nullspace_min_tokens", "bcd_seed"):
             v = getattr(self, name)
             need(_is_int(v) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
         need(_is_int(self.v_loss_layer), f"v_loss_layer must be an int (-1 = last layer), got {self.v_loss_layer!r}")

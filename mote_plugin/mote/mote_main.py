@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from .hparams import MoTEHyperParams
 from .lookup import encode_with_lookup
 from .nullspace import nullspace_projectors
 from .requests import normalise_requests
-from .solve import lowrank_update, project_keys, solve_core, uint_p, update_memory
+from .solve import uint_p
+from .solvers import solve_layer
 from .stats import preservation_stats
 from .tucker import TuckerFactors, tucker_factors
 
@@ -43,8 +45,8 @@ class LayerBasis:
     """What the solve needs of one layer, fixed for a model: projectors, factors, U_in^T P_j."""
 
     P: torch.Tensor  # [E, h, h] null-space projectors (identity when the null space is off)
-    factors: TuckerFactors  # U_e [E, r_e], U_out [d, r_out], U_in [h, r_in]
-    UinT_P: torch.Tensor  # [E, r_in, h]
+    factors: TuckerFactors | None  # U_e [E, r_e], U_out [d, r_out], U_in [h, r_in] (None: solver without factors)
+    UinT_P: torch.Tensor | None  # [E, r_in, h]
 
 
 @dataclass
@@ -55,6 +57,8 @@ class EditorState:
     memory: dict = field(default_factory=dict)  # layer -> [r_e*r_in, r_e*r_in] sum of past phi phi^T
     context_templates: list[str] | None = None
     timings: list[dict] = field(default_factory=list)  # seconds per stage, one dict per successful call
+    edits: int = 0  # requests edited so far (lambda growth)
+    last_writes: list = field(default_factory=list)  # (layer, ExpertUpdate) written by the last successful call
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, EditorState]" = weakref.WeakKeyDictionary()
@@ -80,7 +84,7 @@ def reset_state(model) -> None:
 
 
 def _basis_key(layer: int, hp: MoTEHyperParams) -> tuple:
-    return (layer, hp.r_e, hp.r_out, hp.r_in, hp.whitening, hp.eps_whitening, hp.hooi_sweeps, hp.nullspace,
+    return (layer, hp.solver == "mote", hp.r_e, hp.r_out, hp.r_in, hp.whitening, hp.eps_whitening, hp.hooi_sweeps, hp.nullspace,
             hp.nullspace_rule, hp.nullspace_threshold, hp.nullspace_min_tokens, hp.nullspace_fallback,
             hp.preservation_corpus, hp.preservation_tokens)
 
@@ -100,9 +104,12 @@ def layer_bases(model, tok, adapter, blocks: dict, hp: MoTEHyperParams) -> dict[
                                          min_tokens=hp.nullspace_min_tokens, fallback=hp.nullspace_fallback)  # [E, h, h]
             else:
                 P = torch.eye(W.shape[2]).expand(W.shape[0], -1, -1).clone()
+            P = P.to(W.device)
+            if hp.solver != "mote":  # the unstructured solvers need only the projectors
+                state.bases[_basis_key(l, hp)] = LayerBasis(P=P, factors=None, UinT_P=None)
+                continue
             factors = tucker_factors(W, (hp.r_e, hp.r_out, hp.r_in), whitening=hp.whitening, cov_in=s.cov_in,
                                      cov_out=s.cov_out, eps=hp.eps_whitening, hooi_sweeps=hp.hooi_sweeps)
-            P = P.to(W.device)
             factors = TuckerFactors(*(u.to(W.device) for u in factors))
             state.bases[_basis_key(l, hp)] = LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P))
     return {l: state.bases[_basis_key(l, hp)] for l in blocks}
@@ -184,35 +191,44 @@ def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: Editor
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _solve_and_write(model, tok, adapter, blocks, bases, requests, residual_fn, hp, state, timings) -> None:
+def _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state, timings, writes) -> None:
+    """Solve and write every edited layer with the configured spread (module docstring, step 4)."""
     L = max(hp.layers)
     layers = sorted(hp.layers)
-    solve_layers = [L] if hp.spread == "core" else layers
-    for l in solve_layers:
+    lam = hp.mote_lambda * (1.0 + hp.lambda_growth * state.edits)  # MoEEdit's lambda growth in sequential runs
+
+    def residual_at(layer: int) -> torch.Tensor:  # [T, d] z minus the output of `layer` at the lookup tokens
+        t = time.time()
+        h = layer_outputs(model, tok, requests, hp.layer_module_tmp.format(layer), hp.fact_token, hp.max_length)
+        timings["capture"] += time.time() - t
+        return z - h
+
+    for i, l in enumerate([L] if hp.spread == "core" else layers):
         t = time.time()
         cap = capture(model, tok, adapter, requests, [l], hp.fact_token, max_length=hp.max_length)[l]
         timings["capture"] += time.time() - t
+        if hp.spread == "layerwise":  # MoEEdit: residual at the layer's own output, weight 1/sqrt(n - i)
+            R = residual_at(l) / math.sqrt(len(layers) - i)
+        else:  # core: all at L; residual: re-measured at L, this layer's share 1/(L - l + 1)
+            R = residual_at(L) * (1.0 if hp.spread == "core" else 1.0 / (L - l + 1))
         t = time.time()
-        basis = bases[l]
-        keys = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
-        share = 1.0 if hp.spread == "core" else 1.0 / (L - l + 1)
-        R = residual_fn() * share  # [T, d]
         memory = state.memory.get(l) if hp.sequential_memory else None
-        sol = solve_core(keys, cap.gates, cap.expert_idx, R, basis.factors, hp.mote_lambda, memory=memory)
+        sol, memory = solve_layer(hp.solver, l, bases[l], cap, R, lam, memory, keep_memory=hp.sequential_memory,
+                                  bcd_passes=hp.bcd_passes, bcd_seed=hp.bcd_seed)
         if hp.sequential_memory:
-            state.memory[l] = update_memory(memory, sol.Phi)
+            state.memory[l] = memory
         timings["solve"] += time.time() - t
         t = time.time()
         for target in (layers if hp.spread == "core" else [l]):
-            b = bases[target]
-            scale = 1.0 / (L - target + 1) if hp.spread == "core" else 1.0
-            left, right = lowrank_update(sol, b.factors, b.P, scale=scale, UinT_P=b.UinT_P)  # [d, r], [E, r, h]
-            adapter.add_lowrank(blocks[target], left, right)
+            update = sol.update(bases[target], target, 1.0 / (L - target + 1) if hp.spread == "core" else 1.0)
+            update.write(adapter, blocks[target])
+            writes.append((target, update))
         timings["writeback"] += time.time() - t
 
 
-def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, progress: bool = True) -> dict:
-    """Edit `model` in place (no restore on failure: `apply_mote_to_model` does that). Returns timings."""
+def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, writes: list, progress: bool = True) -> dict:
+    """Edit `model` in place (no restore on failure: `apply_mote_to_model` does that). Returns timings; every
+    update written is appended to `writes` as (layer, ExpertUpdate), in order."""
     adapter = get_adapter(model)
     blocks = moe_blocks(model, adapter, hp.layers)
     state = editor_state(model)
@@ -223,15 +239,7 @@ def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, progress
     t = time.time()
     z = targets(model, tok, requests, hp, state, progress)  # [T, d]
     timings["vstar"] = time.time() - t
-    L_module = hp.layer_module_tmp.format(max(hp.layers))
-
-    def residual():
-        t = time.time()
-        h = layer_outputs(model, tok, requests, L_module, hp.fact_token, hp.max_length)  # [T, d]
-        timings["capture"] += time.time() - t
-        return z - h
-
-    _solve_and_write(model, tok, adapter, blocks, bases, requests, residual, hp, state, timings)
+    _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state, timings, writes)
     return timings
 
 
@@ -264,7 +272,8 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     try:
         tok.padding_side = "right"
         _usable_pad_token(model, tok)
-        timings = execute_mote(model, tok, requests, hparams)
+        writes = []
+        timings = execute_mote(model, tok, requests, hparams, writes)
     except BaseException:
         with torch.no_grad():
             for n, p in params.items():
@@ -278,6 +287,8 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
             tok.pad_token = pad_token
     timings["edits"] = len(requests)
     state.timings.append(timings)
+    state.edits += len(requests)
+    state.last_writes = writes
     log.info("MoTE: %d edits, %s", len(requests), ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "edits"))
     return model, (originals if return_orig_weights else {})
 

@@ -1,0 +1,126 @@
+"""Baseline solvers on the same (null-space-projected) keys as MoTE (method.md section 2).
+
+The unstructured editing objective at one layer, with v_tj = g_tj k~_tj the gated projected key of edit t at
+expert j and R [T, d] the residuals (target minus current output):
+
+    min_{Delta_j}  sum_t || r_t - sum_j Delta_j v_tj ||^2 + lam sum_j ||Delta_j||_F^2
+
+* `global_solve`: the exact minimiser by the push-through identity, with psi_t = [v_t1; ...; v_tE] in R^{E h}:
+  Delta = R^T (Psi Psi^T + lam I_T)^{-1} Psi  -- a T x T solve. Expert j's block is alpha[S_j]^T V_j, with
+  alpha = (Psi Psi^T + lam I)^{-1} R [T, d], S_j the edits routed to j and V_j [n_j, h] their v_tj: only the
+  routed experts change, each by a rank-n_j update ("sparse global").
+* `bcd_solve`: MoEEdit's randomized block-coordinate descent over experts (Gu et al. 2026): each block is the
+  exact ridge solve for one expert with the others fixed, `passes` sweeps in a seeded random order. Computed in
+  the push-through form, per-expert systems of size n_j (edits routed to j) instead of h; the iterates are
+  MoEEdit's (tested against `bcd_published`, the h x h form as published, kept for tests and speed comparisons).
+
+Pure tensor functions; solves in float64, updates returned as `ExpertUpdate` (float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .solve import _spd_solve
+from .update import ExpertUpdate
+
+
+def expert_groups(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Edits grouped by routed expert: [(j, rows [n_j] long, V_j [n_j, h] float64 with V_j[i] = g k~ of edit rows[i])].
+
+    keys: `[T, K, h]` (projected), gates: `[T, K]`, expert_idx: `[T, K]`. Experts in increasing order.
+    """
+    T, K, h = keys.shape
+    V = (gates.to(torch.float64).unsqueeze(-1) * keys.to(torch.float64)).reshape(T * K, h)  # [T*K, h]
+    flat_idx = expert_idx.reshape(T * K).to(keys.device)  # [T*K]
+    rows = torch.arange(T, device=keys.device).repeat_interleave(K)  # [T*K]
+    groups = []
+    for j in flat_idx.unique().tolist():
+        sel = flat_idx == j
+        groups.append((j, rows[sel], V[sel]))
+    return groups
+
+
+def _update(groups, coefficients: dict[int, torch.Tensor]) -> ExpertUpdate:
+    """Delta_j = coefficients[j]^T V_j for each group -> ExpertUpdate (left_j [d, n_j], right_j = V_j [n_j, h])."""
+    return ExpertUpdate.from_groups([(j, coefficients[j].T.float(), V.float()) for j, _, V in groups])
+
+
+def global_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,
+                 lam: float) -> ExpertUpdate:
+    """The exact ridge minimiser over all experts (Woodbury, T x T). residuals `[T, d]` -> ExpertUpdate."""
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    T = keys.shape[0]
+    groups = expert_groups(keys, gates, expert_idx)
+    gram = torch.zeros(T, T, dtype=torch.float64, device=keys.device)  # Psi Psi^T [T, T]
+    for _, rows, V in groups:
+        gram.index_put_((rows[:, None], rows[None, :]), V @ V.T, accumulate=True)
+    gram += lam * torch.eye(T, dtype=torch.float64, device=keys.device)
+    alpha = _spd_solve(gram, residuals.to(torch.float64))  # [T, d]
+    return _update(groups, {j: alpha[rows] for j, rows, _ in groups})
+
+
+def _sweep_order(num_experts: int, passes: int, seed: int) -> list[int]:
+    """MoEEdit's order: a fresh random permutation of all experts per pass, from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return [int(j) for _ in range(passes) for j in torch.randperm(num_experts, generator=gen)]
+
+
+def bcd_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor, lam: float,
+              num_experts: int, passes: int = 4, seed: int = 42) -> ExpertUpdate:
+    """MoEEdit's block-coordinate descent, per-expert solves of size n_j. residuals `[T, d]` -> ExpertUpdate.
+
+    Block j, the others fixed:  A_j = (V_j V_j^T + lam I)^{-1} (R[S_j] - (Y[S_j] - Y_j)),  Delta_j = A_j^T V_j,
+    where Y [T, d] is the current prediction sum_j Delta_j v_tj and Y_j = V_j V_j^T A_j expert j's share of it.
+    """
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    R = residuals.to(torch.float64)  # [T, d]
+    groups = {j: (rows, V) for j, rows, V in expert_groups(keys, gates, expert_idx)}
+    grams = {j: V @ V.T for j, (_, V) in groups.items()}  # [n_j, n_j]
+    Y = torch.zeros_like(R)  # [T, d]
+    share = {j: R.new_zeros(len(rows), R.shape[1]) for j, (rows, _) in groups.items()}  # Y_j [n_j, d]
+    A = {j: R.new_zeros(len(rows), R.shape[1]) for j, (rows, _) in groups.items()}  # [n_j, d]
+    for j in _sweep_order(num_experts, passes, seed):
+        if j not in groups:
+            continue
+        rows, _ = groups[j]
+        eye = torch.eye(len(rows), dtype=R.dtype, device=R.device)
+        A[j] = _spd_solve(grams[j] + lam * eye, R[rows] - (Y[rows] - share[j]))  # [n_j, d]
+        new_share = grams[j] @ A[j]  # [n_j, d]
+        Y.index_add_(0, rows, new_share - share[j])
+        share[j] = new_share
+    return _update([(j, rows, V) for j, (rows, V) in groups.items()], A)
+
+
+def bcd_published(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,
+                  lam: float, num_experts: int, passes: int = 4, seed: int = 42) -> torch.Tensor:
+    """MoEEdit's BCD in the form it was published (reference for tests and speed comparisons only).
+
+    Dense [T, E, h] gated keys, and per block: the other experts' contributions recomputed over all T edits
+    (O(E T d h) per block), an h x h system inverted. Returns the dense Delta `[E, d, h]` (float64).
+    """
+    T, K, h = keys.shape
+    d = residuals.shape[1]
+    R = residuals.to(torch.float64)  # [T, d]
+    dense_gates = torch.zeros(T, num_experts, dtype=torch.float64).scatter_(1, expert_idx, gates.to(torch.float64))  # [T, E]
+    values = torch.zeros(T, num_experts, h, dtype=torch.float64)  # [T, E, h]
+    values[torch.arange(T)[:, None], expert_idx] = keys.to(torch.float64)
+    deltas = torch.zeros(num_experts, d, h, dtype=torch.float64)  # [E, d, h]
+    eye = torch.eye(h, dtype=torch.float64)
+    for j in _sweep_order(num_experts, passes, seed):
+        active = dense_gates[:, j] > 0  # [T]
+        if not active.any():
+            continue
+        S = R.clone()  # [T, d] what expert j must still explain
+        for other in range(num_experts):
+            if other != j:
+                S -= dense_gates[:, other : other + 1] * (values[:, other] @ deltas[other].T)
+        g, v = dense_gates[active, j], values[active, j]  # [n_j], [n_j, h]
+        B = S[active].T @ (g[:, None] * v)  # [d, h]
+        M = v.T @ ((g**2)[:, None] * v) + lam * eye  # [h, h]
+        deltas[j] = B @ torch.linalg.inv(M)
+    return deltas

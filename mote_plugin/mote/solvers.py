@@ -1,0 +1,57 @@
+"""The per-layer solvers an edit can use (YAML `solver:`), behind one interface.
+
+    mote    the Tucker core, Woodbury on the smaller side (solve.py; the default)
+    global  the unstructured ridge over all experts, T x T Woodbury, routed experts only (baselines.py)
+    bcd     MoEEdit's block-coordinate descent over experts (baselines.py)
+
+`solve_layer` turns the keys captured at one layer into a `LayerSolution`; `LayerSolution.update(basis, scale)`
+gives the `ExpertUpdate` to write into a layer with that basis: the solve layer itself or, in the `core` spread,
+another layer (MoTE writes its core G with that layer's Tucker factors and projectors; the unstructured solvers
+write their expert-space update through that layer's projectors, Delta_j P_j).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .baselines import bcd_solve, global_solve
+from .solve import CoreSolution, lowrank_update, project_keys, solve_core, update_memory
+from .update import ExpertUpdate
+
+SOLVERS = ("mote", "global", "bcd")
+
+
+@dataclass
+class LayerSolution:
+    core: CoreSolution | None = None  # solver "mote"
+    expert_update: ExpertUpdate | None = None  # solvers "global" / "bcd": the update at the solve layer
+    solve_layer: int | None = None
+
+    def update(self, basis, layer: int, scale: float) -> ExpertUpdate:
+        """The update for `layer` (whose LayerBasis is `basis`), multiplied by `scale`."""
+        if self.core is not None:
+            left, right = lowrank_update(self.core, basis.factors, basis.P, scale=scale, UinT_P=basis.UinT_P)
+            return ExpertUpdate(left=left, right=right)
+        update = self.expert_update if layer == self.solve_layer else self.expert_update.projected(basis.P)
+        return update.scaled(scale)
+
+
+def solve_layer(solver: str, layer: int, basis, cap, residuals: torch.Tensor, lam: float, memory: torch.Tensor | None = None,
+                keep_memory: bool = False, bcd_passes: int = 4, bcd_seed: int = 42) -> tuple[LayerSolution, torch.Tensor | None]:
+    """Solve one layer. cap: the layer's LayerCapture (keys [T, K, h], gates, expert_idx); residuals [T, d].
+
+    Returns the solution and, when `keep_memory`, the sequential memory with this batch added (solver "mote" only).
+    """
+    keys = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
+    if solver == "mote":
+        core = solve_core(keys, cap.gates, cap.expert_idx, residuals, basis.factors, lam, memory=memory)
+        return LayerSolution(core=core, solve_layer=layer), update_memory(memory, core.Phi) if keep_memory else None
+    if solver == "global":
+        update = global_solve(keys, cap.gates, cap.expert_idx, residuals, lam)
+    elif solver == "bcd":
+        update = bcd_solve(keys, cap.gates, cap.expert_idx, residuals, lam, cap.num_experts, passes=bcd_passes, seed=bcd_seed)
+    else:
+        raise ValueError(f"unknown solver {solver!r}; one of {SOLVERS}")
+    return LayerSolution(expert_update=update, solve_layer=layer), None

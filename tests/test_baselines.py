@@ -1,0 +1,102 @@
+"""The baseline solvers (global ridge, MoEEdit's BCD) against their definitions, and through the editor."""
+
+import pytest
+import torch
+
+from mote_plugin.mote.baselines import bcd_published, bcd_solve, expert_groups, global_solve
+from mote_plugin.mote.hparams import MoTEHyperParams
+from mote_plugin.mote.update import ExpertUpdate
+
+
+def problem(T=7, E=5, K=2, d=6, h=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(T, K, h, generator=gen, dtype=torch.float64)
+    scores = torch.rand(T, E, generator=gen)
+    idx = scores.topk(K, dim=1).indices  # [T, K], distinct experts per edit
+    gates = torch.softmax(torch.randn(T, K, generator=gen, dtype=torch.float64), dim=1)
+    R = torch.randn(T, d, generator=gen, dtype=torch.float64)
+    return keys, gates, idx, R, E
+
+
+def dense_psi(keys, gates, idx, E):
+    """Psi [T, E*h]: psi_t = [g_t1 k_t1; ...; g_tE k_tE] (zero blocks outside the top-k)."""
+    T, K, h = keys.shape
+    psi = torch.zeros(T, E, h, dtype=torch.float64)
+    psi[torch.arange(T)[:, None], idx] = gates[..., None] * keys
+    return psi.reshape(T, E * h)
+
+
+def objective(delta, keys, gates, idx, R, lam):
+    """sum_t ||r_t - sum_j g_tj Delta_j k_tj||^2 + lam ||Delta||^2, delta [E, d, h]."""
+    pred = torch.einsum("tk,tkdh,tkh->td", gates, delta[idx], keys)
+    return float(((R - pred) ** 2).sum() + lam * (delta**2).sum())
+
+
+def test_global_solve_is_the_primal_ridge_minimiser():
+    keys, gates, idx, R, E = problem()
+    lam = 0.3
+    psi = dense_psi(keys, gates, idx, E)  # [T, E*h]
+    primal = torch.linalg.solve(psi.T @ psi + lam * torch.eye(psi.shape[1], dtype=torch.float64), psi.T @ R).T  # [d, E*h]
+    expected = primal.reshape(R.shape[1], E, -1).permute(1, 0, 2)  # [E, d, h]
+    update = global_solve(keys, gates, idx, R, lam)
+    torch.testing.assert_close(update.dense(E).double(), expected, rtol=1e-5, atol=1e-6)
+    # only routed experts are touched
+    assert set(update.experts.tolist()) == set(idx.unique().tolist())
+
+
+def test_bcd_iterates_are_moeedits():
+    keys, gates, idx, R, E = problem(T=9, E=6)
+    for passes in (1, 2, 3):
+        ours = bcd_solve(keys, gates, idx, R, 0.2, E, passes=passes, seed=42).dense(E).double()
+        published = bcd_published(keys, gates, idx, R, 0.2, E, passes=passes, seed=42)
+        torch.testing.assert_close(ours, published, rtol=1e-5, atol=1e-6)
+
+
+def test_bcd_descends_to_the_global_optimum():
+    keys, gates, idx, R, E = problem()
+    lam = 0.5
+    optimum = global_solve(keys, gates, idx, R, lam).dense(E).double()
+    values = [objective(bcd_solve(keys, gates, idx, R, lam, E, passes=p).dense(E).double(), keys, gates, idx, R, lam)
+              for p in (1, 2, 4, 8, 200)]
+    assert all(b <= a + 1e-9 for a, b in zip(values, values[1:])), values  # exact block minimisation never ascends
+    assert values[-1] == pytest.approx(objective(optimum, keys, gates, idx, R, lam), rel=1e-6)
+
+
+def test_expert_groups_cover_every_selection_once():
+    keys, gates, idx, _, _ = problem()
+    groups = expert_groups(keys, gates, idx)
+    assert sum(len(rows) for _, rows, _ in groups) == idx.numel()
+    for j, rows, V in groups:
+        slot = (idx[rows] == j).nonzero()[:, 1]
+        torch.testing.assert_close(V, gates[rows, slot, None] * keys[rows, slot])
+
+
+def test_expert_update_projection_and_padding():
+    gen = torch.Generator().manual_seed(1)
+    d, h, E = 5, 4, 3
+    groups = [(0, torch.randn(d, 1, generator=gen), torch.randn(1, h, generator=gen)),
+              (2, torch.randn(d, 3, generator=gen), torch.randn(3, h, generator=gen))]
+    update = ExpertUpdate.from_groups(groups)
+    dense = update.dense(E)
+    torch.testing.assert_close(dense[0], groups[0][1] @ groups[0][2])
+    torch.testing.assert_close(dense[2], groups[1][1] @ groups[1][2])
+    assert torch.equal(dense[1], torch.zeros(d, h))
+    q = torch.linalg.qr(torch.randn(h, 2, generator=gen)).Q
+    P = (q @ q.T).expand(E, h, h)
+    torch.testing.assert_close(update.projected(P).dense(E), dense @ P[0])
+    with pytest.raises(ValueError, match="at least one expert"):
+        ExpertUpdate.from_groups([])
+
+
+def test_bad_solver_settings_are_refused():
+    base = dict(alg_name="MoTE", model_name="m", layers=[1], device="cpu")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        MoTEHyperParams(**base, solver="adam")
+    with pytest.raises(ValueError, match="sequential_memory needs solver 'mote'"):
+        MoTEHyperParams(**base, solver="bcd", sequential_memory=True)
+    with pytest.raises(ValueError, match="bcd_passes"):
+        MoTEHyperParams(**base, solver="bcd", bcd_passes=0)
+    with pytest.raises(ValueError, match="lambda_growth"):
+        MoTEHyperParams(**base, lambda_growth=-1)
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        global_solve(*problem()[:4], 0.0)
