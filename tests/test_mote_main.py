@@ -249,3 +249,34 @@ def test_lambda_grows_with_edits_when_asked(tok, tmp_path, monkeypatch):
     apply_mote_to_model(model, tok, REQUESTS[:2], hp)
     apply_mote_to_model(model, tok, REQUESTS[2:], hp)
     assert seen == [0.5, pytest.approx(0.5 * (1 + 2e-3))]
+
+
+def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypatch):
+    calls = []
+    real = mote_main.compute_z
+    monkeypatch.setattr(mote_main, "compute_z", lambda *a, **k: calls.append(a[2]["subject"]) or real(*a, **k))
+    monkeypatch.setattr(mote_main.host, "compute_z_fn", lambda: None)  # the plugin's own v*, host or not
+    hp = hparams(tmp_path, layers=[1], vstar_cache_dir=str(tmp_path / "vstar"))
+    first = tiny_model(tok)
+    apply_mote_to_model(first, tok, REQUESTS, hp)
+    assert len(calls) == len(REQUESTS) and len(list((tmp_path / "vstar").glob("vstar-*.safetensors"))) == len(REQUESTS)
+    second = tiny_model(tok)  # same weights: every target comes from the cache, same edit
+    apply_mote_to_model(second, tok, REQUESTS, hp)
+    assert len(calls) == len(REQUESTS)
+    assert same(second, first.state_dict())
+    apply_mote_to_model(second, tok, REQUESTS[:1], hp)  # edited weights: recomputed
+    assert len(calls) == len(REQUESTS) + 1
+
+
+def test_precomputed_targets_are_used_as_given(tok, tmp_path, monkeypatch):
+    model = tiny_model(tok)
+    hp = hparams(tmp_path, layers=[1])
+    reqs = normalise_requests(REQUESTS)
+    z = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)  # [T, d]
+    given = {mote_main.request_key(r): z[i] for i, r in enumerate(reqs)}
+    monkeypatch.setattr(mote_main, "compute_z", lambda *a, **k: pytest.fail("v* recomputed"))
+    monkeypatch.setattr(mote_main.host, "compute_z_fn", lambda: None)
+    reference = tiny_model(tok)
+    apply_mote_to_model(model, tok, reqs, hp, precomputed_targets=given)
+    apply_mote_to_model(reference, tok, reqs, hp, precomputed_targets=given)
+    assert same(model, reference.state_dict())

@@ -12,9 +12,13 @@ importable (with a host, the host's compute_z is used instead), and by the fact 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..metrics import target_token_ids
 from .lookup import encode_with_lookup, pad_right
@@ -120,3 +124,37 @@ def add_vector_hook(model, layer_module_tmp: str, layer: int, positions: torch.T
     """Install a hook adding `vector` at `positions` (one per row) of a layer's output; returns the remover."""
     handle = model.get_submodule(layer_module_tmp.format(layer)).register_forward_hook(_add_at(positions, vector))
     return handle.remove
+
+
+class VStarCache:
+    """v* targets on disk, one safetensors file per (model fingerprint, layer, request, v* settings, source) in
+    `cache_dir` (YAML `vstar_cache_dir`). The key is stored in the file and compared on load: an entry computed for
+    other weights (e.g. before an earlier edit) or other settings is never reused."""
+
+    def __init__(self, cache_dir: str, model, layer: int, settings: dict):
+        from .stats import model_fingerprint
+
+        self.dir = Path(cache_dir)
+        self.base = {"model": model_fingerprint(model), "layer": int(layer), "settings": settings}
+
+    def _key(self, request: dict) -> tuple[str, Path]:
+        key = json.dumps(self.base | {"request": [request["prompt"], request["subject"], request["target_new"]]}, sort_keys=True)
+        return key, self.dir / f"vstar-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def load(self, request: dict) -> torch.Tensor | None:
+        key, path = self._key(request)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") != key:
+                    return None
+                return f.get_tensor("z")
+        except Exception:
+            return None  # unreadable: recomputed and overwritten
+
+    def save(self, request: dict, z: torch.Tensor) -> None:
+        from .stats import atomic_save_file
+
+        key, path = self._key(request)
+        atomic_save_file({"z": z.detach().float().cpu().contiguous()}, path, {"key": key})

@@ -103,6 +103,7 @@ class MoTEHyperParams(_Base):
     bcd_seed: int = 42  # bcd: seed of the random expert order
     lambda_growth: float = 0.0  # lambda * (1 + lambda_growth * edits so far); MoEEdit's sequential runs use 1e-3
     stats_dir: str = "./.cache/mote-stats"  # cache of the preservation statistics
+    vstar_cache_dir: str | None = None  # cache of v* targets per (model fingerprint, layer, request); None = off
     batch_size: int = 1  # EasyEdit batch_edit chunk size (edit() requires 1)
     sequential_memory: bool = False  # keep earlier edits' keys in the solve across sequential batches
     max_length: int = 128  # token limit of prompts and of statistics windows
@@ -168,6 +169,8 @@ class MoTEHyperParams(_Base):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "stats_dir"):
             need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
+        need(self.vstar_cache_dir is None or isinstance(self.vstar_cache_dir, str),
+             f"vstar_cache_dir must be null or a string, got {self.vstar_cache_dir!r}")
         corpus = self.preservation_corpus
         need(corpus is None or isinstance(corpus, str), f"preservation_corpus must be null or a string, got {corpus!r}")
         return e

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter
 from . import host
 from .capture import capture, moe_blocks
-from .compute_z import VStarConfig, compute_z
+from .compute_z import VStarCache, VStarConfig, compute_z
 from .hparams import MoTEHyperParams
 from .lookup import encode_with_lookup
 from .nullspace import nullspace_projectors
@@ -164,22 +164,45 @@ def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_toke
 V_STAR_NLL_WARN = 0.6931  # ln 2: the optimised delta still leaves P(target token) below 1/2
 
 
-def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: EditorState, progress: bool = True) -> torch.Tensor:
-    """[T, d] v* targets z at the last edited layer, one per request."""
+def request_key(r: dict) -> tuple[str, str, str]:
+    """What identifies a request's v* target: (prompt, subject, target_new)."""
+    return r["prompt"], r["subject"], r["target_new"]
+
+
+def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: EditorState, progress: bool = True,
+            precomputed: dict | None = None) -> torch.Tensor:
+    """[T, d] v* targets z at the last edited layer, one per request.
+
+    precomputed: {request_key(r): z [d]} used as given (e.g. v* of the unedited model in benchmarks, MoEEdit's
+    protocol); the rest are read from `hp.vstar_cache_dir` when set, else computed (and then cached).
+    """
     L = max(hp.layers)
     host_compute_z = host.compute_z_fn()
     # MEMIT's context templates, generated once per model; also given to the host's compute_z (its own
     # get_context_templates keeps one list per process, from whichever model asked first)
     templates = context_templates(model, tok, state)
+    cache = None
+    if hp.vstar_cache_dir is not None:
+        settings = vars(vstar_config(hp)) | {"source": "host" if host_compute_z else "plugin", "templates": templates,
+                                             "v_loss_layer": hp.v_loss_layer}
+        cache = VStarCache(hp.vstar_cache_dir, model, L, settings)
+    precomputed = precomputed or {}
     zs, missed = [], []
     for r in tqdm(requests, desc="v* targets", disable=not progress, leave=False):
-        if host_compute_z:
-            zs.append(host_compute_z(model, tok, r, hp, L, [templates]))
-        else:
-            v = compute_z(model, tok, r, L, vstar_config(hp), templates)
-            zs.append(v.z)
-            if v.nll > V_STAR_NLL_WARN:
-                missed.append(r["subject"])
+        z = precomputed.get(request_key(r))
+        if z is None and cache is not None:
+            z = cache.load(r)
+        if z is None:
+            if host_compute_z:
+                z = host_compute_z(model, tok, r, hp, L, [templates])
+            else:
+                v = compute_z(model, tok, r, L, vstar_config(hp), templates)
+                z = v.z
+                if v.nll > V_STAR_NLL_WARN:
+                    missed.append(r["subject"])
+            if cache is not None:
+                cache.save(r, z)
+        zs.append(z)
     if missed:
         log.warning("v* at layer %d left P(target) < 1/2 for %d of %d requests (e.g. %r): the edit will be weak there; "
                     "raise v_num_grad_steps / v_lr / clamp_norm_factor or edit another layer", L, len(missed), len(requests), missed[0])
@@ -226,7 +249,8 @@ def _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state,
         timings["writeback"] += time.time() - t
 
 
-def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, writes: list, progress: bool = True) -> dict:
+def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, writes: list, progress: bool = True,
+                 precomputed: dict | None = None) -> dict:
     """Edit `model` in place (no restore on failure: `apply_mote_to_model` does that). Returns timings; every
     update written is appended to `writes` as (layer, ExpertUpdate), in order."""
     adapter = get_adapter(model)
@@ -237,7 +261,7 @@ def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, writes: 
     bases = layer_bases(model, tok, adapter, blocks, hp)
     timings["statistics"] = time.time() - t
     t = time.time()
-    z = targets(model, tok, requests, hp, state, progress)  # [T, d]
+    z = targets(model, tok, requests, hp, state, progress, precomputed)  # [T, d]
     timings["vstar"] = time.time() - t
     _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state, timings, writes)
     return timings
@@ -250,7 +274,8 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     Returns (model, weights_copy): weights_copy maps the names of the parameters MoTE changes to their
     original tensors when `return_orig_weights` (the host restores them from it), else {}. All-or-nothing:
     if anything fails, every changed parameter is restored bit-exactly before the exception propagates.
-    Unknown keyword arguments (the host passes e.g. `train_ds`) are ignored.
+    `precomputed_targets={request_key(r): z}` supplies v* targets (e.g. computed once on the unedited model, see
+    `targets`). Other keyword arguments (the host passes e.g. `train_ds`) are ignored.
     """
     if not isinstance(hparams, MoTEHyperParams):
         alg = getattr(hparams, "alg_name", type(hparams).__name__)
@@ -273,7 +298,7 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
         tok.padding_side = "right"
         _usable_pad_token(model, tok)
         writes = []
-        timings = execute_mote(model, tok, requests, hparams, writes)
+        timings = execute_mote(model, tok, requests, hparams, writes, precomputed=kwargs.get("precomputed_targets"))
     except BaseException:
         with torch.no_grad():
             for n, p in params.items():

@@ -306,18 +306,24 @@ class StatsCache:
 
     def save(self, key_parts: dict, layer: int, stats: LayerStats) -> Path:
         path = self.path(key_parts, layer)
-        self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(stats, name).contiguous().cpu() for name in self.TENSORS}
         meta = {"key": self.layer_key(key_parts, layer), "n_tokens": str(stats.n_tokens)}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_save_file(tensors, path, meta)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """safetensors `save_file` to a temporary file in the same directory, then `os.replace`: a reader never sees a
+    half-written file, and an interrupted write leaves no file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def preservation_stats(
