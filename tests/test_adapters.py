@@ -290,3 +290,29 @@ def test_registry():
     assert len({a.family for a in ADAPTERS}) == len(ADAPTERS) == 7
     with pytest.raises(TypeError):
         MoEAdapter()  # abstract
+
+
+def test_lowrank_writeback_in_chunks_equals_one_pass(family, monkeypatch):
+    """add_lowrank bounds its float32 delta by WRITE_CHUNK_BYTES; chunking must not change the result."""
+    model, adapter = family
+    block = adapter.moe_block(model, adapter.moe_layers(model)[0])
+    param = adapter.down_param(block)
+    backup = param.detach().clone()
+    E, d, h = adapter.num_experts(block), model.config.hidden_size, adapter.d_hidden(block)
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for left, right, experts in [(torch.randn(d, 2, generator=gen), torch.randn(E, 2, h, generator=gen), None),
+                                     (torch.randn(2, d, 3, generator=gen), torch.randn(2, 3, h, generator=gen), torch.tensor([3, 0]))]:
+            adapter.add_lowrank(block, left, right, experts)
+            whole = param.detach().clone()
+            with torch.no_grad():
+                param.copy_(backup)
+            monkeypatch.setattr(type(adapter), "WRITE_CHUNK_BYTES", 4 * d * h)  # one expert per chunk
+            adapter.add_lowrank(block, left, right, experts)
+            monkeypatch.undo()
+            torch.testing.assert_close(param.detach(), whole, rtol=0, atol=1e-6)
+            with torch.no_grad():
+                param.copy_(backup)
+    finally:
+        with torch.no_grad():
+            param.copy_(backup)

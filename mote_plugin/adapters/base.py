@@ -47,6 +47,8 @@ class MoEAdapter(ABC):
     mlp_attr: str = "mlp"
     # True when the packed expert weights are stored as [E, in, out] instead of [E, out, in] (GPT-OSS).
     is_transposed: bool = False
+    # Largest float32 delta built at once by `add_lowrank` (bytes).
+    WRITE_CHUNK_BYTES: int = 256 * 2**20
 
     # ------------------------------------------------------------------------------------------------------------
     # Recognition and structure
@@ -230,23 +232,31 @@ class MoEAdapter(ABC):
     def add_lowrank(
         self, block: nn.Module, left: torch.Tensor, right: torch.Tensor, experts: torch.Tensor | None = None
     ) -> None:
-        """Add left @ right[e] to every expert e (or to experts[e] when `experts` is given) in one batched op.
+        """Add left @ right[e] to every expert e (or to experts[e] when `experts` is given), chunk by chunk.
 
         left [d_model, r] (shared by all experts) or [M, d_model, r] (one per expert), right [E, r, d_hidden] (or
-        [M, r, d_hidden] with experts [M]).
+        [M, r, d_hidden] with experts [M]). The float32 delta of at most WRITE_CHUNK_BYTES is built at a time, so the
+        writeback's extra memory stays bounded whatever the number of experts.
         """
         left, right = left.float(), right.float()
-        shared = "dr" if left.dim() == 2 else "edr"
-        equation = f"{shared},erh->ehd" if self.is_transposed else f"{shared},erh->edh"
-        delta = torch.einsum(equation, left, right)  # the parameter's layout, float32
-        self._add_to_down_param(block, delta, experts)
+        shared = left.dim() == 2
+        equation = ("dr" if shared else "edr") + (",erh->ehd" if self.is_transposed else ",erh->edh")
+        n, r, d_hidden = right.shape
+        step = max(1, self.WRITE_CHUNK_BYTES // (4 * d_hidden * left.shape[-2]))
+        for start in range(0, n, step):
+            chunk = slice(start, min(start + step, n))
+            delta = torch.einsum(equation, left if shared else left[chunk], right[chunk])  # the parameter's layout
+            self._add_to_down_param(block, delta, chunk if experts is None else experts[chunk])
 
-    def _add_to_down_param(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | None) -> None:
-        """Cast delta (already in the parameter's layout) to the parameter's dtype once and add it in place."""
+    def _add_to_down_param(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | slice | None) -> None:
+        """Cast delta (already in the parameter's layout) to the parameter's dtype once and add it in place, to all
+        experts (None), a contiguous range (slice) or listed experts (long tensor)."""
         param = self.down_param(block)
         delta = delta.to(device=param.device, dtype=param.dtype)
         with torch.no_grad():
             if experts is None:
                 param.add_(delta)
+            elif isinstance(experts, slice):
+                param[experts].add_(delta)
             else:
                 param.index_add_(0, experts.to(param.device), delta)
