@@ -48,7 +48,7 @@ class MoEAdapter(ABC):
     # True when the packed expert weights are stored as [E, in, out] instead of [E, out, in] (GPT-OSS).
     is_transposed: bool = False
     # Largest float32 delta built at once by `add_lowrank` (bytes).
-    WRITE_CHUNK_BYTES: int = 256 * 2**20
+    WRITE_CHUNK_BYTES: int = 64 * 2**20
 
     # ------------------------------------------------------------------------------------------------------------
     # Recognition and structure
@@ -235,17 +235,27 @@ class MoEAdapter(ABC):
         """Add left @ right[e] to every expert e (or to experts[e] when `experts` is given), chunk by chunk.
 
         left [d_model, r] (shared by all experts) or [M, d_model, r] (one per expert), right [E, r, d_hidden] (or
-        [M, r, d_hidden] with experts [M]). The float32 delta of at most WRITE_CHUNK_BYTES is built at a time, so the
-        writeback's extra memory stays bounded whatever the number of experts.
+        [M, r, d_hidden] with experts [M]). Each chunk's delta is computed in float32 into one reused buffer of at most
+        WRITE_CHUNK_BYTES, cast into the parameter's dtype (a second reused buffer) and added in place: bounded extra
+        memory, and no fresh allocation per chunk (first-touch page faults cost more than the matmul at real shapes).
         """
-        left, right = left.float(), right.float()
-        shared = left.dim() == 2
-        equation = ("dr" if shared else "edr") + (",erh->ehd" if self.is_transposed else ",erh->edh")
-        n, r, d_hidden = right.shape
-        step = max(1, self.WRITE_CHUNK_BYTES // (4 * d_hidden * left.shape[-2]))
+        param = self.down_param(block)
+        left, right = left.to(param.device, torch.float32), right.to(param.device, torch.float32)
+        per_expert = left.shape[-2] if left.dim() == 3 else left.shape[0]  # [.., d_model, r] -> d_model
+        n, _, d_hidden = right.shape
+        step = max(1, min(n, self.WRITE_CHUNK_BYTES // (4 * d_hidden * per_expert)))
+        shape = (step, d_hidden, per_expert) if self.is_transposed else (step, per_expert, d_hidden)
+        buffer = torch.empty(shape, device=param.device)  # float32 chunk delta, the parameter's layout
+        cast = None if param.dtype == torch.float32 else torch.empty(shape, device=param.device, dtype=param.dtype)
         for start in range(0, n, step):
             chunk = slice(start, min(start + step, n))
-            delta = torch.einsum(equation, left if shared else left[chunk], right[chunk])  # the parameter's layout
+            m = chunk.stop - chunk.start
+            l, r = (left if left.dim() == 2 else left[chunk]), right[chunk]  # [(m,) d, r], [m, r, h]
+            if self.is_transposed:
+                torch.matmul(r.transpose(1, 2), l.transpose(-1, -2), out=buffer[:m])  # [m, h, d]
+            else:
+                torch.matmul(l, r, out=buffer[:m])  # [m, d, h]
+            delta = buffer[:m] if cast is None else cast[:m].copy_(buffer[:m])
             self._add_to_down_param(block, delta, chunk if experts is None else experts[chunk])
 
     def _add_to_down_param(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | slice | None) -> None:

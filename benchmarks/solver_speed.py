@@ -1,0 +1,405 @@
+"""Solve + writeback speed of MoTE and the baselines at the real MoE layer shapes (random weights, synthetic edits).
+
+    python benchmarks/solver_speed.py              # the three shapes, T = 1000 edits in batches of 50, sweeps (~15 min, 2 CPU cores)
+    python benchmarks/solver_speed.py --reduced    # Qwen3-30B-A3B only, 4 batches, no sweeps (~2 min)
+    python benchmarks/solver_speed.py --shape gpt-oss-20b --edits 200 --method mote global+speedup
+
+What is timed, per batch of T edits: the solve from captured keys/gates/residuals and the writeback into bf16
+down-projections of every edited layer, through the plugin's own code (`solve_layer`, `ExpertUpdate.write`).
+Captures, v* and the preservation statistics are not part of it (v* precomputed, as the paper's Table 2); the
+one-time cost (null-space projectors from key moments, whitened HOSVD) is timed separately, for one layer.
+
+    mote            MoTE: Tucker core at the last layer, written into every layer with that layer's basis (`core` spread)
+    global+speedup  exact ridge over all experts (sparse Woodbury, T x T) at the last layer, spread the same way
+    bcd+speedup     MoEEdit's BCD (4 sweeps, push-through form) at the last layer, spread the same way
+    global          the sparse Woodbury solve at every layer (each routed expert a rank-n_j update, others untouched)
+    bcd             MoEEdit's BCD at every layer, per-expert solves of size n_j (the same iterates as published)
+    moeedit-bcd     MoEEdit's BCD as published: h x h solve per block, other experts' outputs recomputed over all T
+                    edits per block, dense delta @ P_j written to every expert. Timed on a sample of blocks and one
+                    writeback, extrapolated to all blocks, layers and batches (all of them would take hours here)
+    floor           one in-place add of a precomputed dense bf16 delta over all experts of every layer
+
+Peak memory: the peak resident set size above the level before the method ran (sampled every 2 ms), weights and
+inputs excluded. Results: benchmarks/results/solver_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapter
+from mote_plugin.mote.baselines import bcd_published
+from mote_plugin.mote.capture import LayerCapture
+from mote_plugin.mote.mote_main import LayerBasis
+from mote_plugin.mote.nullspace import nullspace_projectors
+from mote_plugin.mote.solve import project_keys, uint_p
+from mote_plugin.mote.solvers import solve_layer
+from mote_plugin.mote.tucker import tucker_factors
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Shape:
+    E: int  # routed experts
+    d: int  # d_model
+    h: int  # expert hidden size
+    k: int  # experts per token
+    layers: int  # edited layers
+    adapter: str
+
+
+SHAPES = {
+    "qwen3-30b-a3b": Shape(E=128, d=2048, h=768, k=8, layers=5, adapter="Qwen3MoeAdapter"),
+    "gpt-oss-20b": Shape(E=32, d=2880, h=2880, k=4, layers=3, adapter="GptOssAdapter"),
+    "qwen3.6-35b-a3b": Shape(E=256, d=2048, h=512, k=8, layers=5, adapter="Qwen3_5MoeAdapter"),
+}
+ADAPTERS = {"Qwen3MoeAdapter": Qwen3MoeAdapter, "GptOssAdapter": GptOssAdapter, "Qwen3_5MoeAdapter": Qwen3_5MoeAdapter}
+METHODS = ("mote", "global+speedup", "bcd+speedup", "global", "bcd", "moeedit-bcd", "floor")
+RANKS = (16, 256, 128)  # (r_e, r_out, r_in), capped by the mode sizes
+LAMBDA = 0.1
+PASSES = 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measurement helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fixed_mmap_threshold() -> None:
+    """Make glibc serve every allocation above 128 KiB by mmap and return it on free (its default raises the threshold
+    after large frees, so a method run later would reuse memory freed by an earlier one and look lighter)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakRSS:
+    """Peak resident set size above the level at entry, sampled by a thread every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes() - self.base)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.base = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes() - self.base)
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"])
+
+
+def memory_estimate(shape: Shape, T: int) -> int:
+    """Bytes the benchmark holds at once for one shape: bf16 weights and float32 projectors of every layer, the
+    published BCD's float32 dense deltas and [T, E, h] keys, a float32 writeback chunk and the floor's bf16 delta."""
+    weights = shape.layers * shape.E * shape.d * shape.h * 2
+    projectors = shape.layers * shape.E * shape.h * shape.h * 4
+    published = shape.E * shape.d * shape.h * 4 * 2 + T * shape.E * shape.h * 4
+    floor = shape.E * shape.d * shape.h * 2
+    return weights + projectors + published + floor + 512 * 2**20
+
+
+def check_memory(shape_name: str, shape: Shape, T: int) -> None:
+    need, have = memory_estimate(shape, T), available_bytes()
+    if need > 0.9 * have:
+        raise SystemExit(f"{shape_name} with T={T} needs about {need / 2**30:.1f} GiB, only {have / 2**30:.1f} GiB available: "
+                         f"reduce --edits-per-batch or pick another --shape")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# synthetic layers and edits
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Experts(nn.Module):
+    def __init__(self, down_proj: torch.Tensor):
+        super().__init__()
+        self.down_proj = nn.Parameter(down_proj, requires_grad=False)
+
+
+class Block(nn.Module):
+    """Just enough of an MoE block for the adapters' writeback: `block.experts.down_proj` in the family's layout."""
+
+    def __init__(self, down_proj: torch.Tensor):
+        super().__init__()
+        self.experts = Experts(down_proj)
+
+
+def random_moments(shape: Shape, gen: torch.Generator, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key second moments [E, h, h] of `tokens` random keys per expert, with a decaying spectrum, and counts [E]."""
+    scale = torch.logspace(0, -3, shape.h)  # [h]
+    moments = torch.empty(shape.E, shape.h, shape.h)
+    for j in range(shape.E):
+        keys = torch.randn(tokens, shape.h, generator=gen) * scale  # [n, h]
+        moments[j] = keys.T @ keys / tokens
+    return moments, torch.full((shape.E,), tokens)
+
+
+def make_block(shape: Shape, adapter, gen: torch.Generator) -> tuple[Block, torch.Tensor]:
+    """A random layer: the block with bf16 down_proj in the family's layout, and the float32 weights [E, d, h]."""
+    W = torch.randn(shape.E, shape.d, shape.h, generator=gen) * 0.02  # [E, d, h]
+    down_proj = (W.transpose(1, 2) if adapter.is_transposed else W).to(torch.bfloat16).contiguous()
+    return Block(down_proj), W
+
+
+def make_basis(shape: Shape, W: torch.Tensor, gen: torch.Generator) -> tuple[LayerBasis, dict]:
+    """Projectors and whitened Tucker factors of one layer from random key moments, and the seconds each took."""
+    moments, counts = random_moments(shape, gen, tokens=min(2 * shape.h, 1024))
+    t = time.perf_counter()
+    P = nullspace_projectors(moments, counts, rule="relative", threshold=1e-2)  # [E, h, h]
+    one_time = {"projectors": time.perf_counter() - t}
+    cov_in = (moments * counts[:, None, None]).sum(0) / counts.sum()  # [h, h]
+    del moments
+    t = time.perf_counter()
+    factors = tucker_factors(W, RANKS, whitening="in", cov_in=cov_in, eps=1e-5)
+    one_time["hosvd_whitened"] = time.perf_counter() - t
+    return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P)), one_time
+
+
+def synthetic_capture(shape: Shape, T: int, gen: torch.Generator) -> tuple[LayerCapture, torch.Tensor]:
+    """Keys/gates/experts of T edits at one layer (top-k of random router scores) and residuals [T, d]."""
+    idx = torch.rand(T, shape.E, generator=gen).topk(shape.k, dim=1).indices  # [T, k]
+    gates = torch.softmax(torch.randn(T, shape.k, generator=gen), dim=1)  # [T, k]
+    keys = torch.randn(T, shape.k, shape.h, generator=gen)  # [T, k, h]
+    residuals = torch.randn(T, shape.d, generator=gen)  # [T, d]
+    cap = LayerCapture(x=torch.empty(0), expert_idx=idx, gates=gates, keys=keys, out=torch.empty(0), num_experts=shape.E)
+    return cap, residuals
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the methods: one batch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_batch(method: str, adapter, blocks: list[Block], bases: list[LayerBasis], batch: list[tuple],
+              split: dict | None = None) -> None:
+    """Solve and write one batch. batch[l] = (capture, residuals) of layer l; the last layer is L. `split` (optional)
+    accumulates seconds per step: solve, factors (the per-layer update factors), write (matmul, cast, add)."""
+    split = {} if split is None else split
+
+    def timed(step, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        split[step] = split.get(step, 0.0) + time.perf_counter() - t
+        return out
+
+    L = len(blocks) - 1
+    speedup = method.endswith("+speedup") or method == "mote"
+    sol = None
+    for l in range(len(blocks)):
+        if sol is None or not speedup:
+            layer = L if speedup else l
+            sol, _ = timed("solve", solve_layer, method.removesuffix("+speedup"), layer, bases[layer], *batch[layer],
+                           LAMBDA, bcd_passes=PASSES)
+        update = timed("factors", sol.update, bases[l], l, 1.0 / (L - l + 1) if speedup else 1.0)
+        timed("write", update.write, adapter, blocks[l])
+
+
+def published_batch_seconds(shape: Shape, adapter, block: Block, basis: LayerBasis, cap: LayerCapture, R: torch.Tensor,
+                            sample_blocks: int) -> dict:
+    """MoEEdit's published BCD at one layer: seconds per block (timed on `sample_blocks`), number of blocks, and the
+    writeback (dense delta @ P_j for every expert, then added), timed once."""
+    k = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
+    t = time.perf_counter()
+    deltas = bcd_published(k, cap.gates, cap.expert_idx, R, LAMBDA, shape.E, passes=PASSES, dtype=torch.float32,
+                           max_blocks=sample_blocks)  # [E, d, h]
+    per_block = (time.perf_counter() - t) / sample_blocks
+    blocks = PASSES * int(cap.expert_idx.unique().numel())
+    t = time.perf_counter()
+    param = adapter.down_param(block)
+    with torch.no_grad():
+        for j in range(shape.E):  # as published: delta_j @ P_j, cast, added expert by expert
+            update = (deltas[j] @ basis.P[j]).to(param.dtype)  # [d, h]
+            param[j].add_(update.T if adapter.is_transposed else update)
+    writeback = time.perf_counter() - t
+    return {"seconds_per_block": per_block, "blocks": blocks, "writeback": writeback,
+            "seconds": per_block * blocks + writeback}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one shape
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def bench_shape(name: str, shape: Shape, edits: int, per_batch: int, methods: list[str], sample_blocks: int, log=print) -> dict:
+    check_memory(name, shape, per_batch)
+    adapter = ADAPTERS[shape.adapter]()
+    gen = torch.Generator().manual_seed(0)
+    log(f"[{name}] building {shape.layers} random layers {asdict(shape)}")
+    blocks = []
+    for _ in range(shape.layers):
+        block, W = make_block(shape, adapter, gen)
+        blocks.append(block)
+    # the one-time basis is timed on one layer and shared by all (solve/writeback cost does not depend on its values)
+    basis, one_time = make_basis(shape, W, gen)
+    del W
+    bases = [basis] * shape.layers
+    n_batches = edits // per_batch
+    batches = [[synthetic_capture(shape, per_batch, gen) for _ in range(shape.layers)] for _ in range(n_batches)]
+    result = {"shape": asdict(shape), "edits": edits, "per_batch": per_batch, "batches": n_batches, "ranks": RANKS,
+              "one_time_per_layer": one_time, "methods": {}}
+    for method in methods:
+        if method == "moeedit-bcd":
+            with PeakRSS() as peak:
+                pub = published_batch_seconds(shape, adapter, blocks[-1], bases[-1], *batches[0][-1], sample_blocks)
+            seconds = pub["seconds"] * shape.layers * n_batches
+            result["methods"][method] = {"seconds": seconds, "peak_bytes": peak.peak, "extrapolated": pub}
+        elif method == "floor":
+            delta = torch.full_like(adapter.down_param(blocks[0]), 1e-4)  # the parameter's layout and dtype
+            with PeakRSS() as peak:
+                t = time.perf_counter()
+                with torch.no_grad():
+                    for _ in range(n_batches):
+                        for block in blocks:
+                            adapter.down_param(block).add_(delta)
+                seconds = time.perf_counter() - t
+            del delta
+            result["methods"][method] = {"seconds": seconds, "peak_bytes": peak.peak + shape.E * shape.d * shape.h * 2}
+        else:
+            split = {}
+            with PeakRSS() as peak:
+                t = time.perf_counter()
+                for batch in batches:
+                    run_batch(method, adapter, blocks, bases, batch, split)
+                seconds = time.perf_counter() - t
+            result["methods"][method] = {"seconds": seconds, "peak_bytes": peak.peak, "split": split}
+        log(f"[{name}] {method}: {result['methods'][method]['seconds']:.2f} s for {edits} edits, "
+            f"peak +{result['methods'][method]['peak_bytes'] / 2**20:.0f} MiB")
+    return result
+
+
+def growth(shape_name: str, Ts: list[int], Es: list[int], log=print) -> dict:
+    """One batch at one layer of `shape_name` for growing T, and for growing E at T = 50: mote / global / bcd."""
+    base = SHAPES[shape_name]
+    out = {"T": {}, "E": {}}
+    adapter = ADAPTERS[base.adapter]()
+    gen = torch.Generator().manual_seed(1)
+    layer = None
+    for key, values in (("T", Ts), ("E", Es)):
+        for v in values:
+            shape = Shape(**(asdict(base) | {"layers": 1} | ({"E": v} if key == "E" else {})))
+            T = v if key == "T" else 50
+            check_memory(f"{shape_name} {key}={v}", shape, T)
+            if key == "E" or layer is None:  # the T sweep shares one layer
+                block, W = make_block(shape, adapter, gen)
+                layer = (block, *make_basis(shape, W, gen))
+                del W
+            block, basis, one_time = layer
+            cap, R = synthetic_capture(shape, T, gen)
+            row = {"one_time": one_time}
+            for method in ("mote", "global", "bcd"):
+                t = time.perf_counter()
+                run_batch(method, adapter, [block], [basis], [(cap, R)])
+                row[method] = time.perf_counter() - t
+            out[key][v] = row
+            log(f"[growth {key}={v}] " + ", ".join(f"{m} {s:.2f} s" for m, s in row.items() if m != "one_time"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Solver speed at real MoE layer shapes", "",
+             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+             f"{report['threads']} threads. Random bf16 weights, synthetic keys/gates/residuals, statistics precomputed; "
+             "solve + writeback of every edited layer (v* and captures excluded). Ratios are to MoTE in the same run.", ""]
+    for name, r in report["shapes"].items():
+        s = r["shape"]
+        mote = r["methods"].get("mote", {})
+        lines += [f"## {name}: E={s['E']}, d={s['d']}, h={s['h']}, top-{s['k']}, {s['layers']} layers, "
+                  f"{r['edits']} edits in batches of {r['per_batch']}, ranks (r_e, r_out, r_in) = {tuple(r['ranks'])}", "",
+                  "| method | time (s) | time / MoTE | peak extra memory (MiB) | memory / MoTE |", "|---|---|---|---|---|"]
+        for m, v in r["methods"].items():
+            t_ratio = f"{v['seconds'] / mote['seconds']:.2f}" if mote else "-"
+            m_ratio = f"{v['peak_bytes'] / max(mote['peak_bytes'], 1):.2f}" if mote else "-"
+            note = " (extrapolated)" if "extrapolated" in v else ""
+            lines.append(f"| {m}{note} | {v['seconds']:.2f} | {t_ratio} | {v['peak_bytes'] / 2**20:.0f} | {m_ratio} |")
+        if "split" in mote:
+            lines += ["", "Where MoTE's time goes (s): " + ", ".join(f"{k} {v:.2f}" for k, v in mote["split"].items())
+                      + " (write = float32 delta matmul, cast to bf16, in-place add, chunk by chunk)"]
+        one = r["one_time_per_layer"]
+        lines += ["", "One-time cost per layer (s): " + ", ".join(f"{k} {v:.2f}" for k, v in one.items()), ""]
+        if "moeedit-bcd" in r["methods"]:
+            ex = r["methods"]["moeedit-bcd"]["extrapolated"]
+            lines += [f"moeedit-bcd per layer and batch: {ex['blocks']} blocks x {ex['seconds_per_block']:.3f} s "
+                      f"+ writeback {ex['writeback']:.2f} s = {ex['seconds']:.1f} s, x {s['layers']} layers x {r['batches']} batches.", ""]
+    if report.get("growth"):
+        g = report["growth"]
+        lines += ["## Growth (one layer, one batch; seconds)", "", "| T | mote | global | bcd |", "|---|---|---|---|"]
+        lines += [f"| {T} | {row['mote']:.2f} | {row['global']:.2f} | {row['bcd']:.2f} |" for T, row in g["T"].items()]
+        lines += ["", "| E (T = 50) | mote | global | bcd | projectors (one-time) | HOSVD (one-time) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {E} | {row['mote']:.2f} | {row['global']:.2f} | {row['bcd']:.2f} | {row['one_time']['projectors']:.2f} | "
+                  f"{row['one_time']['hosvd_whitened']:.2f} |" for E, row in g["E"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", nargs="*", choices=list(SHAPES), default=None, help="default: all three")
+    parser.add_argument("--method", nargs="*", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--edits", type=int, default=1000)
+    parser.add_argument("--edits-per-batch", type=int, default=50)
+    parser.add_argument("--sample-blocks", type=int, default=8, help="moeedit-bcd blocks actually timed per shape")
+    parser.add_argument("--reduced", action="store_true", help="Qwen3-30B-A3B only, 200 edits, no growth sweeps")
+    parser.add_argument("--no-growth", action="store_true")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=str(RESULTS / "solver_speed"))
+    args = parser.parse_args(argv)
+    if args.edits < args.edits_per_batch or args.edits_per_batch < 1:
+        parser.error("--edits must be >= --edits-per-batch >= 1")
+    shapes = args.shape or (["qwen3-30b-a3b"] if args.reduced else list(SHAPES))
+    edits = 200 if args.reduced else args.edits
+    torch.set_num_threads(args.threads)
+    fixed_mmap_threshold()
+    report = {"command": "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else ""),
+              "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": {}}
+    for name in shapes:
+        report["shapes"][name] = bench_shape(name, SHAPES[name], edits, args.edits_per_batch, args.method, args.sample_blocks)
+    if not (args.reduced or args.no_growth):
+        report["growth"] = growth("qwen3-30b-a3b", [50, 200, 1000, 2000], [32, 64, 128, 256])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
