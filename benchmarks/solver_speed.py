@@ -168,6 +168,10 @@ def random_moments(shape: Shape, gen: torch.Generator, tokens: int) -> tuple[tor
     return moments, torch.full((shape.E,), tokens)
 
 
+def ranks(shape: Shape) -> tuple[int, int, int]:
+    return tuple(min(r, n) for r, n in zip(RANKS, (shape.E, shape.d, shape.h)))
+
+
 def make_block(shape: Shape, adapter, gen: torch.Generator) -> tuple[Block, torch.Tensor]:
     """A random layer: the block with bf16 down_proj in the family's layout, and the float32 weights [E, d, h]."""
     W = torch.randn(shape.E, shape.d, shape.h, generator=gen) * 0.02  # [E, d, h]
@@ -184,7 +188,7 @@ def make_basis(shape: Shape, W: torch.Tensor, gen: torch.Generator) -> tuple[Lay
     cov_in = (moments * counts[:, None, None]).sum(0) / counts.sum()  # [h, h]
     del moments
     t = time.perf_counter()
-    factors = tucker_factors(W, RANKS, whitening="in", cov_in=cov_in, eps=1e-5)
+    factors = tucker_factors(W, ranks(shape), whitening="in", cov_in=cov_in, eps=1e-5)
     one_time["hosvd_whitened"] = time.perf_counter() - t
     return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P)), one_time
 
@@ -269,7 +273,7 @@ def bench_shape(name: str, shape: Shape, edits: int, per_batch: int, methods: li
     bases = [basis] * shape.layers
     n_batches = edits // per_batch
     batches = [[synthetic_capture(shape, per_batch, gen) for _ in range(shape.layers)] for _ in range(n_batches)]
-    result = {"shape": asdict(shape), "edits": edits, "per_batch": per_batch, "batches": n_batches, "ranks": RANKS,
+    result = {"shape": asdict(shape), "edits": edits, "per_batch": per_batch, "batches": n_batches, "ranks": ranks(shape),
               "one_time_per_layer": one_time, "methods": {}}
     for method in methods:
         if method == "moeedit-bcd":

@@ -1,0 +1,103 @@
+"""The benchmark runners on tiny inputs: bad input refused with a clear message, the pipelines produce reports."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return load("solver_speed")
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load("paper")
+
+
+TINY = dict(E=6, d=16, h=8, k=2, layers=2)
+
+
+def test_solver_speed_runs_every_method_on_a_tiny_shape(speed, monkeypatch, tmp_path):
+    monkeypatch.setattr(speed, "SHAPES", {"tiny": speed.Shape(**TINY, adapter="Qwen3MoeAdapter"),
+                                          "tiny-transposed": speed.Shape(**TINY, adapter="GptOssAdapter")})
+    monkeypatch.setattr(speed, "RANKS", (3, 8, 4))
+    speed.main(["--shape", "tiny", "tiny-transposed", "--edits", "20", "--edits-per-batch", "10", "--sample-blocks", "2",
+                "--no-growth", "--out", str(tmp_path / "speed")])
+    report = json.loads((tmp_path / "speed.json").read_text())
+    for shape in ("tiny", "tiny-transposed"):
+        methods = report["shapes"][shape]["methods"]
+        assert set(methods) == set(speed.METHODS)
+        assert all(m["seconds"] > 0 for m in methods.values())
+        assert methods["moeedit-bcd"]["extrapolated"]["blocks"] > 0
+    assert "| mote | " in (tmp_path / "speed.md").read_text()
+
+
+def test_solver_speed_refuses_what_does_not_fit(speed, monkeypatch):
+    monkeypatch.setattr(speed, "available_bytes", lambda: 2**30)
+    with pytest.raises(SystemExit, match=r"needs about [\d.]+ GiB, only 1.0 GiB available"):
+        speed.check_memory("qwen3-30b-a3b", speed.SHAPES["qwen3-30b-a3b"], 50)
+    with pytest.raises(SystemExit):
+        speed.main(["--method", "adam"])  # argparse: invalid choice
+
+
+def test_speedup_and_per_layer_batches_write_every_layer(speed):
+    """run_batch writes all layers for every method; the unstructured per-layer solvers match their own solve."""
+    shape = speed.Shape(**TINY, adapter="Qwen3MoeAdapter")
+    adapter = speed.ADAPTERS[shape.adapter]()
+    gen = torch.Generator().manual_seed(0)
+    for method in ("mote", "global+speedup", "bcd+speedup", "global", "bcd"):
+        blocks, W = zip(*[speed.make_block(shape, adapter, gen) for _ in range(shape.layers)])
+        basis, _ = speed.make_basis(shape, W[-1], gen)
+        before = [adapter.down_param(b).detach().clone() for b in blocks]
+        batch = [speed.synthetic_capture(shape, 5, gen) for _ in range(shape.layers)]
+        split = {}
+        speed.run_batch(method, adapter, list(blocks), [basis] * shape.layers, batch, split)
+        assert set(split) == {"solve", "factors", "write"}
+        assert all(not torch.equal(adapter.down_param(b), w) for b, w in zip(blocks, before)), method
+
+
+def test_paper_config_is_checked_before_any_work(paper, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("archs: [qwen3_moe]\nedits: 10\nbatch_size: 5\nmethods: {X: {}}\nwhat: 1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['what'\]"):
+        paper.load_config(bad)
+    bad.write_text("archs: [qwen3_moe]\nedits: 10\nbatch_size: 5\nmethods: {X: {solver: adam}}\n")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        paper.load_config(bad)
+    good = paper.load_config(BENCHMARKS / "configs" / "paper.yaml")
+    assert {"MoTE", "MoEEdit-BCD", "BCD+speedup", "Global+speedup", "MoTE-residual"} <= set(good["methods"])
+
+
+def test_paper_refuses_more_edits_than_known_facts(paper):
+    facts = [{"known": True}] * 3 + [{"known": False}] * 2
+    edited, preserved = paper.counterfact_records(facts, 2)
+    assert len(edited) == 2 and len(preserved) == 1
+    with pytest.raises(ValueError, match="knows only 3 facts"):
+        paper.counterfact_records(facts, 4)
+
+
+def test_bootstrap_and_routing_similarity(paper):
+    items = {"efficacy": [1.0] * 8 + [0.0] * 2, "generalization": [1.0] * 5 + [0.0] * 5, "specificity": [1.0] * 10}
+    ci = paper.bootstrap(items, 500, 0)
+    assert ci["specificity"] == [1.0, 1.0]
+    assert ci["efficacy"][0] <= 0.8 <= ci["efficacy"][1] and ci["efficacy"][1] - ci["efficacy"][0] > 0.1
+    assert ci["utility"][0] <= (0.8 + 0.5 + 1.0) / 3 <= ci["utility"][1]
+    a = torch.tensor([[0, 1], [2, 3]])
+    assert paper.jaccard(a, torch.tensor([[1, 0], [2, 4]])).tolist() == [1.0, pytest.approx(1 / 3)]
+    sim = paper.routing_similarity({0: a, 1: a, 2: a}, {0: a, 1: a, 2: torch.tensor([[4, 5], [6, 7]])})
+    assert sim["windows"] == {"early": 1.0, "middle": 1.0, "late": 0.0}
