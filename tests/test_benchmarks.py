@@ -101,3 +101,21 @@ def test_bootstrap_and_routing_similarity(paper):
     assert paper.jaccard(a, torch.tensor([[1, 0], [2, 4]])).tolist() == [1.0, pytest.approx(1 / 3)]
     sim = paper.routing_similarity({0: a, 1: a, 2: a}, {0: a, 1: a, 2: torch.tensor([[4, 5], [6, 7]])})
     assert sim["windows"] == {"early": 1.0, "middle": 1.0, "late": 0.0}
+
+
+def test_sequential_records(tmp_path):
+    seq = load("sequential")
+    facts = [{"subject": f"S{i}", "known": True, "prompt": f"S{i} is"} for i in range(120)]
+    pool = [{"subject": f"T{i}", "prompt": f"T{i} plays", "target_new": "x"} for i in range(30)]
+    pool.append({"subject": "S1", "prompt": "S1 again", "target_new": "x"})  # a known subject: not an extra edit
+    pool.append({"subject": "Z", "prompt": "nothing of it", "target_new": "x"})  # subject not in the prompt: skipped
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(pool))
+    records, kept = seq.edit_records(facts, path, 40, 10)
+    assert [r["subject"] for r in records[:10]] == [f"S{i}" for i in range(10)]
+    assert [r["subject"] for r in records[10:]] == [f"T{i}" for i in range(30)]
+    assert len(kept) == 100 and kept[0]["subject"] == "S10"
+    with pytest.raises(ValueError, match="30 usable records"):
+        seq.edit_records(facts, path, 41, 10)
+    with pytest.raises(ValueError, match="knows 120 facts"):
+        seq.edit_records(facts, path, 40, 21)
