@@ -28,6 +28,7 @@ from ..adapters import get_adapter
 from . import host
 from .capture import capture, moe_blocks
 from .compute_z import VStarCache, VStarConfig, compute_z
+from .history import EditHistory, record_call
 from .hparams import MoTEHyperParams
 from .lookup import encode_with_lookup
 from .nullspace import nullspace_projectors
@@ -59,6 +60,8 @@ class EditorState:
     timings: list[dict] = field(default_factory=list)  # seconds per stage, one dict per successful call
     edits: int = 0  # requests edited so far (lambda growth)
     last_writes: list = field(default_factory=list)  # (layer, ExpertUpdate) written by the last successful call
+    history: EditHistory = field(default_factory=EditHistory)  # successful calls, for edit patches (`save_edit`)
+    record_history: bool = True  # False: keep no history (e.g. long benchmark runs); `save_edit` then has nothing
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, EditorState]" = weakref.WeakKeyDictionary()
@@ -299,6 +302,8 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
         _usable_pad_token(model, tok)
         writes = []
         timings = execute_mote(model, tok, requests, hparams, writes, precomputed=kwargs.get("precomputed_targets"))
+        if state.record_history:
+            record_call(state.history, model, requests, hparams.to_dict(), writes, originals)
     except BaseException:
         with torch.no_grad():
             for n, p in params.items():

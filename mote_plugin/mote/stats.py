@@ -222,9 +222,14 @@ def model_fingerprint(model: nn.Module, sample: int = 1024) -> str:
     Cheap (one reduction per tensor, no full copy to the CPU) and sensitive to any edit that changes a tensor's sum
     or its ends, e.g. an in-place update of one expert; an edit preserving a tensor's sum exactly goes unseen.
     """
+    return tensors_fingerprint(model.state_dict().items(), sample)
+
+
+def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
+    """`model_fingerprint` of (name, tensor) pairs, in the order given (e.g. a state dict with some entries replaced)."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in named_tensors:
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
             flat = t.detach().reshape(-1)
             ends = torch.cat([flat[:sample], flat[-sample:]]).to("cpu", torch.float64)
