@@ -13,6 +13,10 @@ _LAZY = {
     "apply_mote_to_model": "mote_plugin.mote.mote_main",
     "last_timings": "mote_plugin.mote.mote_main",
     "register": "mote_plugin.easyedit",
+    "save_edit": "mote_plugin.patch",
+    "apply_edit": "mote_plugin.patch",
+    "revert_edit": "mote_plugin.patch",
+    "inspect_edit": "mote_plugin.patch",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,206 @@
+"""`mote`: edit a local Hugging Face MoE model with MoTE and move the edit around as a patch (docs/patches.md).
+
+    mote edit    --hparams H.yaml --requests R.json --model DIR --out PATCH [--save-model DIR]
+    mote apply   --model DIR --patch PATCH --out DIR [--approximate]
+    mote revert  --model DIR --patch PATCH --out DIR [--approximate]
+    mote inspect PATCH [--json]
+
+Bad input (a missing file, a patch for another model, a damaged patch) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+class CLIError(Exception):
+    """Bad input found by the CLI itself (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model directories
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _model_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise CLIError(f"{p}: not a model directory (no config.json)")
+    return p
+
+
+def _load_model(path: Path):
+    """The model in its saved dtype, on the CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True).eval()
+
+
+def _free_out(path: str, model_dir: Path) -> Path:
+    out = Path(path)
+    if out.resolve() == model_dir.resolve():
+        raise CLIError(f"{out}: the output directory must differ from --model")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"{out}: exists and is not an empty directory; remove it or choose another --out")
+    return out
+
+
+def _save_model(model, src: Path, out: Path) -> None:
+    """`save_pretrained` into `out` with every other file of `src` (tokenizer, templates) copied as is; written to a
+    temporary directory beside `out` and renamed, so `out` is complete or absent."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp"))
+    try:
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(f, tmp / f.name)
+        model.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verbs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_requests(path: str) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such requests file") from None
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{path}: not JSON ({e})") from None
+    data = [data] if isinstance(data, dict) else data
+    if not isinstance(data, list) or not data:
+        raise CLIError(f"{path}: expected a JSON list of requests (prompt, subject, target_new)")
+    return data
+
+
+def cmd_edit(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .mote.hparams import MoTEHyperParams
+    from .mote.mote_main import apply_mote_to_model
+    from .patch import save_edit
+
+    if not Path(args.hparams).is_file():
+        raise CLIError(f"{args.hparams}: no such hparams file")
+    hp = MoTEHyperParams.from_hparams(args.hparams)
+    requests = _read_requests(args.requests)
+    src = _model_dir(args.model)
+    save_to = _free_out(args.save_model, src) if args.save_model else None
+    model = _load_model(src).to(hp.torch_device())
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    model, _ = apply_mote_to_model(model, tok, requests, hp)
+    path = save_edit(model, args.out)
+    print(f"edited {len(requests)} request(s); patch written to {path}")
+    if save_to is not None:
+        _save_model(model.cpu(), src, save_to)
+        print(f"edited model written to {save_to}")
+
+
+def _cmd_patch(args, forward: bool) -> None:
+    from .patch import apply_edit, load_patch, revert_edit
+
+    src = _model_dir(args.model)
+    out = _free_out(args.out, src)
+    load_patch(args.patch)  # a missing or damaged patch is reported before the model is loaded
+    model = _load_model(src)
+    result = (apply_edit if forward else revert_edit)(model, args.patch, exact=not args.approximate)
+    _save_model(model, src, out)
+    how = "bit-exactly" if result["exact"] else "within the rounding tolerance (not bit-exact)"
+    print(f"{'applied' if forward else 'reverted'} {args.patch} {how}; model written to {out}")
+
+
+def cmd_apply(args) -> None:
+    _cmd_patch(args, forward=True)
+
+
+def cmd_revert(args) -> None:
+    _cmd_patch(args, forward=False)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def format_summary(s: dict) -> str:
+    m, b = s["model"], s["bytes"]
+    lines = [f"MoTE edit patch {s['path']} (format {s['format_version']}, {_kib(b['file'])})",
+             f"model: {m['class']} ({m['model_type']}) {m.get('name_or_path') or ''}".rstrip(),
+             f"base fingerprint:   {s['base_fingerprint']}", f"edited fingerprint: {s['edited_fingerprint']}",
+             f"{s['calls']} call(s), {len(s['requests'])} request(s):"]
+    lines += [f"  {r.get('prompt')!r} -> {r.get('target_new')!r}" for r in s["requests"]]
+    for layer, info in s["layers"].items():
+        shape, experts = info["shape"], info["experts_touched"]
+        ranks = "+".join(str(r) for r in info["ranks"])
+        lines.append(f"layer {layer}: {info['param']} {info['dtype']} {shape}, {info['writes']} write(s) of rank "
+                     f"{ranks}, experts touched {len(experts)} of {shape[0]}")
+    lines.append(f"bytes: factors {_kib(b['factors'])}, fix-ups {_kib(b['fixups'])}, samples {_kib(b['samples'])}; "
+                 f"dense delta of the changed parameters {_kib(b['dense_delta'])}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> None:
+    from .patch import inspect_edit
+
+    summary = inspect_edit(args.patch)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mote", description="MoTE knowledge editing for MoE models, and edit patches.")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    e = verbs.add_parser("edit", help="edit a local model and save the edit as a patch")
+    e.add_argument("--hparams", required=True, help="MoTE hyper-parameters (YAML)")
+    e.add_argument("--requests", required=True, help="JSON list of {prompt, subject, target_new}")
+    e.add_argument("--model", required=True, help="local Hugging Face model directory")
+    e.add_argument("--out", required=True, help="patch file to write (.safetensors)")
+    e.add_argument("--save-model", help="also write the edited model to this directory")
+    e.set_defaults(run=cmd_edit)
+    for verb, run, what in (("apply", cmd_apply, "apply a patch to its base model"),
+                            ("revert", cmd_revert, "undo a patch on its edited model")):
+        a = verbs.add_parser(verb, help=what)
+        a.add_argument("--model", required=True, help="local Hugging Face model directory")
+        a.add_argument("--patch", required=True, help="patch file written by `mote edit` / save_edit")
+        a.add_argument("--out", required=True, help="directory to write the resulting model to (new or empty)")
+        a.add_argument("--approximate", action="store_true",
+                       help="accept the model in another dtype (within rounding, not bit-exact)")
+        a.set_defaults(run=run)
+    i = verbs.add_parser("inspect", help="summarise a patch")
+    i.add_argument("patch")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(run=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except (CLIError, ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        message = " ".join(str(e).split())
+        print(f"mote {args.verb}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
