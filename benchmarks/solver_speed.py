@@ -1,7 +1,8 @@
 """Solve + writeback speed of MoTE and the baselines at the real MoE layer shapes (random weights, synthetic edits).
 
-    python benchmarks/solver_speed.py              # the three shapes, T = 1000 edits in batches of 50, sweeps (~15 min, 2 CPU cores)
-    python benchmarks/solver_speed.py --reduced    # Qwen3-30B-A3B only, 4 batches, no sweeps (~2 min)
+    python benchmarks/solver_speed.py              # the three shapes, T = 1000 edits in batches of 50 (~15 min, 2 CPU cores)
+    python benchmarks/solver_speed.py --growth     # and how the costs grow with T (50..2000) and E (32..256) (~5 min more)
+    python benchmarks/solver_speed.py --reduced    # Qwen3-30B-A3B only, 200 edits (~1.5 min)
     python benchmarks/solver_speed.py --shape gpt-oss-20b --edits 200 --method mote global+speedup
 
 What is timed, per batch of T edits: the solve from captured keys/gates/residuals and the writeback into bf16
@@ -380,8 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edits", type=int, default=1000)
     parser.add_argument("--edits-per-batch", type=int, default=50)
     parser.add_argument("--sample-blocks", type=int, default=8, help="moeedit-bcd blocks actually timed per shape")
-    parser.add_argument("--reduced", action="store_true", help="Qwen3-30B-A3B only, 200 edits, no growth sweeps")
-    parser.add_argument("--no-growth", action="store_true")
+    parser.add_argument("--reduced", action="store_true", help="Qwen3-30B-A3B only, 200 edits")
+    parser.add_argument("--growth", action="store_true", help="also the T and E growth sweeps (~5 more minutes)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(RESULTS / "solver_speed"))
     args = parser.parse_args(argv)
@@ -391,12 +392,12 @@ def main(argv: list[str] | None = None) -> None:
     edits = 200 if args.reduced else args.edits
     torch.set_num_threads(args.threads)
     fixed_mmap_threshold()
-    report = {"command": "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else ""),
+    report = {"command": "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else "") + (" --growth" if args.growth else ""),
               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": {}}
     for name in shapes:
         report["shapes"][name] = bench_shape(name, SHAPES[name], edits, args.edits_per_batch, args.method, args.sample_blocks)
-    if not (args.reduced or args.no_growth):
+    if args.growth:
         report["growth"] = growth("qwen3-30b-a3b", [50, 200, 1000, 2000], [32, 64, 128, 256])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def test_solver_speed_runs_every_method_on_a_tiny_shape(speed, monkeypatch, tmp_
                                           "tiny-transposed": speed.Shape(**TINY, adapter="GptOssAdapter")})
     monkeypatch.setattr(speed, "RANKS", (3, 8, 4))
     speed.main(["--shape", "tiny", "tiny-transposed", "--edits", "20", "--edits-per-batch", "10", "--sample-blocks", "2",
-                "--no-growth", "--out", str(tmp_path / "speed")])
+                "--out", str(tmp_path / "speed")])
     report = json.loads((tmp_path / "speed.json").read_text())
     for shape in ("tiny", "tiny-transposed"):
         methods = report["shapes"][shape]["methods"]

@@ -43,8 +43,12 @@ class ExpertUpdate:
 
     def projected(self, P: torch.Tensor) -> "ExpertUpdate":
         """The same update seen through other projectors: right_j <- right_j P_j (P [E, h, h] symmetric)."""
-        P_sel = P if self.experts is None else P[self.experts.to(P.device)]  # [M, h, h]
-        return ExpertUpdate(left=self.left, right=self.right @ P_sel.to(self.right), experts=self.experts)
+        if self.experts is None:
+            return ExpertUpdate(left=self.left, right=self.right @ P.to(self.right), experts=None)
+        right = torch.empty_like(self.right)  # [M, r, h], expert by expert: no gathered copy of the projectors
+        for i, j in enumerate(self.experts.tolist()):
+            right[i] = self.right[i] @ P[j].to(self.right)
+        return ExpertUpdate(left=self.left, right=right, experts=self.experts)
 
     def dense(self, num_experts: int) -> torch.Tensor:
         """The explicit update [E, d, h] (tests and small models only)."""
