@@ -83,6 +83,7 @@ def measure(model, tok, first_batch: list[dict], kept: list[dict], text: str) ->
 def run(model, tok, records, kept, text, hp, z, batch_size, every, log) -> list[dict]:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     mote_main.reset_state(model)
+    mote_main.editor_state(model).record_history = False  # no edit-patch history over thousands of edits
     first = records[:batch_size]
     curve, seconds = [], 0.0
     n_batches = len(records) // batch_size
