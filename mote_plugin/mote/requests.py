@@ -1,5 +1,12 @@
 """EasyEdit edit requests, checked once: `prompt` containing `subject` (or a MEMIT "{}" template),
-`subject`, and a non-empty `target_new` (a string, or ROME's {"str": ...})."""
+`subject`, and a non-empty `target_new` (a string, or ROME's {"str": ...}).
+
+Duplicates and conflicts in one batch (edit requests, `need_target=True`):
+  * the same (prompt, subject, target_new) more than once is one edit: later copies are dropped (keeping them
+    would only give that fact more weight in the least-squares solve);
+  * the same (prompt, subject) with different targets is a conflict: ValueError naming the subject and the targets,
+    before any weight changes. The same subject with other prompts (other relations) is not a conflict.
+"""
 
 from __future__ import annotations
 
@@ -30,4 +37,19 @@ def normalise_requests(requests, need_target: bool = True) -> list[dict]:
         if need_target and (not isinstance(target, str) or not target.strip()):
             raise ValueError(f"{name} ({prompt!r}) has an empty target_new")
         out.append({**r, "prompt": prompt} | ({"target_new": target.strip()} if isinstance(target, str) else {}))
+    return _without_duplicates(out) if need_target else out
+
+
+def _without_duplicates(requests: list[dict]) -> list[dict]:
+    seen: dict[tuple[str, str], str] = {}
+    out = []
+    for r in requests:
+        key = (r["prompt"], r["subject"])
+        if key in seen:
+            if seen[key] != r["target_new"]:
+                raise ValueError(f"conflicting requests for subject {r['subject']!r} in prompt {r['prompt']!r}: target_new "
+                                 f"{seen[key]!r} and {r['target_new']!r}; edit one of them (or in separate batches)")
+            continue
+        seen[key] = r["target_new"]
+        out.append(r)
     return out
