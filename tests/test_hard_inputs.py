@@ -163,3 +163,13 @@ def test_same_inputs_give_bit_identical_weights(tok, tmp_path, solver, spread):
     torch.manual_seed(1234)  # global RNG state must not matter
     apply_mote_to_model(c, tok, REQUESTS, hparams(tmp_path / "one", solver=solver, spread=spread))  # cached statistics
     assert same(b, a.state_dict()) and same(c, a.state_dict())
+
+
+def test_offloaded_experts_are_refused_before_any_change(tok, tmp_path):
+    """Experts left on the meta device (accelerate offload) would make every in-place write a silent no-op."""
+    model = tiny_model(tok)
+    model.model.layers[1].mlp.experts.to("meta")
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
+    with pytest.raises(ValueError, match="layer 1: the experts' weights .* are on the meta device"):
+        apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)

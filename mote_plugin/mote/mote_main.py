@@ -291,6 +291,7 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
         model = copy_module.deepcopy(model)
     adapter = get_adapter(model)
     blocks = moe_blocks(model, adapter, hparams.layers)
+    _check_materialised(adapter, blocks)
     names = {id(p): n for n, p in model.named_parameters()}
     params = {names[id(adapter.down_param(b))]: adapter.down_param(b) for b in blocks.values()}
     originals = {n: p.detach().clone() for n, p in params.items()}
@@ -321,6 +322,17 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     state.last_writes = writes
     log.info("MoTE: %d edits, %s", len(requests), ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "edits"))
     return model, (originals if return_orig_weights else {})
+
+
+def _check_materialised(adapter, blocks: dict) -> None:
+    """The edited experts' weights must be real tensors: on the `meta` device (accelerate's CPU/disk offload keeps
+    them elsewhere and loads them only during the layer's forward) an in-place write would silently do nothing."""
+    for layer, block in blocks.items():
+        meta = [n for n, p in adapter.experts(block).named_parameters() if p.device.type == "meta"]
+        if meta:
+            raise ValueError(f"layer {layer}: the experts' weights ({', '.join(meta)}) are on the meta device (offloaded by "
+                             "accelerate?); MoTE edits only layers whose weights are loaded: keep the edited layers on a real "
+                             "device in the device_map (see docs/robustness.md)")
 
 
 def _usable_pad_token(model, tok) -> None:
