@@ -28,7 +28,7 @@ from ..adapters import get_adapter
 from . import host
 from .capture import capture, moe_blocks
 from .compute_z import VStarCache, VStarConfig, compute_z
-from .history import EditHistory, record_call
+from .history import EditHistory, copy_into, down_param_names, record_call
 from .hparams import MoTEHyperParams
 from .lookup import encode_with_lookup
 from .nullspace import nullspace_projectors
@@ -184,16 +184,16 @@ def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: Editor
     # MEMIT's context templates, generated once per model; also given to the host's compute_z (its own
     # get_context_templates keeps one list per process, from whichever model asked first)
     templates = context_templates(model, tok, state)
-    cache = None
-    if hp.vstar_cache_dir is not None:
-        settings = vars(vstar_config(hp)) | {"source": "host" if host_compute_z else "plugin", "templates": templates,
-                                             "v_loss_layer": hp.v_loss_layer}
-        cache = VStarCache(hp.vstar_cache_dir, model, L, settings)
+    cache = None  # opened at the first request not precomputed (it fingerprints the model)
     precomputed = precomputed or {}
     zs, missed = [], []
     for r in tqdm(requests, desc="v* targets", disable=not progress, leave=False):
         z = precomputed.get(request_key(r))
-        if z is None and cache is not None:
+        if z is None and hp.vstar_cache_dir is not None:
+            if cache is None:
+                settings = vars(vstar_config(hp)) | {"source": "host" if host_compute_z else "plugin",
+                                                     "templates": templates, "v_loss_layer": hp.v_loss_layer}
+                cache = VStarCache(hp.vstar_cache_dir, model, L, settings)
             z = cache.load(r)
         if z is None:
             if host_compute_z:
@@ -292,8 +292,7 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     adapter = get_adapter(model)
     blocks = moe_blocks(model, adapter, hparams.layers)
     _check_materialised(adapter, blocks)
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = {names[id(adapter.down_param(b))]: adapter.down_param(b) for b in blocks.values()}
+    params = {name: adapter.down_param(blocks[layer]) for layer, name in down_param_names(model, adapter, blocks).items()}
     originals = {n: p.detach().clone() for n, p in params.items()}
     state = editor_state(model)
     memory = dict(state.memory)
@@ -306,9 +305,7 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
         if state.record_history:
             record_call(state.history, model, requests, hparams.to_dict(), writes, originals)
     except BaseException:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(originals[n])
+        copy_into(params, originals)
         state.memory = memory
         raise
     finally:
