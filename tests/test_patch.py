@@ -266,3 +266,12 @@ def test_fixup_positions_are_stored_as_a_bitmask_or_as_indices_whichever_is_smal
         assert f"call0.revert.w.{stored}" in tensors
         back = _read_fixups(tensors, "call0.revert", ["w"], params)["w"]
         assert torch.equal(back.index, index) and torch.equal(back.values, fixups["w"].values)
+
+
+def test_sampled_positions_stay_inside_a_real_size_parameter():
+    """Qwen3-30B-A3B's down_proj has 128 * 2048 * 768 = 2^27.6 entries: float32 positions would round past the end."""
+    from mote_plugin.mote.history import SAMPLE, sample_values
+
+    t = torch.arange(128 * 2048 * 768, dtype=torch.int32)  # [E * d * h], the values are their own positions
+    samples = sample_values(t)
+    assert samples.shape == (SAMPLE,) and samples[0] == 0 and samples[-1] == float(t.numel() - 1)

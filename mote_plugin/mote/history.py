@@ -78,7 +78,8 @@ def down_param_names(model: nn.Module, adapter, blocks: dict[int, nn.Module]) ->
 def sample_values(t: torch.Tensor, k: int = SAMPLE) -> torch.Tensor:
     """[min(k, numel)] float32 CPU values of t at k evenly spaced flat positions (fixed by t's size)."""
     flat = t.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(k, flat.numel())).round().long()
+    # float64: float32 positions round past the end beyond 2^24 elements (a real layer's down_proj has 2^27-2^28)
+    index = torch.linspace(0, flat.numel() - 1, min(k, flat.numel()), dtype=torch.float64).round().long()
     return flat[index.to(flat.device)].to("cpu", torch.float32)
 
 
