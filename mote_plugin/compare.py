@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from .metrics import counterfact_metrics, zsre_locality_predictions, zsre_metrics
+from .mote.capture import input_device
 from .mote.hparams import MoTEHyperParams
 from .mote.mote_main import apply_mote_to_model, reset_state
 from .mote.stats import corpus_texts
@@ -169,7 +170,7 @@ def prime_host_covariance(model, tok, hp, cfg: CompareConfig) -> None:
     runningstats = importlib.import_module("easyeditor.util.runningstats")
     name = model.config._name_or_path.rsplit("/")[-1]
     texts = [t for _, t in zip(range(cfg.covariance_texts), corpus_texts(None))]
-    device = next(model.parameters()).device
+    device = input_device(model)
     for layer in hp.layers:
         module_name = hp.rewrite_module_tmp.format(layer)
         path = Path(hp.stats_dir) / name / f"{hp.mom2_dataset}_stats" / f"{module_name}_{hp.mom2_dtype}_mom2_{hp.mom2_n_samples}.npz"
@@ -311,7 +312,7 @@ def plugin_metrics(model, tok, records, cfg: CompareConfig, before: dict) -> dic
 
 def _host_quality(model, tok, request: dict, hp) -> dict:
     evaluate = importlib.import_module("easyeditor.evaluate.evaluate")
-    device = next(model.parameters()).device
+    device = input_device(model)
     hp = hp or MoTEHyperParams(alg_name="MoTE", model_name="model", layers=[0], device=str(device))
     return evaluate.compute_edit_quality(model, "model", hp, tok, request, device)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .mote.capture import input_device
 from .mote.lookup import pad_right
 
 
@@ -36,7 +37,7 @@ def target_token_ids(tok, target: str) -> list[int]:
 def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64, edit_hook=None) -> TargetScores:
     """Score each target after its prompt. `edit_hook(batch, prompt_lengths)` may install temporary
     hooks for the batch (used by probes that add a vector to a hidden state); it returns a remover."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = {k: [] for k in ("logprob", "mean_logprob", "top1", "token_acc")}
     predicted = []
     for i in range(0, len(prompts), batch_size):

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import get_adapter
+from .mote import offload
 from .mote.capture import moe_blocks
 from .mote.history import (EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay,
                            sample_values)
@@ -126,7 +127,7 @@ def save_edit(model: nn.Module, path: str | Path) -> Path:
     history = editor_state(model).history
     if not history.calls:
         raise ValueError("no MoTE edit recorded for this model since it was loaded (or since reset_state)")
-    params = {n: model.get_parameter(n) for n in history.base_samples}
+    params = offload.values(model, history.base_samples)
     if digest(params) != history.after:
         raise ValueError("the edited weights changed outside MoTE since the last edit (restored by a host?); "
                          "the recorded edits no longer describe this model")
@@ -228,25 +229,24 @@ def _check_write(w: Write, num_experts: int, d: int, h: int) -> None:
 
 
 def _resolve(model: nn.Module, patch: Patch):
-    """(adapter, {layer: block}, {name: parameter}) for the patch's parameters; ValueError if `model` lacks them."""
+    """(adapter, {layer: block}) for the patch's parameters; ValueError if `model` lacks them."""
     adapter = get_adapter(model)
     wanted = patch.meta["params"]
     blocks = moe_blocks(model, adapter, sorted({int(info["layer"]) for info in wanted.values()}))
     names = down_param_names(model, adapter, blocks)
-    params = {}
     for name, info in wanted.items():
         layer = int(info["layer"])
         if names[layer] != name:
             raise ValueError(f"the patch edits {name} (layer {layer}); this model's is {names[layer]}")
-        params[name] = model.get_parameter(name)
-        if list(params[name].shape) != info["shape"]:
-            raise ValueError(f"{name}: the patch is for shape {info['shape']}, this model's is {list(params[name].shape)}")
+        shape = list(model.get_parameter(name).shape)
+        if shape != info["shape"]:
+            raise ValueError(f"{name}: the patch is for shape {info['shape']}, this model's is {shape}")
     for call in patch.calls:
         for w in call.writes:
             block = blocks[w.layer]
             num_experts, rows, cols = adapter.down_param(block).shape  # [E, d, h], or [E, h, d] when transposed
             _check_write(w, num_experts, cols if adapter.is_transposed else rows, adapter.d_hidden(block))
-    return adapter, blocks, params
+    return adapter, blocks
 
 
 def _close_to(params: dict[str, nn.Parameter], patch: Patch, side: str) -> bool:
@@ -278,28 +278,31 @@ def _refusal(patch: Patch, params: dict, side: str, fingerprint: str) -> str:
 def _run(model: nn.Module, patch: Patch, forward: bool, exact: bool) -> dict:
     """Apply (forward) or revert the patch, all-or-nothing. Returns {"exact": bit-exact, "fingerprint": after}."""
     start, goal = ("base", "edited") if forward else ("edited", "base")
-    adapter, blocks, params = _resolve(model, patch)
-    fingerprint = model_fingerprint(model)
-    at_start = fingerprint == patch.meta[f"{start}_fingerprint"]
-    if not at_start and (exact or patch.meta["structure"] != _structure(model) or not _close_to(params, patch, start)):
-        raise ValueError(_refusal(patch, params, start, fingerprint))
-    backup = {n: p.detach().clone() for n, p in params.items()}
-    try:
-        for call in patch.calls if forward else reversed(patch.calls):
-            replay(adapter, blocks, call.writes, reverse=not forward)
-            if at_start:  # the fix-ups are exact values of the patch's own dtype and run
-                apply_fixups(params, call.apply if forward else call.revert)
+    adapter, blocks = _resolve(model, patch)
+    with offload.resident(blocks.values()):  # offloaded layers: loaded for the replay, stored back at the end
+        params = {n: model.get_parameter(n) for n in patch.meta["params"]}
         fingerprint = model_fingerprint(model)
-        bit_exact = fingerprint == patch.meta[f"{goal}_fingerprint"]
-        if at_start and not bit_exact:
-            msg = (f"{patch.path}: replaying the patch did not give the {goal} weights bit-exactly (fingerprint "
-                   f"{fingerprint}, expected {patch.meta[f'{goal}_fingerprint']}): another device or library version?")
-            if exact:
-                raise ValueError(msg + " exact=False (--approximate) accepts it within the rounding tolerance")
-            log.warning(msg)
-    except BaseException:
-        copy_into(params, backup)
-        raise
+        at_start = fingerprint == patch.meta[f"{start}_fingerprint"]
+        if not at_start and (exact or patch.meta["structure"] != _structure(model) or not _close_to(params, patch, start)):
+            raise ValueError(_refusal(patch, params, start, fingerprint))
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            for call in patch.calls if forward else reversed(patch.calls):
+                replay(adapter, blocks, call.writes, reverse=not forward)
+                if at_start:  # the fix-ups are exact values of the patch's own dtype and run
+                    apply_fixups(params, call.apply if forward else call.revert)
+            fingerprint = model_fingerprint(model)
+            bit_exact = fingerprint == patch.meta[f"{goal}_fingerprint"]
+            if at_start and not bit_exact:
+                msg = (f"{patch.path}: replaying the patch did not give the {goal} weights bit-exactly (fingerprint "
+                       f"{fingerprint}, expected {patch.meta[f'{goal}_fingerprint']}): another device or library version?")
+                if exact:
+                    raise ValueError(msg + " exact=False (--approximate) accepts it within the rounding tolerance")
+                log.warning(msg)
+            offload.store(model, params)  # last: nothing after it can fail
+        except BaseException:
+            copy_into(params, backup)
+            raise
     return {"exact": bit_exact, "fingerprint": fingerprint}
 
 

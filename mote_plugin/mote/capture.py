@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .lookup import encode_with_lookup
+from .offload import device_of
 from .requests import normalise_requests
 
 
@@ -58,7 +59,8 @@ def moe_blocks(model: nn.Module, adapter, layers: Sequence[int]) -> dict[int, nn
 
 
 def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the model's inputs go: the device of its input embeddings (their execution device when offloaded)."""
+    return device_of(model.get_input_embeddings())
 
 
 def forward_block_inputs(

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from ..metrics import target_token_ids
+from .capture import input_device
 from .lookup import encode_with_lookup, pad_right
 
 
@@ -59,7 +60,7 @@ def _add_at(positions: torch.Tensor, vector: torch.Tensor):
 
 def compute_z(model, tok, request: dict, layer: int, cfg: VStarConfig, context_templates: list[str] = ("{}",)) -> VStar:
     """v* for one EasyEdit request (`prompt` containing `subject`, `target_new`)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     subject, target = request["subject"], request["target_new"]
     target_ids = target_token_ids(tok, target)
     prompts = [ctx.format(request["prompt"]) for ctx in context_templates]

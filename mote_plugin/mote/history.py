@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
+from . import offload
 from .capture import moe_blocks
 from .stats import tensors_fingerprint
 from .update import ExpertUpdate
@@ -173,7 +174,8 @@ def record_call(history: EditHistory, model: nn.Module, requests: list[dict], hp
     names = down_param_names(model, adapter, blocks)
     params = {n: model.get_parameter(n) for n in originals}
     fresh = not history.calls
-    if not fresh and digest({n: originals.get(n, model.get_parameter(n)) for n in history.base_samples}) != history.after:
+    before = offload.values(model, set(history.base_samples) - set(originals)) | originals
+    if not fresh and digest({n: before[n] for n in history.base_samples}) != history.after:
         log.info("MoTE: the edited weights were changed outside MoTE since the last edit (e.g. restored by a host); "
                  "the edit history (what save_edit writes) restarts with this call")
         fresh = True
@@ -181,11 +183,11 @@ def record_call(history: EditHistory, model: nn.Module, requests: list[dict], hp
     revert, apply = _fixups(adapter, blocks, params, originals, recorded)
     base_fingerprint = history.base_fingerprint
     if fresh:
-        base_fingerprint = tensors_fingerprint((n, originals.get(n, t)) for n, t in model.state_dict().items())
+        base_fingerprint = tensors_fingerprint((n, originals.get(n, t)) for n, t in offload.state_items(model))
     samples = {} if fresh else dict(history.base_samples)
     samples.update({w.param: sample_values(originals[w.param]) for w in recorded if w.param not in samples})
     record = EditRecord(_jsonable(requests), _jsonable(hparams), recorded, revert, apply)
-    after = digest({n: model.get_parameter(n) for n in samples})
+    after = digest(offload.values(model, samples))
     if fresh:
         history.calls.clear()
     history.calls.append(record)

@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
-from . import host
-from .capture import capture, moe_blocks
+from . import host, offload
+from .capture import capture, input_device, moe_blocks
 from .compute_z import VStarCache, VStarConfig, compute_z
 from .history import EditHistory, copy_into, down_param_names, record_call
 from .hparams import MoTEHyperParams
@@ -133,7 +133,7 @@ def context_templates(model, tok, state: EditorState, n: int = 5, length: int = 
     """MEMIT's context templates: "{}" plus short texts sampled from the model itself, each followed by the prompt."""
     if state.context_templates is None:
         gen = torch.Generator().manual_seed(seed)
-        device = next(model.parameters()).device
+        device = input_device(model)
         out = ["{}"]
         for start in ("The", "Therefore", "Because", "I", "You")[:n]:
             ids = tok(start, return_tensors="pt")["input_ids"].to(device)
@@ -152,7 +152,7 @@ def context_templates(model, tok, state: EditorState, n: int = 5, length: int = 
 def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_token: str, max_length: int | None) -> torch.Tensor:
     """[T, d] output of a decoder layer at each request's lookup token (one batched forward)."""
     batch, lookup, _ = encode_with_lookup(tok, [r["prompt"] for r in requests], [r["subject"] for r in requests], fact_token, max_length)
-    device = next(model.parameters()).device
+    device = input_device(model)
     grabbed = {}
     handle = model.get_submodule(layer_module).register_forward_hook(
         lambda m, a, o: grabbed.__setitem__("h", (o[0] if isinstance(o, tuple) else o).detach()))
@@ -161,7 +161,8 @@ def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_toke
             model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
     finally:
         handle.remove()
-    return grabbed["h"][torch.arange(len(requests)), lookup.to(device)].float()
+    h = grabbed["h"]  # [B, S, d], on the layer's device
+    return h[torch.arange(len(requests), device=h.device), lookup.to(h.device)].float()
 
 
 V_STAR_NLL_WARN = 0.6931  # ln 2: the optimised delta still leaves P(target token) below 1/2
@@ -209,7 +210,7 @@ def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: Editor
     if missed:
         log.warning("v* at layer %d left P(target) < 1/2 for %d of %d requests (e.g. %r): the edit will be weak there; "
                     "raise v_num_grad_steps / v_lr / clamp_norm_factor or edit another layer", L, len(missed), len(requests), missed[0])
-    return torch.stack([z.float().to(next(model.parameters()).device) for z in zs])
+    return torch.stack([z.float().to(input_device(model)) for z in zs])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state,
         t = time.time()
         h = layer_outputs(model, tok, requests, hp.layer_module_tmp.format(layer), hp.fact_token, hp.max_length)
         timings["capture"] += time.time() - t
-        return z - h
+        return z.to(h.device) - h
 
     for i, l in enumerate([L] if hp.spread == "core" else layers):
         t = time.time()
@@ -292,27 +293,29 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     adapter = get_adapter(model)
     blocks = moe_blocks(model, adapter, hparams.layers)
     _check_materialised(adapter, blocks)
-    params = {name: adapter.down_param(blocks[layer]) for layer, name in down_param_names(model, adapter, blocks).items()}
-    originals = {n: p.detach().clone() for n, p in params.items()}
     state = editor_state(model)
     memory = dict(state.memory)
     padding_side, pad_token = getattr(tok, "padding_side", None), getattr(tok, "pad_token", None)
-    try:
-        tok.padding_side = "right"
-        _usable_pad_token(model, tok)
-        writes = []
-        timings = execute_mote(model, tok, requests, hparams, writes, precomputed=kwargs.get("precomputed_targets"))
-        if state.record_history:
-            record_call(state.history, model, requests, hparams.to_dict(), writes, originals)
-    except BaseException:
-        copy_into(params, originals)
-        state.memory = memory
-        raise
-    finally:
-        if padding_side is not None:
-            tok.padding_side = padding_side
-        if pad_token != getattr(tok, "pad_token", None):
-            tok.pad_token = pad_token
+    with offload.resident(blocks.values()):  # offloaded edited blocks: weights loaded for the whole call
+        params = {name: adapter.down_param(blocks[layer]) for layer, name in down_param_names(model, adapter, blocks).items()}
+        originals = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            tok.padding_side = "right"
+            _usable_pad_token(model, tok)
+            writes = []
+            timings = execute_mote(model, tok, requests, hparams, writes, precomputed=kwargs.get("precomputed_targets"))
+            if state.record_history:
+                record_call(state.history, model, requests, hparams.to_dict(), writes, originals)
+            offload.store(model, params)  # last: nothing after it can fail
+        except BaseException:
+            copy_into(params, originals)
+            state.memory = memory
+            raise
+        finally:
+            if padding_side is not None:
+                tok.padding_side = padding_side
+            if pad_token != getattr(tok, "pad_token", None):
+                tok.pad_token = pad_token
     timings["edits"] = len(requests)
     state.timings.append(timings)
     state.edits += len(requests)
@@ -322,14 +325,14 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
 
 
 def _check_materialised(adapter, blocks: dict) -> None:
-    """The edited experts' weights must be real tensors: on the `meta` device (accelerate's CPU/disk offload keeps
-    them elsewhere and loads them only during the layer's forward) an in-place write would silently do nothing."""
+    """The edited blocks' weights must exist: real tensors, or on the `meta` device with accelerate's offload hook
+    holding their values (`offload.resident` loads those). A bare meta tensor would make every write a no-op."""
     for layer, block in blocks.items():
-        meta = [n for n, p in adapter.experts(block).named_parameters() if p.device.type == "meta"]
+        meta = [f"{mn}.{n}".lstrip(".") for mn, m in block.named_modules() for n, p in m.named_parameters(recurse=False)
+                if p.device.type == "meta" and offload.offload_hook(m) is None]
         if meta:
-            raise ValueError(f"layer {layer}: the experts' weights ({', '.join(meta)}) are on the meta device (offloaded by "
-                             "accelerate?); MoTE edits only layers whose weights are loaded: keep the edited layers on a real "
-                             "device in the device_map (see docs/robustness.md)")
+            raise ValueError(f"layer {layer}: the weights {', '.join(meta)} are on the meta device and not offloaded by "
+                             "accelerate (no weights map holds them): load the model's weights first (docs/large-models.md)")
 
 
 def _usable_pad_token(model, tok) -> None:

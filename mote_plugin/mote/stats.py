@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .capture import forward_block_inputs, input_device, moe_blocks
 from .lookup import pad_right
+from .offload import state_items
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +218,13 @@ def layer_statistics(
 
 
 def model_fingerprint(model: nn.Module, sample: int = 1024) -> str:
-    """sha256 over every state-dict entry's name, shape, dtype, first and last `sample` elements and float64 sum.
+    """sha256 over every state-dict entry's name, shape, dtype, first and last `sample` elements and float64 sum
+    (an entry offloaded by accelerate is read from its weights map).
 
     Cheap (one reduction per tensor, no full copy to the CPU) and sensitive to any edit that changes a tensor's sum
     or its ends, e.g. an in-place update of one expert; an edit preserving a tensor's sum exactly goes unseen.
     """
-    return tensors_fingerprint(model.state_dict().items(), sample)
+    return tensors_fingerprint(state_items(model), sample)
 
 
 def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
