@@ -36,6 +36,9 @@ def test_solver_speed_runs_every_method_on_a_tiny_shape(speed, monkeypatch, tmp_
     monkeypatch.setattr(speed, "SHAPES", {"tiny": speed.Shape(**TINY, adapter="Qwen3MoeAdapter"),
                                           "tiny-transposed": speed.Shape(**TINY, adapter="GptOssAdapter")})
     monkeypatch.setattr(speed, "RANKS", (3, 8, 4))
+    # the benchmark makes glibc mmap and unmap every allocation above 128 KiB, for the whole process: here it would slow
+    # every later test ~3x (page faults on each tensor allocation)
+    monkeypatch.setattr(speed, "fixed_mmap_threshold", lambda: None)
     speed.main(["--shape", "tiny", "tiny-transposed", "--edits", "20", "--edits-per-batch", "10", "--sample-blocks", "2",
                 "--out", str(tmp_path / "speed")])
     report = json.loads((tmp_path / "speed.json").read_text())
