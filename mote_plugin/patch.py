@@ -37,7 +37,7 @@ from .mote.update import ExpertUpdate
 log = logging.getLogger(__name__)
 
 FORMAT = "mote-patch"
-VERSION = 1
+VERSION = 2  # 2: fingerprints sum each tensor in float64 chunk by chunk (version 1 summed it whole)
 
 
 @dataclass

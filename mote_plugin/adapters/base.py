@@ -182,15 +182,16 @@ class MoEAdapter(ABC):
         """The packed down-projection parameter itself, in its own layout and dtype."""
         return self.experts(block).down_proj
 
-    def down_weight(self, block: nn.Module) -> torch.Tensor:
-        """Down-projection weights in the canonical layout [E, d_model, d_hidden], float32.
+    def down_weight(self, block: nn.Module, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Down-projection weights in the canonical layout [E, d_model, d_hidden], in `dtype` (None: the parameter's).
 
-        A view of the parameter when it is float32 and not transposed (do not modify it in place), a copy otherwise.
+        A view of the parameter when it has that dtype (do not modify it in place; transposed layouts give a
+        non-contiguous view), a copy otherwise.
         """
         down_proj = self.down_param(block).detach()
         if self.is_transposed:
             down_proj = down_proj.transpose(1, 2)  # [E, d_hidden, d_model] -> [E, d_model, d_hidden]
-        return down_proj.float()
+        return down_proj if dtype is None else down_proj.to(dtype)
 
     def down_bias(self, block: nn.Module) -> torch.Tensor | None:
         """Down-projection bias [E, d_model] float32, or None."""

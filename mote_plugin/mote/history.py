@@ -42,7 +42,7 @@ class Write:
 
 @dataclass
 class FixUp:
-    index: torch.Tensor  # [n] long, flat positions in the parameter
+    index: torch.Tensor  # [n] flat positions in the parameter (int32 where it has fewer than 2^31 entries)
     values: torch.Tensor  # [n] the values to put there, in the parameter's dtype
 
 
@@ -106,7 +106,8 @@ def fixup(current: torch.Tensor, wanted: torch.Tensor) -> FixUp | None:
     index = (_bits(current) != _bits(wanted)).nonzero().squeeze(1)  # [n]
     if index.numel() == 0:
         return None
-    return FixUp(index=index.cpu(), values=wanted.detach().reshape(-1)[index].cpu())
+    values = wanted.detach().reshape(-1)[index].cpu()
+    return FixUp(index=index.to("cpu", torch.int32 if current.numel() < 2**31 else torch.int64), values=values)
 
 
 def apply_fixups(params: dict[str, nn.Parameter], fixups: dict[str, FixUp]) -> None:

@@ -100,7 +100,7 @@ def layer_bases(model, tok, adapter, blocks: dict, hp: MoTEHyperParams) -> dict[
                                    max_length=hp.max_length, stats_dir=hp.stats_dir)
         for l in todo:
             block = blocks[l]
-            W = adapter.down_weight(block)  # [E, d, h]
+            W = adapter.down_weight(block, dtype=None)  # [E, d, h] view, the model's dtype (tucker_factors copies it once)
             s = stats[l]
             if hp.nullspace:
                 P = nullspace_projectors(s.moments, s.counts, rule=hp.nullspace_rule, threshold=hp.nullspace_threshold,

@@ -77,27 +77,40 @@ def nullspace_projectors(
         raise ValueError(f"counts must be [E] = [{num_experts}], got {tuple(counts.shape)}")
 
     has_stats = counts.to(moments.device) >= min_tokens  # [E]
-    C = moments.to(torch.float64)  # [E, h, h]
+    P = torch.empty(num_experts, hidden, hidden, dtype=torch.float32, device=moments.device)  # [E, h, h]
+    for start in range(0, num_experts, CHUNK_EXPERTS):  # float64 work for a few experts at a time, not [E, h, h]
+        part = slice(start, start + CHUNK_EXPERTS)
+        P[part] = _projectors(moments[part], has_stats[part], rule, threshold, fallback)
+    return P
+
+
+CHUNK_EXPERTS = 8  # experts whose eigen-decompositions run together (float64 work ~5 x 8 x h^2 x 8 bytes)
+
+
+def _projectors(moments: torch.Tensor, has_stats: torch.Tensor, rule: str, threshold: float, fallback: str) -> torch.Tensor:
+    """`nullspace_projectors` of a chunk of n experts: moments `[n, h, h]`, has_stats `[n]` -> `[n, h, h]` float32."""
+    hidden = moments.shape[1]
+    C = moments.to(torch.float64)  # [n, h, h]
     C = torch.where(has_stats[:, None, None], C, torch.zeros_like(C))  # experts w/o stats: drop NaNs
-    C = 0.5 * (C + C.transpose(1, 2))  # [E, h, h] exact symmetry for eigh
-    evals, evecs = torch.linalg.eigh(C)  # [E, h] ascending, [E, h, h]
-    evals = evals.clamp_min(0.0)  # [E, h]
+    C = 0.5 * (C + C.transpose(1, 2))  # [n, h, h] exact symmetry for eigh
+    evals, evecs = torch.linalg.eigh(C)  # [n, h] ascending, [n, h, h]
+    evals = evals.clamp_min(0.0)  # [n, h]
 
     if rule == "absolute":
-        keep = evals < threshold  # [E, h]
+        keep = evals < threshold  # [n, h]
     else:
         # Walk the eigenvalues from the largest down; direction i is removed while the energy of the
         # directions strictly before it is below (1 - threshold) * trace.
-        desc = evals.flip(-1)  # [E, h] descending
-        energy_before = desc.cumsum(-1) - desc  # [E, h]
-        trace = desc.sum(-1, keepdim=True)  # [E, 1]
-        removed_desc = energy_before < (1.0 - threshold) * trace  # [E, h]
+        desc = evals.flip(-1)  # [n, h] descending
+        energy_before = desc.cumsum(-1) - desc  # [n, h]
+        trace = desc.sum(-1, keepdim=True)  # [n, 1]
+        removed_desc = energy_before < (1.0 - threshold) * trace  # [n, h]
         removed_desc &= trace > 0  # all-zero moment: nothing to protect
-        keep = ~removed_desc.flip(-1)  # [E, h] back to ascending order
+        keep = ~removed_desc.flip(-1)  # [n, h] back to ascending order
 
-    P = torch.einsum("eik,ek,ejk->eij", evecs, keep.to(evecs.dtype), evecs)  # [E, h, h]
+    P = torch.einsum("eik,ek,ejk->eij", evecs, keep.to(evecs.dtype), evecs)  # [n, h, h]
     fallback_P = torch.eye(hidden, dtype=P.dtype, device=P.device) if fallback == "identity" else 0.0
-    P = torch.where(has_stats[:, None, None], P, fallback_P)  # [E, h, h]
+    P = torch.where(has_stats[:, None, None], P, fallback_P)  # [n, h, h]
     return P.to(torch.float32)
 
 

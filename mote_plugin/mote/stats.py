@@ -49,8 +49,10 @@ class LayerStats:
     def cov_in(self) -> torch.Tensor:
         """Key moment pooled over experts, weighted by their counts: [h, h] float32."""
         w = self.counts.to(torch.float64)  # [E]
-        pooled = torch.einsum("e,eij->ij", w, self.moments.to(torch.float64)) / w.sum().clamp_min(1)  # [h, h]
-        return pooled.float()
+        pooled = torch.zeros(self.moments.shape[1:], dtype=torch.float64)  # [h, h]
+        for w_j, m_j in zip(w.tolist(), self.moments):  # expert by expert: no float64 copy of [E, h, h]
+            pooled += w_j * m_j.to(torch.float64)
+        return (pooled / w.sum().clamp_min(1)).float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,10 +169,12 @@ class _Accumulator:
 
     def finish(self) -> LayerStats:
         counts = self.counts.cpu()
-        moments = self.moment_sum / self.counts.clamp_min(1).to(self.moment_sum)[:, None, None]  # [E, h, h]
-        moments = 0.5 * (moments + moments.transpose(1, 2))  # exact symmetry
+        moments = torch.empty(self.moment_sum.shape, dtype=torch.float32)  # [E, h, h], filled expert by expert
+        for j, (s_j, n_j) in enumerate(zip(self.moment_sum, counts.tolist())):  # [h, h] float64
+            m_j = s_j / max(n_j, 1)
+            moments[j] = (0.5 * (m_j + m_j.T)).float().cpu()  # exact symmetry
         cov_out = self.out_sum / max(self.n_tokens, 1)  # [d, d]
-        return LayerStats(moments.float().cpu(), counts, cov_out.float().cpu(), self.n_tokens)
+        return LayerStats(moments, counts, cov_out.float().cpu(), self.n_tokens)
 
 
 def layer_statistics(
@@ -221,7 +225,7 @@ def model_fingerprint(model: nn.Module, sample: int = 1024) -> str:
     """sha256 over every state-dict entry's name, shape, dtype, first and last `sample` elements and float64 sum
     (an entry offloaded by accelerate is read from its weights map).
 
-    Cheap (one reduction per tensor, no full copy to the CPU) and sensitive to any edit that changes a tensor's sum
+    Cheap (one chunked reduction per tensor, no full copy to the CPU or to float64) and sensitive to any edit that changes a tensor's sum
     or its ends, e.g. an in-place update of one expert; an edit preserving a tensor's sum exactly goes unseen.
     """
     return tensors_fingerprint(state_items(model), sample)
@@ -236,8 +240,20 @@ def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], sampl
             flat = t.detach().reshape(-1)
             ends = torch.cat([flat[:sample], flat[-sample:]]).to("cpu", torch.float64)
             h.update(ends.numpy().tobytes())
-            h.update(repr(float(flat.sum(dtype=torch.float64))).encode())
+            h.update(repr(_sum64(flat)).encode())
     return h.hexdigest()
+
+
+FINGERPRINT_CHUNK = 1 << 22  # elements summed at a time: a float64 copy of 32 MiB, not of the whole tensor
+
+
+def _sum64(flat: torch.Tensor) -> float:
+    """float64 sum of a flat tensor, chunk by chunk (`flat.sum(dtype=float64)` converts all of it at once: 3 GiB for
+    one bf16 gate_up_proj of Qwen3-30B-A3B)."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+        total += flat[start:start + FINGERPRINT_CHUNK].sum(dtype=torch.float64)
+    return float(total)
 
 
 def stats_key(model: nn.Module, layers: Sequence[int], corpus: str | None, n_tokens: int, max_length: int) -> dict:

@@ -207,17 +207,22 @@ def tucker_factors(
     if whiten_out and cov_out is None:
         raise ValueError(f"whitening={whitening!r} needs cov_out [d, d] = [{d}, {d}]")
 
-    W_work = W.to(compute_dtype)  # [E, d, h]
     if whiten_in:
         if cov_in.shape != (h, h):
             raise ValueError(f"cov_in must be [h, h] = [{h}, {h}], got {tuple(cov_in.shape)}")
         S_in, S_in_inv = _sqrt_and_inv_sqrt(cov_in.to(W.device), eps)  # [h, h] each
-        W_work = W_work @ S_in.to(compute_dtype)  # [E, d, h]
     if whiten_out:
         if cov_out.shape != (d, d):
             raise ValueError(f"cov_out must be [d, d] = [{d}, {d}], got {tuple(cov_out.shape)}")
         S_out, S_out_inv = _sqrt_and_inv_sqrt(cov_out.to(W.device), eps)  # [d, d] each
-        W_work = torch.einsum("de,jeh->jdh", S_out.to(compute_dtype), W_work)  # [E, d, h]
+
+    # [E, d, h] the one working copy (contiguous, so unfoldings are views; whitened in place, expert by expert)
+    W_work = W.to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
+    for W_j in W_work if whiten_in or whiten_out else ():  # [d, h]
+        if whiten_in:
+            W_j.copy_(W_j @ S_in.to(compute_dtype))  # W_j S_in
+        if whiten_out:
+            W_j.copy_(S_out.to(compute_dtype) @ W_j)  # S_out W_j (S_in)
 
     G_e, G_out, G_in = _mode_grams(W_work)  # [E, E], [d, d], [h, h]
     factors = [_top_eigenvectors(G, r) for G, r in zip((G_e, G_out, G_in), ranks)]
