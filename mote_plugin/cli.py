@@ -38,11 +38,22 @@ def _model_dir(path: str) -> Path:
     return p
 
 
-def _load_model(path: Path):
-    """The model in its saved dtype, on the CPU, in eval mode."""
+def _load_model(path: Path, device_map=None, offload_folder: str | None = None):
+    """The model in its saved dtype, in eval mode: on the CPU, or dispatched by accelerate over `device_map`."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True).eval()
+    kwargs = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True, **kwargs).eval()
+
+
+def _device_map(text: str | None):
+    """--device-map: None, a strategy name ("auto", "balanced", ...), or a JSON object {module: device}."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--device-map: not a JSON object ({e})") from None
 
 
 def _free_out(path: str, model_dir: Path) -> Path:
@@ -100,7 +111,13 @@ def cmd_edit(args) -> None:
     requests = _read_requests(args.requests)
     src = _model_dir(args.model)
     save_to = _free_out(args.save_model, src) if args.save_model else None
-    model = _load_model(src).to(hp.torch_device())
+    device_map = _device_map(args.device_map)
+    if device_map is not None and save_to is not None:
+        raise CLIError("--save-model needs the whole model in memory; with --device-map keep the patch and "
+                       "`mote apply` it where the model fits")
+    model = _load_model(src, device_map, args.offload_folder)
+    if device_map is None:
+        model = model.to(hp.torch_device())
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     model, _ = apply_mote_to_model(model, tok, requests, hp)
     path = save_edit(model, args.out)
@@ -173,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="local Hugging Face model directory")
     e.add_argument("--out", required=True, help="patch file to write (.safetensors)")
     e.add_argument("--save-model", help="also write the edited model to this directory")
+    e.add_argument("--device-map", help="load with accelerate's device_map: auto, balanced, ... or a JSON object "
+                   "{module: device}, \"disk\" and \"cpu\" for offload (docs/large-models.md)")
+    e.add_argument("--offload-folder", help="where accelerate puts disk-offloaded weights (with --device-map)")
     e.set_defaults(run=cmd_edit)
     for verb, run, what in (("apply", cmd_apply, "apply a patch to its base model"),
                             ("revert", cmd_revert, "undo a patch on its edited model")):

@@ -12,6 +12,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def load(name):
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: the benchmarks import each other's helpers
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
@@ -122,3 +124,19 @@ def test_sequential_records(tmp_path):
         seq.edit_records(facts, path, 41, 10)
     with pytest.raises(ValueError, match="knows 120 facts"):
         seq.edit_records(facts, path, 40, 21)
+
+
+def test_offload_memory_measures_both_modes_on_a_small_shape(tmp_path):
+    """The real-shape run lives in benchmarks/results; here the same pipeline on its --reduced shape."""
+    offload_memory = load("offload_memory")
+    offload_memory.main(["--reduced", "--deep", "4", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "offload_memory-reduced.json").read_text())
+    runs = {r["label"]: r for r in report["runs"]}
+    assert runs.keys() == {"memory, 3 layers", "disk, 3 layers", "disk, 4 layers"}
+    for r in runs.values():
+        assert {"statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback"} <= r["peak_above_load"].keys()
+        assert r["edit_peak_above_load"] > 0 and r["timings"]["edits"] == offload_memory.EDITS
+    assert "store" in runs["disk, 3 layers"]["peak_above_load"]  # the edited weights went back into accelerate's weights map
+    assert "| **edit: peak above that** |" in (tmp_path / "offload_memory-reduced.md").read_text()
+    with pytest.raises(SystemExit):  # --deep must add layers
+        offload_memory.main(["--reduced", "--deep", "3", "--out", str(tmp_path)])

@@ -156,3 +156,30 @@ def test_unsupported_weights_map_is_refused_before_any_change(tok, tmp_path):
     with pytest.raises(ValueError, match="unsupported accelerate weights map ReadOnlyMap"):
         apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path))
     assert same(stored(model), before)
+
+
+def test_cli_edits_a_disk_offloaded_model_into_the_same_patch(tok, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from mote_plugin.cli import main
+    from mote_plugin.patch import load_patch
+
+    tiny_model(tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "hp.yaml").write_text(yaml.safe_dump(hparams(tmp_path, preservation_tokens=1000).to_dict()))
+    (tmp_path / "requests.json").write_text(json.dumps(REQUESTS[:2]))
+    edit = ["edit", "--hparams", str(tmp_path / "hp.yaml"), "--requests", str(tmp_path / "requests.json"),
+            "--model", str(tmp_path / "base")]
+    assert main([*edit, "--out", str(tmp_path / "in-memory.safetensors")]) == 0
+    assert main([*edit, "--out", str(tmp_path / "offloaded.safetensors"), "--device-map", json.dumps(device_map("disk")),
+                 "--offload-folder", str(tmp_path / "offload")]) == 0
+    a, b = load_patch(tmp_path / "in-memory.safetensors"), load_patch(tmp_path / "offloaded.safetensors")
+    assert a.meta["edited_fingerprint"] == b.meta["edited_fingerprint"] != a.meta["base_fingerprint"]
+
+    capsys.readouterr()
+    assert main([*edit, "--out", str(tmp_path / "x"), "--device-map", "auto", "--save-model", str(tmp_path / "m")]) == 2
+    assert "--save-model needs the whole model in memory" in capsys.readouterr().err
+    assert main([*edit, "--out", str(tmp_path / "x"), "--device-map", "{not json"]) == 2
+    assert "--device-map: not a JSON object" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def device_of(module: nn.Module) -> torch.device:
     """Where `module` computes: its first parameter's device, or its offload hook's execution device."""
     for m in module.modules():
         hook = offload_hook(m)
-        if hook is not None and hook.execution_device is not None and not _is_resident(hook):
+        if hook is not None and hook.execution_device is not None:
             return torch.device(hook.execution_device)
         for p in m.parameters(recurse=False):
             if p.device.type != "meta":
@@ -75,19 +75,11 @@ def resident(modules: Iterable[nn.Module]) -> Iterator[None]:
             h.pre_forward(m)  # loads every tensor of m from its weights map onto h.execution_device
             loaded.append((m, h))
             h.offload, h.mote_resident = False, True  # forward passes now only move inputs, weights stay
-    except BaseException:
-        _release(loaded)
-        raise
-    try:
         yield
     finally:
-        _release(loaded)
-
-
-def _release(loaded: list) -> None:
-    for m, h in reversed(loaded):
-        h.offload, h.mote_resident = True, False
-        h.post_forward(m, None)  # back to meta
+        for m, h in reversed(loaded):
+            h.offload, h.mote_resident = True, False
+            h.post_forward(m, None)  # back to meta
 
 
 def store(model: nn.Module, params: dict[str, torch.Tensor]) -> None:

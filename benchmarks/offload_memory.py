@@ -1,0 +1,268 @@
+"""Peak memory of one MoTE edit at the real Qwen3-30B-A3B layer shape, with the model in memory and disk-offloaded.
+
+    python benchmarks/offload_memory.py             # 4 decoder layers of Qwen3-30B-A3B shape, bf16 (~6 min, 2 cores)
+    python benchmarks/offload_memory.py --deep 12   # and a 12-layer model disk-offloaded (+ ~14 GB disk, ~15 min)
+    python benchmarks/offload_memory.py --reduced   # a small shape, to check the script (~1 min)
+
+A Qwen3-MoE model with the real layer shape (d_model 2048, 128 experts top-8, expert hidden 768, 32/4 attention
+heads) and random weights is saved once; each mode then runs in a fresh process:
+
+    memory  `from_pretrained(folder)`: the whole model in CPU memory
+    disk    `from_pretrained(folder, device_map=..., offload_folder=...)`: every decoder layer offloaded to disk,
+            embeddings, norm and head on the CPU (accelerate loads a layer's weights only for its forward pass)
+
+(`--deep N`: also a model of N layers, disk-offloaded: the peak should not grow with the layers not edited)
+and applies one MoTE edit (10 CounterFact requests, hparams/MoTE/qwen3-30b-a3b.yaml at the last layer, fewer v*
+steps and preservation tokens: memory does not depend on them). A thread samples the resident set size every 5 ms;
+each stage (statistics, projectors, Tucker basis, v*, capture, solve, writeback, history, store) reports its peak of
+anonymous memory (mmapped checkpoint pages excluded) above the level
+after loading. Results: benchmarks/results/offload_memory.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SHAPES = {  # Qwen3-30B-A3B's decoder layer; the model has only `layers` of them (random weights)
+    "qwen3-30b-a3b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, layers=4),
+    "reduced": dict(hidden_size=256, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, layers=3),
+}
+EDITS = 10
+GiB = 2**30
+
+
+def memory_bytes() -> dict[str, int]:
+    """The process's resident memory: `anon` (its own, what an edit costs) and `file` (pages of mmapped files such as
+    safetensors checkpoints, which the kernel can drop and re-read)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {"anon": int(fields["RssAnon"].split()[0]) * 1024, "file": int(fields["RssFile"].split()[0]) * 1024}
+
+
+def anon_bytes() -> int:
+    return memory_bytes()["anon"]
+
+
+def requests(n: int = EDITS) -> list[dict]:
+    path = ROOT / "mote_plugin" / "data" / "counterfact" / "counterfact-subset.json"
+    return [{k: r[k] for k in ("prompt", "subject", "target_new")} for r in json.loads(path.read_text())[:n]]
+
+
+def tokenizer():
+    from mote_plugin.mote.stats import corpus_texts
+    from mote_plugin.testbed.tokenizer import train_tokenizer
+
+    texts = [t for _, t in zip(range(2000), corpus_texts(None))] + [f"{r['prompt']} {r['target_new']}" for r in requests()]
+    return train_tokenizer(texts, 2000)
+
+
+def build(folder: Path, shape: str, layers: int) -> None:
+    """Save the random bf16 model (run in its own process: building it takes the whole model in memory)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from mote_plugin.testbed.tokenizer import special_ids
+
+    tok = tokenizer()
+    s = dict(SHAPES[shape])
+    s.pop("layers")
+    config = Qwen3MoeConfig(vocab_size=len(tok), num_hidden_layers=layers, intermediate_size=6144,
+                            norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=512,
+                            **s, **special_ids(tok))
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = Qwen3MoeForCausalLM(config)
+    model.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one mode, in a fresh process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class StagePeaks:
+    """Peak anonymous memory per stage label, sampled by a thread; `stage(owner, name, label)` wraps a function to set
+    the label (the innermost wrapped call running)."""
+
+    def __init__(self):
+        self.label, self.peaks, self._stop = "other", {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            value = anon_bytes()
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0), value)
+            time.sleep(0.005)
+
+    def stage(self, owner, name: str, label: str) -> None:
+        real = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            outer, self.label = self.label, label
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.peaks[label] = max(self.peaks.get(label, 0), anon_bytes())
+                self.label = outer
+
+        setattr(owner, name, wrapped)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(folder: Path, mode: str, shape: str, layers: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from mote_plugin.mote import history, mote_main, offload
+    from mote_plugin.mote.hparams import MoTEHyperParams
+    from mote_plugin.mote.update import ExpertUpdate
+
+    from solver_speed import fixed_mmap_threshold
+
+    fixed_mmap_threshold()  # freed memory goes back to the system, so each stage's peak is its own
+    torch.set_num_threads(2)
+    tok = tokenizer()
+    start = anon_bytes()
+    t = time.time()
+    if mode == "disk":
+        device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                      **{f"model.layers.{i}": "disk" for i in range(layers)}}
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=str(folder / "offload"))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    load_s = time.time() - t
+    after_load = anon_bytes()
+    file_after_load = memory_bytes()["file"]
+    model_bytes = sum(t.numel() * t.element_size() for _, t in model.state_dict().items())
+    block = model.model.layers[layers - 1].mlp
+    block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
+
+    hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / "qwen3-30b-a3b.yaml")
+    hp = MoTEHyperParams(**(hp.to_dict() | dict(layers=[layers - 1], v_loss_layer=layers - 1, v_num_grad_steps=5,
+                                                 preservation_tokens=2000, max_length=128, device="cpu",
+                                                 stats_dir=str(folder / f"stats-{mode}"), model_name=str(folder))))
+    peaks = StagePeaks()
+    for owner, name, label in [(mote_main, "preservation_stats", "statistics"), (mote_main, "nullspace_projectors", "projectors"),
+                               (mote_main, "tucker_factors", "Tucker basis"), (mote_main, "targets", "v*"),
+                               (mote_main, "capture", "capture"), (mote_main, "solve_layer", "solve"),
+                               (ExpertUpdate, "write", "writeback"), (mote_main, "record_call", "history"),
+                               (offload, "store", "store")]:
+        peaks.stage(owner, name, label)
+    t = time.time()
+    with peaks:
+        mote_main.apply_mote_to_model(model, tok, requests(), hp)
+    edit_s = time.time() - t
+    # how large the edit is relative to the weights, and how much of the parameter the edit history's revert fix-up
+    # holds (docs/patches.md: it grows with the relative size of the change)
+    call = mote_main.editor_state(model).history.calls[-1]
+    (name, fixup), = call.revert.items() or [(call.writes[0].param, None)]
+    weight = offload.values(model, [name])[name].float()  # [E, d, h], the edited weights
+    delta = sum(w.update.dense(weight.shape[0]) for w in call.writes)  # [E, d, h] float32
+    relative_change = float(delta.norm() / (weight - delta).norm())
+    fixup_fraction = 0.0 if fixup is None else fixup.index.numel() / weight.numel()
+    return {"mode": mode, "layers": layers, "label": f"{mode}, {layers} layers", "shape": shape, "load_s": load_s, "edit_s": edit_s, "model_bytes": model_bytes,
+            "edited_block_bytes": block_bytes, "rss_after_load": after_load - start, "file_rss_after_load": file_after_load,
+            "peak_above_load": {k: max(0, v - after_load) for k, v in peaks.peaks.items()},
+            "edit_peak_above_load": max(peaks.peaks.values()) - after_load, "timings": mote_main.last_timings(model),
+            "relative_change": relative_change, "revert_fixup_fraction": fixup_fraction}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    runs = {r["label"]: r for r in report["runs"]}
+    stages = [s for s in ("statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback", "history", "store")
+              if any(s in r["peak_above_load"] for r in runs.values())]
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    lines = [f"# MoTE edit memory, model in memory vs disk-offloaded ({report['shape']} layer shape)", "",
+             f"`python benchmarks/offload_memory.py{' --reduced' if report['shape'] == 'reduced' else ''}` on "
+             f"{report['machine']}, torch {report['torch']}, {report['date']}. One edit of {EDITS} requests at the last "
+             "decoder layer, bf16, random weights. GiB of the process's own (anonymous) "
+             "resident memory; pages of mmapped checkpoint files, which the kernel can drop, are not counted (their "
+             "level after loading is the last row). Each stage's row is the highest level while it ran.", "",
+             "| | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs),
+             "| model weights (all layers) | " + " | ".join(g(r["model_bytes"]) for r in runs.values()) + " |",
+             "| edited MoE block | " + " | ".join(g(r["edited_block_bytes"]) for r in runs.values()) + " |",
+             "| resident after loading | " + " | ".join(g(r["rss_after_load"]) for r in runs.values()) + " |",
+             "| **edit: peak above that** | " + " | ".join(f"**{g(r['edit_peak_above_load'])}**" for r in runs.values()) + " |"]
+    lines += [f"| &nbsp; {s} | " + " | ".join(g(r["peak_above_load"].get(s, 0)) for r in runs.values()) + " |" for s in stages]
+    lines += ["| mmapped file pages after loading (not counted above) | " + " | ".join(g(r["file_rss_after_load"]) for r in runs.values()) + " |",
+              "| load time (s) | " + " | ".join(f"{r['load_s']:.1f}" for r in runs.values()) + " |",
+              "| edit: \\|ΔW\\| / \\|W\\| of the edited down_proj | " + " | ".join(f"{r['relative_change']:.3f}" for r in runs.values()) + " |",
+              "| edit history: revert fix-up entries / entries | " + " | ".join(f"{r['revert_fixup_fraction']:.3f}" for r in runs.values()) + " |",
+              "| edit time (s) | " + " | ".join(f"{r['edit_s']:.1f}" for r in runs.values()) + " |",
+              "| **peak of the process during the edit** | " + " | ".join(
+                  f"**{g(r['rss_after_load'] + r['edit_peak_above_load'])}**" for r in runs.values()) + " |"]
+    layers = SHAPES[report["shape"]]["layers"]
+    if {f"memory, {layers} layers", f"disk, {layers} layers"} <= runs.keys():
+        m, d = runs[f"memory, {layers} layers"], runs[f"disk, {layers} layers"]
+        lines += ["", f"Peak during the edit (loaded weights + edit): memory {g(m['rss_after_load'] + m['edit_peak_above_load'])} GiB, "
+                  f"disk-offloaded {g(d['rss_after_load'] + d['edit_peak_above_load'])} GiB "
+                  f"({(d['rss_after_load'] + d['edit_peak_above_load']) / (m['rss_after_load'] + m['edit_peak_above_load']):.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reduced", action="store_true", help="a small shape, to check the script")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where offload_memory.{json,md} go")
+    parser.add_argument("--deep", type=int, metavar="N", help="also edit a disk-offloaded model of N decoder layers")
+    parser.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)  # folder, layers
+    parser.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)  # folder, mode, layers
+    args = parser.parse_args(argv)
+    shape = "reduced" if args.reduced else "qwen3-30b-a3b"
+    if args._build:
+        return build(Path(args._build[0]), shape, int(args._build[1]))
+    if args._measure:
+        print(json.dumps(measure(Path(args._measure[0]), args._measure[1], shape, int(args._measure[2]))))
+        return None
+    layers = SHAPES[shape]["layers"]
+    if args.deep is not None and args.deep <= layers:
+        parser.error(f"--deep must be more than the {layers} layers of the main runs, got {args.deep}")
+    extra = ["--reduced"] if args.reduced else []
+    plan = [(layers, "memory"), (layers, "disk")] + ([(args.deep, "disk")] if args.deep else [])
+    runs = []
+    for n in dict.fromkeys(n for n, _ in plan):  # one model (and temporary folder) per layer count
+        with tempfile.TemporaryDirectory(prefix="mote-offload-") as tmp:
+            folder = Path(tmp) / "model"
+            print(f"building the {shape} model with {n} layers in {folder} ...", flush=True)
+            subprocess.run([sys.executable, __file__, "--_build", str(folder), str(n), *extra], check=True)
+            for mode in (m for k, m in plan if k == n):
+                print(f"editing, model {mode} ...", flush=True)
+                out = subprocess.run([sys.executable, __file__, "--_measure", str(folder), mode, str(n), *extra],
+                                     check=True, stdout=subprocess.PIPE, text=True).stdout
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+    report = {"shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "offload_memory" + ("-reduced" if args.reduced else "")
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
