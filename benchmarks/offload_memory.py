@@ -11,8 +11,8 @@ heads) and random weights is saved once; each mode then runs in a fresh process:
     disk    `from_pretrained(folder, device_map=..., offload_folder=...)`: every decoder layer offloaded to disk,
             embeddings, norm and head on the CPU (accelerate loads a layer's weights only for its forward pass)
 
-(`--deep N`: also a model of N layers, disk-offloaded: the peak should not grow with the layers not edited)
-and applies one MoTE edit (10 CounterFact requests, hparams/MoTE/qwen3-30b-a3b.yaml at the last layer, fewer v*
+(`--deep N`: also a model of N layers, made from the saved one by repeating its layers, disk-offloaded: the peak
+should not grow with the layers that are not edited), and applies one MoTE edit (10 CounterFact requests, hparams/MoTE/qwen3-30b-a3b.yaml at the last layer, fewer v*
 steps and preservation tokens: memory does not depend on them). A thread samples the resident set size every 5 ms;
 each stage (statistics, projectors, Tucker basis, v*, capture, solve, writeback, history, store) reports its peak of
 anonymous memory (mmapped checkpoint pages excluded) above the level
@@ -87,6 +87,41 @@ def build(folder: Path, shape: str, layers: int) -> None:
     torch.set_default_dtype(torch.bfloat16)
     model = Qwen3MoeForCausalLM(config)
     model.save_pretrained(folder)
+
+
+def deepen(src: Path, dst: Path, layers: int) -> None:
+    """A checkpoint with `layers` decoder layers made from the saved one by repeating its layers, written one layer per
+    shard and one layer at a time (building a deep model in memory takes all of it at once: 12 layers do not fit in
+    24 GiB)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((src / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    where = {}  # tensor name -> file
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            where |= {k: path for k in f.keys()}
+
+    def copy(names: dict[str, str], shard: str) -> dict[str, str]:  # {new name: old name} -> weight map entries
+        tensors = {}
+        for new, old in names.items():
+            with safe_open(str(where[old]), framework="pt") as f:
+                tensors[new] = f.get_tensor(old)
+        save_file(tensors, dst / shard, metadata={"format": "pt"})
+        return {new: shard for new in names}
+
+    dst.mkdir(parents=True)
+    weight_map = copy({k: k for k in where if not k.startswith("model.layers.")}, "rest.safetensors")
+    for i in range(layers):
+        prefix = f"model.layers.{i % n}."
+        weight_map |= copy({f"model.layers.{i}.{k[len(prefix):]}": k for k in where if k.startswith(prefix)},
+                           f"layer-{i:03d}.safetensors")
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config["num_hidden_layers"] = layers
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = [config["layer_types"][i % n] for i in range(layers)]
+    (dst / "config.json").write_text(json.dumps(config, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,23 +279,24 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--deep must be more than the {layers} layers of the main runs, got {args.deep}")
     extra = ["--reduced"] if args.reduced else []
     plan = [(layers, "memory"), (layers, "disk")] + ([(args.deep, "disk")] if args.deep else [])
-    runs = []
-    for n in dict.fromkeys(n for n, _ in plan):  # one model (and temporary folder) per layer count
-        with tempfile.TemporaryDirectory(prefix="mote-offload-") as tmp:
-            folder = Path(tmp) / "model"
-            print(f"building the {shape} model with {n} layers in {folder} ...", flush=True)
-            subprocess.run([sys.executable, __file__, "--_build", str(folder), str(n), *extra], check=True)
-            for mode in (m for k, m in plan if k == n):
-                print(f"editing, model {mode} ...", flush=True)
-                out = subprocess.run([sys.executable, __file__, "--_measure", str(folder), mode, str(n), *extra],
-                                     check=True, stdout=subprocess.PIPE, text=True).stdout
-                runs.append(json.loads(out.strip().splitlines()[-1]))
     report = {"shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "runs": runs}
+              "date": datetime.date.today().isoformat(), "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "offload_memory" + ("-reduced" if args.reduced else "")
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{name}.md").write_text(markdown(report))
+    with tempfile.TemporaryDirectory(prefix="mote-offload-") as tmp:
+        folder = Path(tmp) / "model"
+        print(f"building the {shape} model in {folder} ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--_build", str(folder), str(layers), *extra], check=True)
+        for n, mode in plan:
+            if n != layers and not (Path(tmp) / f"model-{n}").exists():
+                deepen(folder, Path(tmp) / f"model-{n}", n)
+            print(f"editing, model {mode}, {n} layers ...", flush=True)
+            where = folder if n == layers else Path(tmp) / f"model-{n}"
+            out = subprocess.run([sys.executable, __file__, "--_measure", str(where), mode, str(n), *extra],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
+            report["runs"].append(json.loads(out.strip().splitlines()[-1]))
+            (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))  # after every run: a late failure
+            (args.out / f"{name}.md").write_text(markdown(report))  # keeps what was measured
     print(markdown(report))
 
 

@@ -225,8 +225,9 @@ def model_fingerprint(model: nn.Module, sample: int = 1024) -> str:
     """sha256 over every state-dict entry's name, shape, dtype, first and last `sample` elements and float64 sum
     (an entry offloaded by accelerate is read from its weights map).
 
-    Cheap (one chunked reduction per tensor, no full copy to the CPU or to float64) and sensitive to any edit that changes a tensor's sum
-    or its ends, e.g. an in-place update of one expert; an edit preserving a tensor's sum exactly goes unseen.
+    Cheap (one chunked reduction per tensor, no full copy to the CPU or to float64) and sensitive to any edit that
+    changes a tensor's sum or its ends, e.g. an in-place update of one expert; an edit preserving a tensor's sum
+    exactly goes unseen.
     """
     return tensors_fingerprint(state_items(model), sample)
 
