@@ -11,12 +11,12 @@ heads) and random weights is saved once; each mode then runs in a fresh process:
     disk    `from_pretrained(folder, device_map=..., offload_folder=...)`: every decoder layer offloaded to disk,
             embeddings, norm and head on the CPU (accelerate loads a layer's weights only for its forward pass)
 
-(`--deep N`: also a model of N layers, made from the saved one by repeating its layers, disk-offloaded: the peak
-should not grow with the layers that are not edited), and applies one MoTE edit (10 CounterFact requests, hparams/MoTE/qwen3-30b-a3b.yaml at the last layer, fewer v*
-steps and preservation tokens: memory does not depend on them). A thread samples the resident set size every 5 ms;
-each stage (statistics, projectors, Tucker basis, v*, capture, solve, writeback, history, store) reports its peak of
-anonymous memory (mmapped checkpoint pages excluded) above the level
-after loading. Results: benchmarks/results/offload_memory.{json,md}.
+and applies one MoTE edit (10 CounterFact requests, hparams/MoTE/qwen3-30b-a3b.yaml at the last layer, fewer v*
+steps and preservation tokens: memory does not depend on them). `--deep N` adds a disk-offloaded model of N layers,
+made from the saved one by repeating its layers: the peak should not grow with the layers that are not edited.
+A thread samples the resident set size every 5 ms; each stage (statistics, projectors, Tucker basis, v*, capture,
+solve, writeback, history, store) reports its peak of anonymous memory (mmapped checkpoint pages excluded) above the
+level after loading. Results: benchmarks/results/offload_memory.{json,md}.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class StagePeaks:
 def measure(folder: Path, mode: str, shape: str, layers: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from mote_plugin.mote import history, mote_main, offload
+    from mote_plugin.mote import mote_main, offload
     from mote_plugin.mote.hparams import MoTEHyperParams
     from mote_plugin.mote.update import ExpertUpdate
 
@@ -232,12 +232,13 @@ def markdown(report: dict) -> str:
     stages = [s for s in ("statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback", "history", "store")
               if any(s in r["peak_above_load"] for r in runs.values())]
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    peak = lambda r: r["rss_after_load"] + r["edit_peak_above_load"]  # noqa: E731  the process during the edit
     lines = [f"# MoTE edit memory, model in memory vs disk-offloaded ({report['shape']} layer shape)", "",
-             f"`python benchmarks/offload_memory.py{' --reduced' if report['shape'] == 'reduced' else ''}` on "
+             f"`{report['command']}` on "
              f"{report['machine']}, torch {report['torch']}, {report['date']}. One edit of {EDITS} requests at the last "
              "decoder layer, bf16, random weights. GiB of the process's own (anonymous) "
              "resident memory; pages of mmapped checkpoint files, which the kernel can drop, are not counted (their "
-             "level after loading is the last row). Each stage's row is the highest level while it ran.", "",
+             "level after loading has its own row). Each stage's row is the highest level while it ran.", "",
              "| | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs),
              "| model weights (all layers) | " + " | ".join(g(r["model_bytes"]) for r in runs.values()) + " |",
              "| edited MoE block | " + " | ".join(g(r["edited_block_bytes"]) for r in runs.values()) + " |",
@@ -249,14 +250,12 @@ def markdown(report: dict) -> str:
               "| edit: \\|ΔW\\| / \\|W\\| of the edited down_proj | " + " | ".join(f"{r['relative_change']:.3f}" for r in runs.values()) + " |",
               "| edit history: revert fix-up entries / entries | " + " | ".join(f"{r['revert_fixup_fraction']:.3f}" for r in runs.values()) + " |",
               "| edit time (s) | " + " | ".join(f"{r['edit_s']:.1f}" for r in runs.values()) + " |",
-              "| **peak of the process during the edit** | " + " | ".join(
-                  f"**{g(r['rss_after_load'] + r['edit_peak_above_load'])}**" for r in runs.values()) + " |"]
+              "| **peak of the process during the edit** | " + " | ".join(f"**{g(peak(r))}**" for r in runs.values()) + " |"]
     layers = SHAPES[report["shape"]]["layers"]
     if {f"memory, {layers} layers", f"disk, {layers} layers"} <= runs.keys():
         m, d = runs[f"memory, {layers} layers"], runs[f"disk, {layers} layers"]
-        lines += ["", f"Peak during the edit (loaded weights + edit): memory {g(m['rss_after_load'] + m['edit_peak_above_load'])} GiB, "
-                  f"disk-offloaded {g(d['rss_after_load'] + d['edit_peak_above_load'])} GiB "
-                  f"({(d['rss_after_load'] + d['edit_peak_above_load']) / (m['rss_after_load'] + m['edit_peak_above_load']):.2f}x)."]
+        lines += ["", f"Peak during the edit (loaded weights + edit): memory {g(peak(m))} GiB, disk-offloaded "
+                  f"{g(peak(d))} GiB ({peak(d) / peak(m):.2f}x)."]
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--deep must be more than the {layers} layers of the main runs, got {args.deep}")
     extra = ["--reduced"] if args.reduced else []
     plan = [(layers, "memory"), (layers, "disk")] + ([(args.deep, "disk")] if args.deep else [])
-    report = {"shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
+    command = " ".join(["python benchmarks/offload_memory.py", *extra, *([f"--deep {args.deep}"] if args.deep else [])])
+    report = {"command": command, "shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "offload_memory" + ("-reduced" if args.reduced else "")

@@ -27,6 +27,7 @@ import torch
 RULES = ("relative", "absolute")
 FALLBACKS = ("freeze", "identity")
 DEFAULT_THRESHOLD = {"relative": 1e-2, "absolute": 2e-2}
+CHUNK_EXPERTS = 8  # experts whose eigen-decompositions run together (float64 work ~5 x 8 x h^2 x 8 bytes)
 
 
 def nullspace_projectors(
@@ -82,9 +83,6 @@ def nullspace_projectors(
         part = slice(start, start + CHUNK_EXPERTS)
         P[part] = _projectors(moments[part], has_stats[part], rule, threshold, fallback)
     return P
-
-
-CHUNK_EXPERTS = 8  # experts whose eigen-decompositions run together (float64 work ~5 x 8 x h^2 x 8 bytes)
 
 
 def _projectors(moments: torch.Tensor, has_stats: torch.Tensor, rule: str, threshold: float, fallback: str) -> torch.Tensor:

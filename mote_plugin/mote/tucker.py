@@ -218,11 +218,13 @@ def tucker_factors(
 
     # [E, d, h] the one working copy (contiguous, so unfoldings are views; whitened in place, expert by expert)
     W_work = W.to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
+    S_in_w = S_in.to(compute_dtype) if whiten_in else None  # [h, h]
+    S_out_w = S_out.to(compute_dtype) if whiten_out else None  # [d, d]
     for W_j in W_work if whiten_in or whiten_out else ():  # [d, h]
         if whiten_in:
-            W_j.copy_(W_j @ S_in.to(compute_dtype))  # W_j S_in
+            W_j.copy_(W_j @ S_in_w)  # W_j S_in
         if whiten_out:
-            W_j.copy_(S_out.to(compute_dtype) @ W_j)  # S_out W_j (S_in)
+            W_j.copy_(S_out_w @ W_j)  # S_out W_j (S_in)
 
     G_e, G_out, G_in = _mode_grams(W_work)  # [E, E], [d, d], [h, h]
     factors = [_top_eigenvectors(G, r) for G, r in zip((G_e, G_out, G_in), ranks)]
