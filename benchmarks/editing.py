@@ -40,8 +40,11 @@ def main() -> None:
         opts = BuildOptions(arch=arch)
         out = DEFAULT_OUT.format(arch=arch, facts=opts.facts)
         build(out, opts)
-        model, tok, facts, _ = load(out)
+        model, tok, facts, report = load(out)
         hp = MoTEHyperParams.from_hparams(str(ROOT / "hparams" / "MoTE" / f"testbed-{arch}"))
+        if (hp.fact_token, hp.layers) != (report["lookup_token"], report["edit_layers"]):
+            raise SystemExit(f"testbed-{arch}.yaml edits {hp.fact_token} at {hp.layers}, but the build's tracing report "
+                             f"selects {report['lookup_token']} at {report['edit_layers']}: update the YAML")
         records = [f for f in facts if f["known"]][: args.n]
         requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]} for r in records]
         before = counterfact_metrics(model, tok, records)
