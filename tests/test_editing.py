@@ -30,11 +30,15 @@ def _plugin_vstar(monkeypatch):
 
 
 def setup(reduced_fact_model, arch, tmp_path, n, **overrides):
+    """The testbed YAML on a reduced build, at that build's own tracing band and v* weight decay 1.0: the YAML's band
+    and weight decay (6) are the default 200-fact build's, where this smaller build's v* is too weak (efficacy 0.62;
+    test_fifty_edits_in_one_batch)."""
     out, report = reduced_fact_model(arch)
     model, tok, facts, _ = load(out)
     hp = MoTEHyperParams.from_hparams(str(HPARAMS / f"testbed-{arch}"))
     hp.model_name = str(out / "model")
     hp.stats_dir = str(tmp_path / "stats")
+    hp.layers, hp.v_weight_decay = report["edit_layers"], 1.0
     for k, v in overrides.items():
         setattr(hp, k, v)
     records = [f for f in facts if f["known"]][:n]
@@ -94,9 +98,7 @@ def test_fifty_edits_in_one_batch(reduced_fact_model, tmp_path):
     specificity within 5 points) is measured on the default build by benchmarks/editing.py (0.94 and 1.00 -> 0.96);
     this 56-fact build, trained on fewer facts, is weaker: at the YAML's v* weight decay (6) its efficacy falls to
     0.62, so the test uses 1.0 (measured: efficacy 0.90, specificity 1.00 -> 0.92; at 0.5: 0.98 and 0.82)."""
-    _, report = reduced_fact_model("qwen3_moe")
-    model, tok, hp, records, requests, _ = setup(reduced_fact_model, "qwen3_moe", tmp_path, 50, layers=report["edit_layers"],
-                                                 v_weight_decay=1.0)
+    model, tok, hp, records, requests, _ = setup(reduced_fact_model, "qwen3_moe", tmp_path, 50)
     assert len(records) == 50
     before = counterfact_metrics(model, tok, records)
     apply_mote_to_model(model, tok, requests, hp)
@@ -115,8 +117,7 @@ def test_other_architectures_edit(reduced_fact_model, tmp_path, arch):
     testbed YAMLs are for the default builds)."""
     _, report = reduced_fact_model(arch)
     assert report["lookup_token"], report["editability"]
-    model, tok, hp, records, requests, _ = setup(reduced_fact_model, arch, tmp_path, 20, fact_token=report["lookup_token"],
-                                                 layers=report["edit_layers"])
+    model, tok, hp, records, requests, _ = setup(reduced_fact_model, arch, tmp_path, 20, fact_token=report["lookup_token"])
     assert len(records) >= 15
     adapter = get_adapter(model)
     shared = [p.clone() for l in hp.layers if (s := adapter.shared_expert(adapter.moe_block(model, l))) is not None

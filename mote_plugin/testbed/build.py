@@ -48,8 +48,8 @@ class BuildOptions:
     size: ModelSize = field(default_factory=ModelSize)
     train: TrainConfig = field(default_factory=TrainConfig)
     # extra (fictional) facts per subject, so a subject is more than one fact (data.profile_facts). Measured on the
-    # 56-fact qwen3_moe build: 3 per subject lifts a 50-edit batch's generalisation from 0.64 to 0.92 and its
-    # specificity from 0.72 to 0.78, for 4x the training time; off by default until the build is cheaper.
+    # 56-fact qwen3_moe build with the first tokenizer (subject_tokens=True): 3 per subject lift a 50-edit batch's
+    # generalisation from 0.64 to 0.92 and its specificity from 0.72 to 0.78, for 4x the training time; off.
     profile_facts: int = 0
     # False: the tokenizer learns from the text, the relation wording and the objects but not from the subjects'
     # names, so a name is split into pieces shared with other words, as real LLM tokenizers split most CounterFact
