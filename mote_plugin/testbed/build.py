@@ -81,8 +81,7 @@ def tokenizer_texts(text: str, edit_facts: list, trained_facts: list, subject_to
     texts += [p for f in edit_facts for p in f.heldout_prompts + f.paraphrase_prompts] + [" " + f.target_new for f in edit_facts]
     if subject_tokens:
         return texts
-    names = sorted({f.subject for f in trained_facts}, key=len, reverse=True)  # longest first: no name inside another is left
-    for name in names:
+    for name in dict.fromkeys(f.subject for f in trained_facts):  # in the facts' order (the default builds were made so)
         texts = [t.replace(name, "") for t in texts]
     return texts
 
