@@ -17,22 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def reduced_mote_yaml(tmp_path, out_dir) -> str:
-    """The testbed YAML at the reduced build's own band and v* weight decay 1.0 (the YAML's band and its weight decay
-    of 6 are for the default 200-fact build; tests/test_editing.py::test_fifty_edits_in_one_batch has the numbers)."""
-    yaml_path = ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"
-    if not (Path(out_dir) / "report.json").exists():  # not a fact model (the bad-config tests): the YAML as it is
-        return str(yaml_path)
-    hp = yaml.safe_load(yaml_path.read_text())
-    hp |= {"layers": json.loads((Path(out_dir) / "report.json").read_text())["edit_layers"], "v_weight_decay": 1.0}
-    path = tmp_path / "mote-reduced.yaml"
-    path.write_text(yaml.safe_dump(hp))
-    return str(path)
-
-
 def write_config(tmp_path, out_dir, **kw) -> Path:
     cfg = {"model": str(out_dir), "n": 6, "batch_size": 3, "out": str(tmp_path / "out"),
-           "methods": {"MoTE": reduced_mote_yaml(tmp_path, out_dir),
+           "methods": {"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"),
                        "MEMIT": str(ROOT / "hparams/MEMIT/testbed-qwen3_moe.yaml")}} | kw
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -65,7 +52,7 @@ def test_weights_restored_between_methods(reduced_fact_model, tmp_path):
     cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=2, batch_size=1))
     records = [f for f in facts if f["known"]][:2]
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    result = run_method("MoTE", reduced_mote_yaml(tmp_path, out_dir), model, tok, records, cfg, None, {})
+    result = run_method("MoTE", str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), model, tok, records, cfg, None, {})
     assert result.status == "ok" and result.metrics["efficacy"] == 1.0
     assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
 
@@ -106,12 +93,11 @@ def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path,
     plugin's v*; the host's prints its loss), and the metrics say so (nothing is claimed for zsRE on the fact model)."""
     out_dir, _ = reduced_fact_model("qwen3_moe")
     cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre", data=str(shared_data / "zsre/zsre-eval.json"),
-                                               n=4, batch_size=4, methods={"MoTE": reduced_mote_yaml(tmp_path, out_dir)}))
+                                               n=4, batch_size=4, methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
     report = compare(cfg, log=lambda m: None)
     unedited, mote = (r["metrics"] for r in report["results"])
     assert unedited["specificity"] == 1.0 and unedited["efficacy"] < 0.5
-    # token accuracy on answers the model cannot produce: nothing to gain (0.10 vs 0.125 unedited, 4 records)
-    assert 0.0 <= mote["efficacy"] <= 0.5 and 0.0 <= mote["specificity"] <= 1.0
+    assert mote["efficacy"] >= unedited["efficacy"] and 0.0 <= mote["specificity"] <= 1.0
     from mote_plugin.mote import host
 
     if host.compute_z_fn() is None:  # the plugin's own v* reports its final loss (the host's prints it instead)

@@ -131,9 +131,9 @@ def test_reduced_fact_model_knows_its_facts(reduced_fact_model):
 
 
 def test_subject_names_are_split_into_shared_pieces(tiny_builds, tmp_path):
-    """By default the tokenizer never sees the subjects' names, so a name is made of pieces other words use too
-    (as real LLM tokenizers split most CounterFact subjects); `subject_tokens=True` (the first builds) gives names
-    tokens of their own, and its cache is kept apart."""
+    """With `subject_tokens=False` the tokenizer never sees the subjects' names, so a name is made of pieces other
+    words use too (as real LLM tokenizers split most CounterFact subjects); the default gives names tokens of their
+    own; the two caches are kept apart."""
     from mote_plugin.testbed.build import tokenizer_texts
     from mote_plugin.testbed.data import Fact
 
@@ -145,11 +145,11 @@ def test_subject_names_are_split_into_shared_pieces(tiny_builds, tmp_path):
     assert any("Danielle Darrieux" in t for t in tokenizer_texts("", facts[:1], facts, subject_tokens=True))
 
     path, opts, _ = tiny_builds["qwen3_moe"]
-    assert opts.subject_tokens is False
-    build(tmp_path / "own", replace(opts, subject_tokens=True), log=lambda m: None)
+    assert opts.subject_tokens is True
+    build(tmp_path / "shared", replace(opts, subject_tokens=False), log=lambda m: None)
     facts = load(path)[2]
     subjects = sorted({f["subject"] for f in facts})
     pieces = [sum(len(tok(" " + s, add_special_tokens=False)["input_ids"]) for s in subjects)
-              for tok in (load(path)[1], load(tmp_path / "own")[1])]
+              for tok in (load(tmp_path / "shared")[1], load(path)[1])]
     assert pieces[0] > 1.1 * pieces[1], pieces  # measured at this tiny size (600 tokens): 213 vs 184
-    assert opts.fingerprint() != replace(opts, subject_tokens=True).fingerprint()
+    assert opts.fingerprint() != replace(opts, subject_tokens=False).fingerprint()

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seed", "vocab_size", "corpus_chars", "threads", "probe_facts", "profile_facts"):
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildOptions, name), dest=name)
     b.add_argument("--subject-tokens", action=argparse.BooleanOptionalAction, default=BuildOptions.subject_tokens,
-                   help="train the tokenizer on the subjects' names too, so each gets tokens of its own (the first "
-                        "builds' behaviour; specificity cannot be measured on such a model)")
+                   help="train the tokenizer on the subjects' names too, so each gets tokens of its own (default; "
+                        "--no-subject-tokens splits names into shared pieces, README 'Specificity')")
     _add_dataclass_args(b, ModelSize)
     _add_dataclass_args(b, TrainConfig, skip=("seed",))
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
