@@ -36,6 +36,10 @@ from .train import TrainConfig, statement, train
 MANIFEST = "manifest.json"
 
 
+# options added after the first release, with the behaviour builds had before them
+OPTIONS_ADDED_LATER = {"profile_facts": 0, "subject_tokens": True}
+
+
 @dataclass
 class BuildOptions:
     arch: str = "qwen3_moe"
@@ -67,10 +71,9 @@ class BuildOptions:
         d["version"] = __version__
         # the model code is transformers': a build trained under one version may compute differently under another
         d["transformers"] = transformers.__version__
-        if not d["profile_facts"]:  # added after the first release: caches built without it stay valid
-            del d["profile_facts"]
-        if d["subject_tokens"]:  # added after the first release: caches built without it stay valid
-            del d["subject_tokens"]
+        for name, first_release in OPTIONS_ADDED_LATER.items():  # at that value, caches built before it stay valid
+            if d[name] == first_release:
+                del d[name]
         return d
 
 
