@@ -2,9 +2,13 @@
 after, and the wall time per stage. Writes benchmarks/results/editing.md.
 
     python benchmarks/editing.py [--arch qwen3_moe gpt_oss qwen3_5_moe] [--n 50]
+    python benchmarks/editing.py --build DIR [--offset 50] [--set layers=[1,2,3]] [--sweep v_weight_decay=0.5,3,6] --out F
 
 The fact models are built first when their cache is missing (python benchmarks/testbed.py builds all three).
 Statistics are computed once per model and layer (a fresh stats directory per run, so their cost is measured).
+`--build` measures an existing build instead (e.g. one made with `mote-testbed build --no-subject-tokens`), with the
+testbed YAML of its architecture; `--set KEY=VALUE` overrides a YAML key (read as YAML), `--sweep KEY=V1,V2,...`
+runs the batch once per value on the same facts (the weights restored in between), `--offset` skips known facts.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.metrics import counterfact_metrics
@@ -28,44 +35,88 @@ METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("statistics", "vstar", "capture", "solve", "writeback")
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """"layers=[1,2,3]" -> ("layers", [1, 2, 3]); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def sweep(text: str) -> tuple[str, list]:
+    """"v_weight_decay=0.5,3,6" -> ("v_weight_decay", [0.5, 3, 6])."""
+    key, value = key_value(text)
+    values = value if isinstance(value, list) else [yaml.safe_load(v) for v in str(value).split(",")]
+    return key, values
+
+
+def runs(args) -> list[tuple[str, dict]]:
+    """(build directory, YAML changes) for every batch to measure."""
+    changes = dict(args.set)
+    if args.build:
+        dirs = [args.build]
+    else:
+        dirs = []
+        for arch in args.arch:
+            opts = BuildOptions(arch=arch)
+            out = DEFAULT_OUT.format(arch=arch, facts=opts.facts)
+            build(out, opts)
+            dirs.append(out)
+    if args.sweep is None:
+        return [(d, changes) for d in dirs]
+    key, values = args.sweep
+    return [(d, changes | {key: v}) for d in dirs for v in values]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="*", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--build", help="an existing fact-model build directory (instead of the default builds)")
     parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--offset", type=int, default=0, help="known facts skipped before the batch")
+    parser.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--sweep", type=sweep, metavar="KEY=V1,V2,...")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
-    for arch in args.arch:
-        opts = BuildOptions(arch=arch)
-        out = DEFAULT_OUT.format(arch=arch, facts=opts.facts)
-        build(out, opts)
+    for out, changes in runs(args):
         model, tok, facts, report = load(out)
-        hp = MoTEHyperParams.from_hparams(str(ROOT / "hparams" / "MoTE" / f"testbed-{arch}"))
-        if (hp.fact_token, hp.layers) != (report["lookup_token"], report["edit_layers"]):
-            raise SystemExit(f"testbed-{arch}.yaml edits {hp.fact_token} at {hp.layers}, but the build's tracing report "
-                             f"selects {report['lookup_token']} at {report['edit_layers']}: update the YAML")
-        records = [f for f in facts if f["known"]][: args.n]
+        hp = MoTEHyperParams.from_hparams(str(ROOT / "hparams" / "MoTE" / f"testbed-{report['arch']}"))
+        hp = hp.updated("--set/--sweep", **changes)
+        chosen = {"fact_token", "layers"} & set(changes)
+        if not chosen and (hp.fact_token, hp.layers) != (report["lookup_token"], report["edit_layers"]):
+            raise SystemExit(f"testbed-{report['arch']}.yaml edits {hp.fact_token} at {hp.layers}, but the build's tracing "
+                             f"report selects {report['lookup_token']} at {report['edit_layers']}: update the YAML "
+                             f"(or choose them with --set)")
+        records = [f for f in facts if f["known"]][args.offset: args.offset + args.n]
+        if not records:
+            raise SystemExit(f"{out}: no known facts after the first {args.offset}")
         requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]} for r in records]
         before = counterfact_metrics(model, tok, records)
         with tempfile.TemporaryDirectory() as stats_dir:
             hp.stats_dir = stats_dir
-            apply_mote_to_model(model, tok, requests, hp)
+            _, originals = apply_mote_to_model(model, tok, requests, hp, return_orig_weights=True)
         after = counterfact_metrics(model, tok, records)
-        rows.append((arch, len(records), hp, before, after, last_timings(model)))
-        print(arch, {k: (round(before[k], 3), round(after[k], 3)) for k in METRICS}, last_timings(model))
+        rows.append((report["arch"], len(records), hp, changes, before, after, last_timings(model)))
+        print(report["arch"], changes, {k: (round(before[k], 3), round(after[k], 3)) for k in METRICS}, last_timings(model))
+        with torch.no_grad():  # the next run of a sweep starts from the same weights
+            for name, w in originals.items():
+                model.get_parameter(name).copy_(w)
 
-    lines = ["# One batch of CounterFact edits on the default fact models", "",
-             f"`python benchmarks/editing.py --n {args.n}`; {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+    command = shlex.join(["python", "benchmarks/editing.py", *sys.argv[1:]])
+    lines = ["# One batch of CounterFact edits on the fact models", "",
+             f"`{command}`; {datetime.date.today()}, {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Metrics: unedited -> edited (method.md section 8).", "",
-             "| model | edits | YAML layers / token | " + " | ".join(METRICS) + " | " + " | ".join(f"{s} (s)" for s in STAGES) + " |",
-             "|---|---|---|" + "---|" * (len(METRICS) + len(STAGES))]
-    for arch, n, hp, before, after, t in rows:
-        lines.append(f"| {arch} | {n} | {hp.layers} / {hp.fact_token} | " + " | ".join(f"{before[k]:.2f} -> {after[k]:.2f}" for k in METRICS)
+             "| model | edits | YAML layers / token | changes | " + " | ".join(METRICS) + " | " + " | ".join(f"{s} (s)" for s in STAGES) + " |",
+             "|---|---|---|---|" + "---|" * (len(METRICS) + len(STAGES))]
+    for arch, n, hp, changes, before, after, t in rows:
+        shown = ", ".join(f"{k}={v}" for k, v in changes.items() if k not in ("layers", "fact_token")) or "-"
+        lines.append(f"| {arch} | {n} | {hp.layers} / {hp.fact_token} | {shown} | "
+                     + " | ".join(f"{before[k]:.2f} -> {after[k]:.2f}" for k in METRICS)
                      + " | " + " | ".join(f"{t[s]:.2f}" for s in STAGES) + " |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

@@ -140,3 +140,16 @@ def test_offload_memory_measures_both_modes_on_a_small_shape(tmp_path):
     assert "| **edit: peak above that** |" in (tmp_path / "offload_memory-reduced.md").read_text()
     with pytest.raises(SystemExit):  # --deep must add layers
         offload_memory.main(["--reduced", "--deep", "3", "--out", str(tmp_path)])
+
+
+def test_editing_overrides_and_sweeps_are_read_as_yaml(tmp_path):
+    editing = load("editing")
+    assert editing.key_value("layers=[1, 2, 3]") == ("layers", [1, 2, 3])
+    assert editing.key_value("nullspace_threshold=1e-4") == ("nullspace_threshold", "1e-4")  # made a float by updated()
+    assert editing.sweep("v_weight_decay=0.5,3,6") == ("v_weight_decay", [0.5, 3, 6])
+    assert editing.sweep("v_weight_decay=[1, 2]") == ("v_weight_decay", [1, 2])
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        editing.key_value("layers")
+    args = editing.argparse.Namespace(build=str(tmp_path), set=[("layers", [1, 2])], sweep=("v_weight_decay", [1, 6]), arch=[])
+    assert editing.runs(args) == [(str(tmp_path), {"layers": [1, 2], "v_weight_decay": 1}),
+                                  (str(tmp_path), {"layers": [1, 2], "v_weight_decay": 6})]

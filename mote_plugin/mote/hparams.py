@@ -185,17 +185,26 @@ class MoTEHyperParams(_Base):
             config = yaml.safe_load(f)
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of hyper-parameters, got {type(config).__name__}")
+        return cls._from_mapping(config, path)
+
+    def updated(self, source: str = "overrides", **changes) -> "MoTEHyperParams":
+        """A copy with `changes` applied, read as a YAML would be (e.g. `updated(v_weight_decay="1e-1")`): unknown
+        keys and invalid values raise, naming `source`."""
+        return type(self)._from_mapping(self.to_dict() | changes, source)
+
+    @classmethod
+    def _from_mapping(cls, config: dict, source: str) -> "MoTEHyperParams":
         config = {k: float(v) if isinstance(v, str) and _SCIENTIFIC.match(v.strip()) else v for k, v in config.items()}
         if "alg_name" in config and config["alg_name"] != "MoTE":
-            raise ValueError(f"{path}: alg_name must be 'MoTE', found {config['alg_name']!r}")
+            raise ValueError(f"{source}: alg_name must be 'MoTE', found {config['alg_name']!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown MoTE hyper-parameter(s): {', '.join(unknown)}")
+            raise ValueError(f"{source}: unknown MoTE hyper-parameter(s): {', '.join(unknown)}")
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in config]
         if missing:
-            raise ValueError(f"{path}: missing required MoTE hyper-parameter(s): {', '.join(missing)}")
+            raise ValueError(f"{source}: missing required MoTE hyper-parameter(s): {', '.join(missing)}")
         return cls(**config)
 
     def torch_device(self):
