@@ -54,8 +54,8 @@ def load_config(path: str | Path) -> dict:
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     for name, overrides in {**cfg["methods"], **{k: v for g in (cfg.get("ablations") or {}).values() for k, v in g.items()}}.items():
-        base = dict(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
-        MoTEHyperParams(**(base | (overrides or {})))  # unknown solver names etc. fail here, before any work
+        base = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
+        base.updated(f"{path}: method {name}", **(overrides or {}))  # unknown keys, solver names etc. fail here, before any work
     return cfg
 
 
@@ -99,10 +99,6 @@ def request(r: dict, dataset: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def with_overrides(hp: MoTEHyperParams, overrides: dict | None) -> MoTEHyperParams:
-    return MoTEHyperParams(**(hp.to_dict() | (overrides or {})))
-
-
 def run_sequential(model, tok, requests: list[dict], hp: MoTEHyperParams, z: dict, batch_size: int) -> float:
     """Edit `model` with `requests` in batches (state reset first); seconds spent in the edit calls."""
     mote_main.reset_state(model)
@@ -139,7 +135,7 @@ def targets_once(model, tok, requests: list[dict], hp: MoTEHyperParams) -> dict:
     """v* of every request on the unedited model: {request_key: z [d]}, through the on-disk v* cache (keyed by the
     weights, so every experiment on the same unedited model shares them)."""
     state = mote_main.editor_state(model)
-    cached = with_overrides(hp, {"vstar_cache_dir": str(ROOT / ".cache" / "mote-vstar")})
+    cached = hp.updated(vstar_cache_dir=str(ROOT / ".cache" / "mote-vstar"))
     z = mote_main.targets(model, tok, requests, cached, state)
     return {mote_main.request_key(r): z[i] for i, r in enumerate(requests)}
 
@@ -154,7 +150,7 @@ def method_rows(model, tok, records, dataset, hp, methods: dict, cfg: dict, log)
     vstar_seconds = time.perf_counter() - t
     rows = {"unedited": evaluate(model, tok, records, dataset, loc_before, cfg) | {"seconds": 0.0}}
     for name, overrides in methods.items():
-        mhp = with_overrides(hp, overrides)
+        mhp = hp.updated(name, **(overrides or {}))
         seconds = run_sequential(model, tok, requests, mhp, z, cfg["batch_size"])
         rows[name] = evaluate(model, tok, records, dataset, loc_before, cfg) | {"seconds": seconds}
         log(f"  {name}: " + " ".join(f"{k} {rows[name][k]:.3f}" for k in METRICS) + f" ({seconds:.1f} s)")
@@ -203,7 +199,7 @@ def routing_rows(model, tok, edited, preserved, hp, methods: dict, cfg: dict, lo
     z = targets_once(model, tok, requests, hp)
     rows = {}
     for name, overrides in methods.items():
-        run_sequential(model, tok, requests, with_overrides(hp, overrides), z, cfg["batch_size"])
+        run_sequential(model, tok, requests, hp.updated(name, **(overrides or {})), z, cfg["batch_size"])
         rows[name] = {k: routing_similarity(before[k], routed_experts(model, tok, sets[k])) for k in before}
         log(f"  {name}: " + ", ".join(f"{k} {v['windows']}" for k, v in rows[name].items()))
         model.load_state_dict(original)
