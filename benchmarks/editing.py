@@ -70,7 +70,7 @@ def runs(args) -> list[tuple[str, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="*", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--arch", nargs="*", default=list(ARCHS), choices=ARCHS, help="default builds to measure (not with --build)")
     parser.add_argument("--build", help="an existing fact-model build directory (instead of the default builds)")
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--offset", type=int, default=0, help="known facts skipped before the batch")
