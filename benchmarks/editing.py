@@ -118,5 +118,6 @@ def main() -> None:
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
 if __name__ == "__main__":
     main()

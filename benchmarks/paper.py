@@ -53,8 +53,8 @@ def load_config(path: str | Path) -> dict:
     missing = {"archs", "edits", "batch_size", "methods"} - set(cfg)
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    base = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
     for name, overrides in {**cfg["methods"], **{k: v for g in (cfg.get("ablations") or {}).values() for k, v in g.items()}}.items():
-        base = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
         base.updated(f"{path}: method {name}", **(overrides or {}))  # unknown keys, solver names etc. fail here, before any work
     return cfg
 

@@ -54,7 +54,6 @@ def test_unknown_and_missing_keys(tmp_path):
         MoTEHyperParams.from_hparams(write(tmp_path, text))
 
 
-
 def test_updated_copy_is_read_like_a_yaml(tmp_path):
     hp = MoTEHyperParams.from_hparams(write(tmp_path, YAML))
     new = hp.updated(v_weight_decay="6e0", layers=[1, 2, 3], mote_lambda=2)
@@ -64,6 +63,7 @@ def test_updated_copy_is_read_like_a_yaml(tmp_path):
         hp.updated("--set", v_decay=6)
     with pytest.raises(ValueError, match="v_weight_decay must be a number >= 0"):
         hp.updated(v_weight_decay=-1)
+
 
 @pytest.mark.parametrize(
     "field, value, match",
