@@ -89,6 +89,15 @@ def test_other_options_rebuild(tiny_builds, tmp_path):
     assert any("other options" in m for m in logs)
 
 
+def test_options_added_later_keep_older_caches_valid():
+    """An option added after the first release leaves the fingerprint (so the caches built before it) unchanged at
+    the value builds had before it, and changes it at any other value: top-level and nested (train.*) alike."""
+    base = BuildOptions().fingerprint()
+    assert "profile_facts" not in base and "length_grouped" not in base["train"]
+    assert BuildOptions(subject_tokens=False).fingerprint()["subject_tokens"] is False
+    assert BuildOptions(train=TrainConfig(length_grouped=True)).fingerprint()["train"]["length_grouped"] is True
+
+
 def test_unknown_architecture(capsys):
     with pytest.raises(SystemExit):
         main(["build", "--arch", "llama"])

@@ -59,3 +59,30 @@ def test_readout_mask_last_only_keeps_the_subject_last_token_visible():
     assert not early[0, 0, 5:, 2:5].any() and early[0, 0, :5].all()  # queries up to the subject's end see it all
     assert not late[0, 0, 5:, 2:4].any() and late[0, 0, 5:, 4].all()  # later queries see only its last token
     assert early[1].all() and late[1].all()  # no subject span (a WikiText window): no restriction
+
+
+def test_length_grouped_epochs_keep_the_sequences_and_cut_the_padding():
+    """`length_grouped` reorders an epoch into batches of similar length: the same sequences, far less padding."""
+    import random
+
+    from mote_plugin.testbed.train import epoch_sequences
+
+    facts = [Fact(f"Subject {i}", "P103", "French", train_templates=["The mother tongue of {} is", "{} speaks"]) for i in range(40)]
+    text = " ".join(f"word{i % 50}" for i in range(2000))
+    tok = train_tokenizer([text] + [statement(f, t) for f in facts for t in f.train_templates], 300)
+    text_ids = tok(text, add_special_tokens=False)["input_ids"]
+
+    def epoch(grouped: bool):
+        cfg = TrainConfig(batch_size=8, length_grouped=grouped)
+        return epoch_sequences(facts, text_ids, tok, cfg, random.Random(0), text), cfg.batch_size
+
+    def padded_share(seqs, size):
+        grid = sum(max(len(s) for s, _ in seqs[i : i + size]) * len(seqs[i : i + size]) for i in range(0, len(seqs), size))
+        return 1 - sum(len(s) for s, _ in seqs) / grid
+
+    (plain, size), (grouped, _) = epoch(False), epoch(True)
+    assert sorted(map(repr, plain)) == sorted(map(repr, grouped))
+    print(f"padding share: random batches {padded_share(plain, size):.2f}, length-grouped {padded_share(grouped, size):.2f}")
+    assert padded_share(grouped, size) < 0.5 * padded_share(plain, size)
+    lengths = [len(s) for s, _ in grouped]
+    assert lengths != sorted(lengths)  # the batch order is shuffled, not one ascending run

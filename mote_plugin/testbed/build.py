@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 
 
 # options added after the first release, with the behaviour builds had before them
-OPTIONS_ADDED_LATER = {"profile_facts": 0, "subject_tokens": True}
+OPTIONS_ADDED_LATER = {"profile_facts": 0, "subject_tokens": True, "train.length_grouped": False}
 
 
 @dataclass
@@ -72,8 +72,10 @@ class BuildOptions:
         # the model code is transformers': a build trained under one version may compute differently under another
         d["transformers"] = transformers.__version__
         for name, first_release in OPTIONS_ADDED_LATER.items():  # at that value, caches built before it stay valid
-            if d[name] == first_release:
-                del d[name]
+            *outer, key = name.split(".")  # "train.length_grouped": a field of a nested options dataclass
+            holder = d[outer[0]] if outer else d
+            if holder[key] == first_release:
+                del holder[key]
         return d
 
 

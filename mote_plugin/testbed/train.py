@@ -40,6 +40,10 @@ class TrainConfig:
     subject_readout_last_only: bool = True
     # share of fact statements trained under those masks (the rest see full attention, as at inference)
     subject_readout_share: float = 0.5
+    # Batches of sequences of similar length (each epoch sorted by length, cut into batches, batch order shuffled),
+    # as transformers' group_by_length: on the 56-fact build with 3 profile facts each, 56% of a randomly batched
+    # token grid is padding, 3% when grouped. Off: the measured builds were trained with random batches.
+    length_grouped: bool = False
     seed: int = 0
 
 
@@ -81,6 +85,11 @@ def epoch_sequences(facts: list[Fact], text_ids: list[int], tok, cfg: TrainConfi
         i = rng.randrange(0, len(text_ids) - cfg.text_window)
         seqs.append(([tok.bos_token_id] + text_ids[i : i + cfg.text_window], None))
     rng.shuffle(seqs)
+    if cfg.length_grouped:
+        seqs.sort(key=lambda s: len(s[0]))  # stable: equal lengths keep their shuffled order
+        batches = [seqs[i : i + cfg.batch_size] for i in range(0, len(seqs), cfg.batch_size)]
+        rng.shuffle(batches)
+        seqs = [s for batch in batches for s in batch]
     return seqs
 
 
