@@ -72,15 +72,16 @@ def test_length_grouped_epochs_keep_the_sequences_and_cut_the_padding():
     tok = train_tokenizer([text] + [statement(f, t) for f in facts for t in f.train_templates], 300)
     text_ids = tok(text, add_special_tokens=False)["input_ids"]
 
+    size = 8
+
     def epoch(grouped: bool):
-        cfg = TrainConfig(batch_size=8, length_grouped=grouped)
-        return epoch_sequences(facts, text_ids, tok, cfg, random.Random(0), text), cfg.batch_size
+        return epoch_sequences(facts, text_ids, tok, TrainConfig(batch_size=size, length_grouped=grouped), random.Random(0), text)
 
     def padded_share(seqs, size):
         grid = sum(max(len(s) for s, _ in seqs[i : i + size]) * len(seqs[i : i + size]) for i in range(0, len(seqs), size))
         return 1 - sum(len(s) for s, _ in seqs) / grid
 
-    (plain, size), (grouped, _) = epoch(False), epoch(True)
+    plain, grouped = epoch(False), epoch(True)
     assert sorted(map(repr, plain)) == sorted(map(repr, grouped))
     print(f"padding share: random batches {padded_share(plain, size):.2f}, length-grouped {padded_share(grouped, size):.2f}")
     assert padded_share(grouped, size) < 0.5 * padded_share(plain, size)
