@@ -77,13 +77,13 @@ def test_length_grouped_epochs_keep_the_sequences_and_cut_the_padding():
     def epoch(grouped: bool):
         return epoch_sequences(facts, text_ids, tok, TrainConfig(batch_size=size, length_grouped=grouped), random.Random(0), text)
 
-    def padded_share(seqs, size):
+    def padded_share(seqs):
         grid = sum(max(len(s) for s, _ in seqs[i : i + size]) * len(seqs[i : i + size]) for i in range(0, len(seqs), size))
         return 1 - sum(len(s) for s, _ in seqs) / grid
 
     plain, grouped = epoch(False), epoch(True)
     assert sorted(map(repr, plain)) == sorted(map(repr, grouped))
-    print(f"padding share: random batches {padded_share(plain, size):.2f}, length-grouped {padded_share(grouped, size):.2f}")
-    assert padded_share(grouped, size) < 0.5 * padded_share(plain, size)
+    print(f"padding share: random batches {padded_share(plain):.2f}, length-grouped {padded_share(grouped):.2f}")
+    assert padded_share(grouped) < 0.5 * padded_share(plain)
     lengths = [len(s) for s, _ in grouped]
     assert lengths != sorted(lengths)  # the batch order is shuffled, not one ascending run
