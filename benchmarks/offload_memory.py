@@ -2,7 +2,7 @@
 
     python benchmarks/offload_memory.py             # 4 decoder layers of Qwen3-30B-A3B shape, bf16 (~6 min, 2 cores)
     python benchmarks/offload_memory.py --deep 12   # and a 12-layer model disk-offloaded (+ ~14 GB disk, ~15 min)
-    python benchmarks/offload_memory.py --reduced   # a small shape, to check the script (~1 min)
+    python benchmarks/offload_memory.py --reduced   # a small shape, to check the script (~1 min; --edits 3: ~40 s)
 
 A Qwen3-MoE model with the real layer shape (d_model 2048, 128 experts top-8, expert hidden 768, 32/4 attention
 heads) and random weights is saved once; each mode then runs in a fresh process:
@@ -11,8 +11,8 @@ heads) and random weights is saved once; each mode then runs in a fresh process:
     disk    `from_pretrained(folder, device_map=..., offload_folder=...)`: every decoder layer offloaded to disk,
             embeddings, norm and head on the CPU (accelerate loads a layer's weights only for its forward pass)
 
-and applies one MoTE edit (10 CounterFact requests, hparams/MoTE/qwen3-30b-a3b.yaml at the last layer, fewer v*
-steps and preservation tokens: memory does not depend on them). `--deep N` adds a disk-offloaded model of N layers,
+and applies one MoTE edit (10 CounterFact requests, or `--edits N`; hparams/MoTE/qwen3-30b-a3b.yaml at the last layer,
+fewer v* steps and preservation tokens: memory does not depend on them). `--deep N` adds a disk-offloaded model of N layers,
 made from the saved one by repeating its layers: the peak should not grow with the layers that are not edited.
 A thread samples the resident set size every 5 ms; each stage (statistics, projectors, Tucker basis, v*, capture,
 solve, writeback, history, store) reports its peak of anonymous memory (mmapped checkpoint pages excluded) above the
@@ -165,7 +165,7 @@ class StagePeaks:
         self._thread.join()
 
 
-def measure(folder: Path, mode: str, shape: str, layers: int) -> dict:
+def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS) -> dict:
     from transformers import AutoModelForCausalLM
 
     from mote_plugin.mote import mote_main, offload
@@ -205,7 +205,7 @@ def measure(folder: Path, mode: str, shape: str, layers: int) -> dict:
         peaks.stage(owner, name, label)
     t = time.time()
     with peaks:
-        mote_main.apply_mote_to_model(model, tok, requests(), hp)
+        mote_main.apply_mote_to_model(model, tok, requests(edits), hp)
     edit_s = time.time() - t
     # how large the edit is relative to the weights, and how much of the parameter the edit history's revert fix-up
     # holds (docs/patches.md: it grows with the relative size of the change)
@@ -235,7 +235,7 @@ def markdown(report: dict) -> str:
     peak = lambda r: r["rss_after_load"] + r["edit_peak_above_load"]  # noqa: E731  the process during the edit
     lines = [f"# MoTE edit memory, model in memory vs disk-offloaded ({report['shape']} layer shape)", "",
              f"`{report['command']}` on "
-             f"{report['machine']}, torch {report['torch']}, {report['date']}. One edit of {EDITS} requests at the last "
+             f"{report['machine']}, torch {report['torch']}, {report['date']}. One edit of {report.get('edits', EDITS)} requests at the last "
              "decoder layer, bf16, random weights. GiB of the process's own (anonymous) "
              "resident memory; pages of mmapped checkpoint files, which the kernel can drop, are not counted (their "
              "level after loading has its own row). Each stage's row is the highest level while it ran.", "",
@@ -265,22 +265,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where offload_memory.{json,md} go")
     parser.add_argument("--deep", type=int, metavar="N", help="also edit a disk-offloaded model of N decoder layers")
     parser.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)  # folder, layers
-    parser.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)  # folder, mode, layers
+    parser.add_argument("--edits", type=int, default=EDITS, help=f"requests in the edit (default {EDITS}; at most {EDITS})")
+    parser.add_argument("--_measure", nargs=4, help=argparse.SUPPRESS)  # folder, mode, layers, edits
     args = parser.parse_args(argv)
     shape = "reduced" if args.reduced else "qwen3-30b-a3b"
     if args._build:
         return build(Path(args._build[0]), shape, int(args._build[1]))
     if args._measure:
-        print(json.dumps(measure(Path(args._measure[0]), args._measure[1], shape, int(args._measure[2]))))
+        print(json.dumps(measure(Path(args._measure[0]), args._measure[1], shape, int(args._measure[2]), int(args._measure[3]))))
         return None
     layers = SHAPES[shape]["layers"]
+    if not 1 <= args.edits <= EDITS:  # the tokenizer is trained on the first EDITS requests
+        parser.error(f"--edits must be between 1 and {EDITS}, got {args.edits}")
     if args.deep is not None and args.deep <= layers:
         parser.error(f"--deep must be more than the {layers} layers of the main runs, got {args.deep}")
     extra = ["--reduced"] if args.reduced else []
     plan = [(layers, "memory"), (layers, "disk")] + ([(args.deep, "disk")] if args.deep else [])
-    command = " ".join(["python benchmarks/offload_memory.py", *extra, *([f"--deep {args.deep}"] if args.deep else [])])
+    command = " ".join(["python benchmarks/offload_memory.py", *extra, *([f"--deep {args.deep}"] if args.deep else []),
+                        *([f"--edits {args.edits}"] if args.edits != EDITS else [])])
     report = {"command": command, "shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "runs": []}
+              "date": datetime.date.today().isoformat(), "edits": args.edits, "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "offload_memory" + ("-reduced" if args.reduced else "")
     with tempfile.TemporaryDirectory(prefix="mote-offload-") as tmp:
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                 deepen(folder, Path(tmp) / f"model-{n}", n)
             print(f"editing, model {mode}, {n} layers ...", flush=True)
             where = folder if n == layers else Path(tmp) / f"model-{n}"
-            out = subprocess.run([sys.executable, __file__, "--_measure", str(where), mode, str(n), *extra],
+            out = subprocess.run([sys.executable, __file__, "--_measure", str(where), mode, str(n), str(args.edits), *extra],
                                  check=True, stdout=subprocess.PIPE, text=True).stdout
             report["runs"].append(json.loads(out.strip().splitlines()[-1]))
             (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))  # after every run: a late failure

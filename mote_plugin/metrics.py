@@ -141,3 +141,53 @@ def zsre_metrics(model, tok, records: list[dict], locality_before: list[torch.Te
     out["specificity"], out["specificity_items"] = same.mean().item(), same.tolist()
     out["utility"] = (out["efficacy"] + out["generalization"] + out["specificity"]) / 3
     return out
+
+
+def preservation_change(model, tok, layer: int, requests: list[dict], fact_token: str, edit, texts: list[str],
+                        max_length: int = 64) -> dict:
+    """How much an edit moves one MoE layer's experts on preserved text, relative to the move at the edit keys.
+
+    Runs `edit()` (any callable that edits `model` in place) between two measurements of the routed experts' output
+    of MoE layer `layer`: on every real token of `texts` (the layer's inputs taken before the edit, so that edits of
+    lower layers do not move them) and at the requests' lookup tokens (`fact_token`, captured before and after).
+
+        ratio = mean_n ||dy_n|| / mean_t ||dy_t||      n: preserved tokens, t: edit keys
+
+    Returns {"ratio", "median", "p90", "p99", "max"} (per-token changes over the mean edit change), "edit_change"
+    (the mean ||dy_t||) and "tokens" (preserved tokens measured).
+    """
+    from .adapters import get_adapter
+    from .mote.capture import capture
+    from .mote.requests import normalise_requests
+
+    adapter = get_adapter(model)
+    block = adapter.moe_block(model, layer)
+    if block is None:
+        raise ValueError(f"layer {layer} has no MoE block")
+    batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    batch = {k: v.to(input_device(model)) for k, v in batch.items()}
+    grabbed = {}
+    handle = block.register_forward_pre_hook(lambda m, args: grabbed.__setitem__("x", args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    x = grabbed["x"][batch["attention_mask"].bool().to(grabbed["x"].device)]  # [N, d] real tokens only
+    reqs = normalise_requests(requests)
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:  # [N, d] on preserved tokens, [T, d] at the edit keys
+        with torch.no_grad():
+            idx, gates = adapter.route(block, x)
+            preserved = adapter.experts_output(block, x, idx, gates).float()
+        return preserved, capture(model, tok, adapter, reqs, [layer], fact_token)[layer].out.float()
+
+    preserved0, edit0 = outputs()
+    edit()
+    preserved1, edit1 = outputs()
+    moved = (preserved1 - preserved0).norm(dim=1)  # [N]
+    edit_change = (edit1 - edit0).norm(dim=1).mean()
+    rel = moved / edit_change
+    q = torch.quantile(rel, torch.tensor([0.5, 0.9, 0.99], dtype=rel.dtype, device=rel.device)).tolist()
+    return {"ratio": rel.mean().item(), "median": q[0], "p90": q[1], "p99": q[2], "max": rel.max().item(),
+            "edit_change": edit_change.item(), "tokens": int(moved.numel())}

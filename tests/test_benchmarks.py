@@ -129,17 +129,19 @@ def test_sequential_records(tmp_path):
 def test_offload_memory_measures_both_modes_on_a_small_shape(tmp_path):
     """The real-shape run lives in benchmarks/results; here the same pipeline on its --reduced shape."""
     offload_memory = load("offload_memory")
-    offload_memory.main(["--reduced", "--deep", "4", "--out", str(tmp_path)])
+    offload_memory.main(["--reduced", "--deep", "4", "--edits", "3", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "offload_memory-reduced.json").read_text())
     runs = {r["label"]: r for r in report["runs"]}
     assert runs.keys() == {"memory, 3 layers", "disk, 3 layers", "disk, 4 layers"}
     for r in runs.values():
         assert {"statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback"} <= r["peak_above_load"].keys()
-        assert r["edit_peak_above_load"] > 0 and r["timings"]["edits"] == offload_memory.EDITS
+        assert r["edit_peak_above_load"] > 0 and r["timings"]["edits"] == report["edits"] == 3
     assert "store" in runs["disk, 3 layers"]["peak_above_load"]  # the edited weights went back into accelerate's weights map
     assert "| **edit: peak above that** |" in (tmp_path / "offload_memory-reduced.md").read_text()
     with pytest.raises(SystemExit):  # --deep must add layers
         offload_memory.main(["--reduced", "--deep", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # the tokenizer knows the first EDITS requests only
+        offload_memory.main(["--reduced", "--edits", str(offload_memory.EDITS + 1), "--out", str(tmp_path)])
 
 
 def test_editing_overrides_and_sweeps_are_read_as_yaml(tmp_path):

@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from mote_plugin.adapters import get_adapter
-from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.mote.capture import capture
+from mote_plugin.metrics import counterfact_metrics, preservation_change
 from mote_plugin.mote.hparams import MoTEHyperParams
 from mote_plugin.mote import mote_main
 from mote_plugin.mote.mote_main import apply_mote_to_model
-from mote_plugin.mote.requests import normalise_requests
 from mote_plugin.mote.stats import corpus_texts
 from mote_plugin.testbed import load
 
@@ -52,29 +50,10 @@ def test_testbed_yaml_matches_the_tracing_report(reduced_fact_model):
 def preservation_ratio(reduced_fact_model, arch, tmp_path, **overrides) -> float:
     """Mean output change of the last edited layer on preservation-text tokens / at the edit keys."""
     model, tok, hp, records, requests, _ = setup(reduced_fact_model, arch, tmp_path, 20, spread="core", **overrides)
-    layer = max(hp.layers)
-    adapter = get_adapter(model)
-    block = adapter.moe_block(model, layer)
-    texts = list(corpus_texts(None))[:64]
-    batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
-    grabbed = {}
-    handle = block.register_forward_pre_hook(lambda m, a: grabbed.__setitem__("x", a[0].detach()))
-
-    with torch.no_grad():
-        model(**batch)
-    handle.remove()
-    x = grabbed["x"][batch["attention_mask"].bool()]  # [N, d] the layer's inputs at real tokens, before the edit
-
-    def preserved():  # the experts' output at those same inputs (edits of lower layers would move the inputs)
-        with torch.no_grad():
-            idx, gates = adapter.route(block, x)
-            return adapter.experts_output(block, x, idx, gates)
-
-    reqs = normalise_requests(requests)
-    pres0, edit0 = preserved(), capture(model, tok, adapter, reqs, [layer], hp.fact_token)[layer].out
-    apply_mote_to_model(model, tok, requests, hp)
-    pres1, edit1 = preserved(), capture(model, tok, adapter, reqs, [layer], hp.fact_token)[layer].out
-    return ((pres1 - pres0).norm(dim=1).mean() / (edit1 - edit0).norm(dim=1).mean()).item()
+    texts = list(corpus_texts(None))[:64]  # 64 lines of the statistics' own corpus, up to 64 tokens each
+    change = preservation_change(model, tok, max(hp.layers), requests, hp.fact_token,
+                                 lambda: apply_mote_to_model(model, tok, requests, hp), texts)
+    return change["ratio"]
 
 
 # How far the null space can keep preserved text apart from the edit depends on how far the edit keys stand apart from
