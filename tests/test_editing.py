@@ -47,39 +47,53 @@ def test_testbed_yaml_matches_the_tracing_report(reduced_fact_model):
     assert hp.layers == report["edit_layers"]
 
 
-def preservation_ratio(reduced_fact_model, arch, tmp_path, **overrides) -> float:
-    """Mean output change of the last edited layer on preservation-text tokens / at the edit keys."""
-    model, tok, hp, records, requests, _ = setup(reduced_fact_model, arch, tmp_path, 20, spread="core", **overrides)
+@pytest.fixture(scope="session")
+def vstar_dir(tmp_path_factory):
+    """One v* cache per build for the tests that edit the same 20 facts at the same lookup token and last layer with
+    the same v* settings (the null-space runs and the other-architecture edits): each v* is computed once."""
+    return lambda arch: str(tmp_path_factory.getbasetemp() / f"vstar-{arch}")
+
+
+def preservation_run(reduced_fact_model, arch, tmp_path, **overrides) -> tuple[float, float]:
+    """20 edits at the lookup token and layers of the build's tracing report (where edits move the facts):
+    (mean output change of the last edited layer on preserved text / at the edit keys, efficacy after the edit)."""
+    _, report = reduced_fact_model(arch)
+    model, tok, hp, records, requests, _ = setup(reduced_fact_model, arch, tmp_path, 20, spread="core",
+                                                 fact_token=report["lookup_token"], layers=report["edit_layers"], **overrides)
     texts = list(corpus_texts(None))[:64]  # 64 lines of the statistics' own corpus, up to 64 tokens each
     change = preservation_change(model, tok, max(hp.layers), requests, hp.fact_token,
                                  lambda: apply_mote_to_model(model, tok, requests, hp), texts)
-    return change["ratio"]
+    return change["ratio"], counterfact_metrics(model, tok, records)["efficacy"]
 
 
-# How far the null space can keep preserved text apart from the edit depends on how far the edit keys stand apart from
-# the preserved keys: at the relative threshold 1e-4 the projectors pass, on average, this share of a key's norm
-# (last edited layer, 20 edits; measured with the builds of tests/conftest.py):
-#   gpt_oss      preserved tokens 1.0%, edit keys 37%  -> ratio 0.37% (22% without projection)
-#   qwen3_5_moe  preserved tokens 0.8%, edit keys 6.2% -> ratio 8.9%  (31% without)
-#   qwen3_moe    preserved tokens 0.4%, edit keys 1.4% -> ratio 9.7%  (40% without; names split into shared pieces,
-#                so the subject's last token is an ordinary word piece whose key the preserved text already covers)
-# An edit key inside the preserved span cannot be moved without moving the preserved text: the projection then cuts
-# the leak (3.5x and more) but cannot bring it under 1%. The issue's 1% is asserted where the keys stand apart.
-PRESERVATION_LIMIT = {"gpt_oss": 0.01, "qwen3_5_moe": None, "qwen3_moe": None}
+# How far the null space keeps preserved text apart from an edit that still moves the facts depends on how far the edit
+# keys stand apart from the preserved keys. Measured with the builds of tests/conftest.py, 20 edits at each build's
+# lookup token (`python benchmarks/editing.py --build DIR --n 20 --set spread=core --set fact_token=TOKEN --set
+# layers=BAND --sweep nullspace_threshold=1,0.1,1e-2,1e-4 --preservation`; benchmarks/results/nullspace.md):
+#   build          ratio (efficacy): no projection | 0.1        | 1e-2        | 1e-4
+#   qwen3_5_moe    22% (0.65)                      | 8.0% (0.60) | 3.3% (0.50) | 0.04% (0.25)
+#   gpt_oss        25% (0.94)                      | 7.8% (0.88) | 3.7% (0.88) | 1.1% (0.71)
+#   qwen3_moe      40% (1.00)                      | 30% (0.90)  | 39% (0.75)  | 9.7% (0.05)
+# The qwen3_moe build splits names into shared word pieces, so the subject's last token is an ordinary piece whose key
+# the preserved text already covers: a key inside the preserved span cannot be moved without moving the preserved text.
+# The issue's 1% is reached, with an edit that still changes facts, only on qwen3_5_moe; the test asserts it there and
+# a cut to under 30% of the unprojected leak on every build.
+PRESERVATION_LIMIT = {"gpt_oss": None, "qwen3_5_moe": 0.01, "qwen3_moe": None}
 
 
 @pytest.mark.parametrize("arch", sorted(PRESERVATION_LIMIT))
-def test_nullspace_protects_preservation_keys(reduced_fact_model, arch, tmp_path):
+def test_nullspace_protects_preservation_keys(reduced_fact_model, arch, tmp_path, vstar_dir):
     """The per-expert null-space projection cuts the output change on preserved text, relative to the change at the
-    edit keys, to under 30% of its value without projection, and under 1% where the edit keys stand apart from
-    the preserved keys (the comment above)."""
-    shared = dict(vstar_cache_dir=str(tmp_path / "vstar"))  # both runs edit the same weights: one v* and stats pass
-    without = preservation_ratio(reduced_fact_model, arch, tmp_path, nullspace=False, **shared)
-    strict = preservation_ratio(reduced_fact_model, arch, tmp_path, nullspace_threshold=1e-4, **shared)
-    print(f"{arch} preservation / edit output change: no null space {without:.2e}, relative threshold 1e-4 {strict:.2e}")
+    edit keys, to under 30% of its value without projection, and under 1% on the build where the edit keys stand
+    apart from the preserved keys, with facts still edited (the comment above)."""
+    # both runs edit the same weights: one v* pass (kept for the other-architecture test) and one stats pass (tmp_path)
+    without, _ = preservation_run(reduced_fact_model, arch, tmp_path, nullspace=False, vstar_cache_dir=vstar_dir(arch))
+    strict, efficacy = preservation_run(reduced_fact_model, arch, tmp_path, nullspace_threshold=1e-4, vstar_cache_dir=vstar_dir(arch))
+    print(f"{arch} preservation / edit output change: no null space {without:.2e}, relative threshold 1e-4 {strict:.2e} "
+          f"(efficacy {efficacy:.2f})")
     assert strict < 0.3 * without
     if PRESERVATION_LIMIT[arch] is not None:
-        assert strict < PRESERVATION_LIMIT[arch]
+        assert strict < PRESERVATION_LIMIT[arch] and efficacy > 0
 
 
 def test_fifty_edits_in_one_batch(reduced_fact_model, tmp_path):
@@ -101,7 +115,7 @@ def test_fifty_edits_in_one_batch(reduced_fact_model, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_5_moe"])
-def test_other_architectures_edit(reduced_fact_model, tmp_path, arch):
+def test_other_architectures_edit(reduced_fact_model, tmp_path, arch, vstar_dir):
     """The GPT-OSS (router bias, interleaved clamped experts, [E, h, d] down_proj with bias) and Qwen3.5-MoE (shared
     expert, left untouched) fact models take a batch of edits, at the lookup token and layers their build's tracing
     report selects (these reduced 24-fact builds may not store facts at the subject as the default builds do; the
@@ -109,7 +123,7 @@ def test_other_architectures_edit(reduced_fact_model, tmp_path, arch):
     _, report = reduced_fact_model(arch)
     assert report["lookup_token"], report["editability"]
     model, tok, hp, records, requests, _ = setup(reduced_fact_model, arch, tmp_path, 20, fact_token=report["lookup_token"],
-                                                 layers=report["edit_layers"])
+                                                 layers=report["edit_layers"], vstar_cache_dir=vstar_dir(arch))
     assert len(records) >= 15
     adapter = get_adapter(model)
     shared = [p.clone() for l in hp.layers if (s := adapter.shared_expert(adapter.moe_block(model, l))) is not None
