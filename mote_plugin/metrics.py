@@ -187,6 +187,8 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     preserved1, edit1 = outputs()
     moved = (preserved1 - preserved0).norm(dim=1)  # [N]
     edit_change = (edit1 - edit0).norm(dim=1).mean()
+    if not edit_change > 0:
+        raise ValueError(f"the edit did not change the experts' output of layer {layer} at the edit keys: no ratio to report")
     rel = moved / edit_change
     q = torch.quantile(rel, torch.tensor([0.5, 0.9, 0.99], dtype=rel.dtype, device=rel.device)).tolist()
     return {"ratio": rel.mean().item(), "median": q[0], "p90": q[1], "p99": q[2], "max": rel.max().item(),

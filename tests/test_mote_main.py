@@ -280,3 +280,36 @@ def test_precomputed_targets_are_used_as_given(tok, tmp_path, monkeypatch):
     apply_mote_to_model(model, tok, reqs, hp, precomputed_targets=given)
     apply_mote_to_model(reference, tok, reqs, hp, precomputed_targets=given)
     assert same(model, reference.state_dict())
+
+
+def test_preservation_change_against_a_known_edit(tok):
+    """Scaling one layer's down-projections by (1 + eps) moves every routed output y by eps * y, so the ratio is
+    mean ||y|| on the texts over mean ||y|| at the lookup tokens; an edit that moves nothing is refused."""
+    from mote_plugin.metrics import preservation_change
+
+    model = tiny_model(tok)
+    adapter = get_adapter(model)
+    block = adapter.moe_block(model, 1)
+    texts = list(corpus_texts(None))[:8]
+    batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=16)
+    grabbed = {}
+    handle = block.register_forward_pre_hook(lambda m, a: grabbed.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    x = grabbed["x"][batch["attention_mask"].bool()]  # [N, d]
+    with torch.no_grad():
+        idx, gates = adapter.route(block, x)
+        y_text = adapter.experts_output(block, x, idx, gates)  # [N, d]
+    y_keys = capture(model, tok, adapter, normalise_requests(REQUESTS), [1], "subject_last")[1].out  # [T, d]
+
+    def scale():
+        with torch.no_grad():
+            adapter.down_param(block).mul_(1.01)
+
+    change = preservation_change(model, tok, 1, REQUESTS, "subject_last", scale, texts, max_length=16)
+    expected = (y_text.norm(dim=1).mean() / y_keys.norm(dim=1).mean()).item()
+    assert change["tokens"] == x.shape[0] and change["ratio"] == pytest.approx(expected, rel=1e-4)
+    assert change["median"] <= change["p90"] <= change["p99"] <= change["max"]
+    with pytest.raises(ValueError, match="did not change"):
+        preservation_change(model, tok, 1, REQUESTS, "subject_last", lambda: None, texts, max_length=16)
