@@ -157,22 +157,15 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     (the mean ||dy_t||) and "tokens" (preserved tokens measured).
     """
     from .adapters import get_adapter
-    from .mote.capture import capture
+    from .mote.capture import capture, forward_block_inputs, moe_blocks
     from .mote.requests import normalise_requests
 
     adapter = get_adapter(model)
-    block = adapter.moe_block(model, layer)
-    if block is None:
-        raise ValueError(f"layer {layer} has no MoE block")
+    block = moe_blocks(model, adapter, [layer])[layer]  # ValueError for a layer out of range or without experts
     batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     batch = {k: v.to(input_device(model)) for k, v in batch.items()}
     grabbed = {}
-    handle = block.register_forward_pre_hook(lambda m, args: grabbed.__setitem__("x", args[0].detach()))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        handle.remove()
+    forward_block_inputs(model, {layer: block}, batch, lambda l, b, x: grabbed.__setitem__("x", x))  # [B, S, d]
     x = grabbed["x"][batch["attention_mask"].bool().to(grabbed["x"].device)]  # [N, d] real tokens only
     reqs = normalise_requests(requests)
 

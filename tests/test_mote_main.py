@@ -313,3 +313,5 @@ def test_preservation_change_against_a_known_edit(tok):
     assert change["median"] <= change["p90"] <= change["p99"] <= change["max"]
     with pytest.raises(ValueError, match="did not change"):
         preservation_change(model, tok, 1, REQUESTS, "subject_last", lambda: None, texts, max_length=16)
+    with pytest.raises(ValueError, match="out of range"):
+        preservation_change(model, tok, 3, REQUESTS, "subject_last", scale, texts, max_length=16)
