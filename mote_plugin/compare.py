@@ -40,7 +40,9 @@ METRICS = ("efficacy", "generalization", "specificity", "utility")
 @dataclass
 class CompareConfig:
     model: str  # a fact-model build directory (with facts.json) or a Hugging Face model directory
-    methods: dict  # method name -> hyper-parameter YAML (MoTE: hparams/MoTE/*.yaml; others: the host's format)
+    # method name -> hyper-parameter YAML (MoTE: hparams/MoTE/*.yaml; others: the host's format), or a mapping
+    # {hparams: YAML, KEY: VALUE, ...} that overrides keys of that YAML for this comparison (`method_spec`)
+    methods: dict
     dataset: str = "counterfact"  # counterfact | zsre
     data: str | None = None  # records file; None: the fact model's known facts (counterfact only)
     n: int = 50  # records edited
@@ -63,9 +65,34 @@ class CompareConfig:
             raise ValueError(f"{path}: dataset must be counterfact or zsre, got {cfg.dataset!r}")
         if not cfg.methods:
             raise ValueError(f"{path}: no methods")
+        for name, entry in cfg.methods.items():
+            hp_path, overrides = method_spec(name, entry)
+            if name == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
+                MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: MoTE", **overrides)
         if cfg.n < 1 or cfg.batch_size < 1:
             raise ValueError(f"{path}: n and batch_size must be >= 1")
         return cfg
+
+
+def method_spec(name: str, entry) -> tuple[str, dict]:
+    """(YAML path, overrides) of a `methods:` entry: a path, or {hparams: path, KEY: VALUE, ...}."""
+    if isinstance(entry, (str, os.PathLike)):
+        return str(entry), {}
+    if isinstance(entry, dict) and isinstance(entry.get("hparams"), (str, os.PathLike)):
+        overrides = {k: v for k, v in entry.items() if k != "hparams"}
+        return str(entry["hparams"]), overrides
+    raise ValueError(f"methods: {name}: expected a hyper-parameter YAML path or {{hparams: PATH, KEY: VALUE, ...}}, "
+                     f"got {entry!r}")
+
+
+def _override(hp, name: str, overrides: dict):
+    """A host hyper-parameter object with `overrides` set; keys it does not have raise, naming them."""
+    unknown = sorted(k for k in overrides if not hasattr(hp, k))
+    if unknown:
+        raise ValueError(f"methods: {name}: unknown {type(hp).__name__} key(s) {', '.join(unknown)}")
+    for k, v in overrides.items():
+        setattr(hp, k, v)
+    return hp
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,12 +247,12 @@ def _dense_module_problem(model, hp) -> str | None:
     return None
 
 
-def _host_setup(name: str, hp_path: str, model, tok, cfg: CompareConfig, host):
+def _host_setup(name: str, hp_path: str, overrides: dict, model, tok, cfg: CompareConfig, host):
     """(apply function, hparams, batch size) for a host method, or a MethodResult saying why not."""
     alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
     if name not in alg_dict:
         return MethodResult(name, "unavailable", f"the EasyEdit host has no {name}", hparams=hp_path)
-    hp = getattr(host, f"{name}HyperParams").from_hparams(hp_path)
+    hp = _override(getattr(host, f"{name}HyperParams").from_hparams(hp_path), name, overrides)
     problem = _dense_module_problem(model, hp)
     if problem:
         return MethodResult(name, "not applicable", problem, hparams=hp_path)
@@ -241,12 +268,13 @@ def _host_setup(name: str, hp_path: str, model, tok, cfg: CompareConfig, host):
     return alg_dict[name], hp, 1 if name == "ROME" else cfg.batch_size
 
 
-def run_method(name: str, hp_path: str, model, tok, records: list[dict], cfg: CompareConfig, host, before: dict) -> MethodResult:
-    """Edit all records with one method in sequential batches, measure, and restore the weights."""
+def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host, before: dict) -> MethodResult:
+    """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the weights."""
+    hp_path, overrides = method_spec(name, entry)
     if name == "MoTE":
         from .adapters import get_adapter
 
-        hp = MoTEHyperParams.from_hparams(hp_path)
+        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}", **overrides)
         try:
             get_adapter(model)
         except ValueError as e:
@@ -256,7 +284,7 @@ def run_method(name: str, hp_path: str, model, tok, records: list[dict], cfg: Co
     elif host is None:
         return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path)
     else:
-        setup = _host_setup(name, hp_path, model, tok, cfg, host)
+        setup = _host_setup(name, hp_path, overrides, model, tok, cfg, host)
         if isinstance(setup, MethodResult):
             return setup
         apply, hp, batch_size = setup
@@ -347,9 +375,9 @@ def compare(cfg: CompareConfig, log=print) -> dict:
     if host is not None and cfg.host_metrics:
         unedited.host_metrics = host_token_metrics(model, tok, [request_of(r, cfg.dataset) for r in records], None, before)
     results = [unedited]
-    for name, hp_path in cfg.methods.items():
+    for name, entry in cfg.methods.items():
         log(f"{name}: editing {len(records)} records in batches of {cfg.batch_size}")
-        results.append(run_method(name, hp_path, model, tok, records, cfg, host, before))
+        results.append(run_method(name, entry, model, tok, records, cfg, host, before))
         log(f"{name}: {results[-1].status} {results[-1].reason}")
     report = {"config": asdict(cfg), "host": host_reason, "n": len(records),
               "results": [asdict(r) for r in results]}

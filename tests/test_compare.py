@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mote_plugin.compare import CompareConfig, _dense_module_problem, compare, run_method
+from mote_plugin.compare import CompareConfig, _dense_module_problem, compare, method_spec, run_method
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -67,10 +67,52 @@ def test_mote_not_applicable_on_a_dense_model(tmp_path):
     assert result.status == "not applicable" and "MoE" in result.reason
 
 
+def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
+    """A `methods:` entry {hparams: YAML, KEY: VALUE} edits with the YAML's settings changed for this comparison: here a
+    layer the model does not have, refused before any weight is touched; host hyper-parameters refuse keys they lack."""
+    from mote_plugin.compare import _override
+    from mote_plugin.testbed import load
+
+    mote_yaml = str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")
+    assert method_spec("MoTE", mote_yaml) == (mote_yaml, {})
+    assert method_spec("MoTE", {"hparams": mote_yaml, "v_weight_decay": 3}) == (mote_yaml, {"v_weight_decay": 3})
+    out_dir, _ = reduced_fact_model("qwen3_moe")
+    model, tok, facts, _ = load(out_dir)
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=1, methods={"MoTE": {"hparams": mote_yaml, "layers": [9]}}))
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        run_method("MoTE", cfg.methods["MoTE"], model, tok, [f for f in facts if f["known"]][:1], cfg, None, {})
+    assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
+
+    class HostHyperParams:
+        layers = [2]
+
+    assert _override(HostHyperParams(), "ROME", {"layers": [1]}).layers == [1]
+    with pytest.raises(ValueError, match="ROME: unknown HostHyperParams key\\(s\\) v_decay"):
+        _override(HostHyperParams(), "ROME", {"v_decay": 3})
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples/configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(config, monkeypatch):
+    """The shipped comparison configs (README command 1 is compare-testbed-qwen3_moe.yaml) load, their MoTE overrides
+    apply to their YAML, and their build options are the builder's."""
+    from mote_plugin.testbed import BuildOptions, TrainConfig
+
+    monkeypatch.chdir(ROOT)  # their paths are relative to the repository root, where the README runs them
+    cfg = CompareConfig.from_yaml(config)
+    opts = dict(cfg.build)
+    train = TrainConfig(**opts.pop("train", {}))
+    BuildOptions(**opts, train=train)
+    assert all(Path(method_spec(name, entry)[0]).is_file() for name, entry in cfg.methods.items())
+
+
 @pytest.mark.parametrize("change, match", [
     ({"colour": "red"}, "unknown keys \\['colour'\\]"),
     ({"dataset": "wikipedia"}, "counterfact or zsre"),
     ({"methods": {}}, "no methods"),
+    ({"methods": {"MoTE": {"v_weight_decay": 3}}}, "MoTE: expected a hyper-parameter YAML path"),
+    ({"methods": {"MoTE": {"hparams": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), "v_decay": 3}}},
+     "methods: MoTE: unknown MoTE hyper-parameter\\(s\\): v_decay"),
 ])
 def test_bad_config(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
