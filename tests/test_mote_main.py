@@ -268,6 +268,24 @@ def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypa
     assert len(calls) == len(REQUESTS) + 1
 
 
+def test_host_targets_that_require_grad(tok, tmp_path, monkeypatch):
+    """EasyEdit's MEMIT compute_z returns target_init + delta with the optimised delta still requiring grad: MoTE edits
+    with it (and caches it) exactly as with the same target detached."""
+    def host_like(model, tok, request, hp, layer, templates):
+        z = mote_main.compute_z(model, tok, request, layer, mote_main.vstar_config(hp), templates[0]).z
+        return z + torch.zeros_like(z, requires_grad=True)  # [d], attached to a graph
+
+    hp = hparams(tmp_path, layers=[0, 1], vstar_cache_dir=str(tmp_path / "vstar"))
+    reference = tiny_model(tok)
+    monkeypatch.setattr(mote_main.host, "compute_z_fn", lambda: None)
+    apply_mote_to_model(reference, tok, REQUESTS, hparams(tmp_path, layers=[0, 1]))
+    monkeypatch.setattr(mote_main.host, "compute_z_fn", lambda: host_like)
+    model = tiny_model(tok)
+    apply_mote_to_model(model, tok, REQUESTS, hp)
+    assert same(model, reference.state_dict()) and not any(p.grad is not None for p in model.parameters())
+    assert len(list((tmp_path / "vstar").glob("vstar-*.safetensors"))) == len(REQUESTS)
+
+
 def test_precomputed_targets_are_used_as_given(tok, tmp_path, monkeypatch):
     model = tiny_model(tok)
     hp = hparams(tmp_path, layers=[1])
