@@ -71,7 +71,21 @@ class CompareConfig:
                 MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: MoTE", **overrides)
         if cfg.n < 1 or cfg.batch_size < 1:
             raise ValueError(f"{path}: n and batch_size must be >= 1")
+        if cfg.build is not None:
+            try:
+                build_options(cfg.build)
+            except TypeError as e:
+                raise ValueError(f"{path}: build: {e}") from None
         return cfg
+
+
+def build_options(build: dict):
+    """The fact-model `BuildOptions` of a config's `build:` mapping (its `train:` mapping a `TrainConfig`)."""
+    from .testbed import BuildOptions, TrainConfig
+
+    opts = dict(build)
+    train = TrainConfig(**opts.pop("train", {}))
+    return BuildOptions(**opts, train=train)
 
 
 def method_spec(name: str, entry) -> tuple[str, dict]:
@@ -104,11 +118,9 @@ def load_model(cfg: CompareConfig):
     """(model, tok, fact rows or None)."""
     path = Path(cfg.model)
     if cfg.build is not None:
-        from .testbed import BuildOptions, TrainConfig, build
+        from .testbed import build
 
-        opts = dict(cfg.build)
-        train = TrainConfig(**opts.pop("train", {}))
-        build(path, BuildOptions(**opts, train=train))
+        build(path, build_options(cfg.build))
     if (path / "facts.json").exists():
         from .testbed import load
 
