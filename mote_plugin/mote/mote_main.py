@@ -198,8 +198,7 @@ def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: Editor
             z = cache.load(r)
         if z is None:
             if host_compute_z:
-                # the host's MEMIT returns target_init + delta with the optimised delta still attached to its graph
-                z = host_compute_z(model, tok, r, hp, L, [templates]).detach()
+                z = host_compute_z(model, tok, r, hp, L, [templates])
             else:
                 v = compute_z(model, tok, r, L, vstar_config(hp), templates)
                 z = v.z
@@ -211,7 +210,8 @@ def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: Editor
     if missed:
         log.warning("v* at layer %d left P(target) < 1/2 for %d of %d requests (e.g. %r): the edit will be weak there; "
                     "raise v_num_grad_steps / v_lr / clamp_norm_factor or edit another layer", L, len(missed), len(requests), missed[0])
-    return torch.stack([z.detach().float().to(input_device(model)) for z in zs])  # precomputed ones may carry a graph
+    # detached: the host's MEMIT returns target_init + delta still attached to its graph, and precomputed targets may be
+    return torch.stack([z.detach().float().to(input_device(model)) for z in zs])
 
 
 # ---------------------------------------------------------------------------------------------------------
