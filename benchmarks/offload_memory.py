@@ -195,6 +195,7 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
     hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / "qwen3-30b-a3b.yaml")
     hp = MoTEHyperParams(**(hp.to_dict() | dict(layers=[layers - 1], v_loss_layer=layers - 1, v_num_grad_steps=5,
                                                  preservation_tokens=2000, max_length=128, device="cpu",
+                                                 v_keep_failed=True,  # 5 v* steps on random weights reach no target
                                                  stats_dir=str(folder / f"stats-{mode}"), model_name=str(folder))))
     peaks = StagePeaks()
     for owner, name, label in [(mote_main, "preservation_stats", "statistics"), (mote_main, "nullspace_projectors", "projectors"),

@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]} for r in records]
     cached = MoTEHyperParams(**(hp.to_dict() | {"vstar_cache_dir": str(ROOT / ".cache" / "mote-vstar")}))
     t = time.perf_counter()
-    z = mote_main.targets(model, tok, requests, cached, mote_main.editor_state(model))
+    z, nll = mote_main.targets(model, tok, requests, cached, mote_main.editor_state(model))
     report = {"command": "python benchmarks/sequential.py" + (f" --edits {args.edits}" if args.edits != 2000 else ""),
               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "edits": len(records),
               "batch_size": args.batch_size, "vstar_seconds": time.perf_counter() - t,
               "unedited": measure(model, tok, records[: args.batch_size], kept, text), "runs": {}}
-    z = {mote_main.request_key(r): z[i] for i, r in enumerate(requests)}
+    z = {mote_main.request_key(r): (z[i], float(nll[i])) for i, r in enumerate(requests)}
     for name in args.method:
         print(f"[{name}]")
         report["runs"][name] = run(model, tok, records, kept, text, MoTEHyperParams(**(hp.to_dict() | METHODS[name])), z,

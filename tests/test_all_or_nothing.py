@@ -32,7 +32,7 @@ STAGES = [
     ("statistics", stats, "layer_statistics", 0),
     ("statistics cache write", stats, "save_file", 0),
     ("capture", mote_main, "capture", 0),
-    ("v*", mote_main, "compute_z", 1),
+    ("v*", mote_main, "compute_targets", 0),
     ("solve", solvers, "solve_core", 0),
     ("writeback, first layer", ExpertUpdate, "write", 0),
     ("writeback, second layer", ExpertUpdate, "write", 1),
@@ -44,7 +44,6 @@ STAGES = [
 @pytest.mark.parametrize("spread", ["core", "residual"])
 @pytest.mark.parametrize("stage,module,name,ok_calls", STAGES, ids=[s[0] for s in STAGES])
 def test_failure_at_every_stage_changes_nothing(tok, tmp_path, monkeypatch, stage, module, name, ok_calls, spread, error):
-    monkeypatch.setattr(mote_main.host, "compute_z_fn", lambda: None)  # the plugin's own v* (injectable)
     model = tiny_model(tok)
     hp = hparams(tmp_path, spread=spread, sequential_memory=True)
     apply_mote_to_model(model, tok, REQUESTS[:2], hp)  # a first, successful edit: memory and history exist

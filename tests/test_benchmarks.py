@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -27,8 +28,8 @@ def speed():
 
 
 @pytest.fixture(scope="module")
-def paper():
-    return load("paper")
+def quality():
+    return load("quality")
 
 
 TINY = dict(E=6, d=16, h=8, k=2, layers=2)
@@ -76,36 +77,80 @@ def test_speedup_and_per_layer_batches_write_every_layer(speed):
         assert all(not torch.equal(adapter.down_param(b), w) for b, w in zip(blocks, before)), method
 
 
-def test_paper_config_is_checked_before_any_work(paper, tmp_path):
+def test_quality_config_is_checked_before_any_work(quality, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("archs: [qwen3_moe]\nedits: 10\nbatch_size: 5\nmethods: {X: {}}\nwhat: 1\n")
+    head = "builds: {qwen3_moe: {facts: 20}}\ndev: 4\ntest: 8\nbatch_size: 4\n"
+    bad.write_text(head + "methods: {MoTE: {}}\nwhat: 1\n")
     with pytest.raises(ValueError, match=r"unknown keys \['what'\]"):
-        paper.load_config(bad)
-    bad.write_text("archs: [qwen3_moe]\nedits: 10\nbatch_size: 5\nmethods: {X: {solver: adam}}\n")
+        quality.load_config(bad)
+    bad.write_text(head + "methods: {MoTE: {solver: adam}}\n")
     with pytest.raises(ValueError, match="solver must be one of"):
-        paper.load_config(bad)
-    good = paper.load_config(BENCHMARKS / "configs" / "paper.yaml")
-    assert {"MoTE", "MoEEdit-BCD", "BCD+speedup", "Global+speedup", "MoTE-residual"} <= set(good["methods"])
+        quality.load_config(bad)
+    bad.write_text(head + "methods: {MoTE: {}}\ntune: {mote_lambda: [0.1, -1]}\n")
+    with pytest.raises(ValueError, match="mote_lambda must be a number > 0"):
+        quality.load_config(bad)
+    bad.write_text("builds: {qwen3_moe: {facts: 20, epochs: 3}}\ndev: 4\ntest: 8\nbatch_size: 4\nmethods: {MoTE: {}}\n")
+    with pytest.raises(TypeError, match="epochs"):
+        quality.load_config(bad)
+    good = quality.load_config(BENCHMARKS / "configs" / "quality.yaml")
+    assert {"MoTE", "MoTE-residual", "MoTE-fullrank", "Global-residual", "Global+speedup", "BCD+speedup",
+            "MoEEdit-BCD"} <= set(good["methods"])
 
 
-def test_paper_refuses_more_edits_than_known_facts(paper):
-    facts = [{"known": True}] * 3 + [{"known": False}] * 2
-    edited, preserved = paper.counterfact_records(facts, 2)
-    assert len(edited) == 2 and len(preserved) == 1
-    with pytest.raises(ValueError, match="knows only 3 facts"):
-        paper.counterfact_records(facts, 4)
+def test_quality_splits_grid_and_ranks(quality):
+    facts = [{"known": i % 7 != 3, "i": i} for i in range(40)]
+    cfg = {"dev": 6, "test": 100, "batch_size": 5}
+    split = quality.splits(facts, cfg)
+    assert len(split["dev"]) == 6 and len(split["test"]) == 25  # 28 known facts left: whole batches of 5
+    assert not {f["i"] for f in split["dev"]} & {f["i"] for f in split["test"]}
+    assert all(f["known"] for f in split["dev"] + split["test"])
+    with pytest.raises(SystemExit, match="too few"):
+        quality.splits(facts[:8], cfg)
+    combos = quality.grid({"layers": [-1, 0, 1], "mote_lambda": [0.1, 1]}, {"edit_layers": [0, 1, 2]}, 4)
+    assert combos == [{"layers": [0, 1, 2], "mote_lambda": 0.1}, {"layers": [0, 1, 2], "mote_lambda": 1},
+                      {"layers": [1, 2, 3], "mote_lambda": 0.1}, {"layers": [1, 2, 3], "mote_lambda": 1}]
+    from mote_plugin import MoTEHyperParams
+
+    hp = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu", r_e=2, r_out=16, r_in=22)
+    assert quality.rank_variant(hp, 2, (8, 128, 128)) == {"r_e": 4, "r_out": 32, "r_in": 44}
+    assert quality.rank_variant(hp, 8, (8, 128, 128)) == {"r_e": 8, "r_out": 128, "r_in": 128}
+    assert quality.rank_variant(hp, "full", (8, 128, 128)) == {"r_e": 1.0, "r_out": 1.0, "r_in": 1.0}
 
 
-def test_bootstrap_and_routing_similarity(paper):
+def test_bootstrap_and_jaccard(quality):
     items = {"efficacy": [1.0] * 8 + [0.0] * 2, "generalization": [1.0] * 5 + [0.0] * 5, "specificity": [1.0] * 10}
-    ci = paper.bootstrap(items, 500, 0)
+    ci = quality.bootstrap(items, 500, 0)
     assert ci["specificity"] == [1.0, 1.0]
     assert ci["efficacy"][0] <= 0.8 <= ci["efficacy"][1] and ci["efficacy"][1] - ci["efficacy"][0] > 0.1
     assert ci["utility"][0] <= (0.8 + 0.5 + 1.0) / 3 <= ci["utility"][1]
     a = torch.tensor([[0, 1], [2, 3]])
-    assert paper.jaccard(a, torch.tensor([[1, 0], [2, 4]])).tolist() == [1.0, pytest.approx(1 / 3)]
-    sim = paper.routing_similarity({0: a, 1: a, 2: a}, {0: a, 1: a, 2: torch.tensor([[4, 5], [6, 7]])})
-    assert sim["windows"] == {"early": 1.0, "middle": 1.0, "late": 0.0}
+    assert quality.jaccard(a, torch.tensor([[1, 0], [2, 4]])) == pytest.approx((1 + 1 / 3) / 2)
+
+
+@pytest.mark.slow
+def test_quality_protocol_end_to_end(quality, reduced_fact_model, tmp_path, monkeypatch):
+    """Every phase on a small build (dev 4, test 8 in batches of 4, a two-point grid): settings chosen on dev only, the
+    report names the splits and the chosen settings beside each table."""
+    from mote_plugin.testbed import load as load_build
+
+    out, report = reduced_fact_model("gpt_oss")
+    monkeypatch.setattr(quality, "fact_model", lambda arch, cfg: load_build(out))
+    monkeypatch.setattr(quality, "ROOT", tmp_path)  # stats and v* caches
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "builds": {"gpt_oss": {"facts": 24}}, "dev": 4, "test": 8, "batch_size": 4,
+        "methods": {"MoTE": {"spread": "core"}, "Global+speedup": {"solver": "global", "spread": "core"}},
+        "tune": {"mote_lambda": [0.1, 1.0]}, "ablations": {"whitening": {"none": {"whitening": "none"}}},
+        "rank_scales": [1, "full"], "bootstrap": 50}))
+    quality.main(["--config", str(cfg), "--out", str(tmp_path / "quality")])
+    res = json.loads((tmp_path / "quality.json").read_text())["archs"]["gpt_oss"]
+    assert res["splits"]["dev"] == [1, 4] and res["splits"]["test"] == [5, 12] and res["splits"]["batches"] == 2
+    assert set(res["tune"]) == {"MoTE", "Global+speedup"} and len(res["tune"]["MoTE"]["grid"]) == 2
+    assert res["tune"]["MoTE"]["chosen"]["mote_lambda"] in (0.1, 1.0)
+    assert set(res["test"]) == {"unedited", "MoTE", "Global+speedup"} and res["test"]["MoTE"]["n"] == 8
+    assert res["ranks"]["full"]["ranks"] == [8, 128, 128] and set(res["routing"]) == {"MoTE", "Global+speedup"}
+    md = (tmp_path / "quality.md").read_text()
+    assert "test = known facts 5-12 (N = 8, 2 sequential batches of 4)" in md and "mote_lambda" in md
 
 
 def test_sequential_records(tmp_path):

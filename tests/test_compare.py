@@ -128,8 +128,8 @@ def test_records_without_subject_are_refused(reduced_fact_model, tmp_path):
 def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path, caplog):
     """zsRE records (MEND/MEMIT format) through the comparison: argmax metrics, specificity against the unedited
     model's own predictions on the unrelated questions. The fact model never learnt zsRE's answers (multi-piece names
-    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned (by the
-    plugin's v*; the host's prints its loss), and the metrics say so (nothing is claimed for zsRE on the fact model)."""
+    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned per request, such a
+    request is left out of the edit, and the metrics say so (nothing is claimed for zsRE on the fact model)."""
     out_dir, _ = reduced_fact_model("qwen3_moe")
     cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre", data=str(shared_data / "zsre/zsre-eval.json"),
                                                n=4, batch_size=4, methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
@@ -137,10 +137,7 @@ def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path,
     unedited, mote = (r["metrics"] for r in report["results"])
     assert unedited["specificity"] == 1.0 and unedited["efficacy"] < 0.5
     assert mote["efficacy"] >= unedited["efficacy"] and 0.0 <= mote["specificity"] <= 1.0
-    from mote_plugin.mote import host
-
-    if host.compute_z_fn() is None:  # the plugin's own v* reports its final loss (the host's prints it instead)
-        assert "v* at layer 2 left P(target) < 1/2" in caplog.text
+    assert "did not reach" in caplog.text and "left out of this edit" in caplog.text  # a failed v* changes no weight
     assert set(mote) >= {"efficacy", "generalization", "specificity", "utility"}
 
 

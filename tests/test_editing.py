@@ -18,15 +18,6 @@ HPARAMS = Path(__file__).resolve().parent.parent / "hparams" / "MoTE"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _plugin_vstar(monkeypatch):
-    """The quality gates here are the plugin's own v* (MEMIT's procedure), host or not; with an EasyEdit host MoTE
-    would take the host's compute_z, which tests/test_easyedit_host.py covers."""
-    from mote_plugin.mote import host
-
-    monkeypatch.setattr(host, "compute_z_fn", lambda: None)
-
-
 def setup(reduced_fact_model, arch, tmp_path, n, **overrides):
     out, report = reduced_fact_model(arch)
     model, tok, facts, _ = load(out)

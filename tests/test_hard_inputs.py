@@ -15,11 +15,6 @@ from mote_plugin.mote.tucker import TuckerFactors
 from test_mote_main import REQUESTS, hparams, same, state, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 
-@pytest.fixture(autouse=True)
-def own_vstar(monkeypatch):
-    monkeypatch.setattr(mote_main.host, "compute_z_fn", lambda: None)  # the same v* with or without a host
-
-
 def test_duplicates_are_one_edit(tok, tmp_path):
     a, b = tiny_model(tok), tiny_model(tok)
     hp = hparams(tmp_path)
@@ -59,7 +54,7 @@ def test_single_edit_and_the_feature_side(tok, tmp_path, n, ranks):
     r_e, r_out, r_in = ranks
     hp = hparams(tmp_path, layers=[1], r_e=r_e, r_out=r_out, r_in=r_in, nullspace=False)
     reqs = normalise_requests(REQUESTS[:n])
-    z = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)
+    z, _ = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)
     before = residual_left(model, tok, reqs, hp, z)
     apply_mote_to_model(model, tok, reqs, hp)
     after = residual_left(model, tok, reqs, hp, z)
@@ -133,7 +128,7 @@ def test_half_precision_models(tok, tmp_path, dtype, unit):
     half = tiny_model(tok).to(dtype)
     hp = hparams(tmp_path)
     reqs = normalise_requests(REQUESTS)
-    z = mote_main.targets(reference, tok, reqs, hp, mote_main.editor_state(reference), progress=False)
+    z, _ = mote_main.targets(reference, tok, reqs, hp, mote_main.editor_state(reference), progress=False)
     given = {mote_main.request_key(r): z[i] for i, r in enumerate(reqs)}
     _, ref_orig = apply_mote_to_model(reference, tok, reqs, hp, return_orig_weights=True, precomputed_targets=given)
     _, half_orig = apply_mote_to_model(half, tok, reqs, hp, return_orig_weights=True, precomputed_targets=given)

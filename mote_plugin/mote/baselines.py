@@ -42,8 +42,18 @@ def expert_groups(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Ten
 
 
 def _update(groups, coefficients: dict[int, torch.Tensor]) -> ExpertUpdate:
-    """Delta_j = coefficients[j]^T V_j for each group -> ExpertUpdate (left_j [d, n_j], right_j = V_j [n_j, h])."""
-    return ExpertUpdate.from_groups([(j, coefficients[j].T.float(), V.float()) for j, _, V in groups])
+    """Delta_j = coefficients[j]^T V_j for each group -> ExpertUpdate with left_j = coefficients[j]^T U_j S_j [d, r_j] and
+    right_j = W_j^T [r_j, h], V_j = U_j S_j W_j^T its thin SVD (float64, r_j its numerical rank).
+
+    Orthonormal rows on the right keep the float32 product exact to float32 precision: edits whose keys in one expert
+    coincide (the same subject behind the same prefix) make V_j rank-deficient and its coefficients large and opposite,
+    and left_j = coefficients^T V_j's factors in float32 would lose the update to cancellation."""
+    parts = []
+    for j, _, V in groups:
+        U, S, Wt = torch.linalg.svd(V, full_matrices=False)  # [n_j, k], [k], [k, h]
+        r = max(1, int((S > S[0] * max(V.shape) * torch.finfo(S.dtype).eps).sum()))
+        parts.append((j, (coefficients[j].T @ (U[:, :r] * S[:r])).float(), Wt[:r].float()))
+    return ExpertUpdate.from_groups(parts)
 
 
 def global_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,

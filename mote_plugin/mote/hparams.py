@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from .compute_z import OBJECTIVES
 from .lookup import FACT_TOKENS
 from .nullspace import FALLBACKS, RULES
 from .solvers import SOLVERS
@@ -47,6 +48,7 @@ def _host_base() -> type:
 _Base = _host_base()
 
 SPREADS = ("core", "residual", "layerwise")
+V_OBJECTIVES = (*OBJECTIVES, "memit_host")
 # "1e-5" / "-2.5E+3": YAML 1.1 (PyYAML) reads scientific notation without a dot as a string.
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -80,9 +82,12 @@ class MoTEHyperParams(_Base):
     v_num_grad_steps: int = 25  # Adam steps of the v* optimisation
     v_lr: float = 0.5  # v* learning rate
     v_loss_layer: int = -1  # layer whose output feeds the v* loss; -1 = last layer
-    v_weight_decay: float = 0.5  # v* weight decay on ||delta||^2 / ||h||^2
+    v_weight_decay: float = 0.5  # v* penalty weight: on ||delta|| / ||h||^2 (memit) or ||delta||^2 / ||h||^2 (squared)
     clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor * ||h||
     kl_factor: float = 0.0625  # weight of the KL term keeping "{subject} is a" stable
+    v_objective: str = "memit"  # memit (EasyEdit's compute_z) | squared (earlier plugin form) | memit_host (the host's own code)
+    v_batch_size: int | None = None  # requests optimised together in v* (null: all requests of the call)
+    v_keep_failed: bool = False  # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
     mote_lambda: float = 0.1  # ridge lambda of the core solve (> 0)
     r_e: int | float = 1.0  # expert-mode Tucker rank: int = absolute, float in (0, 1] = fraction (1 != 1.0!)
     r_out: int | float = 0.5  # output-mode (d_model) Tucker rank, same convention
@@ -141,6 +146,9 @@ class MoTEHyperParams(_Base):
         need(self.fact_token in FACT_TOKENS, f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         need(self.whitening in WHITENINGS, f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
         need(self.spread in SPREADS, f"spread must be one of {SPREADS}, got {self.spread!r}")
+        need(self.v_objective in V_OBJECTIVES, f"v_objective must be one of {V_OBJECTIVES}, got {self.v_objective!r}")
+        need(self.v_batch_size is None or (_is_int(self.v_batch_size) and self.v_batch_size >= 1),
+             f"v_batch_size must be null or an int >= 1, got {self.v_batch_size!r}")
         need(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
         need(not (self.sequential_memory and self.solver != "mote"),
              f"sequential_memory needs solver 'mote' (the {self.solver!r} solver keeps no memory of past edits)")
@@ -165,7 +173,7 @@ class MoTEHyperParams(_Base):
             v = getattr(self, name)
             need(_is_int(v) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
         need(_is_int(self.v_loss_layer), f"v_loss_layer must be an int (-1 = last layer), got {self.v_loss_layer!r}")
-        for name in ("nullspace", "sequential_memory", "model_parallel", "fp16"):
+        for name in ("nullspace", "sequential_memory", "model_parallel", "fp16", "v_keep_failed"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "stats_dir"):
             need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")

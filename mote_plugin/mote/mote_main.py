@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter
 from . import host, offload
 from .capture import capture, input_device, moe_blocks
-from .compute_z import VStarCache, VStarConfig, compute_z
+from .compute_z import FAILED_NLL, VStarCache, VStarConfig, compute_targets
 from .history import EditHistory, copy_into, down_param_names, record_call
 from .hparams import MoTEHyperParams
 from .lookup import encode_with_lookup
@@ -126,7 +126,8 @@ def layer_bases(model, tok, adapter, blocks: dict, hp: MoTEHyperParams) -> dict[
 def vstar_config(hp: MoTEHyperParams) -> VStarConfig:
     return VStarConfig(layer_module_tmp=hp.layer_module_tmp, fact_token=hp.fact_token, v_num_grad_steps=hp.v_num_grad_steps,
                        v_lr=hp.v_lr, v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-                       kl_factor=hp.kl_factor, max_length=hp.max_length)
+                       kl_factor=hp.kl_factor, v_loss_layer=hp.v_loss_layer, ln_f_module=hp.ln_f_module,
+                       lm_head_module=hp.lm_head_module, objective=hp.v_objective, max_length=hp.max_length)
 
 
 def context_templates(model, tok, state: EditorState, n: int = 5, length: int = 10, seed: int = 0) -> list[str]:
@@ -165,53 +166,67 @@ def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_toke
     return h[torch.arange(len(requests), device=h.device), lookup.to(h.device)].float()
 
 
-V_STAR_NLL_WARN = 0.6931  # ln 2: the optimised delta still leaves P(target token) below 1/2
-
-
 def request_key(r: dict) -> tuple[str, str, str]:
     """What identifies a request's v* target: (prompt, subject, target_new)."""
     return r["prompt"], r["subject"], r["target_new"]
 
 
 def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: EditorState, progress: bool = True,
-            precomputed: dict | None = None) -> torch.Tensor:
-    """[T, d] v* targets z at the last edited layer, one per request.
+            precomputed: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """v* targets at the last edited layer L: (z [T, d], final target NLL per token [T], NaN where not reported).
 
-    precomputed: {request_key(r): z [d]} used as given (e.g. v* of the unedited model in benchmarks, MoEEdit's
-    protocol); the rest are read from `hp.vstar_cache_dir` when set, else computed (and then cached).
+    precomputed: {request_key(r): z [d] or (z, nll)} used as given (e.g. v* of the unedited model in benchmarks,
+    MoEEdit's protocol); the rest are read from `hp.vstar_cache_dir` when set, else computed, `hp.v_batch_size` requests
+    at a time (all together by default), and then cached. `v_objective: memit_host` computes them one at a time with
+    the EasyEdit host's own compute_z, which reports no NLL.
     """
     L = max(hp.layers)
-    host_compute_z = host.compute_z_fn()
+    if hp.v_objective == "memit_host" and host.compute_z_fn() is None:
+        raise ValueError(f"v_objective 'memit_host' needs an importable EasyEdit host ({host.host_status()}); "
+                         "use v_objective 'memit', the same objective computed by the plugin")
     # MEMIT's context templates, generated once per model; also given to the host's compute_z (its own
     # get_context_templates keeps one list per process, from whichever model asked first)
     templates = context_templates(model, tok, state)
-    cache = None  # opened at the first request not precomputed (it fingerprints the model)
-    precomputed = precomputed or {}
-    zs, missed = [], []
-    for r in tqdm(requests, desc="v* targets", disable=not progress, leave=False):
-        z = precomputed.get(request_key(r))
-        if z is None and hp.vstar_cache_dir is not None:
-            if cache is None:
-                settings = vars(vstar_config(hp)) | {"source": "host" if host_compute_z else "plugin",
-                                                     "templates": templates, "v_loss_layer": hp.v_loss_layer}
-                cache = VStarCache(hp.vstar_cache_dir, model, L, settings)
-            z = cache.load(r)
-        if z is None:
-            if host_compute_z:
-                z = host_compute_z(model, tok, r, hp, L, [templates])
-            else:
-                v = compute_z(model, tok, r, L, vstar_config(hp), templates)
-                z = v.z
-                if v.nll > V_STAR_NLL_WARN:
-                    missed.append(r["subject"])
+    cache = None
+    if hp.vstar_cache_dir is not None:
+        cache = VStarCache(hp.vstar_cache_dir, model, L, vars(vstar_config(hp)) | {"templates": templates})
+    z: list = [None] * len(requests)
+    nll = torch.full((len(requests),), float("nan"))
+    for i, r in enumerate(requests):
+        given = (precomputed or {}).get(request_key(r))
+        if given is None and cache is not None:
+            given = cache.load(r)
+        if given is not None:
+            z[i], nll[i] = given if isinstance(given, tuple) else (given, float("nan"))
+    todo = [i for i in range(len(requests)) if z[i] is None]
+    chunk = hp.v_batch_size or max(len(todo), 1)
+    for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=not progress or len(todo) <= chunk, leave=False):
+        part = todo[start : start + chunk]
+        if hp.v_objective == "memit_host":
+            found = [(host.compute_z_fn()(model, tok, requests[i], hp, L, [templates]), float("nan")) for i in part]
+        else:
+            v = compute_targets(model, tok, [requests[i] for i in part], L, vstar_config(hp), templates, progress=progress)
+            found = list(zip(v.z, v.nll.tolist()))
+        for i, (zi, nli) in zip(part, found):
+            z[i], nll[i] = zi, nli
             if cache is not None:
-                cache.save(r, z)
-        zs.append(z)
-    if missed:
-        log.warning("v* at layer %d left P(target) < 1/2 for %d of %d requests (e.g. %r): the edit will be weak there; "
-                    "raise v_num_grad_steps / v_lr / clamp_norm_factor or edit another layer", L, len(missed), len(requests), missed[0])
+                cache.save(requests[i], zi, nli)
     # detached: the host's MEMIT returns target_init + delta still attached to its graph, and precomputed targets may be
-    return torch.stack([z.detach().float().to(input_device(model)) for z in zs])
+    return torch.stack([zi.detach().float().to(input_device(model)) for zi in z]), nll
+
+
+def drop_failed_targets(requests: list[dict], z: torch.Tensor, nll: torch.Tensor, L: int, keep: bool):
+    """Warn for each request whose v* left P(target token) below 1/2 (e.g. a multi-token answer the model cannot
+    produce); unless `keep`, leave those requests out of the edit. Returns (requests, z) to edit."""
+    failed = (nll > FAILED_NLL).tolist()
+    for r, bad, value in zip(requests, failed, nll.tolist()):
+        if bad:
+            log.warning("v* at layer %d did not reach %r for %r (target NLL per token %.2f > ln 2): %s", L, r["target_new"],
+                        r["prompt"], value, "edited anyway (v_keep_failed)" if keep else "left out of this edit")
+    if keep or not any(failed):
+        return requests, z
+    kept = [i for i, bad in enumerate(failed) if not bad]
+    return [requests[i] for i in kept], z[kept]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,9 +270,10 @@ def _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state,
 
 
 def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, writes: list, progress: bool = True,
-                 precomputed: dict | None = None) -> dict:
-    """Edit `model` in place (no restore on failure: `apply_mote_to_model` does that). Returns timings; every
-    update written is appended to `writes` as (layer, ExpertUpdate), in order."""
+                 precomputed: dict | None = None) -> tuple[dict, list[dict]]:
+    """Edit `model` in place (no restore on failure: `apply_mote_to_model` does that). Returns the timings and the
+    requests edited (those whose v* reached its target, see `drop_failed_targets`); every update written is appended to
+    `writes` as (layer, ExpertUpdate), in order."""
     adapter = get_adapter(model)
     blocks = moe_blocks(model, adapter, hp.layers)
     state = editor_state(model)
@@ -266,10 +282,13 @@ def execute_mote(model, tok, requests: list[dict], hp: MoTEHyperParams, writes: 
     bases = layer_bases(model, tok, adapter, blocks, hp)
     timings["statistics"] = time.time() - t
     t = time.time()
-    z = targets(model, tok, requests, hp, state, progress, precomputed)  # [T, d]
+    z, nll = targets(model, tok, requests, hp, state, progress, precomputed)  # [T, d], [T]
     timings["vstar"] = time.time() - t
-    _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state, timings, writes)
-    return timings
+    requests, z = drop_failed_targets(requests, z, nll, max(hp.layers), hp.v_keep_failed)
+    if requests:
+        _solve_and_write(model, tok, adapter, blocks, bases, requests, z, hp, state, timings, writes)
+    timings["edits"] = len(requests)
+    return timings, requests
 
 
 def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bool = False, return_orig_weights: bool = False,
@@ -304,9 +323,9 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
             tok.padding_side = "right"
             _usable_pad_token(model, tok)
             writes = []
-            timings = execute_mote(model, tok, requests, hparams, writes, precomputed=kwargs.get("precomputed_targets"))
-            if state.record_history:
-                record_call(state.history, model, requests, hparams.to_dict(), writes, originals)
+            timings, edited = execute_mote(model, tok, requests, hparams, writes, precomputed=kwargs.get("precomputed_targets"))
+            if state.record_history and edited:
+                record_call(state.history, model, edited, hparams.to_dict(), writes, originals)
             offload.store(model, params)  # last: nothing after it can fail
         except BaseException:
             copy_into(params, originals)
@@ -317,11 +336,10 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
                 tok.padding_side = padding_side
             if pad_token != getattr(tok, "pad_token", None):
                 tok.pad_token = pad_token
-    timings["edits"] = len(requests)
     state.timings.append(timings)
-    state.edits += len(requests)
+    state.edits += timings["edits"]
     state.last_writes = writes
-    log.info("MoTE: %d edits, %s", len(requests), ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "edits"))
+    log.info("MoTE: %d edits, %s", timings["edits"], ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "edits"))
     return model, (originals if return_orig_weights else {})
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--facts", type=int, default=BuildOptions.facts, help="edit facts (CounterFact records)")
     b.add_argument("--data", default=None, help="a folder laid out like shared/data (counterfact/*.json, corpus/*.txt); default: the data shipped with the package")
     b.add_argument("--out", default=None, help=f"cache directory (default {DEFAULT_OUT})")
-    for name in ("seed", "vocab_size", "corpus_chars", "threads", "probe_facts", "profile_facts"):
+    for name in ("skip_facts", "seed", "vocab_size", "corpus_chars", "threads", "probe_facts", "profile_facts"):
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildOptions, name), dest=name)
     b.add_argument("--subject-tokens", action=argparse.BooleanOptionalAction, default=BuildOptions.subject_tokens,
                    help="train the tokenizer on the subjects' names too, so each gets tokens of its own (default; "
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch not in ARCHS:  # argparse already refuses; kept for programmatic calls
         parser.error(f"unknown --arch {args.arch}")
     opts = BuildOptions(
-        arch=args.arch, facts=args.facts, seed=args.seed, vocab_size=args.vocab_size, corpus_chars=args.corpus_chars,
+        arch=args.arch, facts=args.facts, skip_facts=args.skip_facts, seed=args.seed, vocab_size=args.vocab_size, corpus_chars=args.corpus_chars,
         threads=args.threads, probe_facts=args.probe_facts, profile_facts=args.profile_facts, subject_tokens=args.subject_tokens,
         size=ModelSize(**{f.name: getattr(args, f.name) for f in fields(ModelSize)}),
         train=TrainConfig(seed=args.seed, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "seed"}),

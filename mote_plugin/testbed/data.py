@@ -147,8 +147,11 @@ def build_facts(
     relations: dict[str, list[str]] | None = None,
     neighbours_per_fact: int = 1,
     seed: int = 0,
+    skip: int = 0,
 ) -> list[Fact]:
-    """Select `n_facts` edit facts (plus their neighbour facts) from the CounterFact records.
+    """Select `n_facts` edit facts (plus their neighbour facts) from the CounterFact records; with `skip`, facts
+    skip+1 .. skip+n_facts of the selection a (skip + n_facts)-fact build would make (so none of them is among the facts
+    of a build of `skip` facts or fewer with the same data and seed).
 
     A record qualifies when its relation is known, the relation has at least 3 templates (so one can be
     held out), its subject occurs in no other selected fact, and its objects are short (<= 3 words).
@@ -169,7 +172,7 @@ def build_facts(
     facts: list[Fact] = []
     used_subjects: set[str] = set()
     for rec in records:
-        if len(facts) == n_facts:
+        if len(facts) == skip + n_facts:
             break
         rel = record_relation(rec, by_template)
         if rel not in relations or len(relations[rel]) < 3 or rec["template"] not in relations[rel]:
@@ -208,12 +211,13 @@ def build_facts(
         used_subjects.add(rec["subject"])
         used_subjects.update(n["subject"] for n in neighbours)
         used_subjects.add(support[0])
-    if len(facts) < n_facts:
+    if len(facts) < skip + n_facts:
+        asked = f"--facts {n_facts}" + (f" after --skip-facts {skip}" if skip else "")
         raise DataError(
-            f"only {len(facts)} usable CounterFact records in {data_dir} (asked for --facts {n_facts}); "
+            f"only {len(facts)} usable CounterFact records in {data_dir} (asked for {asked}); "
             "pass a larger --data directory or a smaller --facts"
         )
-    return facts
+    return facts[skip:]
 
 
 def unedited_facts(facts: list[Fact], relations: dict[str, list[str]]) -> list[Fact]:

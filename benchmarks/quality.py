@@ -1,0 +1,416 @@
+"""MoTE's quality as a method: every setting chosen on a dev split of known facts, every number reported on a test split.
+
+    python benchmarks/quality.py                                    # benchmarks/configs/quality.yaml, all phases
+    python benchmarks/quality.py --arch qwen3_moe --only tune test  # some archs / phases (results are merged)
+
+Per fact model (the `builds:` of the config, built from the data shipped with the package when missing):
+
+  splits     the build's known facts in facts.json order: dev = the first `dev`, test = the next ones, as many whole
+             batches of `batch_size` as the build allows (at most `test`). No setting is chosen on a test fact.
+  tune       per method, every combination of the `tune:` grid (on top of the arch's testbed YAML and the method's own
+             overrides) edits the dev facts in sequential batches; the best dev utility wins (ties: grid order).
+             `layers: [-1, 0, 1]` means the build's traced edit band shifted by that many layers.
+  test       each method, with its chosen settings, edits the test facts in sequential batches, v* computed at each
+             batch on the model as it then is; metrics after the last batch on all test facts, with 95% bootstrap
+             intervals over facts, and the seconds of each stage.
+  ablations  variants of MoTE's chosen settings on the test facts (whitening, null space), not re-tuned.
+  ranks      MoTE at multiples of the YAML's Tucker ranks on the test facts: quality against solve+write seconds.
+  routing    top-k routing overlap before/after the test edits (the paper's Appendix C.1).
+
+Results are merged into benchmarks/results/quality.json (the `--arch`/`--only` parts re-run replace theirs) and
+written out as quality.md and quality-ranks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin.adapters import get_adapter
+from mote_plugin.compare import build_options
+from mote_plugin.metrics import counterfact_metrics
+from mote_plugin.mote import mote_main
+from mote_plugin.mote.capture import capture
+from mote_plugin.mote.tucker import resolve_ranks
+from mote_plugin.testbed import build, load
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results" / "quality"
+PHASES = ("tune", "test", "ablations", "ranks", "routing")
+METRICS = ("efficacy", "generalization", "specificity", "utility")
+STAGES = ("vstar", "capture", "solve", "writeback")
+CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablations", "rank_scales", "bootstrap", "seed"}
+
+
+def load_config(path: str | Path) -> dict:
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    unknown, missing = set(cfg) - CONFIG_KEYS, {"builds", "dev", "test", "batch_size", "methods"} - set(cfg)
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    base = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
+    variants = {**cfg["methods"], **{k: v for group in (cfg.get("ablations") or {}).values() for k, v in group.items()}}
+    for name, overrides in variants.items():  # unknown keys and bad values fail here, before any work
+        base.updated(f"{path}: {name}", **(overrides or {}))
+    for key, values in (cfg.get("tune") or {}).items():
+        if key != "layers":
+            for v in values:
+                base.updated(f"{path}: tune {key}", **{key: v})
+    for arch, opts in cfg["builds"].items():
+        build_options(opts | {"arch": arch})
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# facts and settings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fact_model(arch: str, cfg: dict):
+    """(model, tok, facts, report) of the arch's build, built first if needed."""
+    opts = build_options(cfg["builds"][arch] | {"arch": arch})
+    out = ROOT / ".cache" / "mote-testbed" / f"{arch}-{opts.facts}-quality"
+    build(out, opts)
+    return load(out)
+
+
+def splits(facts: list[dict], cfg: dict) -> dict[str, list[dict]]:
+    """{"dev": first `dev` known facts, "test": the next known facts, whole batches only (at most `test`)}."""
+    known = [f for f in facts if f["known"]]
+    dev, rest = known[: cfg["dev"]], known[cfg["dev"] :]
+    n_test = min(cfg["test"], len(rest)) // cfg["batch_size"] * cfg["batch_size"]
+    if len(dev) < cfg["dev"] or n_test == 0:
+        raise SystemExit(f"the build knows {len(known)} facts: too few for dev {cfg['dev']} + one test batch of {cfg['batch_size']}")
+    return {"dev": dev, "test": rest[:n_test]}
+
+
+def base_hparams(arch: str, report: dict) -> MoTEHyperParams:
+    hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / f"testbed-{arch}")
+    return hp.updated("the build", layers=report["edit_layers"], fact_token=report["lookup_token"],
+                      stats_dir=str(ROOT / ".cache" / "mote-stats"), vstar_cache_dir=str(ROOT / ".cache" / "mote-vstar"))
+
+
+def grid(tune: dict, report: dict, n_layers: int) -> list[dict]:
+    """Every combination of the tuning grid; `layers` shifts of the traced band become explicit bands in range."""
+    axes = {}
+    for key, values in (tune or {}).items():
+        if key == "layers":
+            band = report["edit_layers"]
+            values = [[l + s for l in band] for s in values if 0 <= band[0] + s and band[-1] + s < n_layers]
+        axes[key] = values
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int, int]) -> dict:
+    """The YAML's ranks times `scale` (rounded up, at most the mode size); "full": every mode at full size."""
+    if scale == "full":
+        return {"r_e": 1.0, "r_out": 1.0, "r_in": 1.0}
+    ranks = resolve_ranks((hp.r_e, hp.r_out, hp.r_in), shape)
+    return dict(zip(("r_e", "r_out", "r_in"), (min(size, math.ceil(r * scale)) for r, size in zip(ranks, shape))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# editing and scoring
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def request(r: dict) -> dict:
+    return {"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]}
+
+
+def bootstrap(items: dict[str, list[float]], n: int, seed: int) -> dict[str, list[float]]:
+    """95% percentile intervals of each metric's mean and of utility (mean of the three), resampling facts."""
+    gen = torch.Generator().manual_seed(seed)
+    means = {}
+    for key, values in items.items():
+        v = torch.tensor(values, dtype=torch.float64)
+        means[key] = v[torch.randint(len(v), (n, len(v)), generator=gen)].mean(dim=1)  # [n]
+    means["utility"] = sum(means[k] for k in ("efficacy", "generalization", "specificity")) / 3
+    return {k: [float(m.quantile(0.025)), float(m.quantile(0.975))] for k, m in means.items()}
+
+
+class Session:
+    """One fact model, restored to its unedited weights before every run."""
+
+    def __init__(self, model, tok, cfg: dict):
+        self.model, self.tok, self.cfg = model, tok, cfg
+        self.original = {k: v.clone() for k, v in model.state_dict().items()}
+        self.shape = None
+
+    def run(self, hp: MoTEHyperParams, records: list[dict], intervals: bool = False) -> dict:
+        """Edit `records` in sequential batches with `hp` from the unedited weights; metrics on all of them."""
+        self.model.load_state_dict(self.original)
+        mote_main.reset_state(self.model)
+        seconds = dict.fromkeys(STAGES, 0.0)
+        edited = 0
+        bs = self.cfg["batch_size"]
+        for i in range(0, len(records), bs):
+            apply_mote_to_model(self.model, self.tok, [request(r) for r in records[i : i + bs]], hp)
+            t = last_timings(self.model)
+            edited += t["edits"]
+            for s in STAGES:
+                seconds[s] += t[s]
+        m = counterfact_metrics(self.model, self.tok, records)
+        row = {k: m[k] for k in METRICS} | {"seconds": seconds, "edited": edited, "n": len(records)}
+        if intervals:
+            items = {k: m[k + "_items"] for k in ("efficacy", "generalization", "specificity")}
+            row["ci95"] = bootstrap(items, self.cfg.get("bootstrap", 1000), self.cfg.get("seed", 0))
+        return row
+
+    def unedited(self, records: list[dict]) -> dict:
+        self.model.load_state_dict(self.original)
+        m = counterfact_metrics(self.model, self.tok, records)
+        items = {k: m[k + "_items"] for k in ("efficacy", "generalization", "specificity")}
+        return {k: m[k] for k in METRICS} | {"ci95": bootstrap(items, self.cfg.get("bootstrap", 1000), self.cfg.get("seed", 0)),
+                                              "n": len(records)}
+
+    def routed_experts(self, prompts: list[str]) -> dict[int, torch.Tensor]:
+        """{MoE layer: [P, K] experts chosen at the last token of each prompt}."""
+        adapter = get_adapter(self.model)
+        layers = adapter.moe_layers(self.model)
+        reqs = [{"prompt": p, "subject": p.split()[0], "target_new": "x"} for p in prompts]
+        return {l: c.expert_idx for l, c in capture(self.model, self.tok, adapter, reqs, layers, "last").items()}
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of |A & B| / |A | B| of the expert sets in a, b [P, K]."""
+    return sum(len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a.tolist(), b.tolist())) / len(a)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# phases
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def tune(session: Session, base: MoTEHyperParams, dev: list[dict], cfg: dict, report: dict, log) -> dict:
+    """{method: {"chosen": settings, "dev": its dev row, "grid": [(settings, dev row)...]}}."""
+    combos = grid(cfg.get("tune"), report, session.model.config.num_hidden_layers)
+    out = {}
+    for name, overrides in cfg["methods"].items():
+        rows = []
+        for combo in combos:
+            hp = base.updated(name, **(overrides or {}), **combo)
+            rows.append((combo, session.run(hp, dev)))
+            log(f"  tune {name} {combo}: " + " ".join(f"{rows[-1][1][k]:.2f}" for k in METRICS))
+        best = max(range(len(rows)), key=lambda i: (rows[i][1]["utility"], -i))
+        out[name] = {"chosen": rows[best][0], "dev": rows[best][1], "grid": [{"settings": c, **r} for c, r in rows]}
+    return out
+
+
+def chosen(result: dict, name: str) -> dict:
+    if name not in result.get("tune", {}):
+        raise SystemExit(f"no tuned settings for {name}: run the tune phase first (--only tune)")
+    return result["tune"][name]["chosen"]
+
+
+def test(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
+    rows = {"unedited": session.unedited(records)}
+    for name, overrides in cfg["methods"].items():
+        hp = base.updated(name, **(overrides or {}), **chosen(result, name))
+        rows[name] = session.run(hp, records, intervals=True)
+        log(f"  test {name}: " + " ".join(f"{rows[name][k]:.2f}" for k in METRICS))
+    return rows
+
+
+def ablations(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
+    mote = base.updated("MoTE", **(cfg["methods"]["MoTE"] or {}), **chosen(result, "MoTE"))
+    out = {}
+    for group, variants in (cfg.get("ablations") or {}).items():
+        out[group] = {}
+        for name, overrides in variants.items():
+            out[group][name] = session.run(mote.updated(f"{group}: {name}", **(overrides or {})), records, intervals=True)
+            log(f"  ablation {group} {name}: " + " ".join(f"{out[group][name][k]:.2f}" for k in METRICS))
+    return out
+
+
+def ranks(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
+    mote = base.updated("MoTE", **(cfg["methods"]["MoTE"] or {}), **chosen(result, "MoTE"))
+    adapter = get_adapter(session.model)
+    block = adapter.moe_block(session.model, mote.layers[-1])
+    shape = tuple(adapter.down_weight(block, dtype=None).shape)  # (E, d, h)
+    out = {}
+    for scale in cfg.get("rank_scales", [1, "full"]):
+        variant = rank_variant(mote, scale, shape)
+        row = session.run(mote.updated(f"ranks x{scale}", **variant), records, intervals=True)
+        out[str(scale)] = row | {"ranks": list(resolve_ranks((variant["r_e"], variant["r_out"], variant["r_in"]), shape))}
+        log(f"  ranks x{scale} {out[str(scale)]['ranks']}: " + " ".join(f"{row[k]:.2f}" for k in METRICS))
+    return out
+
+
+def routing(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
+    prompts = [r["prompt"] for r in records]
+    session.model.load_state_dict(session.original)
+    before = session.routed_experts(prompts)
+    out = {}
+    for name, overrides in cfg["methods"].items():
+        session.run(base.updated(name, **(overrides or {}), **chosen(result, name)), records)
+        after = session.routed_experts(prompts)
+        out[name] = {str(l): jaccard(before[l], after[l]) for l in before}
+        log(f"  routing {name}: {out[name]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _cell(row: dict, key: str) -> str:
+    if "ci95" not in row:
+        return f"{row[key]:.2f}"
+    lo, hi = row["ci95"][key]
+    return f"{row[key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _edit_seconds(row: dict) -> str:
+    s = row.get("seconds")
+    return "-" if not s else f"{sum(s.values()):.1f} ({s['solve'] + s['writeback']:.2f})"
+
+
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items()) or "-"
+
+
+def _table(rows: dict, extra: dict | None = None) -> list[str]:
+    head = "| method | " + " | ".join(METRICS) + " | edit s (solve+write s) |" + (" settings chosen on dev |" if extra else "")
+    lines = [head, "|---" * (len(METRICS) + 2 + bool(extra)) + "|"]
+    for name, row in rows.items():
+        line = f"| {name} | " + " | ".join(_cell(row, k) for k in METRICS) + f" | {_edit_seconds(row)} |"
+        lines.append(line + (f" {_settings(extra[name])} |" if extra and name in extra else " - |" if extra else ""))
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = ["# MoTE's quality: dev/test protocol on the fact models", "",
+             f"Last command: `{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+             f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured on "
+             "the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
+             "bootstrap intervals over facts. Edit seconds include v* (computed at each batch) and capture.", ""]
+    for arch, res in report["archs"].items():
+        s = res["splits"]
+        split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known facts "
+                 f"{s['test'][0]}-{s['test'][1]} (N = {s['test'][1] - s['test'][0] + 1}, {s['batches']} sequential batches of "
+                 f"{report['config']['batch_size']})")
+        lines += [f"## {arch}", "", f"Build: `{res['build']}`; edit band traced {res['traced_layers']} at {res['lookup_token']}; "
+                  f"YAML ranks {res['ranks']} of (E, d, h) = {res['shape']}. Splits: {split}.", ""]
+        if "test" in res:
+            lines += ["### Test split", "", *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items()}), ""]
+        if "ablations" in res:
+            for group, rows in res["ablations"].items():
+                lines += [f"### Ablation: {group} (MoTE's dev-chosen settings otherwise; test split)", "", *_table(rows), ""]
+        if "ranks" in res:
+            lines += ["### Tucker ranks (MoTE's dev-chosen settings otherwise; test split)", "",
+                      "| scale of YAML ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
+                      "|---" * (len(METRICS) + 3) + "|"]
+            for scale, row in res["ranks"].items():
+                lines.append(f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
+                             + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.2f} |")
+            lines.append("")
+        if "routing" in res:
+            layers = list(next(iter(res["routing"].values())))
+            lines += ["### Routing overlap (top-k Jaccard before/after, last prompt token of the test prompts)", "",
+                      "| method | " + " | ".join(f"layer {l}" for l in layers) + " |", "|---" * (len(layers) + 1) + "|"]
+            lines += [f"| {n} | " + " | ".join(f"{r[l]:.3f}" for l in layers) + " |" for n, r in res["routing"].items()]
+            lines.append("")
+        if "tune" in res:
+            lines += ["### Dev split (the grid's best per method)", "", *_table({k: v["dev"] for k, v in res["tune"].items()}), "",
+                      f"Grid: {json.dumps(report['config'].get('tune'))} (`layers`: shifts of the traced band); every "
+                      "grid point's dev metrics are in quality.json.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = [a for a, r in report["archs"].items() if "ranks" in r]
+    if not archs:
+        return
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.5 * len(archs), 3.6), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        rows = report["archs"][arch]["ranks"]
+        for key, marker in zip(METRICS, "os^D"):
+            xs = [r["seconds"]["solve"] + r["seconds"]["writeback"] for r in rows.values()]
+            ax.plot(xs, [r[key] for r in rows.values()], marker=marker, label=key)
+        for scale, r in rows.items():
+            ax.annotate(f"x{scale}" if scale != "full" else "full", (r["seconds"]["solve"] + r["seconds"]["writeback"], r["utility"]),
+                        fontsize=7)
+        ax.set_xlabel("solve + write seconds (test split)")
+        ax.set_title(f"{arch}: quality vs Tucker rank", fontsize=9)
+        ax.set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.name + "-ranks.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "quality.yaml"))
+    parser.add_argument("--arch", nargs="*", help="archs of the config to run (default: all)")
+    parser.add_argument("--only", nargs="*", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    archs = args.arch or list(cfg["builds"])
+    unknown = set(archs) - set(cfg["builds"])
+    if unknown:
+        raise SystemExit(f"--arch {sorted(unknown)}: not in the config's builds ({', '.join(cfg['builds'])})")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"archs": {}}
+    report |= {"command": shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "config": cfg}
+    for arch in archs:
+        model, tok, facts, build_report = fact_model(arch, cfg)
+        session = Session(model, tok, cfg)
+        split = splits(facts, cfg)
+        base = base_hparams(arch, build_report)
+        adapter = get_adapter(model)
+        shape = tuple(adapter.down_weight(adapter.moe_block(model, base.layers[-1]), dtype=None).shape)
+        res = report["archs"].setdefault(arch, {})
+        n_dev, n_test = len(split["dev"]), len(split["test"])
+        res |= {"build": json.dumps(cfg["builds"][arch]), "traced_layers": build_report["edit_layers"],
+                "lookup_token": build_report["lookup_token"], "shape": list(shape),
+                "ranks": list(resolve_ranks((base.r_e, base.r_out, base.r_in), shape)),
+                "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test], "batches": n_test // cfg["batch_size"],
+                           "known": sum(f["known"] for f in facts)}}
+        log = lambda m, arch=arch: print(f"[{arch}] {m}", flush=True)  # noqa: E731
+        for phase in PHASES:
+            if phase not in args.only:
+                continue
+            t = time.time()
+            records = split["dev"] if phase == "tune" else split["test"]
+            fn = {"tune": lambda: tune(session, base, records, cfg, build_report, log),
+                  "test": lambda: test(session, base, records, cfg, res, log),
+                  "ablations": lambda: ablations(session, base, records, cfg, res, log),
+                  "ranks": lambda: ranks(session, base, records, cfg, res, log),
+                  "routing": lambda: routing(session, base, records, cfg, res, log)}[phase]
+            res[phase] = fn()
+            log(f"{phase}: {time.time() - t:.0f} s")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every phase: a long run keeps its parts
+        del model, session
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out)
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
