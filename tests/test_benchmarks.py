@@ -200,3 +200,20 @@ def test_editing_overrides_and_sweeps_are_read_as_yaml(tmp_path):
     args = editing.argparse.Namespace(build=str(tmp_path), set=[("layers", [1, 2])], sweep=("v_weight_decay", [1, 6]), arch=[])
     assert editing.runs(args) == [(str(tmp_path), {"layers": [1, 2], "v_weight_decay": 1}),
                                   (str(tmp_path), {"layers": [1, 2], "v_weight_decay": 6})]
+
+
+@pytest.mark.slow
+def test_end_to_end_speed_report(reduced_fact_model, tmp_path, monkeypatch):
+    """benchmarks/end_to_end.py on a small build: every batch edited with v* included, the batched and one-at-a-time v*
+    of the same requests agree, and the report gives the seconds of every stage."""
+    from mote_plugin.testbed import load as load_build
+
+    end_to_end = load("end_to_end")
+    out, _ = reduced_fact_model("gpt_oss")
+    monkeypatch.setattr(end_to_end, "fact_model", lambda arch, cfg: load_build(out))
+    end_to_end.main(["--arch", "gpt_oss", "--edits", "8", "--batch-size", "4", "--compare", "6", "--out", str(tmp_path / "e2e")])
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["edits"] == 8 and 0 < report["edited"] <= 8
+    assert set(report["seconds"]) == {"statistics", "basis", "vstar", "capture", "solve", "writeback"}
+    assert report["vstar"]["requests"] == 6 and report["vstar"]["z_rel_diff"]["max"] < 1e-3
+    assert "| **all 8 edits** (wall, statistics excluded) |" in (tmp_path / "e2e.md").read_text()
