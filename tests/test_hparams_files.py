@@ -22,6 +22,7 @@ def test_yaml_loads(path):
     hp = MoTEHyperParams.from_hparams(str(path.with_suffix("")))  # '.yaml' is optional
     assert hp.alg_name == "MoTE" and hp.layers
     assert isinstance(hp.eps_whitening, float)
+    assert hp.batch_size == 1, "EasyEdit's edit() asserts batch_size == 1; batch_edit's size is set by its caller"
 
 
 @pytest.mark.parametrize("path", HOST_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
