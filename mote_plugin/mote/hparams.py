@@ -365,3 +365,9 @@ class MoTEHyperParams(_Base):
     def to_dict(self) -> dict:
         """Field name -> value (shallow: `dataclasses.asdict` would deep-copy a `(model, tok)` model_name)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self)}
+
+
+if _Base is not object:  # the host imported: make "MoTE" selectable in it now (idempotent, never raises)
+    from ..easyedit import register as _register
+
+    _register()
