@@ -197,6 +197,24 @@ def is_registered() -> bool:
     return module is not None and getattr(module, "ALG_DICT", {}).get(ALG_NAME) is apply_mote
 
 
+def host_version() -> dict:
+    """Which `easyeditor` is importable: its directory, pip's version (None for a checkout on PYTHONPATH) and, for a
+    git checkout, the commit (None where git cannot tell)."""
+    import subprocess
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("easyeditor")
+    if spec is None or spec.origin is None:
+        return {"path": None, "version": None, "commit": None}
+    root = Path(spec.origin).resolve().parent.parent
+    try:
+        run = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = run.stdout.strip() if run.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {"path": str(root), "version": _installed_version(), "commit": commit}
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
