@@ -185,10 +185,8 @@ class MoTEHyperParams(_Base):
 
         need(self.alg_name == "MoTE", f"alg_name must be 'MoTE', got {self.alg_name!r}")
         layers = self.layers
-        need(
-            isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(l) and l >= 0 for l in layers),
-            f"layers must be a non-empty list of non-negative ints, got {layers!r}",
-        )
+        layers_ok = isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(l) and l >= 0 for l in layers)
+        need(layers_ok, f"layers must be a non-empty list of non-negative ints, got {layers!r}")
         if isinstance(layers, (list, tuple)):
             need(len(set(layers)) == len(layers), f"layers has duplicates: {layers!r}")
         dev = self.device
@@ -223,7 +221,7 @@ class MoTEHyperParams(_Base):
             v = getattr(self, name)
             need(_is_int(v) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
         need(_is_int(self.v_loss_layer), f"v_loss_layer must be an int (-1 = last layer), got {self.v_loss_layer!r}")
-        if _is_int(self.v_loss_layer) and self.v_loss_layer != -1 and not e:
+        if _is_int(self.v_loss_layer) and self.v_loss_layer != -1 and layers_ok:
             need(self.v_loss_layer >= max(layers),
                  f"v_loss_layer must be -1 (the last layer) or a layer at or above the last edited one, "
                  f"max(layers) = {max(layers)}; got {self.v_loss_layer}")
