@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin.cli import key_value
 from mote_plugin.metrics import counterfact_metrics, preservation_change
 from mote_plugin.mote.stats import corpus_texts
 from mote_plugin.testbed import ARCHS, BuildOptions, build, load
@@ -38,14 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "editing.md"
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("statistics", "vstar", "capture", "solve", "writeback")
-
-
-def key_value(text: str) -> tuple[str, object]:
-    """"layers=[1,2,3]" -> ("layers", [1, 2, 3]); the value is read as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
 
 
 def sweep(text: str) -> tuple[str, list]:

@@ -1,12 +1,13 @@
 """An EasyEdit script that selects MoTE by its YAML, the way EasyEdit's own examples select ROME or MEMIT.
 
     PYTHONPATH=/path/to/EasyEdit python examples/easyedit_edit.py --hparams hparams/MoTE/testbed-qwen3_moe \\
-        [--mode edit|sequential|batch] [--n 10]
+        [--mode edit|sequential|batch] [--n 10] [--batch-size N]
 
 Records are the fact model's known CounterFact facts (EasyEdit's flat fields) from the build that holds the YAML's
 `model_name` (`.cache/mote-testbed/<arch>-200/model`, built by `mote-testbed build --arch <arch>`), or `--data` (a flat
-EasyEdit CounterFact JSON). `edit` restores the weights after each request (EasyEdit's rule; it needs batch_size 1),
-`sequential` keeps them, `batch` edits batch_size requests per call. Prints EasyEdit's own pre/post metrics.
+EasyEdit CounterFact JSON). `edit` restores the weights after each request, `sequential` keeps them (both run the YAML
+as it is: its batch_size is 1, as EasyEdit's edit() requires), `batch` edits --batch-size requests per call (default:
+all of them in one call), keeping the edits. Prints EasyEdit's own pre/post metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--hparams", required=True)
     parser.add_argument("--mode", choices=("edit", "sequential", "batch"), default="batch")
     parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, help="requests per call in batch mode (default: all)")
     parser.add_argument("--data", help="flat EasyEdit CounterFact JSON (default: the fact model's known facts)")
     args = parser.parse_args()
 
@@ -31,8 +33,6 @@ def main() -> None:
     from easyeditor import BaseEditor
 
     hparams = MoTEHyperParams.from_hparams(args.hparams)
-    if args.mode != "batch":
-        hparams.batch_size = 1  # EasyEdit's edit() requires it
     if args.data:
         records = json.loads(Path(args.data).read_text())[: args.n]
     else:
@@ -49,6 +49,7 @@ def main() -> None:
                                           "ground_truth": [r["locality_ground_truth"] for r in records]}},
     )
     if args.mode == "batch":
+        hparams.batch_size = args.batch_size or len(records)  # the batch size belongs to the call
         metrics, _, _ = editor.batch_edit(**inputs, sequential_edit=True)
     else:
         metrics, _, _ = editor.edit(**inputs, sequential_edit=args.mode == "sequential")

@@ -1,11 +1,13 @@
 """`mote`: edit a local Hugging Face MoE model with MoTE and move the edit around as a patch (docs/patches.md).
 
-    mote edit    --hparams H.yaml --requests R.json --model DIR --out PATCH [--save-model DIR]
+    mote edit    --hparams H[.yaml] --requests R.json --model DIR --out PATCH [--set KEY=VALUE ...] [--save-model DIR]
     mote apply   --model DIR --patch PATCH --out DIR [--approximate]
     mote revert  --model DIR --patch PATCH --out DIR [--approximate]
     mote inspect PATCH [--json]
+    mote --version
 
-Bad input (a missing file, a patch for another model, a damaged patch) ends with one line on stderr and exit code 2.
+Bad input (a missing file, a patch for another model, a damaged patch, a bad hyper-parameter or device) ends with one
+line on stderr and exit code 2, before any model is loaded where the input alone shows it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
@@ -98,16 +102,33 @@ def _read_requests(path: str) -> list[dict]:
     return data
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """"layers=[1,2,3]" -> ("layers", [1, 2, 3]): a `--set KEY=VALUE` argument, the value read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{key.strip()}: the value is not YAML ({' '.join(str(e).split())})") from None
+
+
+def edit_hparams(path: str, overrides: list[tuple[str, object]]):
+    """The hyper-parameters `mote edit` uses: the YAML (".yaml" optional) with `--set` overrides applied, read and
+    checked as the YAML's own keys are."""
+    from .mote.hparams import MoTEHyperParams
+
+    hp = MoTEHyperParams.from_hparams(path)
+    return hp.updated("--set", **dict(overrides)) if overrides else hp
+
+
 def cmd_edit(args) -> None:
     from transformers import AutoTokenizer
 
-    from .mote.hparams import MoTEHyperParams
     from .mote.mote_main import apply_mote_to_model
     from .patch import save_edit
 
-    if not Path(args.hparams).is_file():
-        raise CLIError(f"{args.hparams}: no such hparams file")
-    hp = MoTEHyperParams.from_hparams(args.hparams)
+    hp = edit_hparams(args.hparams, args.set)
     requests = _read_requests(args.requests)
     src = _model_dir(args.model)
     save_to = _free_out(args.save_model, src) if args.save_model else None
@@ -115,13 +136,17 @@ def cmd_edit(args) -> None:
     if device_map is not None and save_to is not None:
         raise CLIError("--save-model needs the whole model in memory; with --device-map keep the patch and "
                        "`mote apply` it where the model fits")
+    device = hp.torch_device() if device_map is None else None  # a device this torch cannot use: before the weights load
     model = _load_model(src, device_map, args.offload_folder)
-    if device_map is None:
-        model = model.to(hp.torch_device())
+    if device is not None:
+        model = model.to(device)
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    model, _ = apply_mote_to_model(model, tok, requests, hp)
+    # batch_size requests per call, one call after another (EasyEdit's batch_edit with sequential_edit=True)
+    for start in range(0, len(requests), hp.batch_size):
+        model, _ = apply_mote_to_model(model, tok, requests[start : start + hp.batch_size], hp)
     path = save_edit(model, args.out)
-    print(f"edited {len(requests)} request(s); patch written to {path}")
+    calls = -(-len(requests) // hp.batch_size)
+    print(f"edited {len(requests)} request(s) in {calls} call(s) of up to batch_size {hp.batch_size}; patch written to {path}")
     if save_to is not None:
         _save_model(model.cpu(), src, save_to)
         print(f"edited model written to {save_to}")
@@ -182,10 +207,16 @@ def cmd_inspect(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="mote", description="MoTE knowledge editing for MoE models, and edit patches.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mote-plugin)")
     verbs = p.add_subparsers(dest="verb", required=True)
     e = verbs.add_parser("edit", help="edit a local model and save the edit as a patch")
-    e.add_argument("--hparams", required=True, help="MoTE hyper-parameters (YAML)")
+    e.add_argument("--hparams", required=True, help="MoTE hyper-parameters (YAML; '.yaml' may be left out)")
+    e.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyper-parameter of the YAML, the value read as YAML (e.g. --set layers=[1,2] "
+                        "--set batch_size=50); repeatable. Requests are edited in calls of batch_size, one after another")
     e.add_argument("--requests", required=True, help="JSON list of {prompt, subject, target_new}")
     e.add_argument("--model", required=True, help="local Hugging Face model directory")
     e.add_argument("--out", required=True, help="patch file to write (.safetensors)")

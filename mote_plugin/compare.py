@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .metrics import counterfact_metrics, zsre_locality_predictions, zsre_metrics
+from .metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
 from .mote.capture import input_device
 from .mote.hparams import MoTEHyperParams
 from .mote.mote_main import apply_mote_to_model, reset_state
@@ -67,6 +67,9 @@ class CompareConfig:
             raise ValueError(f"{path}: no methods")
         for name, entry in cfg.methods.items():
             hp_path, overrides = method_spec(name, entry)
+            if "batch_size" in overrides:
+                raise ValueError(f"{path}: methods: {name}: batch_size is the comparison's own (the config's "
+                                 f"batch_size: {cfg.batch_size}), the same for every method")
             if name == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
                 MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: MoTE", **overrides)
         if cfg.n < 1 or cfg.batch_size < 1:
@@ -240,7 +243,16 @@ class MethodResult:
     metrics: dict = field(default_factory=dict)  # the plugin's metrics (shares)
     host_metrics: dict = field(default_factory=dict)  # the host's token accuracies (means)
     edit_seconds: float = 0.0
-    hparams: str = ""
+    hparams: str = ""  # the YAML
+    overrides: dict = field(default_factory=dict)  # the `methods:` entry's changes to it
+    effective_hparams: dict = field(default_factory=dict)  # what the method ran with (YAML + overrides + the run's own)
+    per_record: list = field(default_factory=list)  # per record: case_id, subject, the plugin's and the host's scores
+
+
+def _as_dict(hp) -> dict:
+    """Hyper-parameters as a JSON-ready dict (MoTE's and the host's dataclasses)."""
+    d = hp.to_dict() if hasattr(hp, "to_dict") else dict(vars(hp))
+    return {k: v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else repr(v) for k, v in d.items()}
 
 
 def _dense_module_problem(model, hp) -> str | None:
@@ -286,18 +298,21 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
     if name == "MoTE":
         from .adapters import get_adapter
 
-        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}", **overrides)
+        # batch_size: the run's, so the recorded hyper-parameters say how MoTE was called
+        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}", **overrides | {"batch_size": cfg.batch_size})
         try:
             get_adapter(model)
         except ValueError as e:
-            return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path)
+            return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path, overrides=overrides)
         apply, batch_size, extra = apply_mote_to_model, cfg.batch_size, {}
         reset_state(model)
     elif host is None:
-        return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path)
+        return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path,
+                            overrides=overrides)
     else:
         setup = _host_setup(name, hp_path, overrides, model, tok, cfg, host)
         if isinstance(setup, MethodResult):
+            setup.overrides = overrides
             return setup
         apply, hp, batch_size = setup
         extra = {"reset_cache": True} if name == "AlphaEdit" else {}
@@ -316,9 +331,11 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
                 for k, v in weights_copy.items():
                     originals.setdefault(k, v)
         result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before), edit_seconds=seconds,
-                              hparams=hp_path)
+                              hparams=hp_path, overrides=overrides, effective_hparams=_as_dict(hp))
+        host_rows = None
         if host is not None and cfg.host_metrics:
-            result.host_metrics = host_token_metrics(model, tok, requests, hp, before)
+            result.host_metrics, host_rows = host_token_metrics(model, tok, requests, hp, before)
+        result.per_record = record_rows(records, cfg, result.metrics, host_rows)
         return result
     finally:
         params = dict(model.named_parameters())
@@ -357,19 +374,31 @@ def _host_quality(model, tok, request: dict, hp) -> dict:
     return evaluate.compute_edit_quality(model, "model", hp, tok, request, device)
 
 
-def host_token_metrics(model, tok, requests: list[dict], hp, before: dict) -> dict:
+def host_token_metrics(model, tok, requests: list[dict], hp, before: dict) -> tuple[dict, list[dict]]:
     """The host's token accuracies after the edits: rewrite, rephrase, and locality (share of the unrelated prompt's
-    argmax tokens unchanged, as BaseEditor computes it from pre/post outputs)."""
-    sums: dict[str, list[float]] = {"rewrite_acc": [], "rephrase_acc": [], "locality_acc": []}
+    argmax tokens unchanged, as BaseEditor computes it from pre/post outputs). Returns (means, one row per request)."""
+    rows = []
     for request, pre in zip(requests, before["host_locality"]):
         post = _host_quality(model, tok, request, hp)
-        sums["rewrite_acc"].append(float(torch.tensor(post["rewrite_acc"], dtype=torch.float).mean()))
+        row = {"rewrite_acc": float(torch.tensor(post["rewrite_acc"], dtype=torch.float).mean())}
         if "rephrase_acc" in post:
-            sums["rephrase_acc"].append(float(torch.tensor(post["rephrase_acc"], dtype=torch.float).mean()))
-        for key, tokens in post["locality"].items():
-            a, b = torch.tensor(tokens), torch.tensor(pre[key])
-            sums["locality_acc"].append(float((a == b).float().mean()))
-    return {k: sum(v) / len(v) for k, v in sums.items() if v}
+            row["rephrase_acc"] = float(torch.tensor(post["rephrase_acc"], dtype=torch.float).mean())
+        locality = [float((torch.tensor(tokens) == torch.tensor(pre[key])).float().mean())
+                    for key, tokens in post["locality"].items()]
+        if locality:
+            row["locality_acc"] = sum(locality) / len(locality)
+        rows.append(row)
+    keys = ("rewrite_acc", "rephrase_acc", "locality_acc")
+    means = {k: sum(v) / len(v) for k in keys if (v := [row[k] for row in rows if k in row])}
+    return means, rows
+
+
+def record_rows(records: list[dict], cfg: CompareConfig, metrics: dict, host_rows: list[dict] | None) -> list[dict]:
+    """One row per record: its id, the plugin's scores (`metrics.per_record`) and the host's (prefixed `host_`)."""
+    scores = per_record(metrics, records, cfg.dataset)
+    return [{"case_id": r.get("case_id", i), "subject": r.get("subject"), **row,
+             **{f"host_{k}": v for k, v in (host_rows[i] if host_rows else {}).items()}}
+            for i, (r, row) in enumerate(zip(records, scores))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,19 +413,38 @@ def compare(cfg: CompareConfig, log=print) -> dict:
     records = load_records(cfg, facts, host)
     before = reference(model, tok, records, cfg, host)
     unedited = MethodResult("unedited", "ok", metrics=plugin_metrics(model, tok, records, cfg, before))
+    host_rows = None
     if host is not None and cfg.host_metrics:
-        unedited.host_metrics = host_token_metrics(model, tok, [request_of(r, cfg.dataset) for r in records], None, before)
+        requests = [request_of(r, cfg.dataset) for r in records]
+        unedited.host_metrics, host_rows = host_token_metrics(model, tok, requests, None, before)
+    unedited.per_record = record_rows(records, cfg, unedited.metrics, host_rows)
     results = [unedited]
     for name, entry in cfg.methods.items():
         log(f"{name}: editing {len(records)} records in batches of {cfg.batch_size}")
         results.append(run_method(name, entry, model, tok, records, cfg, host, before))
         log(f"{name}: {results[-1].status} {results[-1].reason}")
-    report = {"config": asdict(cfg), "host": host_reason, "n": len(records),
+    report = {"config": asdict(cfg), "host": host_reason, "versions": versions(host is not None), "n": len(records),
               "results": [asdict(r) for r in results]}
     for r in report["results"]:
         r["metrics"] = {k: v for k, v in r["metrics"].items() if not k.endswith("_items")}
     write_outputs(report, Path(cfg.out))
     return report
+
+
+def versions(with_host: bool) -> dict:
+    """What produced the numbers: Python, torch, transformers, mote-plugin and, with a host, the EasyEdit checkout."""
+    import platform
+
+    import transformers
+
+    from . import __version__
+    from .easyedit import host_version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "mote_plugin": __version__}
+    if with_host:
+        out["easyeditor"] = host_version()
+    return out
 
 
 def markdown(report: dict) -> str:

@@ -1,15 +1,21 @@
-"""Registering MoTE with an EasyEdit host (`easyeditor`), so scripts select it by YAML like ROME or MEMIT.
+"""MoTE in an EasyEdit host (`easyeditor`): selected by its YAML like ROME or MEMIT.
 
-    import mote_plugin
-    mote_plugin.register()          # adds "MoTE" to the host's ALG_DICT and batch_edit's allow-list
-    hparams = mote_plugin.MoTEHyperParams.from_hparams("hparams/MoTE/qwen3-30b-a3b")
+    from mote_plugin.easyedit import hparams_class
+    hparams = hparams_class("MoTE").from_hparams("hparams/MoTE/qwen3-30b-a3b")    # MoTEHyperParams
     editor = BaseEditor.from_hparams(hparams)
 
-EasyEdit has no registration API (docs/easyedit-contract): its `BaseEditor` looks the algorithm up in the
-module-level dict `easyeditor.util.alg_dict.ALG_DICT`, and `batch_edit` asserts
-`BatchEditor.is_batchable_method(alg_name)` against a hard-coded list. `register` adds the dict entry and
-wraps that check (every other name keeps its answer). It is idempotent, imports the host only when it is
-installed, and never raises for a missing host: it returns a `HostStatus` saying what happened.
+Registration is automatic: importing `MoTEHyperParams` (or `hparams_class`, or `mote_plugin` after `easyeditor`)
+with a host importable registers MoTE; `register()` does it explicitly. It is idempotent and never raises (it returns
+a `HostStatus` saying what happened; `strict=True` raises instead).
+
+EasyEdit has no registration API (docs/easyedit-contract): `BaseEditor` looks the algorithm up in the module-level dict
+`easyeditor.util.alg_dict.ALG_DICT`, `batch_edit` asserts `BatchEditor.is_batchable_method(alg_name)` against a
+hard-coded list, and `BaseEditor.__init__` loads `model_name` by substring ('qwen3', 'llama', 'gpt', ...), raising a
+bare NotImplementedError for other names. `register` adds the dict entry, wraps that check, and wraps
+`BaseEditor.__init__` for MoTE only: a `model_name` the host would not load with the generic
+AutoModelForCausalLM / AutoTokenizer classes (OLMoE, DeepSeek-V3, GPT-OSS, Mixtral without "mistral" in the name...) is
+loaded by the plugin, and the name (or a `(model, tok)` pair's model name) is what the editor and hyper-parameters keep,
+as the host's evaluators need a string. Every other algorithm keeps the host's behaviour.
 
 The stale PyPI release (easyeditor 0.0.1.dev0, 2023) hard-codes CUDA devices and cannot run MEMIT's v* on
 transformers 5; it is recognised (no AlphaEdit in its ALG_DICT) and refused with a message.
@@ -17,17 +23,28 @@ transformers 5; it is recognised (no AlphaEdit in its ALG_DICT) and refused with
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
+
+from .host_stubs import install as install_vision_stubs  # noqa: F401  (public: the CPU set-up, docs/easyedit.md)
 
 log = logging.getLogger(__name__)
 
 ALG_NAME = "MoTE"
 HOST_HINT = ("clone https://github.com/zjunlp/EasyEdit and put the checkout on PYTHONPATH "
              "(the PyPI release easyeditor 0.0.1.dev0 is too old to run on CPU or with transformers 5)")
+
+# BaseEditor.__init__ (EasyEdit 14cea82) picks a loader by the first of these substrings found in model_name.lower();
+# the generic ones load any Hugging Face causal LM with AutoModelForCausalLM / AutoTokenizer. The others load other
+# classes (T5, GPT2Tokenizer, AutoModel, remote code), and a name without any raises NotImplementedError.
+HOST_NAME_ORDER = ("t5", "chatglm-api", "gpt-3.5", "gpt", "llama", "baichuan", "chatglm", "internlm", "qwen2", "qwen3",
+                   "qwen", "mistral")
+HOST_GENERIC = ("llama", "qwen2", "qwen3", "mistral")
 
 
 class HostError(RuntimeError):
@@ -71,6 +88,14 @@ def _host_modules():
     return alg_dict, importlib.import_module("easyeditor.editors.batch_editor")
 
 
+def apply_mote(model, tok, requests, hparams, **kwargs):
+    """The host's ALG_DICT["MoTE"]: `mote_plugin.apply_mote_to_model`, imported on the first edit (registration happens
+    while `MoTEHyperParams` is being imported, before the editor modules can be)."""
+    from .mote.mote_main import apply_mote_to_model
+
+    return apply_mote_to_model(model, tok, requests, hparams, **kwargs)
+
+
 def _admit_to_batch_edit(batch_editor) -> None:
     cls = batch_editor.BatchEditor
     check = cls.is_batchable_method
@@ -84,6 +109,64 @@ def _admit_to_batch_edit(batch_editor) -> None:
     cls.is_batchable_method = staticmethod(is_batchable_method)
 
 
+def host_loads_by_name(model_name: str) -> bool:
+    """Whether EasyEdit's BaseEditor loads `model_name` with the generic Auto classes (its first matching substring is
+    one of HOST_GENERIC); otherwise the plugin loads it for MoTE."""
+    lower = model_name.lower()
+    first = next((s for s in HOST_NAME_ORDER if s in lower), None)  # the host tests them in this order
+    return first in HOST_GENERIC
+
+
+def load_model(model_name: str, hparams):
+    """(model, tok) for a `model_name` the host would not load: the host's generic loader (AutoModelForCausalLM in
+    float16 when `fp16`, else float32; device_map="auto" when `model_parallel`; pad token = EOS when missing; left
+    padding, which the host gives every autoregressive tokenizer for MoTE)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float16 if getattr(hparams, "fp16", False) else torch.float32
+    device_map = "auto" if getattr(hparams, "model_parallel", False) else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, device_map=device_map)
+        tok = AutoTokenizer.from_pretrained(model_name)
+    except Exception as e:
+        raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load the "
+                         f"model yourself and set `hparams.model_name = (model, tok)` before BaseEditor.from_hparams") from e
+    if tok.pad_token_id is None:
+        tok.pad_token_id = tok.eos_token_id
+    tok.padding_side = "left"
+    return model, tok
+
+
+def _name_of(model) -> str:
+    return getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+
+
+def _wrap_base_editor(editor_module) -> None:
+    """MoTE's model loading inside `BaseEditor.__init__` (module docstring); other algorithms are passed through."""
+    cls = editor_module.BaseEditor
+    init = cls.__init__
+    if getattr(init, "_loads_mote", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, hparams, *args, **kwargs):
+        if getattr(hparams, "alg_name", None) != ALG_NAME:
+            return init(self, hparams, *args, **kwargs)
+        given = hparams.model_name
+        if isinstance(given, str) and not host_loads_by_name(given):
+            hparams.model_name = load_model(given, hparams)
+        try:
+            init(self, hparams, *args, **kwargs)
+        finally:
+            if not isinstance(hparams.model_name, str):  # (model, tok): the host's evaluators call model_name.lower()
+                hparams.model_name = given if isinstance(given, str) else _name_of(hparams.model_name[0])
+        self.model_name = hparams.model_name
+
+    __init__._loads_mote = True
+    cls.__init__ = __init__
+
+
 def register(strict: bool = False) -> HostStatus:
     """Make "MoTE" selectable in the importable EasyEdit host. Idempotent.
 
@@ -91,18 +174,18 @@ def register(strict: bool = False) -> HostStatus:
     import, nothing happens and the status says why; `strict=True` raises instead (ImportError / HostError).
     The stale PyPI host raises `HostError` with `strict`, else it is reported in the status.
     """
-    from .mote.mote_main import apply_mote_to_model
-
     try:
         alg_dict, batch_editor = _host_modules()
+        editor = importlib.import_module("easyeditor.editors.editor")
     except Exception as e:
         if strict:
             raise
         reason = str(e) if isinstance(e, (ImportError, HostError)) else f"easyeditor failed to import ({type(e).__name__}: {e})"
         log.info("MoTE not registered with EasyEdit: %s", reason)
         return HostStatus(False, reason)
-    alg_dict.ALG_DICT[ALG_NAME] = apply_mote_to_model
+    alg_dict.ALG_DICT[ALG_NAME] = apply_mote
     _admit_to_batch_edit(batch_editor)
+    _wrap_base_editor(editor)
     return HostStatus(True, f"MoTE registered in {alg_dict.__name__}.ALG_DICT ({len(alg_dict.ALG_DICT)} algorithms)")
 
 
@@ -111,4 +194,57 @@ def is_registered() -> bool:
     import sys
 
     module = sys.modules.get("easyeditor.util.alg_dict")
-    return module is not None and ALG_NAME in getattr(module, "ALG_DICT", {})
+    return module is not None and getattr(module, "ALG_DICT", {}).get(ALG_NAME) is apply_mote
+
+
+def host_version() -> dict:
+    """Which `easyeditor` is importable: its directory, pip's version (None for a checkout on PYTHONPATH) and, for a
+    git checkout, the commit (None where git cannot tell)."""
+    import subprocess
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("easyeditor")
+    if spec is None or spec.origin is None:
+        return {"path": None, "version": None, "commit": None}
+    root = Path(spec.origin).resolve().parent.parent
+    try:
+        run = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = run.stdout.strip() if run.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {"path": str(root), "version": _installed_version(), "commit": commit}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def hparams_class(alg_name: str) -> type:
+    """The hyper-parameter class of an editing method, for scripts that pick it by name:
+
+        editing_hparams = hparams_class(args.editing_method)
+
+    "MoTE" gives `MoTEHyperParams` (with a host importable, MoTE is registered by then). Other names need a host and
+    give its class, matched by name as EasyEdit spells them ("MEMIT" -> MEMITHyperParams, "R-ROME" ->
+    R_ROMEHyperParams, "SERAC" -> SERACHparams; training and multimodal classes are not matched). An unknown name
+    raises NotImplementedError, as the if/elif chains of EasyEdit's example scripts do, naming what is known.
+    """
+    from .mote.hparams import MoTEHyperParams
+
+    if alg_name == ALG_NAME:
+        return MoTEHyperParams
+    try:
+        host = importlib.import_module("easyeditor")
+    except Exception as e:
+        raise NotImplementedError(f"editing method {alg_name!r}: only MoTE is available without an EasyEdit host "
+                                  f"({type(e).__name__}: {e})") from e
+    classes = {}
+    for attr in dir(host):
+        match = re.fullmatch(r"(.+?)_?(HyperParams|Hparams)", attr)
+        if match and not re.search("Training|Multimodal", attr) and isinstance(value := getattr(host, attr), type):
+            classes[_norm(match.group(1))] = value
+    cls = classes.get(_norm(alg_name))
+    if cls is None:
+        known = ", ".join(sorted({MoTEHyperParams.__name__, *(c.__name__ for c in classes.values())}))
+        raise NotImplementedError(f"no hyper-parameter class for editing method {alg_name!r} (known: {known})")
+    return cls

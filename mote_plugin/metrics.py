@@ -115,6 +115,26 @@ def counterfact_metrics(model, tok, records: list[dict], batch_size: int = 64) -
     return out
 
 
+def per_record(metrics: dict, records: list[dict], dataset: str = "counterfact") -> list[dict]:
+    """The `*_items` of `counterfact_metrics` / `zsre_metrics` regrouped by record: for each record its efficacy,
+    generalization (mean over its paraphrases) and specificity (mean over its neighbours), None where it has none."""
+    if dataset == "zsre":
+        counts = {key: [1] * len(records) for key in ("efficacy", "generalization", "specificity")}
+    else:
+        prompts = [_record_prompts(r) for r in records]
+        counts = {"efficacy": [1] * len(records), "generalization": [len(p) for p, _ in prompts],
+                  "specificity": [len(n) for _, n in prompts]}
+    rows = [{} for _ in records]
+    for key, sizes in counts.items():
+        items, start = [float(x) for x in metrics[key + "_items"]], 0
+        if len(items) != sum(sizes):
+            raise ValueError(f"{key}: {len(items)} items for {sum(sizes)} prompts of {len(records)} records")
+        for row, n in zip(rows, sizes):
+            row[key] = sum(items[start : start + n]) / n if n else None
+            start += n
+    return rows
+
+
 def zsre_locality_predictions(model, tok, records: list[dict], batch_size: int = 64) -> list[torch.Tensor]:
     """The unedited model's greedy tokens on each record's unrelated (`loc`) question: pass them to `zsre_metrics`
     after the edit."""

@@ -7,7 +7,7 @@ import torch
 import transformers
 import yaml
 
-import host_stubs
+from mote_plugin import host_stubs
 
 # With an EasyEdit checkout on PYTHONPATH, stand in for the vision packages it imports but cannot load here, before
 # anything imports mote_plugin.mote.hparams (whose base class is the host's HyperParams when the host imports).

@@ -28,7 +28,9 @@ def write_config(tmp_path, out_dir, **kw) -> Path:
 
 def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
     out_dir, _ = reduced_fact_model("qwen3_moe")
-    config = write_config(tmp_path, out_dir)
+    methods = {"MoTE": {"hparams": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), "v_weight_decay": 3},
+               "MEMIT": str(ROOT / "hparams/MEMIT/testbed-qwen3_moe.yaml")}
+    config = write_config(tmp_path, out_dir, methods=methods)
     run = subprocess.run([sys.executable, str(ROOT / "examples/compare_editors.py"), "--config", str(config)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -42,6 +44,20 @@ def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
     table = (tmp_path / "out/results.md").read_text()
     assert "| MoTE | ok |" in table and "| MEMIT |" in table and "| MoTE | ok |" in run.stdout
     assert (tmp_path / "out/results.png").stat().st_size > 1000
+    # what produced the numbers: versions, the hyper-parameters MoTE ran with, a score per record
+    import transformers
+
+    import mote_plugin
+
+    versions = report["versions"]
+    assert versions["transformers"] == transformers.__version__ and versions["mote_plugin"] == mote_plugin.__version__
+    mote = by_method["MoTE"]
+    assert mote["effective_hparams"]["batch_size"] == 3 and mote["effective_hparams"]["layers"] == [0, 1, 2]
+    assert mote["overrides"] == {"v_weight_decay": 3} and mote["effective_hparams"]["v_weight_decay"] == 3.0
+    rows = mote["per_record"]
+    assert len(rows) == 6 and {"case_id", "subject", "efficacy", "generalization", "specificity"} <= set(rows[0])
+    assert sum(r["efficacy"] for r in rows) / 6 == pytest.approx(mote["metrics"]["efficacy"])
+    assert [r["case_id"] for r in rows] == [r["case_id"] for r in by_method["unedited"]["per_record"]]
 
 
 def test_weights_restored_between_methods(reduced_fact_model, tmp_path):
@@ -110,6 +126,8 @@ def test_example_configs_are_valid(config, monkeypatch):
     ({"methods": {"MoTE": {"v_weight_decay": 3}}}, "MoTE: expected a hyper-parameter YAML path"),
     ({"methods": {"MoTE": {"hparams": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), "v_decay": 3}}},
      "methods: MoTE: unknown MoTE hyper-parameter\\(s\\): v_decay"),
+    ({"methods": {"MoTE": {"hparams": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), "batch_size": 1}}},
+     "methods: MoTE: batch_size is the comparison's own \\(the config's batch_size: 3\\)"),
 ])
 def test_bad_config(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
@@ -154,3 +172,18 @@ def test_dense_method_on_packed_experts_is_not_applicable(reduced_fact_model):
     assert _dense_module_problem(model, attn) is None
     assert "packed experts (model.layers.1.mlp.experts.gate_up_proj" in _dense_module_problem(model, experts)
     assert "does not exist" in _dense_module_problem(model, missing)
+
+
+def test_per_record_scores_regroup_the_items():
+    """`metrics.per_record`: a record's generalization / specificity are the means over its own paraphrases and
+    neighbours (records may have several, or none)."""
+    from mote_plugin.metrics import per_record
+
+    records = [{"paraphrase_prompts": ["a", "b"], "neighbours": [{"prompt": "n", "answer": "x"}]},
+               {"paraphrase_prompts": ["c"], "neighbours": []}]
+    metrics = {"efficacy_items": [True, False], "generalization_items": [True, False, True],
+               "specificity_items": [False]}
+    assert per_record(metrics, records) == [{"efficacy": 1.0, "generalization": 0.5, "specificity": 0.0},
+                                            {"efficacy": 0.0, "generalization": 1.0, "specificity": None}]
+    with pytest.raises(ValueError, match="generalization: 2 items for 3 prompts"):
+        per_record(metrics | {"generalization_items": [True, True]}, records)

@@ -22,6 +22,7 @@ def test_yaml_loads(path):
     hp = MoTEHyperParams.from_hparams(str(path.with_suffix("")))  # '.yaml' is optional
     assert hp.alg_name == "MoTE" and hp.layers
     assert isinstance(hp.eps_whitening, float)
+    assert hp.batch_size == 1, "EasyEdit's edit() asserts batch_size == 1; batch_edit's size is set by its caller"
 
 
 @pytest.mark.parametrize("path", HOST_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -57,6 +58,7 @@ def test_real_model_yaml_module_names(name):
     hp = MoTEHyperParams.from_hparams(str(HPARAMS / "MoTE" / name))
     size = ModelSize(d_model=16, layers=n_layers, heads=2, experts=4, top_k=2, expert_hidden=8, max_positions=32)
     model = make_model(make_config(arch, 64, size, {}))
+    hp.check_against_model(model)  # what an edit checks first: module names, v_loss_layer
     for l in hp.layers:
         for tmp in (hp.layer_module_tmp, hp.mlp_module_tmp, hp.experts_module_tmp):
             model.get_submodule(tmp.format(l))
@@ -67,3 +69,13 @@ def test_real_model_yaml_module_names(name):
     assert set(moe_blocks(model, adapter, hp.layers)) == set(hp.layers)
     for l in hp.layers:
         assert model.get_submodule(hp.experts_module_tmp.format(l)) is adapter.experts(adapter.moe_block(model, l))
+
+
+@pytest.mark.parametrize("path", [p for p in MOTE_YAMLS if p.stem.startswith("testbed-")], ids=lambda p: p.name)
+def test_testbed_yaml_fits_its_architecture(path):
+    """A testbed YAML's module names and v_loss_layer fit a (tiny) fact model of its architecture."""
+    from mote_plugin.testbed.model import ModelSize, make_config, make_model
+
+    hp = MoTEHyperParams.from_hparams(path)
+    size = ModelSize(d_model=16, layers=4, heads=2, experts=4, top_k=2, expert_hidden=8, max_positions=32)
+    hp.check_against_model(make_model(make_config(path.stem.removeprefix("testbed-"), 64, size, {})))

@@ -1,17 +1,21 @@
 """`mote_plugin.register` against FAKE host packages (tests/fake_hosts: the registry's shape only), for what
-cannot be checked without a host: a current-style host, a stale one, none. The real host is exercised by
-tests/test_easyedit_host.py when EasyEdit is importable."""
+cannot be checked without a host: a current-style host, a stale one, none; registration on import, `hparams_class`,
+and MoTE's model loading inside the host's BaseEditor. The real host is exercised by tests/test_easyedit_host.py when
+EasyEdit is importable."""
 
 import importlib
 import importlib.metadata
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mote_plugin
-from mote_plugin.easyedit import HostError, is_registered, register
-from mote_plugin.mote.mote_main import apply_mote_to_model
+from mote_plugin.easyedit import HostError, apply_mote, hparams_class, is_registered, register
+from mote_plugin.mote.hparams import MoTEHyperParams
 
 FAKES = Path(__file__).resolve().parent / "fake_hosts"
 
@@ -37,7 +41,7 @@ def test_register_current_host(fake_host):
     assert status and "4 algorithms" in status.reason
     alg_dict = importlib.import_module("easyeditor.util.alg_dict")
     batch = importlib.import_module("easyeditor.editors.batch_editor").BatchEditor
-    assert alg_dict.ALG_DICT["MoTE"] is apply_mote_to_model and is_registered()
+    assert alg_dict.ALG_DICT["MoTE"] is apply_mote and is_registered()
     assert batch.is_batchable_method("MoTE") and batch.is_batchable_method("MEMIT")
     assert not batch.is_batchable_method("ROME")
     check = batch.is_batchable_method
@@ -73,3 +77,79 @@ def test_stale_release_that_does_not_import(fake_host, monkeypatch):
     status = register()
     assert not status and "easyeditor 0.0.1.dev0 (the stale PyPI release)" in status.reason
     assert "apply_chunking_to_forward" in status.reason and "PYTHONPATH" in status.reason
+
+
+def test_importing_the_hyperparameters_registers():
+    """With a host importable, `from mote_plugin import MoTEHyperParams` registers MoTE (a fresh interpreter, as a
+    script starts); `import mote_plugin` alone does not import the host."""
+    code = ("import sys, mote_plugin; assert 'easyeditor' not in sys.modules; "
+            "from mote_plugin import MoTEHyperParams; import easyeditor; from easyeditor.util.alg_dict import ALG_DICT; "
+            "from easyeditor.util.hparams import HyperParams; from mote_plugin.easyedit import apply_mote; "
+            "assert issubclass(MoTEHyperParams, HyperParams) and ALG_DICT['MoTE'] is apply_mote; "
+            "assert easyeditor.editors.batch_editor.BatchEditor.is_batchable_method('MoTE'); print('registered')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKES / "current"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "registered", run.stderr[-2000:]
+
+
+def test_hparams_class(fake_host, monkeypatch):
+    """One line replaces an EasyEdit script's if/elif chain: MoTE, or the host's class by its method name."""
+    assert hparams_class("MoTE") is MoTEHyperParams
+    fake_host("current")
+    host = importlib.import_module("easyeditor")
+    assert hparams_class("MEMIT") is host.MEMITHyperParams and hparams_class("R-ROME") is host.R_ROMEHyperParams
+    with pytest.raises(NotImplementedError, match="'KE'.*known: MEMITHyperParams, MoTEHyperParams, R_ROMEHyperParams\\)"):
+        hparams_class("KE")  # training classes are not editors' hyper-parameters
+
+
+def test_hparams_class_without_host(monkeypatch):
+    monkeypatch.setitem(sys.modules, "easyeditor", None)  # `import easyeditor` fails
+    assert hparams_class("MoTE") is MoTEHyperParams
+    with pytest.raises(NotImplementedError, match="'MEMIT': only MoTE is available without an EasyEdit host"):
+        hparams_class("MEMIT")
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """Tiny OLMoE / Qwen3-MoE checkpoints with a tokenizer, in directories named as their families."""
+    from test_adapters import olmoe, qwen3_moe
+    from test_mote_main import REQUESTS
+    from mote_plugin.mote.stats import corpus_texts
+    from mote_plugin.testbed.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(list(corpus_texts(None))[:100] + [r["prompt"] for r in REQUESTS], 64)
+    root = tmp_path_factory.mktemp("models")
+    for name, make in (("OLMoE-tiny", olmoe), ("qwen3-moe-tiny", qwen3_moe)):
+        make().save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def test_base_editor_loads_every_family_for_mote(fake_host, saved_models):
+    """BaseEditor picks a loader by substring and raises a bare NotImplementedError for other names: for MoTE the
+    plugin loads those names itself; a (model, tok) pair leaves a string behind for the host's evaluators; other
+    algorithms keep the host's behaviour."""
+    fake_host("current")
+    assert register()
+    editor_cls = importlib.import_module("easyeditor").BaseEditor
+    hp = MoTEHyperParams(alg_name="MoTE", model_name=str(saved_models / "OLMoE-tiny"), layers=[0], device="cpu", fp16=True)
+    editor = editor_cls.from_hparams(hp)
+    assert type(editor.model).__name__ == "OlmoeForCausalLM" and editor.model.dtype == torch.float16  # fp16 read
+    assert editor.tok.padding_side == "left" and editor.tok.pad_token_id is not None
+    assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")
+    hp.model_name = str(saved_models / "qwen3-moe-tiny")  # a name the host loads itself
+    assert editor_cls.from_hparams(hp).model == "host-loaded model"
+    hp.model_name = (editor.model, editor.tok)
+    editor = editor_cls.from_hparams(hp)
+    assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")  # the model's own name
+    hp.model_name = str(saved_models / "DeepSeek-V3-missing")
+    with pytest.raises(ValueError, match="DeepSeek-V3-missing.*could not load it.*hparams.model_name = \\(model, tok\\)"):
+        editor_cls.from_hparams(hp)
+
+    class Other:  # another algorithm: untouched
+        alg_name, model_name = "MEMIT", str(saved_models / "OLMoE-tiny")
+
+    with pytest.raises(NotImplementedError):
+        editor_cls.from_hparams(Other())
+    init = editor_cls.__init__
+    assert register() and editor_cls.__init__ is init, "idempotent: wrapped once"

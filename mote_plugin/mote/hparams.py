@@ -1,7 +1,14 @@
 """MoTE hyper-parameters, loadable from an EasyEdit-style YAML file (`hparams/MoTE/<model>.yaml`).
 
 `MoTEHyperParams` subclasses EasyEdit's `HyperParams` when a host is importable and behaves the same without
-one. Values are validated on construction (also when built directly), with messages naming the field.
+one; importing this module with a host importable also registers "MoTE" with it (`mote_plugin.easyedit.register`,
+idempotent, never raises). Values are validated on construction (also when built directly), with messages naming the
+field; what depends on the model (module names, `v_loss_layer`, the host's loading flags) is checked by
+`check_against_model` before an edit touches any weight.
+
+Read like EasyEdit's own YAMLs: a quoted number of a numeric key is read with Python's `float()`, as EasyEdit's
+`HyperParams.construct_float_from_scientific_notation` reads every quoted number ("1e-5", "0.5", " 2 ", "1_000"); an
+integer key then needs a whole number ("25" -> 25, "2.5" refused), and r_e / r_out / r_in get a float (a fraction).
 
     alg_name: MoTE
     model_name: Qwen/Qwen3-30B-A3B
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import math
 import re
 import sys
 from dataclasses import MISSING, dataclass, fields
@@ -47,10 +56,10 @@ def _host_base() -> type:
 
 _Base = _host_base()
 
+log = logging.getLogger(__name__)
+
 SPREADS = ("core", "residual", "layerwise")
 V_OBJECTIVES = (*OBJECTIVES, "memit_host")
-# "1e-5" / "-2.5E+3": YAML 1.1 (PyYAML) reads scientific notation without a dot as a string.
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 _FLOAT_FIELDS = (
@@ -64,7 +73,56 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_number(kind: str, value):
+    """A YAML value of a field annotated `kind`, read as EasyEdit reads hyper-parameters: a string that `float()`
+    accepts is a number (EasyEdit converts every such string; here only numeric fields, so a `model_name` or
+    `stats_dir` made of digits stays a string). Fields typed `int` (and `device`, whose int N means cuda:N) take the
+    whole number; a fraction is left for validation to refuse. Anything else comes back unchanged."""
+    kinds = {k.strip() for k in kind.split("|")}
+    if not isinstance(value, str) or not kinds & {"int", "float"}:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if "float" in kinds:
+        return number
+    if number.is_integer():
+        return int(number)
+    return number if kinds == {"int"} else value
+
+
+def _is_template(text: str) -> bool:
+    """`text` has exactly one `{}` and formats with a layer index."""
+    try:
+        return text.count("{}") == 1 and text.format(0) != text
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
+def hparams_path(hparams_name_or_path: str | Path) -> Path:
+    """The YAML file of `hparams_name_or_path` (".yaml" appended when it has no .yaml / .yml suffix, as EasyEdit's
+    `from_hparams` does); FileNotFoundError naming what was tried."""
+    path = str(hparams_name_or_path)
+    if not path.endswith((".yaml", ".yml")):
+        path += ".yaml"
+    if not Path(path).is_file():
+        tried = path if path == str(hparams_name_or_path) else f"{hparams_name_or_path} (tried {path})"
+        raise FileNotFoundError(f"no such hparams file: {tried}")
+    return Path(path)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Log `message` the first time `key` has something to say in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
 
 
 @dataclass
@@ -75,13 +133,13 @@ class MoTEHyperParams(_Base):
     device: str | int  # "cpu", an int N (= cuda:N) or "cuda:N"
     fact_token: str = "subject_last"  # lookup token: subject_last | subject_first | last
     layer_module_tmp: str = "model.layers.{}"  # decoder layer module (v* is added to its output)
-    mlp_module_tmp: str = "model.layers.{}.mlp"  # MoE block module
-    experts_module_tmp: str = "model.layers.{}.mlp.experts"  # packed experts module
-    ln_f_module: str = "model.norm"  # final norm (v* optimisation)
-    lm_head_module: str = "lm_head"  # output head (v* optimisation)
+    mlp_module_tmp: str = "model.layers.{}.mlp"  # MoE block module (must be the block the adapter edits)
+    experts_module_tmp: str = "model.layers.{}.mlp.experts"  # packed experts module (likewise)
+    ln_f_module: str = "model.norm"  # final norm (v* optimisation; must exist in the model)
+    lm_head_module: str = "lm_head"  # output head (v* optimisation; a module with a `weight`)
     v_num_grad_steps: int = 25  # Adam steps of the v* optimisation
     v_lr: float = 0.5  # v* learning rate
-    v_loss_layer: int = -1  # layer whose output feeds the v* loss; -1 = last layer
+    v_loss_layer: int = -1  # layer whose output feeds the v* loss: -1 = last layer, else in [max(layers), n_layers - 1]
     v_weight_decay: float = 0.5  # v* penalty weight: on ||delta|| / ||h||^2 (memit) or ||delta||^2 / ||h||^2 (squared)
     clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor * ||h||
     kl_factor: float = 0.0625  # weight of the KL term keeping "{subject} is a" stable
@@ -96,8 +154,8 @@ class MoTEHyperParams(_Base):
     eps_whitening: float = 1e-5  # covariance regulariser of the whitening (>= 0)
     hooi_sweeps: int = 0  # HOOI refinement sweeps after the HOSVD
     nullspace: bool = True  # project updates onto each expert's key null space
-    nullspace_rule: str = "relative"  # relative (share of trace kept) | absolute (eigenvalue cut-off)
-    nullspace_threshold: float = 1e-2  # threshold of the rule (relative: in (0, 1])
+    nullspace_rule: str = "relative"  # relative (share of trace kept) | absolute (eigenvalue cut-off: AlphaEdit's rule)
+    nullspace_threshold: float = 1e-2  # threshold of the rule (relative: in (0, 1]; absolute: AlphaEdit's 2e-2)
     nullspace_min_tokens: int = 8  # experts with fewer preservation tokens get the fallback
     nullspace_fallback: str = "freeze"  # freeze (never edit) | identity (edit unprotected)
     preservation_tokens: int = 20000  # corpus tokens behind the preservation statistics
@@ -109,11 +167,11 @@ class MoTEHyperParams(_Base):
     lambda_growth: float = 0.0  # lambda * (1 + lambda_growth * edits so far); MoEEdit's sequential runs use 1e-3
     stats_dir: str = "./.cache/mote-stats"  # cache of the preservation statistics
     vstar_cache_dir: str | None = None  # cache of v* targets per (model fingerprint, layer, request); None = off
-    batch_size: int = 1  # EasyEdit batch_edit chunk size (edit() requires 1)
+    batch_size: int = 1  # requests per edit call of EasyEdit's batch_edit and `mote edit` (EasyEdit's edit() needs 1)
     sequential_memory: bool = False  # keep earlier edits' keys in the solve across sequential batches
     max_length: int = 128  # token limit of prompts and of statistics windows
-    model_parallel: bool = False  # EasyEdit host flag (device_map="auto")
-    fp16: bool = False  # EasyEdit host flag (load the model in half precision)
+    model_parallel: bool = False  # loading flag: EasyEdit's BaseEditor loads model_name with device_map="auto"
+    fp16: bool = False  # loading flag: EasyEdit's BaseEditor loads model_name in float16
 
     def __post_init__(self):
         for name in _FLOAT_FIELDS:  # YAML "lambda: 1" is an int: store floats as floats
@@ -132,10 +190,8 @@ class MoTEHyperParams(_Base):
 
         need(self.alg_name == "MoTE", f"alg_name must be 'MoTE', got {self.alg_name!r}")
         layers = self.layers
-        need(
-            isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(l) and l >= 0 for l in layers),
-            f"layers must be a non-empty list of non-negative ints, got {layers!r}",
-        )
+        layers_ok = isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(l) and l >= 0 for l in layers)
+        need(layers_ok, f"layers must be a non-empty list of non-negative ints, got {layers!r}")
         if isinstance(layers, (list, tuple)):
             need(len(set(layers)) == len(layers), f"layers has duplicates: {layers!r}")
         dev = self.device
@@ -173,10 +229,18 @@ class MoTEHyperParams(_Base):
             v = getattr(self, name)
             need(_is_int(v) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
         need(_is_int(self.v_loss_layer), f"v_loss_layer must be an int (-1 = last layer), got {self.v_loss_layer!r}")
+        if _is_int(self.v_loss_layer) and self.v_loss_layer != -1 and layers_ok:
+            need(self.v_loss_layer >= max(layers),
+                 f"v_loss_layer must be -1 (the last layer) or a layer at or above the last edited one, "
+                 f"max(layers) = {max(layers)}; got {self.v_loss_layer}")
         for name in ("nullspace", "sequential_memory", "model_parallel", "fp16", "v_keep_failed"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "stats_dir"):
+        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "ln_f_module", "lm_head_module", "stats_dir"):
             need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp"):
+            tmp = getattr(self, name)
+            need(isinstance(tmp, str) and _is_template(tmp),
+                 f"{name} must be a module name with one {{}} for the layer index (e.g. 'model.layers.{{}}'), got {tmp!r}")
         need(self.vstar_cache_dir is None or isinstance(self.vstar_cache_dir, str),
              f"vstar_cache_dir must be null or a string, got {self.vstar_cache_dir!r}")
         corpus = self.preservation_corpus
@@ -185,15 +249,13 @@ class MoTEHyperParams(_Base):
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | Path) -> "MoTEHyperParams":
-        """Load `<path>` (".yaml" appended when missing), convert "1e-5"-style strings, validate."""
-        path = str(hparams_name_or_path)
-        if not path.endswith((".yaml", ".yml")):
-            path += ".yaml"
+        """Load `<path>` (".yaml" appended when missing), read quoted numbers as EasyEdit does, validate."""
+        path = hparams_path(hparams_name_or_path)
         with open(path) as f:
             config = yaml.safe_load(f)
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of hyper-parameters, got {type(config).__name__}")
-        return cls._from_mapping(config, path)
+        return cls._from_mapping(config, str(path))
 
     def updated(self, source: str = "overrides", **changes) -> "MoTEHyperParams":
         """A copy with `changes` applied, read as a YAML would be (e.g. `updated(v_weight_decay="1e-1")`): unknown
@@ -202,13 +264,19 @@ class MoTEHyperParams(_Base):
 
     @classmethod
     def _from_mapping(cls, config: dict, source: str) -> "MoTEHyperParams":
-        config = {k: float(v) if isinstance(v, str) and _SCIENTIFIC.match(v.strip()) else v for k, v in config.items()}
         if "alg_name" in config and config["alg_name"] != "MoTE":
             raise ValueError(f"{source}: alg_name must be 'MoTE', found {config['alg_name']!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
+        kinds = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(config) - set(kinds))
         if unknown:
             raise ValueError(f"{source}: unknown MoTE hyper-parameter(s): {', '.join(unknown)}")
+        if "nullspace_threshold" in config and "nullspace_rule" not in config:
+            raise ValueError(
+                f"{source}: nullspace_threshold is set without nullspace_rule, and the two rules read it differently: "
+                f"add `nullspace_rule: absolute` for AlphaEdit's meaning (keep the eigen-directions of E[k k^T] with "
+                f"eigenvalue below the threshold; AlphaEdit's 2e-2) or `nullspace_rule: relative` (the share of the "
+                f"trace left unprotected, in (0, 1]; MoTE's default, 1e-2)")
+        config = {k: _read_number(kinds[k], v) for k, v in config.items()}
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in config]
         if missing:
@@ -230,6 +298,82 @@ class MoTEHyperParams(_Base):
             raise ValueError(f"device {self.device!r}: MPS is not available here; set `device: cpu`")
         return dev
 
+    def check_against_model(self, model) -> None:
+        """What these settings say about `model`, checked before an edit changes anything (`apply_mote_to_model` calls
+        it): ValueError naming every key that does not fit. `layer_module_tmp`, `mlp_module_tmp` and
+        `experts_module_tmp` must name, at each edited layer, the decoder layer, MoE block and experts module the
+        family's adapter edits; `ln_f_module` and `lm_head_module` (read by v*) must exist, the head with a `weight`;
+        `v_loss_layer` must be -1 or a layer in [max(layers), n_layers - 1]. The loading flags `fp16` and
+        `model_parallel` and `device` cannot change a model that is already loaded: a disagreement is logged once
+        per key and process."""
+        import torch
+
+        from ..adapters import get_adapter
+
+        adapter = get_adapter(model)
+        n_layers = adapter.num_layers(model)
+        problems: list[str] = []
+
+        def module(key: str, name: str):
+            try:
+                return model.get_submodule(name)
+            except AttributeError:
+                problems.append(f"{key}: the model has no module {name!r}")
+                return None
+
+        for layer in self.layers:
+            if not 0 <= layer < n_layers:
+                continue  # reported by the edit's own layer check (out of range / dense MLP)
+            block = adapter.moe_block(model, layer)
+            expected = {"layer_module_tmp": adapter.decoder_layers(model)[layer], "mlp_module_tmp": block,
+                        "experts_module_tmp": adapter.experts(block) if block is not None else None}
+            for key, want in expected.items():
+                name = getattr(self, key).format(layer)
+                found = module(key, name)
+                if found is not None and want is not None and found is not want:
+                    actual = next((n for n, m in model.named_modules() if m is want), "?")
+                    problems.append(f"{key}: {name!r} is not the {adapter.family} {key.split('_')[0]} module of layer "
+                                    f"{layer} ({actual!r}, what MoTE edits and reads)")
+        module("ln_f_module", self.ln_f_module)
+        head = module("lm_head_module", self.lm_head_module)
+        if head is not None and not isinstance(getattr(head, "weight", None), torch.Tensor):
+            problems.append(f"lm_head_module: {self.lm_head_module!r} has no weight (v* reads the output head's weight)")
+        last = max(self.layers)
+        if self.v_loss_layer != -1 and not last <= self.v_loss_layer < n_layers:
+            problems.append(f"v_loss_layer: {self.v_loss_layer} is outside this model's {n_layers} decoder layers "
+                            f"(use -1 for the last layer, or a layer in [{last}, {n_layers - 1}])")
+        if problems:
+            raise ValueError(f"MoTE hyper-parameters do not fit this {type(model).__name__}: " + "; ".join(problems))
+        self._warn_loading_flags(model)
+
+    def _warn_loading_flags(self, model) -> None:
+        """`fp16`, `model_parallel`, `device`: how EasyEdit's BaseEditor loads and places `model_name`. A model handed
+        over already loaded keeps its dtype and placement; say so once per key when they disagree."""
+        import torch
+
+        param = next(model.parameters(), None)
+        dispatched = getattr(model, "hf_device_map", None) is not None
+        how = "the model was loaded by the caller; the key applies where EasyEdit's BaseEditor loads model_name"
+        if self.fp16 and param is not None and param.dtype != torch.float16:
+            _warn_once("fp16", f"fp16: true has no effect here: the model is {param.dtype} ({how})")
+        if self.model_parallel and not dispatched:
+            _warn_once("model_parallel", f"model_parallel: true has no effect here: the model is not dispatched over "
+                                         f"devices ({how})")
+        try:
+            want = self.torch_device()
+        except ValueError:  # a device this torch cannot use: `apply_mote_to_model` refuses it before this check
+            want = None
+        if want is not None and param is not None and not dispatched and param.device.type != "meta":
+            if (param.device.type, param.device.index or 0) != (want.type, want.index or 0):
+                _warn_once("device", f"device: {self.device!r}, but the model is on {param.device}: MoTE edits it "
+                                     f"where it is (EasyEdit's BaseEditor moves a model to `device`)")
+
     def to_dict(self) -> dict:
         """Field name -> value (shallow: `dataclasses.asdict` would deep-copy a `(model, tok)` model_name)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self)}
+
+
+if _Base is not object:  # the host imported: make "MoTE" selectable in it now (idempotent, never raises)
+    from ..easyedit import register as _register
+
+    _register()

@@ -313,6 +313,7 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
     adapter = get_adapter(model)
     blocks = moe_blocks(model, adapter, hparams.layers)
     _check_materialised(adapter, blocks)
+    hparams.check_against_model(model)
     state = editor_state(model)
     memory = dict(state.memory)
     padding_side, pad_token = getattr(tok, "padding_side", None), getattr(tok, "pad_token", None)

@@ -43,36 +43,84 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+# what each option of `build` means (ModelSize, TrainConfig and BuildOptions fields; the defaults are added)
+HELP = {
+    # BuildOptions
+    "skip_facts": "edit facts skip+1 .. skip+facts of the data's selection, none of them in a smaller build's facts",
+    "seed": "seed of the fact selection, templates, tokenizer and training",
+    "vocab_size": "size of the BPE vocabulary trained for the model",
+    "corpus_chars": "characters of WikiText text mixed into training and used for the tokenizer",
+    "threads": "torch CPU threads while building (part of the cache key: another count builds anew)",
+    "probe_facts": "known facts used for causal tracing and the v* probe of the report",
+    "profile_facts": "extra fictional facts per subject, so a subject is more than one fact (0 = off)",
+    # ModelSize
+    "d_model": "hidden size of the residual stream",
+    "layers": "decoder layers",
+    "heads": "attention heads (key/value heads too)",
+    "experts": "routed experts per MoE layer",
+    "top_k": "experts each token is routed to",
+    "expert_hidden": "intermediate size of one expert",
+    "max_positions": "longest sequence in tokens",
+    # TrainConfig
+    "epochs": "passes over the facts",
+    "statements_per_fact": "statements of each fact per epoch, under random templates",
+    "text_share": "share of training sequences that are WikiText windows",
+    "prefix_prob": "chance a fact statement follows a WikiText snippet (as CounterFact's paraphrases do)",
+    "batch_size": "sequences per optimiser step",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "text_window": "tokens per WikiText window",
+    "router_aux_loss_coef": "weight of the routers' load-balancing loss",
+    "subject_readout_layer": "below this decoder layer, tokens after the subject may not attend to it in training "
+                             "statements (-1: half the layers; 0: off), so facts are stored at the subject",
+    "subject_readout_last_only": "from that layer on, they may read only the subject's last token",
+    "subject_readout_share": "share of fact statements trained under those attention masks",
+    "length_grouped": "batch sequences of similar length (less padding; the measured builds used random batches)",
+}
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=f.name)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=f.name,
+                                help=HELP[f.name])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, dest=f.name, help=f"(default {f.default})")
+            parser.add_argument(flag, type=type(f.default), default=f.default, dest=f.name,
+                                help=f"{HELP[f.name]} (default {f.default})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="mote-testbed", description="Build the fact model: a small MoE LM that knows real CounterFact facts.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mote-plugin)")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train (or reuse) a fact model and print its knowledge and tracing report")
-    b.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
-    b.add_argument("--facts", type=int, default=BuildOptions.facts, help="edit facts (CounterFact records)")
+    b.add_argument("--arch", choices=ARCHS, default="qwen3_moe", help="MoE family of the model (default qwen3_moe)")
+    b.add_argument("--facts", type=int, default=BuildOptions.facts, help=f"edit facts (CounterFact records) (default {BuildOptions.facts})")
     b.add_argument("--data", default=None, help="a folder laid out like shared/data (counterfact/*.json, corpus/*.txt); default: the data shipped with the package")
     b.add_argument("--out", default=None, help=f"cache directory (default {DEFAULT_OUT})")
     for name in ("skip_facts", "seed", "vocab_size", "corpus_chars", "threads", "probe_facts", "profile_facts"):
-        b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(BuildOptions, name), dest=name)
+        default = getattr(BuildOptions, name)
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=default, dest=name, help=f"{HELP[name]} (default {default})")
     b.add_argument("--subject-tokens", action=argparse.BooleanOptionalAction, default=BuildOptions.subject_tokens,
                    help="train the tokenizer on the subjects' names too, so each gets tokens of its own (default; "
                         "--no-subject-tokens splits names into shared pieces, README 'Specificity')")
     _add_dataclass_args(b, ModelSize)
     _add_dataclass_args(b, TrainConfig, skip=("seed",))
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser_ = parser()
+    args = parser_.parse_args(argv)
     if args.arch not in ARCHS:  # argparse already refuses; kept for programmatic calls
-        parser.error(f"unknown --arch {args.arch}")
+        parser_.error(f"unknown --arch {args.arch}")
     opts = BuildOptions(
         arch=args.arch, facts=args.facts, skip_facts=args.skip_facts, seed=args.seed, vocab_size=args.vocab_size, corpus_chars=args.corpus_chars,
         threads=args.threads, probe_facts=args.probe_facts, profile_facts=args.profile_facts, subject_tokens=args.subject_tokens,
