@@ -78,4 +78,4 @@ def test_testbed_yaml_fits_its_architecture(path):
 
     hp = MoTEHyperParams.from_hparams(path)
     size = ModelSize(d_model=16, layers=4, heads=2, experts=4, top_k=2, expert_hidden=8, max_positions=32)
-    hp.check_against_model(make_model(make_config(path.stem.removeprefix("testbed-"), 64, size, {})))
+    hp.check_against_model(make_model(make_config(path.stem.removeprefix("testbed-").removesuffix("-fullrank"), 64, size, {})))
