@@ -129,3 +129,14 @@ def test_failed_flag_and_bad_names(tok):
         compute_targets(model, tok, reqs, 1, config(lm_head_module="model.nothing"), TEMPLATES)
     with pytest.raises(ValueError, match="objective"):
         compute_targets(model, tok, reqs, 1, config(objective="adam"), TEMPLATES)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "qwen3_5_moe"])
+def test_replaying_suffixes_on_a_prefix_cache_equals_replaying_whole_rows(tok, arch):
+    """The default replay (rows aligned at the lookup token, prefixes cached) gives the z of replaying whole rows."""
+    model = tiny_model(tok, arch, layers=4)
+    reqs = normalise_requests(REQUESTS)
+    for cfg in (config(), config(objective="squared"), config(v_loss_layer=2)):
+        fast = compute_targets(model, tok, reqs, 1, cfg, TEMPLATES)
+        whole = compute_targets(model, tok, reqs, 1, cfg, TEMPLATES, suffix=False)
+        assert rel(fast.z, whole.z) < 1e-5 and torch.equal(fast.steps, whole.steps)

@@ -27,7 +27,9 @@ output head at the positions the loss reads (not at every token).
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -87,17 +89,66 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-class _UpperLayers:
-    """The decoder layers above `layer`, replayed from the inputs one clean forward recorded.
+def _find_cache(output):
+    """The key/value cache object in a model output (its attribute is `cache` or `past_key_values` by version)."""
+    from transformers.cache_utils import Cache
 
-    `h`: [B, S, d] output of `layer` on the batch. `run(hidden, start, stop)` runs layers start..stop on `hidden` (the
-    output of layer start - 1, e.g. `h` changed at the lookup tokens) and returns layer stop's output.
+    return next((v for v in output.values() if isinstance(v, Cache)), None)
+
+
+def _fresh(cache):
+    """A copy of `cache` that later updates leave the original unchanged in: its layer objects are copied (updates
+    rebind their key/value tensors by concatenation, never write into them)."""
+    if not hasattr(cache, "layers"):
+        return copy.deepcopy(cache)
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    return out
+
+
+class _Replay:
+    """The decoder layers above `layer` on the batch's rows, replayed from what clean forwards recorded.
+
+    `h` [B, S', d]: the output of `layer` at the replayed positions; `shift` [B]: position in a row minus its replayed
+    position; `run(hidden, start, stop)` runs layers start..stop on `hidden` (the output of layer start - 1) and returns
+    layer stop's output.
+
+    Only the positions from a row's lookup token on depend on delta. So by default the rows are aligned at their lookup
+    tokens (prefixes padded on the left, suffixes on the right): one forward computes the prefixes' key/value cache, a
+    second the suffixes on top of it, and each step replays the layers above `layer` on the suffixes alone, attending to
+    the cached prefixes. With `suffix=False` (layers with recurrent state, such as linear attention, or a model whose
+    forward returns no cache) the whole rows are replayed, padded on the right.
     """
 
-    def __init__(self, model, layer_module_tmp: str, layer: int, last: int, ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, model, layer_module_tmp: str, layer: int, last: int, rows: list[list[int]], lookup: list[int],
+                 pad_id: int | None, device, suffix: bool = True):
         self.first = layer + 1
         self.layers = [model.get_submodule(layer_module_tmp.format(l)) for l in range(self.first, last + 1)]
         self.inputs: list = [None] * len(self.layers)  # (other positional args, kwargs, hidden passed positionally)
+        self.cache, self._step_cache = None, None
+        pad = pad_id if pad_id is not None else 0
+        width = max(len(r) - l for r, l in zip(rows, lookup))  # the longest suffix (from the lookup token on)
+        if suffix and max(lookup) > 0:
+            P = max(lookup)
+            prefix = torch.tensor([[pad] * (P - l) + r[:l] for r, l in zip(rows, lookup)])  # [B, P]
+            prefix_mask = torch.tensor([[0] * (P - l) + [1] * l for l in lookup])  # [B, P]
+            prefix_pos = torch.tensor([[0] * (P - l) + list(range(l)) for l in lookup])  # [B, P]
+            with torch.no_grad():
+                out = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
+                            position_ids=prefix_pos.to(device), use_cache=True)
+            self.cache = _find_cache(out)
+        if self.cache is not None:
+            ids = torch.tensor([r[l:] + [pad] * (width - len(r) + l) for r, l in zip(rows, lookup)])  # [B, width]
+            mask = torch.tensor([[1] * (len(r) - l) + [0] * (width - len(r) + l) for r, l in zip(rows, lookup)])
+            kwargs = dict(attention_mask=torch.cat([prefix_mask, mask], dim=1), use_cache=True,
+                          position_ids=torch.tensor([list(range(l, l + width)) for l in lookup]))
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            kwargs[name] = _fresh(self.cache)
+            self.shift = torch.tensor(lookup)
+        else:
+            padded = pad_right(rows, pad_id)
+            ids, kwargs = padded["input_ids"], dict(attention_mask=padded["attention_mask"], use_cache=False)
+            self.shift = torch.zeros(len(rows), dtype=torch.long)
         grabbed = {}
 
         def record(i):
@@ -111,18 +162,28 @@ class _UpperLayers:
         handles += [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.layers)]
         try:
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                model(input_ids=ids.to(device), **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
         finally:
             for h in handles:
                 h.remove()
-        self.h = grabbed["h"]  # [B, S, d]
+        self.h = grabbed["h"]  # [B, S', d]
 
     def run(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if self.cache is not None and start == self.first:  # a new step: the suffixes' keys/values of the last one go
+            self._step_cache = _fresh(self.cache)
         for i in range(start - self.first, stop - self.first + 1):
             args, kwargs, positional = self.inputs[i]
+            if self.cache is not None:
+                kwargs = {k: self._step_cache if v is not None and type(v) is type(self.cache) else v for k, v in kwargs.items()}
             module = self.layers[i]
             hidden = _hidden(module(hidden, *args, **kwargs) if positional else module(*args, hidden_states=hidden, **kwargs))
         return hidden
+
+
+def _suffix_replay_applies(model) -> bool:
+    """Whether every decoder layer is (full or sliding-window) attention, whose key/value cache the suffix replay uses."""
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+    return all(k in ("full_attention", "sliding_attention") for k in kinds)
 
 
 def _head(model, cfg: VStarConfig):
@@ -150,8 +211,9 @@ def _head(model, cfg: VStarConfig):
 def _rows(tok, requests: list[dict], templates: list[str], cfg: VStarConfig):
     """Token rows of the batch: per request, one rewrite row per context template, then its KL prompt.
 
-    Returns ids [B, S], mask [B, S], lookup [B], owner [B] (the request of each row), the target-token reads
-    (rows [M], positions [M], tokens [M], owner [M], weights [M]) and the KL reads (rows [T], positions [T]).
+    Returns the rows (B lists of token ids), each row's lookup position, owner [B] (the request of each row), the
+    target-token reads (rows [M], positions [M], tokens [M], owner [M], weights [M]) and the KL reads (rows [T],
+    positions [T]); positions are indices into the rows.
     """
     n = len(templates)
     prompts, subjects = [], []
@@ -175,22 +237,22 @@ def _rows(tok, requests: list[dict], templates: list[str], cfg: VStarConfig):
                 rows.append(prompt)
                 kl_rows.append(i)
                 kl_pos.append(int(lookup[i]) if cfg.objective == "memit" else lengths[i] - 1)
-    padded = pad_right(rows, tok.pad_token_id)
     owner = torch.arange(len(requests)).repeat_interleave(n + 1)
     reads = {k: torch.tensor(v, dtype=torch.float32 if k == "weight" else torch.long) for k, v in reads.items()}
-    return padded["input_ids"], padded["attention_mask"], lookup, owner, reads, torch.tensor(kl_rows), torch.tensor(kl_pos)
+    return rows, lookup.tolist(), owner, reads, torch.tensor(kl_rows), torch.tensor(kl_pos)
 
 
 def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConfig, context_templates=("{}",),
-                    progress: bool = False) -> VStarBatch:
-    """v* for a batch of EasyEdit requests (`prompt` containing `subject`, `target_new`), optimised together."""
+                    progress: bool = False, suffix: bool = True) -> VStarBatch:
+    """v* for a batch of EasyEdit requests (`prompt` containing `subject`, `target_new`), optimised together.
+    `suffix=False` replays whole rows instead of the suffixes from the lookup tokens on (the same z; see `_Replay`)."""
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"v* objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     T, n = len(requests), len(context_templates)
     last = model.config.get_text_config().num_hidden_layers - 1
     loss_layer = last if cfg.v_loss_layer < 0 else max(cfg.v_loss_layer, layer)
     norm, head = _head(model, cfg)
-    ids, mask, lookup, owner, reads, kl_rows, kl_pos = _rows(tok, requests, list(context_templates), cfg)
+    rows, lookup, owner, reads, kl_rows, kl_pos = _rows(tok, requests, list(context_templates), cfg)
     device = input_device(model)
 
     def logprobs(hidden: torch.Tensor, at_rows: torch.Tensor, at_pos: torch.Tensor) -> torch.Tensor:
@@ -202,13 +264,17 @@ def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConf
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        upper = _UpperLayers(model, cfg.layer_module_tmp, layer, last if cfg.kl_factor > 0 else loss_layer,
-                             ids.to(device), mask.to(device))
-        h0 = upper.h  # [B, S, d]
+        upper = _Replay(model, cfg.layer_module_tmp, layer, last if cfg.kl_factor > 0 else loss_layer, rows, lookup,
+                        tok.pad_token_id, device, suffix=suffix and _suffix_replay_applies(model))
+        h0 = upper.h  # [B, S', d]
         dev = h0.device  # the per-request tensors live beside the edited layer's output
-        rows, lookup, owner = torch.arange(ids.shape[0], device=dev), lookup.to(dev), owner.to(dev)
+        shift = upper.shift.to(dev)  # [B] row position - replayed position
+        at = torch.arange(len(rows), device=dev), torch.tensor(lookup, device=dev) - shift  # each row's lookup token
+        reads["pos"] = reads["pos"] - upper.shift[reads["row"]]
+        kl_pos = kl_pos - upper.shift[kl_rows]
+        owner = owner.to(dev)
         plain = torch.arange(T, device=dev) * (n + 1)  # each request's first row: the prompt behind "{}"
-        h = h0[plain, lookup[plain]].float()  # [T, d]
+        h = h0[plain, at[1][plain]].float()  # [T, d]
         h_norm = h.norm(dim=1)  # [T]
         delta = torch.zeros_like(h, requires_grad=True)  # [T, d]
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
@@ -218,7 +284,7 @@ def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConf
         kl_init = None
         bar = tqdm(range(cfg.v_num_grad_steps), desc=f"v* ({T} requests)", disable=not progress, leave=False)
         for it in bar:
-            hidden = h0.index_put((rows, lookup), delta[owner].to(h0.dtype), accumulate=True)  # [B, S, d]
+            hidden = h0.index_put(at, delta[owner].to(h0.dtype), accumulate=True)  # [B, S', d]
             at_loss = upper.run(hidden, layer + 1, loss_layer)  # [B, S, d]
             lp = logprobs(at_loss, reads["row"], reads["pos"])  # [M, V]
             token_nll = -lp.gather(1, reads["tok"].to(lp.device)[:, None])[:, 0] * reads["weight"].to(lp.device)  # [M]
