@@ -34,6 +34,7 @@ from mote_plugin.mote.stats import preservation_stats
 from mote_plugin.testbed.data import PACKAGE_DATA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from editing import key_value  # noqa: E402  (KEY=VALUE read as YAML)
 from quality import fact_model, load_config  # noqa: E402  (the protocol's builds)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--compare", type=int, default=1000, help="requests of the batched vs one-at-a-time v* comparison")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "quality.yaml"))
+    parser.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the arch's testbed YAML (read as YAML)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / f"testbed-{args.arch}")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as stats_dir:
-        hp = hp.updated(stats_dir=stats_dir, vstar_cache_dir=None)
+        hp = hp.updated("--set", **dict(args.set)).updated(stats_dir=stats_dir, vstar_cache_dir=None)
         t = time.perf_counter()
         preservation_stats(model, tok, get_adapter(model), hp.layers, hp.preservation_corpus, hp.preservation_tokens,
                            hp.max_length, hp.stats_dir)

@@ -5,20 +5,24 @@
 
 Per fact model (the `builds:` of the config, built from the data shipped with the package when missing):
 
-  splits     the build's known facts in facts.json order: dev = the first `dev`, test = the next ones, as many whole
-             batches of `batch_size` as the build allows (at most `test`). No setting is chosen on a test fact.
+  splits     the build's known facts in facts.json order: dev = the first `dev`, test = all the known facts after them
+             (at most `test`), in batches of `batch_size` (the last one may be smaller). No setting is chosen on a test
+             fact.
   tune       per method, every combination of the `tune:` grid (on top of the arch's testbed YAML and the method's own
              overrides) edits the dev facts in sequential batches; the best dev utility wins (ties: grid order).
-             `layers: [-1, 0, 1]` means the build's traced edit band shifted by that many layers.
+             `layers: [-1, 0, 1]` means the build's traced edit band shifted by that many layers; a method's
+             `rank_scale: s` multiplies the YAML's Tucker ranks (rounded up, capped at the mode size; `full`: full size).
   test       each method, with its chosen settings, edits the test facts in sequential batches, v* computed at each
              batch on the model as it then is; metrics after the last batch on all test facts, with 95% bootstrap
-             intervals over facts, and the seconds of each stage.
-  ablations  variants of MoTE's chosen settings on the test facts (whitening, null space), not re-tuned.
-  ranks      MoTE at multiples of the YAML's Tucker ranks on the test facts: quality against solve+write seconds.
+             intervals over facts, the requests edited (a request whose v* fails is left out) and each stage's seconds.
+  ablations  variants of MoTE's chosen settings on the test facts (whitening, null space, v*), not re-tuned.
+  basis      why a rank loses: on the first test batch at the last edited layer, the share of the v* residuals' energy in
+             span(U_out), of the projected keys' in span(U_in), of the routed experts' indicators in span(U_e), and the
+             share of each residual the solved core reproduces, for MoTE's settings and each of `basis_variants`.
   routing    top-k routing overlap before/after the test edits (the paper's Appendix C.1).
 
 Results are merged into benchmarks/results/quality.json (the `--arch`/`--only` parts re-run replace theirs) and
-written out as quality.md and quality-ranks.png.
+written out as quality.md and quality-ranks.png (the methods with a `rank_scale`: quality against solve+write seconds).
 """
 
 from __future__ import annotations
@@ -42,16 +46,19 @@ from mote_plugin.adapters import get_adapter
 from mote_plugin.compare import build_options
 from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote import mote_main
-from mote_plugin.mote.capture import capture
+from mote_plugin.mote.capture import capture, moe_blocks
+from mote_plugin.mote.requests import normalise_requests
+from mote_plugin.mote.solve import predicted_change, project_keys, solve_core
 from mote_plugin.mote.tucker import resolve_ranks
 from mote_plugin.testbed import build, load
 
 ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"  # fact-model builds, preservation statistics, v* targets
 RESULTS = Path(__file__).resolve().parent / "results" / "quality"
-PHASES = ("tune", "test", "ablations", "ranks", "routing")
+PHASES = ("tune", "test", "ablations", "basis", "routing")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("vstar", "capture", "solve", "writeback")
-CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablations", "rank_scales", "bootstrap", "seed"}
+CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablations", "basis_variants", "bootstrap", "seed"}
 
 
 def load_config(path: str | Path) -> dict:
@@ -60,10 +67,17 @@ def load_config(path: str | Path) -> dict:
     unknown, missing = set(cfg) - CONFIG_KEYS, {"builds", "dev", "test", "batch_size", "methods"} - set(cfg)
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    base = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
-    variants = {**cfg["methods"], **{k: v for group in (cfg.get("ablations") or {}).values() for k, v in group.items()}}
+    if "MoTE" not in cfg["methods"]:
+        raise ValueError(f"{path}: methods must include MoTE (the ablations and the basis phase start from its settings)")
+    base = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu", r_e=2, r_out=2, r_in=2)
+    variants = {**cfg["methods"], **{k: v for group in (cfg.get("ablations") or {}).values() for k, v in group.items()},
+                **(cfg.get("basis_variants") or {})}
     for name, overrides in variants.items():  # unknown keys and bad values fail here, before any work
-        base.updated(f"{path}: {name}", **(overrides or {}))
+        overrides = dict(overrides or {})
+        scale = overrides.pop("rank_scale", 1)
+        if scale != "full" and not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"{path}: {name}: rank_scale must be a number > 0 or 'full', got {scale!r}")
+        base.updated(f"{path}: {name}", **overrides)
     for key, values in (cfg.get("tune") or {}).items():
         if key != "layers":
             for v in values:
@@ -81,25 +95,25 @@ def load_config(path: str | Path) -> dict:
 def fact_model(arch: str, cfg: dict):
     """(model, tok, facts, report) of the arch's build, built first if needed."""
     opts = build_options(cfg["builds"][arch] | {"arch": arch})
-    out = ROOT / ".cache" / "mote-testbed" / f"{arch}-{opts.facts}-quality"
+    out = CACHE / "mote-testbed" / f"{arch}-{opts.facts}-quality"
     build(out, opts)
     return load(out)
 
 
 def splits(facts: list[dict], cfg: dict) -> dict[str, list[dict]]:
-    """{"dev": first `dev` known facts, "test": the next known facts, whole batches only (at most `test`)}."""
+    """{"dev": the first `dev` known facts, "test": the known facts after them (at most `test`)}."""
     known = [f for f in facts if f["known"]]
-    dev, rest = known[: cfg["dev"]], known[cfg["dev"] :]
-    n_test = min(cfg["test"], len(rest)) // cfg["batch_size"] * cfg["batch_size"]
-    if len(dev) < cfg["dev"] or n_test == 0:
+    dev, test = known[: cfg["dev"]], known[cfg["dev"] : cfg["dev"] + cfg["test"]]
+    if len(dev) < cfg["dev"] or len(test) < cfg["batch_size"]:
         raise SystemExit(f"the build knows {len(known)} facts: too few for dev {cfg['dev']} + one test batch of {cfg['batch_size']}")
-    return {"dev": dev, "test": rest[:n_test]}
+    return {"dev": dev, "test": test}
 
 
 def base_hparams(arch: str, report: dict) -> MoTEHyperParams:
+    """The arch's testbed YAML at the build's traced band and lookup token, with the benchmark's caches."""
     hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / f"testbed-{arch}")
     return hp.updated("the build", layers=report["edit_layers"], fact_token=report["lookup_token"],
-                      stats_dir=str(ROOT / ".cache" / "mote-stats"), vstar_cache_dir=str(ROOT / ".cache" / "mote-vstar"))
+                      stats_dir=str(CACHE / "mote-stats"), vstar_cache_dir=str(CACHE / "mote-vstar"))
 
 
 def grid(tune: dict, report: dict, n_layers: int) -> list[dict]:
@@ -119,6 +133,16 @@ def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int,
         return {"r_e": 1.0, "r_out": 1.0, "r_in": 1.0}
     ranks = resolve_ranks((hp.r_e, hp.r_out, hp.r_in), shape)
     return dict(zip(("r_e", "r_out", "r_in"), (min(size, math.ceil(r * scale)) for r, size in zip(ranks, shape))))
+
+
+def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tuple[int, int, int], **tuned) -> MoTEHyperParams:
+    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the YAML's ranks), then `tuned`."""
+    overrides = dict(overrides or {})
+    scale = overrides.pop("rank_scale", None)
+    hp = base.updated(name, **overrides)
+    if scale is not None:
+        hp = hp.updated(name, **rank_variant(hp, scale, shape))
+    return hp.updated(name, **tuned)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,12 +171,24 @@ class Session:
     def __init__(self, model, tok, cfg: dict):
         self.model, self.tok, self.cfg = model, tok, cfg
         self.original = {k: v.clone() for k, v in model.state_dict().items()}
-        self.shape = None
+        adapter = get_adapter(model)
+        self.shape = tuple(adapter.down_weight(adapter.moe_block(model, adapter.moe_layers(model)[0]), dtype=None).shape)
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.original)
+        mote_main.reset_state(self.model)
+
+    def scores(self, records: list[dict], intervals: bool) -> dict:
+        m = counterfact_metrics(self.model, self.tok, records)
+        row = {k: m[k] for k in METRICS} | {"n": len(records)}
+        if intervals:
+            items = {k: m[k + "_items"] for k in ("efficacy", "generalization", "specificity")}
+            row["ci95"] = bootstrap(items, self.cfg.get("bootstrap", 1000), self.cfg.get("seed", 0))
+        return row
 
     def run(self, hp: MoTEHyperParams, records: list[dict], intervals: bool = False) -> dict:
         """Edit `records` in sequential batches with `hp` from the unedited weights; metrics on all of them."""
-        self.model.load_state_dict(self.original)
-        mote_main.reset_state(self.model)
+        self.restore()
         seconds = dict.fromkeys(STAGES, 0.0)
         edited = 0
         bs = self.cfg["batch_size"]
@@ -162,19 +198,12 @@ class Session:
             edited += t["edits"]
             for s in STAGES:
                 seconds[s] += t[s]
-        m = counterfact_metrics(self.model, self.tok, records)
-        row = {k: m[k] for k in METRICS} | {"seconds": seconds, "edited": edited, "n": len(records)}
-        if intervals:
-            items = {k: m[k + "_items"] for k in ("efficacy", "generalization", "specificity")}
-            row["ci95"] = bootstrap(items, self.cfg.get("bootstrap", 1000), self.cfg.get("seed", 0))
-        return row
+        ranks = list(resolve_ranks((hp.r_e, hp.r_out, hp.r_in), self.shape)) if hp.solver == "mote" else None
+        return self.scores(records, intervals) | {"seconds": seconds, "edited": edited, "ranks": ranks}
 
     def unedited(self, records: list[dict]) -> dict:
-        self.model.load_state_dict(self.original)
-        m = counterfact_metrics(self.model, self.tok, records)
-        items = {k: m[k + "_items"] for k in ("efficacy", "generalization", "specificity")}
-        return {k: m[k] for k in METRICS} | {"ci95": bootstrap(items, self.cfg.get("bootstrap", 1000), self.cfg.get("seed", 0)),
-                                              "n": len(records)}
+        self.restore()
+        return self.scores(records, intervals=True)
 
     def routed_experts(self, prompts: list[str]) -> dict[int, torch.Tensor]:
         """{MoE layer: [P, K] experts chosen at the last token of each prompt}."""
@@ -201,8 +230,7 @@ def tune(session: Session, base: MoTEHyperParams, dev: list[dict], cfg: dict, re
     for name, overrides in cfg["methods"].items():
         rows = []
         for combo in combos:
-            hp = base.updated(name, **(overrides or {}), **combo)
-            rows.append((combo, session.run(hp, dev)))
+            rows.append((combo, session.run(settings(base, name, overrides, session.shape, **combo), dev)))
             log(f"  tune {name} {combo}: " + " ".join(f"{rows[-1][1][k]:.2f}" for k in METRICS))
         best = max(range(len(rows)), key=lambda i: (rows[i][1]["utility"], -i))
         out[name] = {"chosen": rows[best][0], "dev": rows[best][1], "grid": [{"settings": c, **r} for c, r in rows]}
@@ -215,47 +243,66 @@ def chosen(result: dict, name: str) -> dict:
     return result["tune"][name]["chosen"]
 
 
+def mote_settings(session: Session, base: MoTEHyperParams, cfg: dict, result: dict) -> MoTEHyperParams:
+    return settings(base, "MoTE", cfg["methods"]["MoTE"], session.shape, **chosen(result, "MoTE"))
+
+
 def test(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
     rows = {"unedited": session.unedited(records)}
     for name, overrides in cfg["methods"].items():
-        hp = base.updated(name, **(overrides or {}), **chosen(result, name))
-        rows[name] = session.run(hp, records, intervals=True)
+        rows[name] = session.run(settings(base, name, overrides, session.shape, **chosen(result, name)), records, intervals=True)
         log(f"  test {name}: " + " ".join(f"{rows[name][k]:.2f}" for k in METRICS))
     return rows
 
 
 def ablations(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
-    mote = base.updated("MoTE", **(cfg["methods"]["MoTE"] or {}), **chosen(result, "MoTE"))
+    mote = mote_settings(session, base, cfg, result)
     out = {}
     for group, variants in (cfg.get("ablations") or {}).items():
         out[group] = {}
         for name, overrides in variants.items():
-            out[group][name] = session.run(mote.updated(f"{group}: {name}", **(overrides or {})), records, intervals=True)
+            out[group][name] = session.run(settings(mote, f"{group}: {name}", overrides, session.shape), records, intervals=True)
             log(f"  ablation {group} {name}: " + " ".join(f"{out[group][name][k]:.2f}" for k in METRICS))
     return out
 
 
-def ranks(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
-    mote = base.updated("MoTE", **(cfg["methods"]["MoTE"] or {}), **chosen(result, "MoTE"))
-    adapter = get_adapter(session.model)
-    block = adapter.moe_block(session.model, mote.layers[-1])
-    shape = tuple(adapter.down_weight(block, dtype=None).shape)  # (E, d, h)
+def basis(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
+    """How much of the first test batch's edit the Tucker basis can express, at the last edited layer L (unedited model):
+    energy shares of the residuals R in span(U_out), of the null-space-projected keys in span(U_in), of the routed
+    experts' indicator vectors in span(U_e), and mean <U_out G phi_t, r_t> / ||r_t||^2 after the core solve."""
+    model, tok = session.model, session.tok
+    session.restore()
+    mote = mote_settings(session, base, cfg, result)
+    reqs = normalise_requests([request(r) for r in records[: cfg["batch_size"]]])
+    adapter = get_adapter(model)
+    L = max(mote.layers)
+    z, _ = mote_main.targets(model, tok, reqs, mote, mote_main.editor_state(model), progress=False)  # [T, d]
+    R = (z - mote_main.layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)).double()
+    cap = capture(model, tok, adapter, reqs, [L], mote.fact_token)[L]
     out = {}
-    for scale in cfg.get("rank_scales", [1, "full"]):
-        variant = rank_variant(mote, scale, shape)
-        row = session.run(mote.updated(f"ranks x{scale}", **variant), records, intervals=True)
-        out[str(scale)] = row | {"ranks": list(resolve_ranks((variant["r_e"], variant["r_out"], variant["r_in"]), shape))}
-        log(f"  ranks x{scale} {out[str(scale)]['ranks']}: " + " ".join(f"{row[k]:.2f}" for k in METRICS))
+    for name, overrides in {"MoTE's settings": {}, **(cfg.get("basis_variants") or {})}.items():
+        hp = settings(mote, name, overrides, session.shape)
+        layer = mote_main.layer_bases(model, tok, adapter, moe_blocks(model, adapter, [L]), hp)[L]
+        U_e, U_out, U_in = (u.double() for u in layer.factors)
+        keys = project_keys(cap.keys, cap.expert_idx, layer.P).double()  # [T, K, h]
+        solution = solve_core(keys, cap.gates, cap.expert_idx, R, layer.factors, hp.mote_lambda)
+        change = predicted_change(solution, layer.factors, keys, cap.gates, cap.expert_idx).double()  # [T, d]
+        out[name] = {"ranks": list(layer.factors.ranks),
+                     "residual_in_U_out": float(((R @ U_out) ** 2).sum() / (R**2).sum()),
+                     "keys_in_U_in": float(((keys @ U_in) ** 2).sum() / (keys**2).sum()),
+                     "experts_in_U_e": float((U_e[cap.expert_idx.flatten()] ** 2).sum(1).mean()),
+                     "reproduced": float(((change * R).sum(1) / (R**2).sum(1)).mean())}
+        log(f"  basis {name}: " + ", ".join(f"{k} {v}" for k, v in out[name].items()))
     return out
 
 
 def routing(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
     prompts = [r["prompt"] for r in records]
-    session.model.load_state_dict(session.original)
+    session.restore()
     before = session.routed_experts(prompts)
     out = {}
     for name, overrides in cfg["methods"].items():
-        session.run(base.updated(name, **(overrides or {}), **chosen(result, name)), records)
+        session.run(settings(base, name, overrides, session.shape, **chosen(result, name)), records)
         after = session.routed_experts(prompts)
         out[name] = {str(l): jaccard(before[l], after[l]) for l in before}
         log(f"  routing {name}: {out[name]}")
@@ -274,49 +321,72 @@ def _cell(row: dict, key: str) -> str:
     return f"{row[key]:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def _edit_seconds(row: dict) -> str:
+def _seconds(row: dict) -> str:
     s = row.get("seconds")
     return "-" if not s else f"{sum(s.values()):.1f} ({s['solve'] + s['writeback']:.2f})"
 
 
-def _settings(settings: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in settings.items()) or "-"
+def _settings(chosen_settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in chosen_settings.items()) or "-"
 
 
 def _table(rows: dict, extra: dict | None = None) -> list[str]:
-    head = "| method | " + " | ".join(METRICS) + " | edit s (solve+write s) |" + (" settings chosen on dev |" if extra else "")
-    lines = [head, "|---" * (len(METRICS) + 2 + bool(extra)) + "|"]
+    head = ("| method | " + " | ".join(METRICS) + " | edited | edit s (solve+write s) |"
+            + (" settings chosen on dev |" if extra is not None else ""))
+    lines = [head, "|---" * (len(METRICS) + 3 + (extra is not None)) + "|"]
     for name, row in rows.items():
-        line = f"| {name} | " + " | ".join(_cell(row, k) for k in METRICS) + f" | {_edit_seconds(row)} |"
-        lines.append(line + (f" {_settings(extra[name])} |" if extra and name in extra else " - |" if extra else ""))
+        ranks = f" {tuple(row['ranks'])}" if row.get("ranks") else ""
+        line = (f"| {name}{ranks} | " + " | ".join(_cell(row, k) for k in METRICS)
+                + f" | {row.get('edited', '-')}/{row['n']} | {_seconds(row)} |")
+        if extra is not None:
+            line += f" {_settings(extra[name])} |" if name in extra else " - |"
+        lines.append(line)
     return lines
 
 
+def rank_rows(res: dict, cfg: dict) -> dict:
+    """The test rows of the methods with a `rank_scale`, by scale."""
+    return {str(o["rank_scale"]): res["test"][n] for n, o in cfg["methods"].items()
+            if "rank_scale" in (o or {}) and n in res.get("test", {})}
+
+
 def markdown(report: dict) -> str:
+    cfg = report["config"]
     lines = ["# MoTE's quality: dev/test protocol on the fact models", "",
              f"Last command: `{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
              f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured on "
              "the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
-             "bootstrap intervals over facts. Edit seconds include v* (computed at each batch) and capture.", ""]
+             "bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* does not reach "
+             "its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture included.", ""]
     for arch, res in report["archs"].items():
         s = res["splits"]
         split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known facts "
                  f"{s['test'][0]}-{s['test'][1]} (N = {s['test'][1] - s['test'][0] + 1}, {s['batches']} sequential batches of "
-                 f"{report['config']['batch_size']})")
-        lines += [f"## {arch}", "", f"Build: `{res['build']}`; edit band traced {res['traced_layers']} at {res['lookup_token']}; "
-                  f"YAML ranks {res['ranks']} of (E, d, h) = {res['shape']}. Splits: {split}.", ""]
+                 f"at most {cfg['batch_size']})")
+        lines += [f"## {arch}", "", f"Build: `{res['build']}` ({s['known']} known facts); edit band traced {res['traced_layers']} "
+                  f"at {res['lookup_token']}; YAML ranks {tuple(res['yaml_ranks'])} of (E, d, h) = {tuple(res['shape'])}. "
+                  f"Splits: {split}.", ""]
         if "test" in res:
             lines += ["### Test split", "", *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items()}), ""]
-        if "ablations" in res:
-            for group, rows in res["ablations"].items():
-                lines += [f"### Ablation: {group} (MoTE's dev-chosen settings otherwise; test split)", "", *_table(rows), ""]
-        if "ranks" in res:
-            lines += ["### Tucker ranks (MoTE's dev-chosen settings otherwise; test split)", "",
+        ranked = rank_rows(res, cfg)
+        if ranked:
+            lines += ["### Tucker ranks (each tuned on dev; test split)", "",
                       "| scale of YAML ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
                       "|---" * (len(METRICS) + 3) + "|"]
-            for scale, row in res["ranks"].items():
-                lines.append(f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
-                             + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.2f} |")
+            lines += [f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
+                      + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |" for scale, row in ranked.items()]
+            lines.append("")
+        for group, rows in res.get("ablations", {}).items():
+            lines += [f"### Ablation: {group} (MoTE's dev-chosen settings otherwise; test split)", "", *_table(rows), ""]
+        if "basis" in res:
+            lines += ["### What the Tucker basis can express (first test batch, last edited layer, unedited model)", "",
+                      "Energy shares in the span of each factor: the v* residuals R in U_out, the null-space-projected keys "
+                      "in U_in, the routed experts' indicators in U_e; `reproduced`: mean <U_out G phi_t, r_t> / ||r_t||^2 "
+                      "after the core solve (1 = the layer's output moves exactly to z).", "",
+                      "| basis | (r_e, r_out, r_in) | residual in U_out | keys in U_in | experts in U_e | reproduced |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {n} | {tuple(r['ranks'])} | {r['residual_in_U_out']:.2f} | {r['keys_in_U_in']:.2f} | "
+                      f"{r['experts_in_U_e']:.2f} | {r['reproduced']:.2f} |" for n, r in res["basis"].items()]
             lines.append("")
         if "routing" in res:
             layers = list(next(iter(res["routing"].values())))
@@ -326,8 +396,8 @@ def markdown(report: dict) -> str:
             lines.append("")
         if "tune" in res:
             lines += ["### Dev split (the grid's best per method)", "", *_table({k: v["dev"] for k, v in res["tune"].items()}), "",
-                      f"Grid: {json.dumps(report['config'].get('tune'))} (`layers`: shifts of the traced band); every "
-                      "grid point's dev metrics are in quality.json.", ""]
+                      f"Grid: `{json.dumps(cfg.get('tune'))}` (`layers`: shifts of the traced band); every grid point's dev "
+                      "metrics are in quality.json.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -337,20 +407,19 @@ def plot(report: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archs = [a for a, r in report["archs"].items() if "ranks" in r]
-    if not archs:
+    curves = {a: rank_rows(r, report["config"]) for a, r in report["archs"].items()}
+    curves = {a: c for a, c in curves.items() if c}
+    if not curves:
         return
-    fig, axes = plt.subplots(1, len(archs), figsize=(4.5 * len(archs), 3.6), squeeze=False)
-    for ax, arch in zip(axes[0], archs):
-        rows = report["archs"][arch]["ranks"]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, (arch, rows) in zip(axes[0], curves.items()):
+        xs = [r["seconds"]["solve"] + r["seconds"]["writeback"] for r in rows.values()]
         for key, marker in zip(METRICS, "os^D"):
-            xs = [r["seconds"]["solve"] + r["seconds"]["writeback"] for r in rows.values()]
             ax.plot(xs, [r[key] for r in rows.values()], marker=marker, label=key)
-        for scale, r in rows.items():
-            ax.annotate(f"x{scale}" if scale != "full" else "full", (r["seconds"]["solve"] + r["seconds"]["writeback"], r["utility"]),
-                        fontsize=7)
-        ax.set_xlabel("solve + write seconds (test split)")
-        ax.set_title(f"{arch}: quality vs Tucker rank", fontsize=9)
+        for x, (scale, r) in zip(xs, rows.items()):
+            ax.annotate(f"x{scale}" if scale != "full" else "full", (x, r["utility"]), fontsize=7)
+        ax.set_xlabel("solve + write seconds, all test batches")
+        ax.set_title(f"{arch}: quality vs Tucker rank (test split)", fontsize=9)
         ax.set_ylim(0, 1.02)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -382,27 +451,23 @@ def main(argv: list[str] | None = None) -> None:
         session = Session(model, tok, cfg)
         split = splits(facts, cfg)
         base = base_hparams(arch, build_report)
-        adapter = get_adapter(model)
-        shape = tuple(adapter.down_weight(adapter.moe_block(model, base.layers[-1]), dtype=None).shape)
         res = report["archs"].setdefault(arch, {})
         n_dev, n_test = len(split["dev"]), len(split["test"])
         res |= {"build": json.dumps(cfg["builds"][arch]), "traced_layers": build_report["edit_layers"],
-                "lookup_token": build_report["lookup_token"], "shape": list(shape),
-                "ranks": list(resolve_ranks((base.r_e, base.r_out, base.r_in), shape)),
-                "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test], "batches": n_test // cfg["batch_size"],
+                "lookup_token": build_report["lookup_token"], "shape": list(session.shape),
+                "yaml_ranks": list(resolve_ranks((base.r_e, base.r_out, base.r_in), session.shape)),
+                "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test], "batches": -(-n_test // cfg["batch_size"]),
                            "known": sum(f["known"] for f in facts)}}
         log = lambda m, arch=arch: print(f"[{arch}] {m}", flush=True)  # noqa: E731
+        phases = {"tune": tune, "test": test, "ablations": ablations, "basis": basis, "routing": routing}
         for phase in PHASES:
             if phase not in args.only:
                 continue
             t = time.time()
-            records = split["dev"] if phase == "tune" else split["test"]
-            fn = {"tune": lambda: tune(session, base, records, cfg, build_report, log),
-                  "test": lambda: test(session, base, records, cfg, res, log),
-                  "ablations": lambda: ablations(session, base, records, cfg, res, log),
-                  "ranks": lambda: ranks(session, base, records, cfg, res, log),
-                  "routing": lambda: routing(session, base, records, cfg, res, log)}[phase]
-            res[phase] = fn()
+            if phase == "tune":
+                res[phase] = tune(session, base, split["dev"], cfg, build_report, log)
+            else:
+                res[phase] = phases[phase](session, base, split["test"], cfg, res, log)
             log(f"{phase}: {time.time() - t:.0f} s")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every phase: a long run keeps its parts

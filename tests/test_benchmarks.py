@@ -95,13 +95,20 @@ def test_quality_config_is_checked_before_any_work(quality, tmp_path):
     good = quality.load_config(BENCHMARKS / "configs" / "quality.yaml")
     assert {"MoTE", "MoTE-residual", "MoTE-fullrank", "Global-residual", "Global+speedup", "BCD+speedup",
             "MoEEdit-BCD"} <= set(good["methods"])
+    bad.write_text(head + "methods: {MoTE: {rank_scale: -1}}\n")
+    with pytest.raises(ValueError, match="rank_scale must be"):
+        quality.load_config(bad)
+    bad.write_text(head + "methods: {Other: {}}\n")
+    with pytest.raises(ValueError, match="must include MoTE"):
+        quality.load_config(bad)
 
 
 def test_quality_splits_grid_and_ranks(quality):
     facts = [{"known": i % 7 != 3, "i": i} for i in range(40)]
     cfg = {"dev": 6, "test": 100, "batch_size": 5}
     split = quality.splits(facts, cfg)
-    assert len(split["dev"]) == 6 and len(split["test"]) == 25  # 28 known facts left: whole batches of 5
+    assert len(split["dev"]) == 6 and len(split["test"]) == 28  # every known fact after dev (the last batch has 3)
+    assert len(quality.splits(facts, cfg | {"test": 10})["test"]) == 10
     assert not {f["i"] for f in split["dev"]} & {f["i"] for f in split["test"]}
     assert all(f["known"] for f in split["dev"] + split["test"])
     with pytest.raises(SystemExit, match="too few"):
@@ -135,22 +142,26 @@ def test_quality_protocol_end_to_end(quality, reduced_fact_model, tmp_path, monk
 
     out, report = reduced_fact_model("gpt_oss")
     monkeypatch.setattr(quality, "fact_model", lambda arch, cfg: load_build(out))
-    monkeypatch.setattr(quality, "ROOT", tmp_path)  # stats and v* caches
+    monkeypatch.setattr(quality, "CACHE", tmp_path)  # stats and v* caches
     cfg = tmp_path / "q.yaml"
     cfg.write_text(yaml.safe_dump({
         "builds": {"gpt_oss": {"facts": 24}}, "dev": 4, "test": 8, "batch_size": 4,
-        "methods": {"MoTE": {"spread": "core"}, "Global+speedup": {"solver": "global", "spread": "core"}},
+        "methods": {"MoTE": {"spread": "core", "rank_scale": 1}, "MoTE-fullrank": {"rank_scale": "full"},
+                    "Global+speedup": {"solver": "global", "spread": "core"}},
         "tune": {"mote_lambda": [0.1, 1.0]}, "ablations": {"whitening": {"none": {"whitening": "none"}}},
-        "rank_scales": [1, "full"], "bootstrap": 50}))
+        "basis_variants": {"full": {"rank_scale": "full"}}, "bootstrap": 50}))
     quality.main(["--config", str(cfg), "--out", str(tmp_path / "quality")])
     res = json.loads((tmp_path / "quality.json").read_text())["archs"]["gpt_oss"]
     assert res["splits"]["dev"] == [1, 4] and res["splits"]["test"] == [5, 12] and res["splits"]["batches"] == 2
-    assert set(res["tune"]) == {"MoTE", "Global+speedup"} and len(res["tune"]["MoTE"]["grid"]) == 2
+    assert set(res["tune"]) == {"MoTE", "MoTE-fullrank", "Global+speedup"} and len(res["tune"]["MoTE"]["grid"]) == 2
     assert res["tune"]["MoTE"]["chosen"]["mote_lambda"] in (0.1, 1.0)
-    assert set(res["test"]) == {"unedited", "MoTE", "Global+speedup"} and res["test"]["MoTE"]["n"] == 8
-    assert res["ranks"]["full"]["ranks"] == [8, 128, 128] and set(res["routing"]) == {"MoTE", "Global+speedup"}
+    assert set(res["test"]) == {"unedited", "MoTE", "MoTE-fullrank", "Global+speedup"} and res["test"]["MoTE"]["n"] == 8
+    assert res["test"]["MoTE-fullrank"]["ranks"] == [8, 128, 128] and res["test"]["Global+speedup"]["ranks"] is None
+    assert res["basis"]["full"]["reproduced"] > res["basis"]["MoTE's settings"]["reproduced"] - 1e-6
+    assert set(res["routing"]) == {"MoTE", "MoTE-fullrank", "Global+speedup"}
     md = (tmp_path / "quality.md").read_text()
-    assert "test = known facts 5-12 (N = 8, 2 sequential batches of 4)" in md and "mote_lambda" in md
+    assert "test = known facts 5-12 (N = 8, 2 sequential batches of at most 4)" in md and "mote_lambda" in md
+    assert "### Tucker ranks" in md and (tmp_path / "quality-ranks.png").exists()
 
 
 def test_sequential_records(tmp_path):
@@ -209,9 +220,10 @@ def test_end_to_end_speed_report(reduced_fact_model, tmp_path, monkeypatch):
     from mote_plugin.testbed import load as load_build
 
     end_to_end = load("end_to_end")
-    out, _ = reduced_fact_model("gpt_oss")
+    out, report = reduced_fact_model("gpt_oss")
     monkeypatch.setattr(end_to_end, "fact_model", lambda arch, cfg: load_build(out))
-    end_to_end.main(["--arch", "gpt_oss", "--edits", "8", "--batch-size", "4", "--compare", "6", "--out", str(tmp_path / "e2e")])
+    end_to_end.main(["--arch", "gpt_oss", "--edits", "8", "--batch-size", "4", "--compare", "6", "--out", str(tmp_path / "e2e"),
+                     "--set", f"layers={report['edit_layers']}", "--set", f"fact_token={report['lookup_token']}"])
     report = json.loads((tmp_path / "e2e.json").read_text())
     assert report["edits"] == 8 and 0 < report["edited"] <= 8
     assert set(report["seconds"]) == {"statistics", "basis", "vstar", "capture", "solve", "writeback"}
