@@ -4,7 +4,7 @@ same CounterFact or zsRE records; prints the table and writes results.json, resu
     python examples/compare_editors.py --config examples/configs/compare-testbed-qwen3_moe.yaml [--n 20] [--out DIR]
 
 Without EasyEdit, MoTE runs alone (the plugin's own v* and metrics) and the host methods are reported as unavailable.
-With it (`PYTHONPATH=/path/to/EasyEdit`), the host's v* is used for MoTE too and its token accuracies are added.
+With it (`PYTHONPATH=/path/to/EasyEdit`), ROME, MEMIT and AlphaEdit run too and the host's token accuracies are added.
 The config keys are the fields of `mote_plugin.compare.CompareConfig`.
 """
 

@@ -1,7 +1,7 @@
 """Editors side by side on one model and one set of records (the command line is examples/compare_editors.py).
 
 Every method edits the same records in the same sequential batches (`batch_size`), starting from the same weights;
-the weights are restored between methods. MoTE always runs (with the host's v* when EasyEdit is importable); ROME,
+the weights are restored between methods. MoTE always runs (its v* as the YAML's `v_objective` says); ROME,
 MEMIT and AlphaEdit run when the EasyEdit host provides them. A method that cannot edit this model is reported as
 "not applicable" with the reason (MoTE on a dense model; a dense method whose `rewrite_module_tmp` is not a 2-D
 weight, e.g. packed MoE experts), a method without a host as "unavailable".

@@ -4,8 +4,9 @@ One batch of edits, step by step (method.md):
   1. check everything that can be checked before a weight changes (requests, layers, MoE blocks);
   2. per edited layer, once per model: preservation statistics -> null-space projectors P_j and Tucker
      factors (`LayerBasis`, cached on the model, so sequential batches share one basis);
-  3. v*: the target z of every request at the last edited layer L (the host's compute_z when EasyEdit is
-     importable, else the plugin's own); residual r = z - h_L;
+  3. v*: the target z of every request at the last edited layer L (compute_z.py: MEMIT's objective, the whole batch
+     at once; `v_objective: memit_host` asks the EasyEdit host's own compute_z); residual r = z - h_L; a request whose
+     v* fails is warned about and left out;
   4. `core` spread: capture keys at L, solve the core there, write G / (L - l + 1) into every layer l with
      its own basis; `residual` spread: for each layer l in order, re-capture keys at l, re-measure the
      residual at L and solve with r / (L - l + 1);
