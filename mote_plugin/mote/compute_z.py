@@ -282,7 +282,8 @@ def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConf
         steps = torch.zeros(T, dtype=torch.long, device=dev)
         nll = torch.full((T,), float("nan"), device=dev)
         kl_init = None
-        bar = tqdm(range(cfg.v_num_grad_steps), desc=f"v* ({T} requests)", disable=not progress, leave=False)
+        bar = tqdm(range(cfg.v_num_grad_steps), desc=f"v* ({T} requests)", leave=False,
+                   disable=None if progress else True)  # None: a bar on a terminal only
         for it in bar:
             hidden = h0.index_put(at, delta[owner].to(h0.dtype), accumulate=True)  # [B, S', d]
             at_loss = upper.run(hidden, layer + 1, loss_layer)  # [B, S, d]

@@ -201,7 +201,7 @@ def targets(model, tok, requests: list[dict], hp: MoTEHyperParams, state: Editor
             z[i], nll[i] = given if isinstance(given, tuple) else (given, float("nan"))
     todo = [i for i in range(len(requests)) if z[i] is None]
     chunk = hp.v_batch_size or max(len(todo), 1)
-    for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=not progress or len(todo) <= chunk, leave=False):
+    for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=None if progress and len(todo) > chunk else True, leave=False):
         part = todo[start : start + chunk]
         if hp.v_objective == "memit_host":
             found = [(host.compute_z_fn()(model, tok, requests[i], hp, L, [templates]), float("nan")) for i in part]

@@ -196,7 +196,8 @@ def layer_statistics(
     device = input_device(model)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=n_tokens, unit="tok", desc="MoTE preservation stats", disable=not progress)
+    bar = tqdm(total=n_tokens, unit="tok", desc="MoTE preservation stats",
+               disable=None if progress else True)  # None: a bar on a terminal only
     try:
         for batch in _batches(tok, texts, n_tokens, batch_size, max_length):
             mask = batch["attention_mask"].bool()  # [B, S]
