@@ -15,7 +15,8 @@ Per fact model (the `builds:` of the config, built from the data shipped with th
   test       each method, with its chosen settings, edits the test facts in sequential batches, v* computed at each
              batch on the model as it then is; metrics after the last batch on all test facts, with 95% bootstrap
              intervals over facts, the requests edited (a request whose v* fails is left out) and each stage's seconds.
-  ablations  variants of MoTE's chosen settings on the test facts (whitening, null space, v*), not re-tuned.
+  ablations  variants of the chosen settings of each method in `ablate` (whitening, null space, v*) on the test facts,
+             not re-tuned.
   basis      why a rank loses: on the first test batch at the last edited layer, the share of the v* residuals' energy in
              span(U_out), of the projected keys' in span(U_in), of the routed experts' indicators in span(U_e), and the
              share of each residual the solved core reproduces, for MoTE's settings and each of `basis_variants`.
@@ -58,7 +59,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quality"
 PHASES = ("tune", "test", "ablations", "basis", "routing")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("vstar", "capture", "solve", "writeback")
-CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablations", "basis_variants", "bootstrap", "seed"}
+CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants", "bootstrap",
+               "seed"}
 
 
 def load_config(path: str | Path) -> dict:
@@ -68,7 +70,10 @@ def load_config(path: str | Path) -> dict:
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     if "MoTE" not in cfg["methods"]:
-        raise ValueError(f"{path}: methods must include MoTE (the ablations and the basis phase start from its settings)")
+        raise ValueError(f"{path}: methods must include MoTE (the basis phase starts from its settings)")
+    missing_bases = set(cfg.get("ablate", ["MoTE"])) - set(cfg["methods"])
+    if missing_bases:
+        raise ValueError(f"{path}: ablate names methods that are not in methods: {sorted(missing_bases)}")
     base = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu", r_e=2, r_out=2, r_in=2)
     variants = {**cfg["methods"], **{k: v for group in (cfg.get("ablations") or {}).values() for k, v in group.items()},
                 **(cfg.get("basis_variants") or {})}
@@ -243,26 +248,31 @@ def chosen(result: dict, name: str) -> dict:
     return result["tune"][name]["chosen"]
 
 
-def mote_settings(session: Session, base: MoTEHyperParams, cfg: dict, result: dict) -> MoTEHyperParams:
-    return settings(base, "MoTE", cfg["methods"]["MoTE"], session.shape, **chosen(result, "MoTE"))
+def method_settings(session: Session, base: MoTEHyperParams, cfg: dict, result: dict, name: str) -> MoTEHyperParams:
+    """A method's hyper-parameters with the settings the tune phase chose for it."""
+    return settings(base, name, cfg["methods"][name], session.shape, **chosen(result, name))
 
 
 def test(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
     rows = {"unedited": session.unedited(records)}
-    for name, overrides in cfg["methods"].items():
-        rows[name] = session.run(settings(base, name, overrides, session.shape, **chosen(result, name)), records, intervals=True)
+    for name in cfg["methods"]:
+        rows[name] = session.run(method_settings(session, base, cfg, result, name), records, intervals=True)
         log(f"  test {name}: " + " ".join(f"{rows[name][k]:.2f}" for k in METRICS))
     return rows
 
 
 def ablations(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
-    mote = mote_settings(session, base, cfg, result)
+    """{method in `ablate`: {group: {variant: test row}}}, each variant on top of the method's chosen settings."""
     out = {}
-    for group, variants in (cfg.get("ablations") or {}).items():
-        out[group] = {}
-        for name, overrides in variants.items():
-            out[group][name] = session.run(settings(mote, f"{group}: {name}", overrides, session.shape), records, intervals=True)
-            log(f"  ablation {group} {name}: " + " ".join(f"{out[group][name][k]:.2f}" for k in METRICS))
+    for method in cfg.get("ablate", ["MoTE"]):
+        hp = method_settings(session, base, cfg, result, method)
+        out[method] = {}
+        for group, variants in (cfg.get("ablations") or {}).items():
+            out[method][group] = {}
+            for name, overrides in variants.items():
+                row = session.run(settings(hp, f"{group}: {name}", overrides, session.shape), records, intervals=True)
+                out[method][group][name] = row
+                log(f"  ablation {method}, {group} {name}: " + " ".join(f"{row[k]:.2f}" for k in METRICS))
     return out
 
 
@@ -272,7 +282,7 @@ def basis(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dic
     experts' indicator vectors in span(U_e), and mean <U_out G phi_t, r_t> / ||r_t||^2 after the core solve."""
     model, tok = session.model, session.tok
     session.restore()
-    mote = mote_settings(session, base, cfg, result)
+    mote = method_settings(session, base, cfg, result, "MoTE")
     reqs = normalise_requests([request(r) for r in records[: cfg["batch_size"]]])
     adapter = get_adapter(model)
     L = max(mote.layers)
@@ -301,8 +311,8 @@ def routing(session: Session, base: MoTEHyperParams, records: list[dict], cfg: d
     session.restore()
     before = session.routed_experts(prompts)
     out = {}
-    for name, overrides in cfg["methods"].items():
-        session.run(settings(base, name, overrides, session.shape, **chosen(result, name)), records)
+    for name in cfg["methods"]:
+        session.run(method_settings(session, base, cfg, result, name), records)
         after = session.routed_experts(prompts)
         out[name] = {str(l): jaccard(before[l], after[l]) for l in before}
         log(f"  routing {name}: {out[name]}")
@@ -376,8 +386,9 @@ def markdown(report: dict) -> str:
             lines += [f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
                       + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |" for scale, row in ranked.items()]
             lines.append("")
-        for group, rows in res.get("ablations", {}).items():
-            lines += [f"### Ablation: {group} (MoTE's dev-chosen settings otherwise; test split)", "", *_table(rows), ""]
+        for method, groups in res.get("ablations", {}).items():
+            for group, rows in groups.items():
+                lines += [f"### Ablation: {group} ({method}'s dev-chosen settings otherwise; test split)", "", *_table(rows), ""]
         if "basis" in res:
             lines += ["### What the Tucker basis can express (first test batch, last edited layer, unedited model)", "",
                       "Energy shares in the span of each factor: the v* residuals R in U_out, the null-space-projected keys "

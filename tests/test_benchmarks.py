@@ -101,6 +101,9 @@ def test_quality_config_is_checked_before_any_work(quality, tmp_path):
     bad.write_text(head + "methods: {Other: {}}\n")
     with pytest.raises(ValueError, match="must include MoTE"):
         quality.load_config(bad)
+    bad.write_text(head + "methods: {MoTE: {}}\nablate: [Other]\n")
+    with pytest.raises(ValueError, match="ablate names methods"):
+        quality.load_config(bad)
 
 
 def test_quality_splits_grid_and_ranks(quality):
@@ -157,6 +160,7 @@ def test_quality_protocol_end_to_end(quality, reduced_fact_model, tmp_path, monk
     assert res["tune"]["MoTE"]["chosen"]["mote_lambda"] in (0.1, 1.0)
     assert set(res["test"]) == {"unedited", "MoTE", "MoTE-fullrank", "Global+speedup"} and res["test"]["MoTE"]["n"] == 8
     assert res["test"]["MoTE-fullrank"]["ranks"] == [8, 128, 128] and res["test"]["Global+speedup"]["ranks"] is None
+    assert set(res["ablations"]) == {"MoTE"} and set(res["ablations"]["MoTE"]["whitening"]) == {"none"}
     assert res["basis"]["full"]["reproduced"] > res["basis"]["MoTE's settings"]["reproduced"] - 1e-6
     assert set(res["routing"]) == {"MoTE", "MoTE-fullrank", "Global+speedup"}
     md = (tmp_path / "quality.md").read_text()
