@@ -155,3 +155,18 @@ def test_editing_overrides_and_sweeps_are_read_as_yaml(tmp_path):
     args = editing.argparse.Namespace(build=str(tmp_path), set=[("layers", [1, 2])], sweep=("v_weight_decay", [1, 6]), arch=[])
     assert editing.runs(args) == [(str(tmp_path), {"layers": [1, 2], "v_weight_decay": 1}),
                                   (str(tmp_path), {"layers": [1, 2], "v_weight_decay": 6})]
+
+
+@pytest.mark.parametrize("adapter", ["Qwen3MoeAdapter", "GptOssAdapter"])
+def test_global_check_reference_matches_global_solve(speed, monkeypatch, tmp_path, adapter):
+    """The independent sparse Woodbury reference gives the plugin's Global update, and the check reports it."""
+    monkeypatch.setattr(speed, "SHAPES", {"tiny": speed.Shape(**TINY, adapter=adapter)})
+    monkeypatch.setattr(speed, "RANKS", (3, 8, 4))
+    monkeypatch.setattr(speed, "fixed_mmap_threshold", lambda: None)
+    speed.main(["--global-check", "--shape", "tiny", "--edits-per-batch", "5", "--check-batches", "2",
+                "--out", str(tmp_path / "speed")])
+    row = json.loads((tmp_path / "speed_global_check.json").read_text())["global_check"][0]
+    assert row["same_experts"] and row["delta_rel_error_max"] < 1e-5
+    assert row["weights_max_abs_diff"] < 1e-2  # bf16 rounding of two float32 products
+    assert row["mote_per_layer_batch"] > 0 and row["reference_per_layer_batch"] > 0
+    assert "| tiny | 5 |" in (tmp_path / "speed_global_check.md").read_text()
