@@ -9,7 +9,8 @@ and only solves for the small core G in R^{r_e x r_out x r_in}. The factors come
 (optionally refined by HOOI sweeps), optionally computed on a whitened W (TD-MoE style).
 
 All factors returned here have ORTHONORMAL columns. Pure tensor functions: Grams and eigen-decompositions
-run in float64, factors come back as float32 on the device of W.
+run in float64, factors come back as float32 on the device of W. The eigen-decompositions run single-threaded, the
+three modes' side by side (`eig.run_side_by_side`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+
+from .eig import run_side_by_side
 
 
 MODES = ("e", "out", "in")
@@ -83,34 +86,70 @@ def _orthonormalize(A: torch.Tensor) -> torch.Tensor:
     return Q * signs  # [n, r]
 
 
-def _sqrt_and_inv_sqrt(cov: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """S = (cov + eps I)^{1/2} and S^{-1}, symmetric PSD square roots. cov: `[n, n]` -> two `[n, n]`."""
+class _Whitener(NamedTuple):
+    """S = (cov + eps I)^{1/2} = V diag(root) V^T, the symmetric PSD square root, and what S^{-1} needs."""
+
+    S: torch.Tensor  # [n, n]
+    evecs: torch.Tensor  # [n, n] V
+    root: torch.Tensor  # [n]
+
+    def inv_apply(self, U: torch.Tensor) -> torch.Tensor:
+        """S^{-1} U = V diag(1/root) V^T U, without forming S^{-1}. U: `[n, r]` -> `[n, r]`."""
+        return self.evecs @ ((self.evecs.T @ U) / self.root[:, None])
+
+
+def _whitener(cov: torch.Tensor, eps: float) -> _Whitener:
+    """The square root of cov + eps I (float64). cov: `[n, n]`."""
     cov = cov.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))  # [n], [n, n]
+    evals, evecs = run_side_by_side([lambda: torch.linalg.eigh(0.5 * (cov + cov.T))], cov.device)[0]  # [n], [n, n]
     root = (evals.clamp_min(0.0) + eps).sqrt()  # [n]
     if not bool((root > 0).all()):
         raise ValueError("cov + eps I is singular; use eps > 0 for whitening")
-    S = (evecs * root) @ evecs.T  # [n, n]
-    S_inv = (evecs / root) @ evecs.T  # [n, n]
-    return S, S_inv
+    return _Whitener(S=(evecs * root) @ evecs.T, evecs=evecs, root=root)
+
+
+GRAM_BLOCK = 256  # rows per block of a symmetric Gram product (see `_gram_upper`)
+
+
+def _gram_upper(X: torch.Tensor, out: torch.Tensor) -> None:
+    """Add X X^T to the blocks on and above the diagonal of `out` (X `[n, k]`, out `[n, n]`).
+
+    A symmetric rank-k update without BLAS syrk: with B row blocks of X only the B (B + 1) / 2 block products
+    X_a X_b^T, a <= b, are computed, (B + 1) / (2 B) of the flops of X @ X.T (0.55-0.67 at the real shapes); `_mirror`
+    fills the rest once the sum is complete.
+    """
+    n = X.shape[0]
+    edges = torch.linspace(0, n, max(1, round(n / GRAM_BLOCK)) + 1).round().long().tolist()
+    for a, (a0, a1) in enumerate(zip(edges, edges[1:])):
+        for b0, b1 in zip(edges[a:], edges[a + 1:]):
+            out[a0:a1, b0:b1].addmm_(X[a0:a1], X[b0:b1].T)
+
+
+def _mirror(G: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose blocks on and above the diagonal (`_gram_upper`'s) are G's. G: `[n, n]`."""
+    n = G.shape[0]
+    edges = torch.linspace(0, n, max(1, round(n / GRAM_BLOCK)) + 1).round().long().tolist()
+    for a, (a0, a1) in enumerate(zip(edges, edges[1:])):
+        for b0, b1 in zip(edges[a + 1:], edges[a + 2:]):
+            G[b0:b1, a0:a1] = G[a0:a1, b0:b1].T
+        G[a0:a1, a0:a1] = 0.5 * (G[a0:a1, a0:a1] + G[a0:a1, a0:a1].T)  # exact symmetry within the diagonal block
+    return G
 
 
 def _mode_grams(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three mode Grams of W (Gram trick: no unfolding is materialised).
+    """The three mode Grams of W (Gram trick: no unfolding is materialised; symmetric block products, `_gram_upper`).
 
         G_e[i, j] = <W_i, W_j>_F     # [E, E]
         G_out     = sum_j W_j W_j^T  # [d, d]
         G_in      = sum_j W_j^T W_j  # [h, h]
     """
     E, d, h = W.shape
-    W_e = W.reshape(E, d * h)  # [E, d*h] view (mode-e unfolding of a contiguous tensor)
-    W_in = W.reshape(E * d, h)  # [E*d, h] view
-    G_e = W_e @ W_e.T  # [E, E]
-    G_in = W_in.T @ W_in  # [h, h]
-    G_out = torch.zeros(d, d, dtype=W.dtype, device=W.device)  # [d, d]
+    G_e, G_out, G_in = (torch.zeros(n, n, dtype=W.dtype, device=W.device) for n in (E, d, h))
+    _gram_upper(W.reshape(E, d * h), G_e)  # [E, d*h] view (mode-e unfolding of a contiguous tensor)
+    _gram_upper(W.reshape(E * d, h).T, G_in)  # [h, E*d] view
     for W_j in W:  # [d, h]; the mode-out unfolding would be a permuted copy of W, so loop instead
-        G_out.addmm_(W_j, W_j.T)
-    return G_e, G_out, G_in
+        _gram_upper(W_j, G_out)
+    return _mirror(G_e), _mirror(G_out), _mirror(G_in)
 
 
 def _project(
@@ -210,16 +249,16 @@ def tucker_factors(
     if whiten_in:
         if cov_in.shape != (h, h):
             raise ValueError(f"cov_in must be [h, h] = [{h}, {h}], got {tuple(cov_in.shape)}")
-        S_in, S_in_inv = _sqrt_and_inv_sqrt(cov_in.to(W.device), eps)  # [h, h] each
+        white_in = _whitener(cov_in.to(W.device), eps)  # S_in [h, h]
     if whiten_out:
         if cov_out.shape != (d, d):
             raise ValueError(f"cov_out must be [d, d] = [{d}, {d}], got {tuple(cov_out.shape)}")
-        S_out, S_out_inv = _sqrt_and_inv_sqrt(cov_out.to(W.device), eps)  # [d, d] each
+        white_out = _whitener(cov_out.to(W.device), eps)  # S_out [d, d]
 
     # [E, d, h] the one working copy (contiguous, so unfoldings are views; whitened in place, expert by expert)
     W_work = W.to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
-    S_in_w = S_in.to(compute_dtype) if whiten_in else None  # [h, h]
-    S_out_w = S_out.to(compute_dtype) if whiten_out else None  # [d, d]
+    S_in_w = white_in.S.to(compute_dtype) if whiten_in else None  # [h, h]
+    S_out_w = white_out.S.to(compute_dtype) if whiten_out else None  # [d, d]
     for W_j in W_work if whiten_in or whiten_out else ():  # [d, h]
         if whiten_in:
             W_j.copy_(W_j @ S_in_w)  # W_j S_in
@@ -227,7 +266,8 @@ def tucker_factors(
             W_j.copy_(S_out_w @ W_j)  # S_out W_j (S_in)
 
     G_e, G_out, G_in = _mode_grams(W_work)  # [E, E], [d, d], [h, h]
-    factors = [_top_eigenvectors(G, r) for G, r in zip((G_e, G_out, G_in), ranks)]
+    factors = run_side_by_side([lambda G=G, r=r: _top_eigenvectors(G, r) for G, r in zip((G_e, G_out, G_in), ranks)],
+                               W.device)
     factors = [U.to(compute_dtype) for U in factors]
     for _ in range(hooi_sweeps):
         _hooi_sweep(W_work, factors, ranks)
@@ -235,9 +275,9 @@ def tucker_factors(
 
     U_e, U_out, U_in = (U.to(torch.float64) for U in factors)
     if whiten_in:
-        U_in = _orthonormalize(S_in_inv @ U_in)  # [h, r_in]
+        U_in = _orthonormalize(white_in.inv_apply(U_in))  # [h, r_in] orth(S_in^{-1} U~_in)
     if whiten_out:
-        U_out = _orthonormalize(S_out_inv @ U_out)  # [d, r_out]
+        U_out = _orthonormalize(white_out.inv_apply(U_out))  # [d, r_out] orth(S_out^{-1} U~_out)
     return TuckerFactors(U_e.to(torch.float32), U_out.to(torch.float32), U_in.to(torch.float32))
 
 
