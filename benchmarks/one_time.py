@@ -2,7 +2,7 @@
 baseline commit's, on realistically conditioned statistics (seconds, peak memory, and how far the results are apart).
 
     python benchmarks/one_time.py --baseline bd9e197                 # the three shapes (~15 min, 2 CPU cores)
-    python benchmarks/one_time.py --baseline bd9e197 --shape gpt-oss-20b --experts 4
+    python benchmarks/one_time.py --baseline bd9e197 --shape gpt-oss-20b --experts 2 --repeats 1
 
 Projectors: `--experts` experts of each shape (their cost is per expert; the table scales it to all E), key moments
 of keys drawn from a power-law spectrum (eigenvalues over ~5 decades, a random rotation per expert) with token counts
@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="git commit whose nullspace.py / tucker.py are the baseline")
     parser.add_argument("--shape", nargs="*", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--experts", type=int, default=4, help="experts whose projectors are timed, per shape")
+    parser.add_argument("--experts", type=int, default=8,
+                        help="experts whose projectors are timed, per shape (8: one chunk of the baseline)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(RESULTS / "one_time"))
