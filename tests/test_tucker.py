@@ -213,3 +213,27 @@ def test_symmetric_block_gram_is_the_gram(monkeypatch, n, block):
     G = tucker._mirror(G)
     torch.testing.assert_close(G, sum(X @ X.T for X in Xs), rtol=1e-12, atol=1e-12)
     assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("whitening", ["none", "in", "out", "both"])
+def test_chunked_whitening_and_grams_equal_the_reference(monkeypatch, whitening):
+    """Whitening and the mode-e Gram a few rows/columns at a time, Grams in small blocks: the reference's factors."""
+    from mote_plugin.mote import tucker
+
+    monkeypatch.setattr(tucker, "CHUNK_BYTES", 8 * 40)  # 40 float64 per chunk: many chunks, a ragged last one
+    monkeypatch.setattr(tucker, "GRAM_BLOCK", 3)
+    gen = torch.Generator().manual_seed(11)
+    E, d, h, ranks = 5, 13, 11, (3, 4, 5)
+    W = _decaying_tensor(gen, E, d, h, 1.0)
+    cov_in, cov_out = _random_cov(gen, h), _random_cov(gen, d)
+    f = tucker_factors(W, ranks, whitening=whitening, cov_in=cov_in, cov_out=cov_out, eps=1e-3)
+    ref, gaps = reference_factors(W, ranks, whitening, cov_in, cov_out, eps=1e-3)
+    assert min(gaps) > 1e-6
+    for U, U_ref in zip(f, ref):
+        U = U.double()
+        assert float(torch.linalg.matrix_norm(U @ U.T - U_ref @ U_ref.T, ord=2)) < 1e-6
+    G_e, G_out, G_in = tucker._mode_grams(W.double().transpose(0, 1).contiguous())
+    W64 = W.double()
+    torch.testing.assert_close(G_e, torch.einsum("jdh,kdh->jk", W64, W64))
+    torch.testing.assert_close(G_out, torch.einsum("jdh,jeh->de", W64, W64))
+    torch.testing.assert_close(G_in, torch.einsum("jdh,jdk->hk", W64, W64))

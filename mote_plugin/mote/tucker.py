@@ -109,47 +109,77 @@ def _whitener(cov: torch.Tensor, eps: float) -> _Whitener:
 
 
 GRAM_BLOCK = 256  # rows per block of a symmetric Gram product (see `_gram_upper`)
+CHUNK_BYTES = 64 * 2**20  # working-copy rows whitened, or permuted for the mode-e Gram, at a time
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    """[start, stop) of the row blocks of an n-row matrix, about GRAM_BLOCK rows each."""
+    edges = torch.linspace(0, n, max(1, round(n / GRAM_BLOCK)) + 1).round().long().tolist()
+    return list(zip(edges, edges[1:]))
 
 
 def _gram_upper(X: torch.Tensor, out: torch.Tensor) -> None:
     """Add X X^T to the blocks on and above the diagonal of `out` (X `[n, k]`, out `[n, n]`).
 
     A symmetric rank-k update without BLAS syrk: with B row blocks of X only the B (B + 1) / 2 block products
-    X_a X_b^T, a <= b, are computed, (B + 1) / (2 B) of the flops of X @ X.T (0.55-0.67 at the real shapes); `_mirror`
+    X_a X_b^T, a <= b, are computed, (B + 1) / (2 B) of the flops of X @ X.T (0.55-0.75 at the real shapes); `_mirror`
     fills the rest once the sum is complete.
     """
-    n = X.shape[0]
-    edges = torch.linspace(0, n, max(1, round(n / GRAM_BLOCK)) + 1).round().long().tolist()
-    for a, (a0, a1) in enumerate(zip(edges, edges[1:])):
-        for b0, b1 in zip(edges[a:], edges[a + 1:]):
+    blocks = _blocks(X.shape[0])
+    for a, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[a:]:
             out[a0:a1, b0:b1].addmm_(X[a0:a1], X[b0:b1].T)
 
 
 def _mirror(G: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose blocks on and above the diagonal (`_gram_upper`'s) are G's. G: `[n, n]`."""
-    n = G.shape[0]
-    edges = torch.linspace(0, n, max(1, round(n / GRAM_BLOCK)) + 1).round().long().tolist()
-    for a, (a0, a1) in enumerate(zip(edges, edges[1:])):
-        for b0, b1 in zip(edges[a + 1:], edges[a + 2:]):
+    blocks = _blocks(G.shape[0])
+    for a, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[a + 1:]:
             G[b0:b1, a0:a1] = G[a0:a1, b0:b1].T
         G[a0:a1, a0:a1] = 0.5 * (G[a0:a1, a0:a1] + G[a0:a1, a0:a1].T)  # exact symmetry within the diagonal block
     return G
 
 
-def _mode_grams(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three mode Grams of W (Gram trick: no unfolding is materialised; symmetric block products, `_gram_upper`).
+def _mode_grams(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three mode Grams of W from its out-major copy X[o, j, i] = W[j, o, i] (`[d, E, h]`, contiguous), each a
+    few large symmetric block products (`_gram_upper`):
 
-        G_e[i, j] = <W_i, W_j>_F     # [E, E]
-        G_out     = sum_j W_j W_j^T  # [d, d]
-        G_in      = sum_j W_j^T W_j  # [h, h]
+        G_e[i, j] = <W_i, W_j>_F     # [E, E]   = sum over row chunks c of X[c] (permuted to [E, |c| h]) Grams
+        G_out     = sum_j W_j W_j^T  # [d, d]   = X_(out) X_(out)^T,  X_(out) = X.view(d, E h)
+        G_in      = sum_j W_j^T W_j  # [h, h]   = X_(in)^T X_(in),    X_(in) = X.view(d E, h)
     """
-    E, d, h = W.shape
-    G_e, G_out, G_in = (torch.zeros(n, n, dtype=W.dtype, device=W.device) for n in (E, d, h))
-    _gram_upper(W.reshape(E, d * h), G_e)  # [E, d*h] view (mode-e unfolding of a contiguous tensor)
-    _gram_upper(W.reshape(E * d, h).T, G_in)  # [h, E*d] view
-    for W_j in W:  # [d, h]; the mode-out unfolding would be a permuted copy of W, so loop instead
-        _gram_upper(W_j, G_out)
+    d, E, h = X.shape
+    G_e, G_out, G_in = (torch.zeros(n, n, dtype=X.dtype, device=X.device) for n in (E, d, h))
+    _gram_upper(X.reshape(d, E * h), G_out)
+    _gram_upper(X.reshape(d * E, h).T, G_in)
+    rows = max(1, CHUNK_BYTES // (X.element_size() * E * h))
+    for start in range(0, d, rows):
+        _gram_upper(X[start:start + rows].transpose(0, 1).reshape(E, -1), G_e)  # [E, |c| h] a permuted copy
     return _mirror(G_e), _mirror(G_out), _mirror(G_in)
+
+
+def _whiten_(X: torch.Tensor, S_in: torch.Tensor | None, S_out: torch.Tensor | None) -> None:
+    """W_j <- S_out W_j S_in for every expert, in place on the out-major copy X `[d, E, h]`, a chunk at a time.
+
+    S_in `[h, h]` multiplies the rows of X.view(d E, h) from the right, S_out `[d, d]` the columns of X.view(d, E h)
+    from the left (either may be None).
+    """
+    d, E, h = X.shape
+    if S_in is not None:
+        rows_in = X.view(d * E, h)  # [d*E, h]
+        step = max(1, CHUNK_BYTES // (X.element_size() * h))
+        buffer = X.new_empty(min(step, d * E), h)
+        for start in range(0, d * E, step):
+            part = rows_in[start:start + step]
+            part.copy_(torch.matmul(part, S_in, out=buffer[: part.shape[0]]))
+    if S_out is not None:
+        cols_out = X.view(d, E * h)  # [d, E*h]
+        step = max(1, CHUNK_BYTES // (X.element_size() * d))
+        buffer = X.new_empty(d * min(step, E * h))
+        for start in range(0, E * h, step):
+            part = cols_out[:, start:start + step]  # [d, m]
+            part.copy_(torch.matmul(S_out, part, out=buffer[: part.numel()].view(part.shape)))
 
 
 def _project(
@@ -255,17 +285,13 @@ def tucker_factors(
             raise ValueError(f"cov_out must be [d, d] = [{d}, {d}], got {tuple(cov_out.shape)}")
         white_out = _whitener(cov_out.to(W.device), eps)  # S_out [d, d]
 
-    # [E, d, h] the one working copy (contiguous, so unfoldings are views; whitened in place, expert by expert)
-    W_work = W.to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
-    S_in_w = white_in.S.to(compute_dtype) if whiten_in else None  # [h, h]
-    S_out_w = white_out.S.to(compute_dtype) if whiten_out else None  # [d, d]
-    for W_j in W_work if whiten_in or whiten_out else ():  # [d, h]
-        if whiten_in:
-            W_j.copy_(W_j @ S_in_w)  # W_j S_in
-        if whiten_out:
-            W_j.copy_(S_out_w @ W_j)  # S_out W_j (S_in)
+    # [d, E, h] the one working copy, out-major (contiguous: the mode-out unfolding [d, E*h] and the rows [d*E, h] are
+    # views, so the Grams are a few large products, not one per expert), whitened in place a chunk at a time
+    X = W.transpose(0, 1).to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
+    _whiten_(X, white_in.S.to(compute_dtype) if whiten_in else None, white_out.S.to(compute_dtype) if whiten_out else None)
+    W_work = X.transpose(0, 1)  # [E, d, h] view (HOOI)
 
-    G_e, G_out, G_in = _mode_grams(W_work)  # [E, E], [d, d], [h, h]
+    G_e, G_out, G_in = _mode_grams(X)  # [E, E], [d, d], [h, h]
     factors = run_side_by_side([lambda G=G, r=r: _top_eigenvectors(G, r) for G, r in zip((G_e, G_out, G_in), ranks)],
                                W.device)
     factors = [U.to(compute_dtype) for U in factors]
