@@ -4,6 +4,9 @@
     python benchmarks/solver_speed.py --growth     # and how the costs grow with T (50..2000) and E (32..256) (~5 min more)
     python benchmarks/solver_speed.py --reduced    # Qwen3-30B-A3B only, 200 edits (~1.5 min)
     python benchmarks/solver_speed.py --shape gpt-oss-20b --edits 200 --method mote global+speedup
+    python benchmarks/solver_speed.py --global-check   # only the Global check: per layer-batch seconds of MoTE, the
+        # plugin's Global and an independent sparse Woodbury reference, and their numerical difference
+        # (Qwen3-30B-A3B, T = 50, ~2 min; results/solver_speed_global_check.{json,md})
 
 What is timed, per batch of T edits: the solve from captured keys/gates/residuals and the writeback into bf16
 down-projections of every edited layer, through the plugin's own code (`solve_layer`, `ExpertUpdate.write`).
@@ -334,6 +337,109 @@ def growth(shape_name: str, Ts: list[int], Es: list[int], log=print) -> dict:
     return out
 
 
+def sparse_woodbury(adapter, block, P: torch.Tensor, cap: LayerCapture, R: torch.Tensor, lam: float) -> list:
+    """An independent sparse Global solve and write (none of `baselines.global_solve`'s code), the reference it is
+    checked against:
+
+        v_s = g_s P_{j_s} k_s for each selection slot s = (t, k)                        # [T*K, h]
+        Psi Psi^T [t, u] = sum over slot pairs (s in t, s' in u) with j_s = j_s' of v_s . v_s'   (blocked, [T*K, T*K])
+        alpha = (Psi Psi^T + lam I)^{-1} R                                                  # [T, d]
+        Delta_j = sum over slots s routed to j of alpha[t_s] v_s^T = A_j^T V_j              # [d, h], rank n_j
+
+    written into the bf16 parameter expert by expert (float32 product, cast, in-place add). Returns [(j, A_j, V_j)]
+    (float64) for the numerical comparison."""
+    T, K, h = cap.keys.shape
+    j_of = cap.expert_idx.reshape(T * K)  # [T*K]
+    t_of = torch.arange(T).repeat_interleave(K)  # [T*K]
+    order = torch.argsort(j_of, stable=True)  # slots sorted by expert
+    experts, counts = torch.unique_consecutive(j_of[order], return_counts=True)
+    keys = cap.keys.reshape(T * K, h)[order]  # [T*K, h] float32, sorted by expert
+    V = torch.empty(T * K, h, dtype=torch.float64)  # [T*K, h] gated projected keys, sorted by expert
+    for j, seg in zip(experts.tolist(), torch.split(torch.arange(T * K), counts.tolist())):
+        V[seg] = (keys[seg] @ P[j]).to(torch.float64)  # P_j symmetric, float32 as stored
+    V *= cap.gates.reshape(T * K).to(torch.float64)[order, None]
+    t_sorted, j_sorted = t_of[order], j_of[order]
+    same = (j_sorted[:, None] == j_sorted[None, :]).to(torch.float64)  # [T*K, T*K]
+    gram = torch.zeros(T, T, dtype=torch.float64).index_put_((t_sorted[:, None], t_sorted[None, :]), (V @ V.T) * same,
+                                                              accumulate=True)  # [T, T]
+    alpha = torch.linalg.solve(gram + lam * torch.eye(T, dtype=torch.float64), R.to(torch.float64))  # [T, d]
+    param = adapter.down_param(block)
+    d = R.shape[1]
+    buffer = torch.empty(d, h)  # float32 delta of one expert
+    cast = torch.empty(d, h, dtype=param.dtype)
+    parts = []
+    with torch.no_grad():
+        for j, seg in zip(experts.tolist(), torch.split(torch.arange(T * K), counts.tolist())):
+            A_j, V_j = alpha[t_sorted[seg]], V[seg]  # [n_j, d], [n_j, h]
+            torch.mm(A_j.T.float(), V_j.float(), out=buffer)  # [d, h]
+            cast.copy_(buffer)
+            param[j].add_(cast.T if adapter.is_transposed else cast)
+            parts.append((j, A_j, V_j))
+    return parts
+
+
+def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> dict:
+    """Per layer-batch seconds (median over `batches`) at one layer of `shape_name`: MoTE's solve, factors and write
+    (MoTE solves once per batch, so its per layer-batch time is solve / layers + factors + write), the plugin's
+    sparse Global (solve_layer + write) and the independent `sparse_woodbury`; and how far the two Global updates
+    are apart (float64 deltas of the routed experts, and the bf16 weights each wrote from the same start)."""
+    shape = SHAPES[shape_name]
+    adapter = ADAPTERS[shape.adapter]()
+    gen = torch.Generator().manual_seed(2)
+    block, W = make_block(shape, adapter, gen)
+    basis, _ = make_basis(shape, W, gen)
+    del W
+    caps = [synthetic_capture(shape, per_batch, gen) for _ in range(batches + 1)]  # the first one warms up
+    steps = {k: [] for k in ("mote_solve", "mote_factors", "mote_write", "global_solve", "global_factors",
+                             "global_write", "reference")}
+
+    def clock(key, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        steps[key].append(time.perf_counter() - t)
+        return out
+
+    for cap, R in caps:
+        sol, _ = clock("mote_solve", solve_layer, "mote", 0, basis, cap, R, LAMBDA)
+        update = clock("mote_factors", sol.update, basis, 0, 1.0)
+        clock("mote_write", update.write, adapter, block)
+        sol, _ = clock("global_solve", solve_layer, "global", 0, basis, cap, R, LAMBDA)
+        update = clock("global_factors", sol.update, basis, 0, 1.0)
+        clock("global_write", update.write, adapter, block)
+        clock("reference", sparse_woodbury, adapter, block, basis.P, cap, R, LAMBDA)
+    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in steps.items()}
+    mote = med["mote_solve"] / shape.layers + med["mote_factors"] + med["mote_write"]
+    glob = med["global_solve"] + med["global_factors"] + med["global_write"]
+
+    # numerics on the last batch: the plugin's update and the reference's, applied to the same weights
+    cap, R = caps[-1]
+    start = adapter.down_param(block).detach().clone()
+    sol, _ = solve_layer("global", 0, basis, cap, R, LAMBDA)
+    update = sol.update(basis, 0, 1.0)
+    update.write(adapter, block)
+    written_plugin = adapter.down_param(block).detach().clone()
+    with torch.no_grad():
+        adapter.down_param(block).copy_(start)
+    parts = sparse_woodbury(adapter, block, basis.P, cap, R, LAMBDA)
+    written_ref = adapter.down_param(block).detach()
+    dense = update.dense(shape.E).double()  # [E, d, h]
+    worst = 0.0
+    for j, A_j, V_j in parts:
+        ref_j = A_j.T @ V_j  # [d, h]
+        worst = max(worst, float((dense[j] - ref_j).norm() / ref_j.norm()))
+    touched = sorted(j for j, _, _ in parts)
+    row = {"shape": shape_name, "T": per_batch, "layers": shape.layers, "batches": batches,
+           "median_seconds": med, "mote_per_layer_batch": mote, "global_per_layer_batch": glob,
+           "reference_per_layer_batch": med["reference"], "global_over_mote": glob / mote,
+           "reference_over_mote": med["reference"] / mote,
+           "delta_rel_error_max": worst, "same_experts": touched == sorted(update.experts.tolist()),
+           "weights_differing_elements": int((written_plugin != written_ref).sum()),
+           "weights_max_abs_diff": float((written_plugin.float() - written_ref.float()).abs().max())}
+    log(f"[global check {shape_name}] per layer-batch: MoTE {mote:.3f} s, Global {glob:.3f} s ({glob / mote:.2f}x), "
+        f"reference {med['reference']:.3f} s ({med['reference'] / mote:.2f}x); max relative delta difference {worst:.1e}")
+    return row
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------------------------
@@ -374,6 +480,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_markdown(report: dict) -> str:
+    lines = ["# Global solver check: the plugin's sparse Global against an independent sparse Woodbury reference", "",
+             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} "
+             "threads. One layer, random bf16 weights, synthetic edits; median seconds per layer-batch (solve + update "
+             "factors + write into the bf16 layer). MoTE solves once per batch for all layers: its per layer-batch "
+             "time is solve / layers + factors + write.", "",
+             "| shape | T | MoTE | Global (plugin) | reference | Global / MoTE | reference / MoTE | max rel. delta diff | "
+             "bf16 weights differing |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["global_check"]:
+        lines.append(f"| {r['shape']} | {r['T']} | {r['mote_per_layer_batch']:.3f} | {r['global_per_layer_batch']:.3f} | "
+                     f"{r['reference_per_layer_batch']:.3f} | {r['global_over_mote']:.2f} | {r['reference_over_mote']:.2f} | "
+                     f"{r['delta_rel_error_max']:.1e} | {r['weights_differing_elements']} (max {r['weights_max_abs_diff']:.1e}) |")
+    for r in report["global_check"]:
+        lines += ["", f"{r['shape']} steps (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["median_seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="*", choices=list(SHAPES), default=None, help="default: all three")
@@ -383,6 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-blocks", type=int, default=8, help="moeedit-bcd blocks actually timed per shape")
     parser.add_argument("--reduced", action="store_true", help="Qwen3-30B-A3B only, 200 edits")
     parser.add_argument("--growth", action="store_true", help="also the T and E growth sweeps (~5 more minutes)")
+    parser.add_argument("--global-check", action="store_true",
+                        help="only the Global check (see above) at --shape (default qwen3-30b-a3b), --check-batches batches")
+    parser.add_argument("--check-batches", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(RESULTS / "solver_speed"))
     args = parser.parse_args(argv)
@@ -395,6 +521,16 @@ def main(argv: list[str] | None = None) -> None:
     report = {"command": "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else "") + (" --growth" if args.growth else ""),
               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": {}}
+    if args.global_check:
+        report["command"] = "python benchmarks/solver_speed.py --global-check"
+        report["global_check"] = [global_check(name, args.edits_per_batch, args.check_batches)
+                                  for name in (args.shape or ["qwen3-30b-a3b"])]
+        out = Path(args.out + "_global_check")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+        out.with_suffix(".md").write_text(check_markdown(report))
+        print(check_markdown(report))
+        return
     for name in shapes:
         report["shapes"][name] = bench_shape(name, SHAPES[name], edits, args.edits_per_batch, args.method, args.sample_blocks)
     if args.growth:

@@ -316,3 +316,25 @@ def test_lowrank_writeback_in_chunks_equals_one_pass(family, monkeypatch):
     finally:
         with torch.no_grad():
             param.copy_(backup)
+
+
+@pytest.mark.parametrize("adapter_cls", ["Qwen3MoeAdapter", "GptOssAdapter"])
+def test_listed_experts_add_like_index_add(adapter_cls):
+    """Listed experts are added run by run (slice adds); the result is bitwise `index_add_`'s."""
+    from mote_plugin import adapters
+
+    adapter = getattr(adapters, adapter_cls)()
+    gen = torch.Generator().manual_seed(0)
+    E, d_model, d_hidden = 9, 6, 5
+    shape = (E, d_hidden, d_model) if adapter.is_transposed else (E, d_model, d_hidden)
+    block = nn.Module()
+    block.experts = nn.Module()
+    block.experts.down_proj = nn.Parameter(torch.randn(shape, generator=gen).bfloat16(), requires_grad=False)
+    for ids in ([0, 1, 2, 5, 6, 8], [7, 3, 4, 5, 0], [8], []):
+        experts = torch.tensor(ids, dtype=torch.long)
+        delta = torch.randn(len(ids), *shape[1:], generator=gen) * 1e-2  # the parameter's layout, float32
+        expected = block.experts.down_proj.detach().clone().index_add_(0, experts, delta.bfloat16())
+        adapter._add_to_down_param(block, delta, experts)
+        assert torch.equal(block.experts.down_proj, expected), ids
+    with pytest.raises(ValueError, match="distinct"):
+        adapter._add_to_down_param(block, torch.zeros(2, *shape[1:]), torch.tensor([3, 3]))

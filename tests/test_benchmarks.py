@@ -233,3 +233,36 @@ def test_end_to_end_speed_report(reduced_fact_model, tmp_path, monkeypatch):
     assert set(report["seconds"]) == {"statistics", "basis", "vstar", "capture", "solve", "writeback"}
     assert report["vstar"]["requests"] == 6 and report["vstar"]["z_rel_diff"]["max"] < 1e-3
     assert "| **all 8 edits** (wall, statistics excluded) |" in (tmp_path / "e2e.md").read_text()
+
+
+@pytest.mark.parametrize("adapter", ["Qwen3MoeAdapter", "GptOssAdapter"])
+def test_global_check_reference_matches_global_solve(speed, monkeypatch, tmp_path, adapter):
+    """The independent sparse Woodbury reference gives the plugin's Global update, and the check reports it."""
+    monkeypatch.setattr(speed, "SHAPES", {"tiny": speed.Shape(**TINY, adapter=adapter)})
+    monkeypatch.setattr(speed, "RANKS", (3, 8, 4))
+    monkeypatch.setattr(speed, "fixed_mmap_threshold", lambda: None)
+    speed.main(["--global-check", "--shape", "tiny", "--edits-per-batch", "5", "--check-batches", "2",
+                "--out", str(tmp_path / "speed")])
+    row = json.loads((tmp_path / "speed_global_check.json").read_text())["global_check"][0]
+    assert row["same_experts"] and row["delta_rel_error_max"] < 1e-5
+    assert row["weights_max_abs_diff"] < 1e-2  # bf16 rounding of two float32 products
+    assert row["mote_per_layer_batch"] > 0 and row["reference_per_layer_batch"] > 0
+    assert "| tiny | 5 |" in (tmp_path / "speed_global_check.md").read_text()
+
+
+def test_one_time_runs_on_a_tiny_shape(monkeypatch, tmp_path):
+    """The one-time benchmark against the branch's base commit: same projectors and factors, a report."""
+    import subprocess
+
+    if subprocess.run(["git", "-C", str(BENCHMARKS.parent), "cat-file", "-e", "bd9e197"], capture_output=True).returncode:
+        pytest.skip("the baseline commit is not in this clone's history")
+    one_time = load("one_time")
+    monkeypatch.setattr(one_time, "SHAPES", {"tiny": (6, 12, 10, 2, (2, 4, 3))})
+    monkeypatch.setattr(one_time, "fixed_mmap_threshold", lambda: None)
+    monkeypatch.setattr(one_time, "TOKENS", 300)
+    one_time.main(["--baseline", "bd9e197", "--experts", "3", "--repeats", "1", "--out", str(tmp_path / "one")])
+    row = json.loads((tmp_path / "one.json").read_text())["shapes"]["tiny"]
+    for p in row["projectors"].values():
+        assert max(p["diff_op_norm"]) < 1e-5 and max(p["energy_diff"]) < 1e-5
+    assert max(row["hosvd"]["subspace_diff"].values()) < 1e-4
+    assert "| tiny | absolute 0.02 | 3 |" in (tmp_path / "one.md").read_text()

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.nullspace import nullspace_projectors, preserved_energy
+from mote_plugin.mote.nullspace import kept_directions, nullspace_projectors, preserved_energy
 
 
 torch.set_num_threads(1)
@@ -123,3 +123,133 @@ def test_bad_arguments():
         nullspace_projectors(moments, counts, rule="relative", threshold=0.0)
     with pytest.raises(ValueError, match="counts"):
         nullspace_projectors(moments, torch.tensor([5]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The projectors against the reference: a full float64 eigen-decomposition, P = V diag(m) V^T (the definition, and the
+# implementation before the partial eigen-solves)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def reference_projectors(moments, counts, rule="relative", threshold=None, min_tokens=1, fallback="freeze"):
+    """[E, h, h] float64 projectors from a full torch.linalg.eigh of every moment, and the eigenvalues [E, h]."""
+    threshold = {"relative": 1e-2, "absolute": 2e-2}[rule] if threshold is None else threshold
+    has_stats = counts >= min_tokens
+    C = torch.where(has_stats[:, None, None], moments.double(), torch.zeros((), dtype=torch.float64))
+    evals, evecs = torch.linalg.eigh(0.5 * (C + C.transpose(1, 2)))  # [E, h] ascending, [E, h, h]
+    evals = evals.clamp_min(0.0)
+    if rule == "absolute":
+        keep = evals < threshold
+    else:
+        desc = evals.flip(-1)
+        trace = desc.sum(-1, keepdim=True)
+        removed = ((desc.cumsum(-1) - desc) < (1.0 - threshold) * trace) & (trace > 0)
+        keep = ~removed.flip(-1)
+    P = torch.einsum("eik,ek,ejk->eij", evecs, keep.double(), evecs)
+    fallback_P = torch.eye(moments.shape[1], dtype=torch.float64) if fallback == "identity" else torch.zeros((), dtype=torch.float64)
+    return torch.where(has_stats[:, None, None], P, fallback_P), evals, evecs
+
+
+def _cut_gap(evals, rule, threshold):
+    """Relative gap between the largest kept and the smallest removed eigenvalue (inf without a cut)."""
+    k = kept_directions(evals, rule, threshold)
+    if k in (0, evals.numel()):
+        return math.inf
+    return float((evals[k] - evals[k - 1]) / evals[-1].clamp_min(1e-300))
+
+
+def _spectral_moments(gen, spectra):
+    """C_j = Q_j diag(spectra[j]) Q_j^T with random rotations: [E, h, h] float32 (and exactly symmetric)."""
+    E, h = spectra.shape
+    Q = torch.linalg.qr(torch.randn(E, h, h, generator=gen, dtype=torch.float64))[0]
+    C = torch.einsum("eij,ej,ekj->eik", Q, spectra, Q).float()
+    return 0.5 * (C + C.transpose(1, 2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    E=st.integers(1, 4),
+    h=st.integers(2, 40),
+    rule=st.sampled_from(["relative", "absolute"]),
+    threshold=st.floats(1e-3, 0.5),
+    decay=st.floats(0.0, 8.0),
+    seed=st.integers(0, 2**16),
+)
+def test_projectors_equal_the_full_decomposition(E, h, rule, threshold, decay, seed):
+    """Where the cut has a gap above float64 rounding, the projectors are the reference's to 1e-6 in operator norm
+    (float32 output); the rank is the reference's whenever the eigenvalues at the cut are distinct."""
+    gen = torch.Generator().manual_seed(seed)
+    spectra = torch.rand(E, h, generator=gen, dtype=torch.float64) ** decay  # flat (0) to strongly decaying (8)
+    moments = _spectral_moments(gen, spectra)
+    counts = torch.full((E,), 100)
+    P = nullspace_projectors(moments, counts, rule=rule, threshold=threshold).double()
+    P_ref, evals, _ = reference_projectors(moments, counts, rule=rule, threshold=threshold)
+    for j in range(E):
+        if _cut_gap(evals[j], rule, threshold) > 1e-8:
+            assert float(torch.linalg.matrix_norm(P[j] - P_ref[j], ord=2)) < 1e-6
+
+
+def test_near_threshold_eigenvalues_are_classified_as_the_reference():
+    """Eigenvalues a relative 1e-6 on either side of the absolute threshold, and a relative-rule cut between two
+    eigenvalues 1e-6 apart: the same directions are kept, the projectors agree to 1e-6."""
+    gen = torch.Generator().manual_seed(7)
+    h, tau = 24, 2e-2
+    spectra = torch.logspace(-4, 0, h, dtype=torch.float64)[None].repeat(2, 1)  # ascending
+    spectra[0, 10], spectra[0, 11] = tau * (1 + 1e-6), tau * (1 - 1e-6)
+    moments = _spectral_moments(gen, spectra)
+    counts = torch.full((2,), 50)
+    P = nullspace_projectors(moments, counts, rule="absolute", threshold=tau).double()
+    P_ref, evals, _ = reference_projectors(moments, counts, rule="absolute", threshold=tau)
+    assert kept_directions(evals[0], "absolute", tau) == h - 11
+    torch.testing.assert_close(P, P_ref, atol=1e-6, rtol=0)
+    # relative rule: put the cut of expert 1 between two eigenvalues 1e-6 apart
+    m = 5  # remove the 5 largest; the 6th largest is 1e-6 below the 5th
+    spectra[1, h - m - 1] = spectra[1, h - m] * (1 - 1e-6)
+    desc = spectra[1].flip(0)
+    threshold = float(1 - (desc[:m].sum() - 0.5 * desc[m - 1]) / desc.sum())  # the cut inside direction m - 1
+    moments = _spectral_moments(gen, spectra)
+    P = nullspace_projectors(moments, counts, rule="relative", threshold=threshold).double()
+    P_ref, evals, _ = reference_projectors(moments, counts, rule="relative", threshold=threshold)
+    assert kept_directions(evals[1], "relative", threshold) == h - m
+    assert _cut_gap(evals[1], "relative", threshold) < 2e-6
+    torch.testing.assert_close(torch.diagonal(P, dim1=1, dim2=2).sum(-1), torch.diagonal(P_ref, dim1=1, dim2=2).sum(-1))
+    torch.testing.assert_close(P, P_ref, atol=1e-6, rtol=0)
+
+
+def test_degenerate_cut_differs_only_inside_the_repeated_eigenvalue():
+    """A repeated eigenvalue that the relative rule cuts through has no unique projector: any split of its eigenspace
+    is right. Both give the same rank and passed energy, and differ only inside that eigenspace."""
+    gen = torch.Generator().manual_seed(8)
+    h = 16
+    spectrum = torch.tensor([8.0, 4.0] + [1.0] * 6 + [1e-3] * 8, dtype=torch.float64)  # a 6-fold eigenvalue 1.0
+    moments = _spectral_moments(gen, spectrum.flip(0)[None])
+    counts = torch.tensor([100])
+    threshold = float(1 - (12.0 + 3.0) / spectrum.sum())  # removes 8, 4 and three of the six 1.0s
+    P = nullspace_projectors(moments, counts, rule="relative", threshold=threshold).double()[0]
+    P_ref, evals, evecs = reference_projectors(moments, counts, rule="relative", threshold=threshold)
+    P_ref, evecs = P_ref[0], evecs[0]
+    assert abs(float(torch.trace(P)) - float(torch.trace(P_ref))) < 1e-6  # same rank
+    torch.testing.assert_close(preserved_energy(P[None], moments), preserved_energy(P_ref[None], moments), atol=1e-6, rtol=0)
+    cluster = evecs[:, (evals[0] - 1.0).abs() < 1e-4]  # [h, 6] the repeated eigenvalue's eigenspace
+    outside = torch.eye(h, dtype=torch.float64) - cluster @ cluster.T
+    assert float(torch.linalg.matrix_norm(outside @ (P - P_ref) @ outside, ord=2)) < 1e-6
+    assert float(torch.linalg.matrix_norm(outside @ (P - P_ref), ord=2)) < 1e-5  # no mixing across the cluster either
+
+
+@pytest.mark.parametrize("rule", ["relative", "absolute"])
+def test_rarely_routed_experts_equal_the_reference(rule):
+    """Experts with fewer tokens than h (rank-deficient moments, an exact zero eigenvalue of high multiplicity), a
+    single token, and experts below min_tokens (fallbacks): the reference's projectors."""
+    gen = torch.Generator().manual_seed(9)
+    E, h = 6, 32
+    tokens = [400, 20, 3, 1, 2, 0]
+    scale = torch.logspace(0, -2, h, dtype=torch.float64)
+    moments = torch.zeros(E, h, h)
+    for j, n in enumerate(tokens):
+        keys = torch.randn(max(n, 1), h, generator=gen, dtype=torch.float64) * scale * 0.5
+        moments[j] = (keys.T @ keys / max(n, 1)).float() if n else torch.nan
+    counts = torch.tensor(tokens)
+    for fallback in ("freeze", "identity"):
+        P = nullspace_projectors(moments, counts, rule=rule, min_tokens=2, fallback=fallback).double()
+        P_ref, _, _ = reference_projectors(moments, counts, rule=rule, min_tokens=2, fallback=fallback)
+        torch.testing.assert_close(P, P_ref, atol=1e-6, rtol=0)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -143,3 +145,95 @@ def test_missing_covariance_raises():
         tucker_factors(W, (1, 1, 1), whitening="both", cov_in=torch.eye(4))
     with pytest.raises(ValueError, match="whitening"):
         tucker_factors(W, (1, 1, 1), whitening="sideways")
+
+
+def reference_factors(W, ranks, whitening="none", cov_in=None, cov_out=None, eps=1e-5):
+    """HOSVD by the definition, full float64 eigen-decompositions (torch.linalg.eigh) of the explicit unfoldings'
+    Grams of the whitened W, re-coloured with S^{-1} and orthonormalised; and each Gram's relative gap at its rank."""
+    W = W.double()
+    E, d, h = W.shape
+
+    def sqrtm(C):
+        evals, evecs = torch.linalg.eigh(C.double())
+        return (evecs * (evals.clamp_min(0) + eps).sqrt()) @ evecs.T
+
+    S_in = sqrtm(cov_in) if whitening in ("in", "both") else torch.eye(h, dtype=torch.float64)
+    S_out = sqrtm(cov_out) if whitening in ("out", "both") else torch.eye(d, dtype=torch.float64)
+    Wt = torch.einsum("od,jdh,hk->jok", S_out, W, S_in)
+    unfoldings = (Wt.reshape(E, -1), Wt.permute(1, 0, 2).reshape(d, -1), Wt.permute(2, 0, 1).reshape(h, -1))
+    factors, gaps = [], []
+    for A, r in zip(unfoldings, ranks):
+        evals, evecs = torch.linalg.eigh(A @ A.T)  # ascending
+        factors.append(evecs[:, -r:])
+        gaps.append(float((evals[-r] - evals[-r - 1]) / evals[-1]) if r < len(evals) else math.inf)
+    factors[1] = torch.linalg.qr(torch.linalg.solve(S_out, factors[1]))[0]
+    factors[2] = torch.linalg.qr(torch.linalg.solve(S_in, factors[2]))[0]
+    return factors, gaps
+
+
+def _decaying_tensor(gen, E, d, h, decay):
+    """W with a decaying spectrum in every mode (real weights are not white noise): [E, d, h] float32."""
+    core = torch.randn(E, d, h, generator=gen, dtype=torch.float64)
+    for mode, n in enumerate((E, d, h)):
+        Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+        scale = torch.arange(1, n + 1, dtype=torch.float64) ** -decay
+        core = torch.tensordot(core, Q * scale, dims=([0], [1]))  # modes cycle: (d, h, E) -> (h, E, d) -> (E, d, h)
+    return core.float()
+
+
+@settings(max_examples=25, deadline=None)
+@given(E=st.integers(2, 8), d=st.integers(4, 24), h=st.integers(4, 24), seed=st.integers(0, 2**16),
+       whitening=st.sampled_from(["none", "in", "out", "both"]), decay=st.floats(0.0, 2.0), data=st.data())
+def test_factors_span_the_full_decomposition(E, d, h, seed, whitening, decay, data):
+    """The top-r eigenvectors from the partial eigen-solves span the reference's subspaces, to 1e-6 in
+    ||U U^T - U_ref U_ref^T||_2, wherever the Gram's eigenvalues at the rank are apart by more than 1e-8 (relative)."""
+    gen = torch.Generator().manual_seed(seed)
+    W = _decaying_tensor(gen, E, d, h, decay)
+    ranks = (data.draw(st.integers(1, E)), data.draw(st.integers(1, d)), data.draw(st.integers(1, h)))
+    cov_in, cov_out = _random_cov(gen, h), _random_cov(gen, d)
+    f = tucker_factors(W, ranks, whitening=whitening, cov_in=cov_in, cov_out=cov_out, eps=1e-3)
+    ref, gaps = reference_factors(W, ranks, whitening, cov_in, cov_out, eps=1e-3)
+    for U, U_ref, gap in zip(f, ref, gaps):
+        if gap > 1e-8:
+            U = U.double()
+            assert float(torch.linalg.matrix_norm(U @ U.T - U_ref @ U_ref.T, ord=2)) < 1e-6
+
+
+@pytest.mark.parametrize("n, block", [(1, 256), (7, 2), (10, 3), (33, 8), (40, 64)])
+def test_symmetric_block_gram_is_the_gram(monkeypatch, n, block):
+    """The block-upper-triangle Gram (then mirrored) equals X X^T, also accumulated over several X."""
+    from mote_plugin.mote import tucker
+
+    monkeypatch.setattr(tucker, "GRAM_BLOCK", block)
+    gen = torch.Generator().manual_seed(n)
+    Xs = [torch.randn(n, 5, generator=gen, dtype=torch.float64) for _ in range(3)]
+    G = torch.zeros(n, n, dtype=torch.float64)
+    for X in Xs:
+        tucker._gram_upper(X, G)
+    G = tucker._mirror(G)
+    torch.testing.assert_close(G, sum(X @ X.T for X in Xs), rtol=1e-12, atol=1e-12)
+    assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("whitening", ["none", "in", "out", "both"])
+def test_chunked_whitening_and_grams_equal_the_reference(monkeypatch, whitening):
+    """Whitening and the mode-e Gram a few rows/columns at a time, Grams in small blocks: the reference's factors."""
+    from mote_plugin.mote import tucker
+
+    monkeypatch.setattr(tucker, "CHUNK_BYTES", 8 * 40)  # 40 float64 per chunk: many chunks, a ragged last one
+    monkeypatch.setattr(tucker, "GRAM_BLOCK", 3)
+    gen = torch.Generator().manual_seed(11)
+    E, d, h, ranks = 5, 13, 11, (3, 4, 5)
+    W = _decaying_tensor(gen, E, d, h, 1.0)
+    cov_in, cov_out = _random_cov(gen, h), _random_cov(gen, d)
+    f = tucker_factors(W, ranks, whitening=whitening, cov_in=cov_in, cov_out=cov_out, eps=1e-3)
+    ref, gaps = reference_factors(W, ranks, whitening, cov_in, cov_out, eps=1e-3)
+    assert min(gaps) > 1e-6
+    for U, U_ref in zip(f, ref):
+        U = U.double()
+        assert float(torch.linalg.matrix_norm(U @ U.T - U_ref @ U_ref.T, ord=2)) < 1e-6
+    G_e, G_out, G_in = tucker._mode_grams(W.double().transpose(0, 1).contiguous())
+    W64 = W.double()
+    torch.testing.assert_close(G_e, torch.einsum("jdh,kdh->jk", W64, W64))
+    torch.testing.assert_close(G_out, torch.einsum("jdh,jeh->de", W64, W64))
+    torch.testing.assert_close(G_in, torch.einsum("jdh,jdk->hk", W64, W64))

@@ -261,7 +261,12 @@ class MoEAdapter(ABC):
 
     def _add_to_down_param(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | slice | None) -> None:
         """Cast delta (already in the parameter's layout) to the parameter's dtype once and add it in place, to all
-        experts (None), a contiguous range (slice) or listed experts (long tensor)."""
+        experts (None), a contiguous range (slice) or listed experts (long tensor).
+
+        Listed experts must be distinct. They are added run by run: each run of consecutive expert ids is one slice
+        add, bitwise the sums of `index_add_` (which on the CPU adds expert by expert, 2-3x slower in bf16 at real
+        shapes).
+        """
         param = self.down_param(block)
         delta = delta.to(device=param.device, dtype=param.dtype)
         with torch.no_grad():
@@ -270,4 +275,11 @@ class MoEAdapter(ABC):
             elif isinstance(experts, slice):
                 param[experts].add_(delta)
             else:
-                param.index_add_(0, experts.to(param.device), delta)
+                ids = experts.tolist()
+                if len(set(ids)) != len(ids):
+                    raise ValueError(f"listed experts must be distinct, got {ids}")
+                start = 0
+                for i in range(1, len(ids) + 1):
+                    if i == len(ids) or ids[i] != ids[i - 1] + 1:  # run ids[start:i] = first, first + 1, ...
+                        param[ids[start] : ids[start] + i - start].add_(delta[start:i])
+                        start = i

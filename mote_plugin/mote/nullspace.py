@@ -15,19 +15,25 @@ sees Delta_j P_j k ~= 0. Two rules pick the kept directions:
   trace(C_j) (threshold 1e-2 => remove the directions holding 99% of the energy) and keep the rest.
   Invariant to the scale of the keys, hence robust across layers and rarely routed experts.
 
-Pure tensor functions: the eigen-decomposition runs in float64, the projectors come back as float32 on
-the device of the inputs.
+Both rules keep the k smallest eigen-directions, for a k read off the eigenvalues; the projector is formed from the
+smaller side of that cut,
+
+    P_j = V_kept V_kept^T   (k <= h - k)      or      P_j = I - V_removed V_removed^T   (otherwise).
+
+Pure tensor functions: the eigen-decompositions run in float64, one per expert, side by side over the CPU threads
+(`eig.run_side_by_side`); the projectors come back as float32 on the device of the inputs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .eig import run_side_by_side
+
 
 RULES = ("relative", "absolute")
 FALLBACKS = ("freeze", "identity")
 DEFAULT_THRESHOLD = {"relative": 1e-2, "absolute": 2e-2}
-CHUNK_EXPERTS = 8  # experts whose eigen-decompositions run together (float64 work ~5 x 8 x h^2 x 8 bytes)
 
 
 def nullspace_projectors(
@@ -77,38 +83,45 @@ def nullspace_projectors(
     if counts.shape != (num_experts,):
         raise ValueError(f"counts must be [E] = [{num_experts}], got {tuple(counts.shape)}")
 
-    has_stats = counts.to(moments.device) >= min_tokens  # [E]
+    has_stats = (counts >= min_tokens).tolist()  # [E]
     P = torch.empty(num_experts, hidden, hidden, dtype=torch.float32, device=moments.device)  # [E, h, h]
-    for start in range(0, num_experts, CHUNK_EXPERTS):  # float64 work for a few experts at a time, not [E, h, h]
-        part = slice(start, start + CHUNK_EXPERTS)
-        P[part] = _projectors(moments[part], has_stats[part], rule, threshold, fallback)
+    for j in range(num_experts):
+        if not has_stats[j]:  # no usable statistics (the moment may hold NaN from 0/0)
+            P[j] = torch.eye(hidden) if fallback == "identity" else 0.0
+
+    def expert(j: int) -> None:  # float64 work of one expert: a few [h, h]
+        P[j] = _projector(moments[j], rule, threshold)
+
+    run_side_by_side([lambda j=j: expert(j) for j in range(num_experts) if has_stats[j]], moments.device)
     return P
 
 
-def _projectors(moments: torch.Tensor, has_stats: torch.Tensor, rule: str, threshold: float, fallback: str) -> torch.Tensor:
-    """`nullspace_projectors` of a chunk of n experts: moments `[n, h, h]`, has_stats `[n]` -> `[n, h, h]` float32."""
-    hidden = moments.shape[1]
-    C = moments.to(torch.float64)  # [n, h, h]
-    C = torch.where(has_stats[:, None, None], C, torch.zeros_like(C))  # experts w/o stats: drop NaNs
-    C = 0.5 * (C + C.transpose(1, 2))  # [n, h, h] exact symmetry for eigh
-    evals, evecs = torch.linalg.eigh(C)  # [n, h] ascending, [n, h, h]
-    evals = evals.clamp_min(0.0)  # [n, h]
-
+def kept_directions(evals: torch.Tensor, rule: str, threshold: float) -> int:
+    """How many of the smallest eigen-directions the rule keeps. evals: `[h]` ascending, >= 0 (float64)."""
     if rule == "absolute":
-        keep = evals < threshold  # [n, h]
-    else:
-        # Walk the eigenvalues from the largest down; direction i is removed while the energy of the
-        # directions strictly before it is below (1 - threshold) * trace.
-        desc = evals.flip(-1)  # [n, h] descending
-        energy_before = desc.cumsum(-1) - desc  # [n, h]
-        trace = desc.sum(-1, keepdim=True)  # [n, 1]
-        removed_desc = energy_before < (1.0 - threshold) * trace  # [n, h]
-        removed_desc &= trace > 0  # all-zero moment: nothing to protect
-        keep = ~removed_desc.flip(-1)  # [n, h] back to ascending order
+        return int((evals < threshold).sum())
+    # Walk the eigenvalues from the largest down; direction i is removed while the energy of the directions
+    # strictly before it is below (1 - threshold) * trace.
+    desc = evals.flip(-1)  # [h] descending
+    energy_before = desc.cumsum(-1) - desc  # [h]
+    trace = desc.sum()
+    if not trace > 0:  # all-zero moment: nothing to protect
+        return evals.numel()
+    return evals.numel() - int((energy_before < (1.0 - threshold) * trace).sum())
 
-    P = torch.einsum("eik,ek,ejk->eij", evecs, keep.to(evecs.dtype), evecs)  # [n, h, h]
-    fallback_P = torch.eye(hidden, dtype=P.dtype, device=P.device) if fallback == "identity" else 0.0
-    P = torch.where(has_stats[:, None, None], P, fallback_P)  # [n, h, h]
+
+def _projector(moment: torch.Tensor, rule: str, threshold: float) -> torch.Tensor:
+    """P_j of one expert with statistics: moment `[h, h]` -> `[h, h]` float32, on the moment's device."""
+    hidden = moment.shape[0]
+    C = moment.to(torch.float64)  # [h, h]
+    evals, evecs = torch.linalg.eigh(0.5 * (C + C.T))  # [h] ascending, [h, h]; exact symmetry for eigh
+    kept = kept_directions(evals.clamp_min(0.0), rule, threshold)
+    if kept <= hidden - kept:
+        V = evecs[:, :kept]  # [h, k] the kept (smallest) directions
+        P = V @ V.T  # [h, h]
+    else:
+        V = evecs[:, kept:]  # [h, h - k] the removed (largest) directions
+        P = torch.eye(hidden, dtype=V.dtype, device=V.device) - V @ V.T  # [h, h]
     return P.to(torch.float32)
 
 

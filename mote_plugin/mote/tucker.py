@@ -9,7 +9,8 @@ and only solves for the small core G in R^{r_e x r_out x r_in}. The factors come
 (optionally refined by HOOI sweeps), optionally computed on a whitened W (TD-MoE style).
 
 All factors returned here have ORTHONORMAL columns. Pure tensor functions: Grams and eigen-decompositions
-run in float64, factors come back as float32 on the device of W.
+run in float64, factors come back as float32 on the device of W. The eigen-decompositions run single-threaded, the
+three modes' side by side (`eig.run_side_by_side`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+
+from .eig import run_side_by_side
 
 
 MODES = ("e", "out", "in")
@@ -83,34 +86,100 @@ def _orthonormalize(A: torch.Tensor) -> torch.Tensor:
     return Q * signs  # [n, r]
 
 
-def _sqrt_and_inv_sqrt(cov: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """S = (cov + eps I)^{1/2} and S^{-1}, symmetric PSD square roots. cov: `[n, n]` -> two `[n, n]`."""
+class _Whitener(NamedTuple):
+    """S = (cov + eps I)^{1/2} = V diag(root) V^T, the symmetric PSD square root, and what S^{-1} needs."""
+
+    S: torch.Tensor  # [n, n]
+    evecs: torch.Tensor  # [n, n] V
+    root: torch.Tensor  # [n]
+
+    def inv_apply(self, U: torch.Tensor) -> torch.Tensor:
+        """S^{-1} U = V diag(1/root) V^T U, without forming S^{-1}. U: `[n, r]` -> `[n, r]`."""
+        return self.evecs @ ((self.evecs.T @ U) / self.root[:, None])
+
+
+def _whitener(cov: torch.Tensor, eps: float) -> _Whitener:
+    """The square root of cov + eps I (float64). cov: `[n, n]`."""
     cov = cov.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))  # [n], [n, n]
+    evals, evecs = run_side_by_side([lambda: torch.linalg.eigh(0.5 * (cov + cov.T))], cov.device)[0]  # [n], [n, n]
     root = (evals.clamp_min(0.0) + eps).sqrt()  # [n]
     if not bool((root > 0).all()):
         raise ValueError("cov + eps I is singular; use eps > 0 for whitening")
-    S = (evecs * root) @ evecs.T  # [n, n]
-    S_inv = (evecs / root) @ evecs.T  # [n, n]
-    return S, S_inv
+    return _Whitener(S=(evecs * root) @ evecs.T, evecs=evecs, root=root)
 
 
-def _mode_grams(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three mode Grams of W (Gram trick: no unfolding is materialised).
+GRAM_BLOCK = 256  # rows per block of a symmetric Gram product (see `_gram_upper`)
+CHUNK_BYTES = 64 * 2**20  # working-copy rows whitened, or permuted for the mode-e Gram, at a time
 
-        G_e[i, j] = <W_i, W_j>_F     # [E, E]
-        G_out     = sum_j W_j W_j^T  # [d, d]
-        G_in      = sum_j W_j^T W_j  # [h, h]
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    """[start, stop) of the row blocks of an n-row matrix, about GRAM_BLOCK rows each."""
+    edges = torch.linspace(0, n, max(1, round(n / GRAM_BLOCK)) + 1).round().long().tolist()
+    return list(zip(edges, edges[1:]))
+
+
+def _gram_upper(X: torch.Tensor, out: torch.Tensor) -> None:
+    """Add X X^T to the blocks on and above the diagonal of `out` (X `[n, k]`, out `[n, n]`).
+
+    A symmetric rank-k update without BLAS syrk: with B row blocks of X only the B (B + 1) / 2 block products
+    X_a X_b^T, a <= b, are computed, (B + 1) / (2 B) of the flops of X @ X.T (0.55-0.75 at the real shapes); `_mirror`
+    fills the rest once the sum is complete.
     """
-    E, d, h = W.shape
-    W_e = W.reshape(E, d * h)  # [E, d*h] view (mode-e unfolding of a contiguous tensor)
-    W_in = W.reshape(E * d, h)  # [E*d, h] view
-    G_e = W_e @ W_e.T  # [E, E]
-    G_in = W_in.T @ W_in  # [h, h]
-    G_out = torch.zeros(d, d, dtype=W.dtype, device=W.device)  # [d, d]
-    for W_j in W:  # [d, h]; the mode-out unfolding would be a permuted copy of W, so loop instead
-        G_out.addmm_(W_j, W_j.T)
-    return G_e, G_out, G_in
+    blocks = _blocks(X.shape[0])
+    for a, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[a:]:
+            out[a0:a1, b0:b1].addmm_(X[a0:a1], X[b0:b1].T)
+
+
+def _mirror(G: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose blocks on and above the diagonal (`_gram_upper`'s) are G's. G: `[n, n]`."""
+    blocks = _blocks(G.shape[0])
+    for a, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[a + 1:]:
+            G[b0:b1, a0:a1] = G[a0:a1, b0:b1].T
+        G[a0:a1, a0:a1] = 0.5 * (G[a0:a1, a0:a1] + G[a0:a1, a0:a1].T)  # exact symmetry within the diagonal block
+    return G
+
+
+def _mode_grams(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three mode Grams of W from its out-major copy X[o, j, i] = W[j, o, i] (`[d, E, h]`, contiguous), each a
+    few large symmetric block products (`_gram_upper`):
+
+        G_e[i, j] = <W_i, W_j>_F     # [E, E]   = sum over row chunks c of X[c] (permuted to [E, |c| h]) Grams
+        G_out     = sum_j W_j W_j^T  # [d, d]   = X_(out) X_(out)^T,  X_(out) = X.view(d, E h)
+        G_in      = sum_j W_j^T W_j  # [h, h]   = X_(in)^T X_(in),    X_(in) = X.view(d E, h)
+    """
+    d, E, h = X.shape
+    G_e, G_out, G_in = (torch.zeros(n, n, dtype=X.dtype, device=X.device) for n in (E, d, h))
+    _gram_upper(X.reshape(d, E * h), G_out)
+    _gram_upper(X.reshape(d * E, h).T, G_in)
+    rows = max(1, CHUNK_BYTES // (X.element_size() * E * h))
+    for start in range(0, d, rows):
+        _gram_upper(X[start:start + rows].transpose(0, 1).reshape(E, -1), G_e)  # [E, |c| h] a permuted copy
+    return _mirror(G_e), _mirror(G_out), _mirror(G_in)
+
+
+def _whiten_(X: torch.Tensor, S_in: torch.Tensor | None, S_out: torch.Tensor | None) -> None:
+    """W_j <- S_out W_j S_in for every expert, in place on the out-major copy X `[d, E, h]`, a chunk at a time.
+
+    S_in `[h, h]` multiplies the rows of X.view(d E, h) from the right, S_out `[d, d]` the columns of X.view(d, E h)
+    from the left (either may be None).
+    """
+    d, E, h = X.shape
+    if S_in is not None:
+        rows_in = X.view(d * E, h)  # [d*E, h]
+        step = max(1, CHUNK_BYTES // (X.element_size() * h))
+        buffer = X.new_empty(min(step, d * E), h)
+        for start in range(0, d * E, step):
+            part = rows_in[start:start + step]
+            part.copy_(torch.matmul(part, S_in, out=buffer[: part.shape[0]]))
+    if S_out is not None:
+        cols_out = X.view(d, E * h)  # [d, E*h]
+        step = max(1, CHUNK_BYTES // (X.element_size() * d))
+        buffer = X.new_empty(d * min(step, E * h))
+        for start in range(0, E * h, step):
+            part = cols_out[:, start:start + step]  # [d, m]
+            part.copy_(torch.matmul(S_out, part, out=buffer[: part.numel()].view(part.shape)))
 
 
 def _project(
@@ -210,24 +279,21 @@ def tucker_factors(
     if whiten_in:
         if cov_in.shape != (h, h):
             raise ValueError(f"cov_in must be [h, h] = [{h}, {h}], got {tuple(cov_in.shape)}")
-        S_in, S_in_inv = _sqrt_and_inv_sqrt(cov_in.to(W.device), eps)  # [h, h] each
+        white_in = _whitener(cov_in.to(W.device), eps)  # S_in [h, h]
     if whiten_out:
         if cov_out.shape != (d, d):
             raise ValueError(f"cov_out must be [d, d] = [{d}, {d}], got {tuple(cov_out.shape)}")
-        S_out, S_out_inv = _sqrt_and_inv_sqrt(cov_out.to(W.device), eps)  # [d, d] each
+        white_out = _whitener(cov_out.to(W.device), eps)  # S_out [d, d]
 
-    # [E, d, h] the one working copy (contiguous, so unfoldings are views; whitened in place, expert by expert)
-    W_work = W.to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
-    S_in_w = S_in.to(compute_dtype) if whiten_in else None  # [h, h]
-    S_out_w = S_out.to(compute_dtype) if whiten_out else None  # [d, d]
-    for W_j in W_work if whiten_in or whiten_out else ():  # [d, h]
-        if whiten_in:
-            W_j.copy_(W_j @ S_in_w)  # W_j S_in
-        if whiten_out:
-            W_j.copy_(S_out_w @ W_j)  # S_out W_j (S_in)
+    # [d, E, h] the one working copy, out-major (contiguous: the mode-out unfolding [d, E*h] and the rows [d*E, h] are
+    # views, so the Grams are a few large products, not one per expert), whitened in place a chunk at a time
+    X = W.transpose(0, 1).to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
+    _whiten_(X, white_in.S.to(compute_dtype) if whiten_in else None, white_out.S.to(compute_dtype) if whiten_out else None)
+    W_work = X.transpose(0, 1)  # [E, d, h] view (HOOI)
 
-    G_e, G_out, G_in = _mode_grams(W_work)  # [E, E], [d, d], [h, h]
-    factors = [_top_eigenvectors(G, r) for G, r in zip((G_e, G_out, G_in), ranks)]
+    G_e, G_out, G_in = _mode_grams(X)  # [E, E], [d, d], [h, h]
+    factors = run_side_by_side([lambda G=G, r=r: _top_eigenvectors(G, r) for G, r in zip((G_e, G_out, G_in), ranks)],
+                               W.device)
     factors = [U.to(compute_dtype) for U in factors]
     for _ in range(hooi_sweeps):
         _hooi_sweep(W_work, factors, ranks)
@@ -235,9 +301,9 @@ def tucker_factors(
 
     U_e, U_out, U_in = (U.to(torch.float64) for U in factors)
     if whiten_in:
-        U_in = _orthonormalize(S_in_inv @ U_in)  # [h, r_in]
+        U_in = _orthonormalize(white_in.inv_apply(U_in))  # [h, r_in] orth(S_in^{-1} U~_in)
     if whiten_out:
-        U_out = _orthonormalize(S_out_inv @ U_out)  # [d, r_out]
+        U_out = _orthonormalize(white_out.inv_apply(U_out))  # [d, r_out] orth(S_out^{-1} U~_out)
     return TuckerFactors(U_e.to(torch.float32), U_out.to(torch.float32), U_in.to(torch.float32))
 
 
