@@ -70,8 +70,8 @@ class CompareConfig:
             if "batch_size" in overrides:
                 raise ValueError(f"{path}: methods: {name}: batch_size is the comparison's own (the config's "
                                  f"batch_size: {cfg.batch_size}), the same for every method")
-            if name == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
-                MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: MoTE", **overrides)
+            if method_alg(hp_path) == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
+                MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: {name}", **overrides)
         if cfg.n < 1 or cfg.batch_size < 1:
             raise ValueError(f"{path}: n and batch_size must be >= 1")
         if cfg.build is not None:
@@ -89,6 +89,16 @@ def build_options(build: dict):
     opts = dict(build)
     train = TrainConfig(**opts.pop("train", {}))
     return BuildOptions(**opts, train=train)
+
+
+def method_alg(hp_path: str) -> str:
+    """The editing algorithm of a `methods:` row: its YAML's alg_name (a row's name is only its label, so a comparison
+    may hold several rows of one algorithm, e.g. MoTE at two rank settings)."""
+    with open(Path(hp_path).with_suffix(".yaml") if not str(hp_path).endswith(".yaml") else hp_path) as f:
+        alg = (yaml.safe_load(f) or {}).get("alg_name")
+    if not isinstance(alg, str):
+        raise ValueError(f"{hp_path}: no alg_name")
+    return alg
 
 
 def method_spec(name: str, entry) -> tuple[str, dict]:
@@ -271,31 +281,32 @@ def _dense_module_problem(model, hp) -> str | None:
     return None
 
 
-def _host_setup(name: str, hp_path: str, overrides: dict, model, tok, cfg: CompareConfig, host):
-    """(apply function, hparams, batch size) for a host method, or a MethodResult saying why not."""
+def _host_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, cfg: CompareConfig, host):
+    """(apply function, hparams, batch size) for a host method `alg` (row `name`), or a MethodResult saying why not."""
     alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
-    if name not in alg_dict:
-        return MethodResult(name, "unavailable", f"the EasyEdit host has no {name}", hparams=hp_path)
-    hp = _override(getattr(host, f"{name}HyperParams").from_hparams(hp_path), name, overrides)
+    if alg not in alg_dict:
+        return MethodResult(name, "unavailable", f"the EasyEdit host has no {alg}", hparams=hp_path)
+    hp = _override(getattr(host, f"{alg}HyperParams").from_hparams(hp_path), name, overrides)
     problem = _dense_module_problem(model, hp)
     if problem:
         return MethodResult(name, "not applicable", problem, hparams=hp_path)
     hp.stats_dir = str(Path(cfg.out).resolve() / "host-stats")
-    if name == "AlphaEdit":
+    if alg == "AlphaEdit":
         hp.P_loc = "null_space_project.pt"  # the host saves P to the working directory: the run's directory
         stale = Path(cfg.out) / hp.P_loc
         if stale.exists():
             stale.unlink()
-    if name in ("MEMIT", "AlphaEdit") or getattr(hp, "mom2_adjustment", False):
+    if alg in ("MEMIT", "AlphaEdit") or getattr(hp, "mom2_adjustment", False):
         prime_host_covariance(model, tok, hp, cfg)
     # ROME edits one fact per call (the host's batch_edit refuses it): its batches are single requests
-    return alg_dict[name], hp, 1 if name == "ROME" else cfg.batch_size
+    return alg_dict[alg], hp, 1 if alg == "ROME" else cfg.batch_size
 
 
 def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host, before: dict) -> MethodResult:
     """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the weights."""
     hp_path, overrides = method_spec(name, entry)
-    if name == "MoTE":
+    alg = method_alg(hp_path)
+    if alg == "MoTE":
         from .adapters import get_adapter
 
         # batch_size: the run's, so the recorded hyper-parameters say how MoTE was called
@@ -310,19 +321,19 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
         return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path,
                             overrides=overrides)
     else:
-        setup = _host_setup(name, hp_path, overrides, model, tok, cfg, host)
+        setup = _host_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
         if isinstance(setup, MethodResult):
             setup.overrides = overrides
             return setup
         apply, hp, batch_size = setup
-        extra = {"reset_cache": True} if name == "AlphaEdit" else {}
+        extra = {"reset_cache": True} if alg == "AlphaEdit" else {}
 
     requests = [request_of(r, cfg.dataset) for r in records]
     originals: dict = {}
     seconds = 0.0
     try:
         # the host's AlphaEdit saves its projector into the working directory: host methods run in the run's one
-        with _working_directory(Path(cfg.out)) if name != "MoTE" else contextlib.nullcontext():
+        with _working_directory(Path(cfg.out)) if alg != "MoTE" else contextlib.nullcontext():
             for i in range(0, len(requests), batch_size):
                 start = time.time()
                 _, weights_copy = apply(model, tok, copy.deepcopy(requests[i : i + batch_size]), hp, copy=False,
@@ -342,7 +353,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
         with torch.no_grad():
             for k, v in originals.items():
                 params[k].copy_(v)
-        if name == "MoTE":
+        if alg == "MoTE":
             reset_state(model)
 
 

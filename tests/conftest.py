@@ -38,10 +38,8 @@ def _torch_threads():
 # the 50-edit gate runs on the model users see, on facts 201-256 of the shipped data, none of which the quality
 # protocol (benchmarks/quality.py) chose a setting on. gpt_oss and qwen3_5_moe: 24 facts (201-224), about 1.5 min each.
 DEMO_CONFIG = ROOT / "examples" / "configs" / "compare-testbed-qwen3_moe.yaml"
-REDUCED_BUILDS = {
-    "gpt_oss": dict(facts=24, skip_facts=200, probe_facts=10, train=dict(epochs=60)),
-    "qwen3_5_moe": dict(facts=24, skip_facts=200, probe_facts=10, train=dict(epochs=60)),
-}
+REDUCED_BUILDS = {arch: dict(facts=24, skip_facts=200, subject_tokens=False, profile_facts=3, probe_facts=10,
+                              train=dict(epochs=60, length_grouped=True)) for arch in ("gpt_oss", "qwen3_5_moe")}
 
 
 def reduced_build_options(arch: str):

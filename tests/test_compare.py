@@ -14,12 +14,13 @@ import yaml
 from mote_plugin.compare import CompareConfig, _dense_module_problem, compare, method_spec, run_method
 
 ROOT = Path(__file__).resolve().parent.parent
+MOTE_YAML = str(ROOT / "hparams/MoTE/testbed-qwen3_moe-fullrank.yaml")  # edits every fact of these small batches
 pytestmark = pytest.mark.slow
 
 
 def write_config(tmp_path, out_dir, **kw) -> Path:
     cfg = {"model": str(out_dir), "n": 6, "batch_size": 3, "out": str(tmp_path / "out"),
-           "methods": {"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"),
+           "methods": {"MoTE": MOTE_YAML,
                        "MEMIT": str(ROOT / "hparams/MEMIT/testbed-qwen3_moe.yaml")}} | kw
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -28,7 +29,7 @@ def write_config(tmp_path, out_dir, **kw) -> Path:
 
 def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
     out_dir, _ = reduced_fact_model("qwen3_moe")
-    methods = {"MoTE": {"hparams": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), "v_weight_decay": 3},
+    methods = {"MoTE": {"hparams": MOTE_YAML, "nullspace_threshold": 0.5},
                "MEMIT": str(ROOT / "hparams/MEMIT/testbed-qwen3_moe.yaml")}
     config = write_config(tmp_path, out_dir, methods=methods)
     run = subprocess.run([sys.executable, str(ROOT / "examples/compare_editors.py"), "--config", str(config)],
@@ -53,7 +54,7 @@ def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
     assert versions["transformers"] == transformers.__version__ and versions["mote_plugin"] == mote_plugin.__version__
     mote = by_method["MoTE"]
     assert mote["effective_hparams"]["batch_size"] == 3 and mote["effective_hparams"]["layers"] == [0, 1, 2]
-    assert mote["overrides"] == {"v_weight_decay": 3} and mote["effective_hparams"]["v_weight_decay"] == 3.0
+    assert mote["overrides"] == {"nullspace_threshold": 0.5} and mote["effective_hparams"]["nullspace_threshold"] == 0.5
     rows = mote["per_record"]
     assert len(rows) == 6 and {"case_id", "subject", "efficacy", "generalization", "specificity"} <= set(rows[0])
     assert sum(r["efficacy"] for r in rows) / 6 == pytest.approx(mote["metrics"]["efficacy"])
@@ -68,7 +69,7 @@ def test_weights_restored_between_methods(reduced_fact_model, tmp_path):
     cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=2, batch_size=1))
     records = [f for f in facts if f["known"]][:2]
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    result = run_method("MoTE", str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml"), model, tok, records, cfg, None, {})
+    result = run_method("MoTE", MOTE_YAML, model, tok, records, cfg, None, {})
     assert result.status == "ok" and result.metrics["efficacy"] == 1.0
     assert all(torch.equal(v, before[n]) for n, v in model.state_dict().items())
 
