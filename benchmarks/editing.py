@@ -31,7 +31,7 @@ import yaml
 from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.cli import key_value
 from mote_plugin.metrics import counterfact_metrics, preservation_change
-from mote_plugin.mote.stats import corpus_texts
+from mote_plugin.mote.model.stats import corpus_texts
 from mote_plugin.testbed import ARCHS, BuildOptions, build, load
 from mote_plugin.testbed.__main__ import DEFAULT_OUT
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from mote_plugin.experiments.results import write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = {  # Qwen3-30B-A3B's decoder layer; the model has only `layers` of them (random weights)
@@ -64,7 +66,7 @@ def requests(n: int = EDITS) -> list[dict]:
 
 
 def tokenizer():
-    from mote_plugin.mote.stats import corpus_texts
+    from mote_plugin.mote.model.stats import corpus_texts
     from mote_plugin.testbed.tokenizer import train_tokenizer
 
     texts = [t for _, t in zip(range(2000), corpus_texts(None))] + [f"{r['prompt']} {r['target_new']}" for r in requests()]
@@ -168,9 +170,12 @@ class StagePeaks:
 def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from mote_plugin.mote import mote_main, offload
+    from mote_plugin import apply_mote_to_model, last_timings
+    from mote_plugin.mote import editor
+    from mote_plugin.mote.algebra.update import ExpertUpdate
+    from mote_plugin.mote.editor import MoTEEditor
     from mote_plugin.mote.hparams import MoTEHyperParams
-    from mote_plugin.mote.update import ExpertUpdate
+    from mote_plugin.mote.model import offload
 
     from solver_speed import fixed_mmap_threshold
 
@@ -198,19 +203,19 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
                                                  v_keep_failed=True,  # 5 v* steps on random weights reach no target
                                                  stats_dir=str(folder / f"stats-{mode}"), model_name=str(folder))))
     peaks = StagePeaks()
-    for owner, name, label in [(mote_main, "preservation_stats", "statistics"), (mote_main, "nullspace_projectors", "projectors"),
-                               (mote_main, "tucker_factors", "Tucker basis"), (mote_main, "targets", "v*"),
-                               (mote_main, "capture", "capture"), (mote_main, "solve_layer", "solve"),
-                               (ExpertUpdate, "write", "writeback"), (mote_main, "record_call", "history"),
+    for owner, name, label in [(editor, "preservation_stats", "statistics"), (editor, "nullspace_projectors", "projectors"),
+                               (editor, "tucker_factors", "Tucker basis"), (MoTEEditor, "targets", "v*"),
+                               (editor, "capture", "capture"), (editor, "solve_layer", "solve"),
+                               (ExpertUpdate, "write", "writeback"), (editor, "record_call", "history"),
                                (offload, "store", "store")]:
         peaks.stage(owner, name, label)
     t = time.time()
     with peaks:
-        mote_main.apply_mote_to_model(model, tok, requests(edits), hp)
+        apply_mote_to_model(model, tok, requests(edits), hp)
     edit_s = time.time() - t
     # how large the edit is relative to the weights, and how much of the parameter the edit history's revert fix-up
     # holds (docs/patches.md: it grows with the relative size of the change)
-    call = mote_main.editor_state(model).history.calls[-1]
+    call = MoTEEditor(model).history.calls[-1]
     (name, fixup), = call.revert.items() or [(call.writes[0].param, None)]
     weight = offload.values(model, [name])[name].float()  # [E, d, h], the edited weights
     delta = sum(w.update.dense(weight.shape[0]) for w in call.writes)  # [E, d, h] float32
@@ -219,7 +224,7 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
     return {"mode": mode, "layers": layers, "label": f"{mode}, {layers} layers", "shape": shape, "load_s": load_s, "edit_s": edit_s, "model_bytes": model_bytes,
             "edited_block_bytes": block_bytes, "rss_after_load": after_load - start, "file_rss_after_load": file_after_load,
             "peak_above_load": {k: max(0, v - after_load) for k, v in peaks.peaks.items()},
-            "edit_peak_above_load": max(peaks.peaks.values()) - after_load, "timings": mote_main.last_timings(model),
+            "edit_peak_above_load": max(peaks.peaks.values()) - after_load, "timings": last_timings(model),
             "relative_change": relative_change, "revert_fixup_fraction": fixup_fraction}
 
 
@@ -300,8 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run([sys.executable, __file__, "--_measure", str(where), mode, str(n), str(args.edits), *extra],
                                  check=True, stdout=subprocess.PIPE, text=True).stdout
             report["runs"].append(json.loads(out.strip().splitlines()[-1]))
-            (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))  # after every run: a late failure
-            (args.out / f"{name}.md").write_text(markdown(report))  # keeps what was measured
+            write_results(args.out / name, report, markdown(report))  # after every run: a late failure keeps the rest
     print(markdown(report))
 
 

@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from solver_speed import PeakRSS, fixed_mmap_threshold  # noqa: E402
 
-from mote_plugin.mote import nullspace, tucker  # noqa: E402
+from mote_plugin.experiments.results import write_results  # noqa: E402
+from mote_plugin.mote.algebra import nullspace, tucker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -226,10 +227,7 @@ def main(argv: list[str] | None = None) -> None:
               "threads": torch.get_num_threads(), "repeats": args.repeats, "shapes": {}}
     for name in args.shape:
         report["shapes"][name] = bench_shape(name, base, args.experts, args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report), json_default=str)
     print(markdown(report))
 
 

@@ -42,16 +42,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.adapters import get_adapter
-from mote_plugin.compare import build_options
+from mote_plugin.experiments.results import write_results
 from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.mote import mote_main
-from mote_plugin.mote.capture import capture, moe_blocks
-from mote_plugin.mote.requests import normalise_requests
-from mote_plugin.mote.solve import predicted_change, project_keys, solve_core
-from mote_plugin.mote.tucker import resolve_ranks
-from mote_plugin.testbed import build, load
+from mote_plugin.mote.algebra.solve import predicted_change, project_keys, solve_core
+from mote_plugin.mote.algebra.tucker import resolve_ranks
+from mote_plugin.mote.model.capture import capture, layer_outputs
+from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.testbed import BuildOptions, build, load
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"  # fact-model builds, preservation statistics, v* targets
@@ -88,7 +87,7 @@ def load_config(path: str | Path) -> dict:
             for v in values:
                 base.updated(f"{path}: tune {key}", **{key: v})
     for arch, opts in cfg["builds"].items():
-        build_options(opts | {"arch": arch})
+        BuildOptions.from_dict(opts | {"arch": arch})
     return cfg
 
 
@@ -99,7 +98,7 @@ def load_config(path: str | Path) -> dict:
 
 def fact_model(arch: str, cfg: dict):
     """(model, tok, facts, report) of the arch's build, built first if needed."""
-    opts = build_options(cfg["builds"][arch] | {"arch": arch})
+    opts = BuildOptions.from_dict(cfg["builds"][arch] | {"arch": arch})
     out = CACHE / "mote-testbed" / f"{arch}-{opts.facts}-quality"
     build(out, opts)
     return load(out)
@@ -181,7 +180,7 @@ class Session:
 
     def restore(self) -> None:
         self.model.load_state_dict(self.original)
-        mote_main.reset_state(self.model)
+        MoTEEditor(self.model).reset()
 
     def scores(self, records: list[dict], intervals: bool) -> dict:
         m = counterfact_metrics(self.model, self.tok, records)
@@ -286,13 +285,13 @@ def basis(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dic
     reqs = normalise_requests([request(r) for r in records[: cfg["batch_size"]]])
     adapter = get_adapter(model)
     L = max(mote.layers)
-    z, _ = mote_main.targets(model, tok, reqs, mote, mote_main.editor_state(model), progress=False)  # [T, d]
-    R = (z - mote_main.layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)).double()
+    z, _ = MoTEEditor(model, tok, mote).targets(reqs, progress=False)  # [T, d]
+    R = (z - layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)).double()
     cap = capture(model, tok, adapter, reqs, [L], mote.fact_token)[L]
     out = {}
     for name, overrides in {"MoTE's settings": {}, **(cfg.get("basis_variants") or {})}.items():
         hp = settings(mote, name, overrides, session.shape)
-        layer = mote_main.layer_bases(model, tok, adapter, moe_blocks(model, adapter, [L]), hp)[L]
+        layer = MoTEEditor(model, tok, hp).layer_bases([L])[L]
         U_e, U_out, U_in = (u.double() for u in layer.factors)
         keys = project_keys(cap.keys, cap.expert_idx, layer.P).double()  # [T, K, h]
         solution = solve_core(keys, cap.gates, cap.expert_idx, R, layer.factors, hp.mote_lambda)
@@ -412,16 +411,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict, plt):
+    """quality-ranks.png: per arch, quality against solve + write seconds at each Tucker rank (None: no rank rows)."""
     curves = {a: rank_rows(r, report["config"]) for a, r in report["archs"].items()}
     curves = {a: c for a, c in curves.items() if c}
     if not curves:
-        return
+        return None
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (arch, rows) in zip(axes[0], curves.items()):
         xs = [r["seconds"]["solve"] + r["seconds"]["writeback"] for r in rows.values()]
@@ -434,8 +429,7 @@ def plot(report: dict, out: Path) -> None:
         ax.set_ylim(0, 1.02)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out.with_name(out.name + "-ranks.png"), dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -480,11 +474,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 res[phase] = phases[phase](session, base, split["test"], cfg, res, log)
             log(f"{phase}: {time.time() - t:.0f} s")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every phase: a long run keeps its parts
+            write_results(out, report)  # after every phase: a long run keeps its parts
         del model, session
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out)
+    write_results(out, report, markdown(report), {"-ranks": lambda plt: plot(report, plt)})
     print(markdown(report))
 
 

@@ -42,14 +42,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeedit_bcd import bcd_published
+
 from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapter
-from mote_plugin.mote.baselines import bcd_published
-from mote_plugin.mote.capture import LayerCapture
-from mote_plugin.mote.mote_main import LayerBasis
-from mote_plugin.mote.nullspace import nullspace_projectors
-from mote_plugin.mote.solve import project_keys, uint_p
-from mote_plugin.mote.solvers import solve_layer
-from mote_plugin.mote.tucker import tucker_factors
+from mote_plugin.experiments.results import write_results
+from mote_plugin.mote.algebra.nullspace import nullspace_projectors
+from mote_plugin.mote.algebra.solve import project_keys, uint_p
+from mote_plugin.mote.algebra.solvers import LayerBasis, solve_layer
+from mote_plugin.mote.algebra.tucker import tucker_factors
+from mote_plugin.mote.model.capture import LayerCapture
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -525,20 +526,14 @@ def main(argv: list[str] | None = None) -> None:
         report["command"] = "python benchmarks/solver_speed.py --global-check"
         report["global_check"] = [global_check(name, args.edits_per_batch, args.check_batches)
                                   for name in (args.shape or ["qwen3-30b-a3b"])]
-        out = Path(args.out + "_global_check")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-        out.with_suffix(".md").write_text(check_markdown(report))
+        write_results(args.out + "_global_check", report, check_markdown(report), json_default=str)
         print(check_markdown(report))
         return
     for name in shapes:
         report["shapes"][name] = bench_shape(name, SHAPES[name], edits, args.edits_per_batch, args.method, args.sample_blocks)
     if args.growth:
         report["growth"] = growth("qwen3-30b-a3b", [50, 200, 1000, 2000], [32, 64, 128, 256])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report), json_default=str)
     print(markdown(report))
 
 

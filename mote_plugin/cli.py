@@ -126,7 +126,7 @@ def cmd_edit(args) -> None:
     from transformers import AutoTokenizer
 
     from .mote.mote_main import apply_mote_to_model
-    from .patch import save_edit
+    from .mote.patches.files import save_edit
 
     hp = edit_hparams(args.hparams, args.set)
     requests = _read_requests(args.requests)
@@ -153,7 +153,7 @@ def cmd_edit(args) -> None:
 
 
 def _cmd_patch(args, forward: bool) -> None:
-    from .patch import apply_edit, load_patch, revert_edit
+    from .mote.patches.files import apply_edit, load_patch, revert_edit
 
     src = _model_dir(args.model)
     out = _free_out(args.out, src)
@@ -195,7 +195,7 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_inspect(args) -> None:
-    from .patch import inspect_edit
+    from .mote.patches.files import inspect_edit
 
     summary = inspect_edit(args.patch)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -207,7 +207,7 @@ def cmd_inspect(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="mote", description="MoTE knowledge editing for MoE models, and edit patches.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mote-plugin)")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .mote.capture import input_device
-from .mote.lookup import pad_right
+from .mote.model.capture import input_device
+from .mote.model.lookup import pad_right, target_token_ids
 
 
 @dataclass
@@ -23,14 +23,6 @@ class TargetScores:
     top1: torch.Tensor  # [B] bool: every target token is the argmax
     token_acc: torch.Tensor  # [B] share of target tokens that are the argmax
     predicted: list[torch.Tensor]  # B x [len(target)] the argmax token at each target position (teacher-forced)
-
-
-def target_token_ids(tok, target: str) -> list[int]:
-    """Token ids of a target as it follows a prompt (with a leading space, as MEMIT/EasyEdit do)."""
-    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    return ids
 
 
 @torch.no_grad()
@@ -177,8 +169,8 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     (the mean ||dy_t||) and "tokens" (preserved tokens measured).
     """
     from .adapters import get_adapter
-    from .mote.capture import capture, forward_block_inputs, moe_blocks
-    from .mote.requests import normalise_requests
+    from .mote.model.capture import capture, forward_block_inputs, moe_blocks
+    from .mote.model.requests import normalise_requests
 
     adapter = get_adapter(model)
     block = moe_blocks(model, adapter, [layer])[layer]  # ValueError for a layer out of range or without experts

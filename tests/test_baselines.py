@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from mote_plugin.mote.baselines import bcd_published, bcd_solve, expert_groups, global_solve
+from mote_plugin.mote.algebra.baselines import bcd_solve, expert_groups, global_solve
+from mote_plugin.mote.algebra.update import ExpertUpdate
 from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin.mote.update import ExpertUpdate
+from reference import bcd_published
 
 
 def problem(T=7, E=5, K=2, d=6, h=4, seed=0):

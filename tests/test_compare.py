@@ -1,4 +1,4 @@
-"""examples/compare_editors.py and mote_plugin.compare without a host: MoTE on the fact model, baselines reported as
+"""examples/compare_editors.py and mote_plugin.experiments.compare without a host: MoTE on the fact model, baselines reported as
 unavailable, MoTE not applicable on a dense model, bad configurations refused. (With EasyEdit on PYTHONPATH the
 host methods run too: tests/test_easyedit_host.py.)"""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mote_plugin.compare import CompareConfig, _dense_module_problem, compare, method_spec, run_method
+from mote_plugin.experiments.compare import CompareConfig, _dense_module_problem, compare, method_spec, run_method
 
 ROOT = Path(__file__).resolve().parent.parent
 MOTE_YAML = str(ROOT / "hparams/MoTE/testbed-qwen3_moe-fullrank.yaml")  # edits every fact of these small batches
@@ -87,7 +87,7 @@ def test_mote_not_applicable_on_a_dense_model(tmp_path):
 def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
     """A `methods:` entry {hparams: YAML, KEY: VALUE} edits with the YAML's settings changed for this comparison: here a
     layer the model does not have, refused before any weight is touched; host hyper-parameters refuse keys they lack."""
-    from mote_plugin.compare import _override
+    from mote_plugin.experiments.compare import _override
     from mote_plugin.testbed import load
 
     mote_yaml = str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")

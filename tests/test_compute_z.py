@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from mote_plugin.metrics import target_token_ids
-from mote_plugin.mote import compute_z as cz
-from mote_plugin.mote.compute_z import VStarConfig, compute_targets
-from mote_plugin.mote.lookup import encode_with_lookup, pad_right
-from mote_plugin.mote.requests import normalise_requests
+from mote_plugin.mote.model import compute_z as cz
+from mote_plugin.mote.model.compute_z import VStarConfig, compute_targets
+from mote_plugin.mote.model.lookup import encode_with_lookup, pad_right
+from mote_plugin.mote.model.requests import normalise_requests
 from test_mote_main import REQUESTS, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Because it rained, {}"]

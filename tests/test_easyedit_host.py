@@ -142,7 +142,7 @@ FAMILIES = {  # directory name (what BaseEditor's substring loader sees) -> (tin
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
     import test_adapters
-    from mote_plugin.mote.stats import corpus_texts
+    from mote_plugin.mote.model.stats import corpus_texts
     from mote_plugin.testbed.tokenizer import train_tokenizer
 
     tok = train_tokenizer(list(corpus_texts(None))[:200] + ["The mother tongue of Danielle Darrieux is English"], 64)

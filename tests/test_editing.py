@@ -8,9 +8,9 @@ import torch
 from mote_plugin.adapters import get_adapter
 from mote_plugin.metrics import counterfact_metrics, preservation_change
 from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin.mote import mote_main
+from mote_plugin import last_timings
 from mote_plugin.mote.mote_main import apply_mote_to_model
-from mote_plugin.mote.stats import corpus_texts
+from mote_plugin.mote.model.stats import corpus_texts
 from mote_plugin.testbed import load
 
 HPARAMS = Path(__file__).resolve().parent.parent / "hparams" / "MoTE"
@@ -100,7 +100,7 @@ def test_fifty_edits_in_one_batch(reduced_fact_model, tmp_path, yaml):
     apply_mote_to_model(model, tok, requests, hp)
     after = counterfact_metrics(model, tok, records)
     print(yaml, {k: (round(before[k], 3), round(after[k], 3)) for k in ("efficacy", "generalization", "specificity", "utility")})
-    assert before["efficacy"] == 0.0 and mote_main.last_timings(model)["edits"] == 50
+    assert before["efficacy"] == 0.0 and last_timings(model)["edits"] == 50
     assert all(after[k] >= v for k, v in FIFTY_EDIT_GATE[yaml].items()), (after, FIFTY_EDIT_GATE[yaml])
     assert after["generalization"] > before["generalization"] + 0.1
 
@@ -122,7 +122,7 @@ def test_other_architectures_edit(reduced_fact_model, tmp_path, arch, vstar_dir)
     before = counterfact_metrics(model, tok, records)
     apply_mote_to_model(model, tok, requests, hp)
     after = counterfact_metrics(model, tok, records)
-    timings = mote_main.last_timings(model)
+    timings = last_timings(model)
     print(arch, {k: (round(before[k], 3), round(after[k], 3)) for k in ("efficacy", "generalization", "specificity")},
           {k: round(v, 2) for k, v in timings.items()})
     assert before["efficacy"] == 0.0 and after["efficacy"] >= 0.6 and timings["edits"] == 20

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from mote_plugin.adapters import get_adapter
-from mote_plugin.mote import mote_main
-from mote_plugin.mote.lookup import encode_with_lookup
-from mote_plugin.mote.mote_main import apply_mote_to_model, layer_outputs
-from mote_plugin.mote.requests import normalise_requests
-from mote_plugin.mote.solve import direct_ridge, solve_core
-from mote_plugin.mote.tucker import TuckerFactors
+from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.tucker import TuckerFactors
+from mote_plugin.mote.editor import MoTEEditor, request_key
+from mote_plugin.mote.model.capture import layer_outputs
+from mote_plugin.mote.model.lookup import encode_with_lookup
+from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.mote.mote_main import apply_mote_to_model
+from reference import direct_ridge
 from test_mote_main import REQUESTS, hparams, same, state, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 
@@ -54,7 +56,7 @@ def test_single_edit_and_the_feature_side(tok, tmp_path, n, ranks):
     r_e, r_out, r_in = ranks
     hp = hparams(tmp_path, layers=[1], r_e=r_e, r_out=r_out, r_in=r_in, nullspace=False)
     reqs = normalise_requests(REQUESTS[:n])
-    z, _ = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)
+    z, _ = MoTEEditor(model, tok, hp).targets(reqs, progress=False)
     before = residual_left(model, tok, reqs, hp, z)
     apply_mote_to_model(model, tok, reqs, hp)
     after = residual_left(model, tok, reqs, hp, z)
@@ -128,13 +130,13 @@ def test_half_precision_models(tok, tmp_path, dtype, unit):
     half = tiny_model(tok).to(dtype)
     hp = hparams(tmp_path)
     reqs = normalise_requests(REQUESTS)
-    z, _ = mote_main.targets(reference, tok, reqs, hp, mote_main.editor_state(reference), progress=False)
-    given = {mote_main.request_key(r): z[i] for i, r in enumerate(reqs)}
+    z, _ = MoTEEditor(reference, tok, hp).targets(reqs, progress=False)
+    given = {request_key(r): z[i] for i, r in enumerate(reqs)}
     _, ref_orig = apply_mote_to_model(reference, tok, reqs, hp, return_orig_weights=True, precomputed_targets=given)
     _, half_orig = apply_mote_to_model(half, tok, reqs, hp, return_orig_weights=True, precomputed_targets=given)
     adapter = get_adapter(half)
     computed = {}
-    for layer, update in mote_main.editor_state(half).last_writes:
+    for layer, update in MoTEEditor(half).last_writes:
         name = f"model.layers.{layer}.mlp.experts.down_proj"
         computed[name] = computed.get(name, 0) + update.dense(adapter.num_experts(adapter.moe_block(half, layer)))
     for name in ref_orig:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.nullspace import kept_directions, nullspace_projectors, preserved_energy
+from mote_plugin.mote.algebra.nullspace import kept_directions, nullspace_projectors, preserved_energy
 
 
 torch.set_num_threads(1)

@@ -3,10 +3,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.solve import (
+from mote_plugin.mote.algebra.solve import (
     core_features,
     dense_update,
-    direct_ridge,
     lowrank_update,
     predicted_change,
     project_keys,
@@ -14,7 +13,8 @@ from mote_plugin.mote.solve import (
     uint_p,
     update_memory,
 )
-from mote_plugin.mote.tucker import TuckerFactors
+from mote_plugin.mote.algebra.tucker import TuckerFactors
+from reference import direct_ridge
 
 
 torch.set_num_threads(1)

@@ -4,9 +4,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.baselines import bcd_solve, global_solve
-from mote_plugin.mote.solve import direct_ridge, solve_core
-from mote_plugin.mote.tucker import TuckerFactors
+from mote_plugin.mote.algebra.baselines import bcd_solve, global_solve
+from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.tucker import TuckerFactors
+from reference import direct_ridge
 
 
 @st.composite

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mote_plugin.mote.lookup import token_span
+from mote_plugin.mote.model.lookup import token_span
 from mote_plugin.testbed.data import Fact
 from mote_plugin.testbed.model import ARCHS, ModelSize, make_config, make_model
 from mote_plugin.testbed.tokenizer import train_tokenizer

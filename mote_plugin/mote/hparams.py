@@ -1,10 +1,10 @@
 """MoTE hyper-parameters, loadable from an EasyEdit-style YAML file (`hparams/MoTE/<model>.yaml`).
 
-`MoTEHyperParams` subclasses EasyEdit's `HyperParams` when a host is importable and behaves the same without
-one; importing this module with a host importable also registers "MoTE" with it (`mote_plugin.easyedit.register`,
-idempotent, never raises). Values are validated on construction (also when built directly), with messages naming the
-field; what depends on the model (module names, `v_loss_layer`, the host's loading flags) is checked by
-`check_against_model` before an edit touches any weight.
+A plain dataclass: importing it never touches an EasyEdit host. `mote_plugin.register()` makes it a subclass of the
+host's `HyperParams` (host glue, `mote_plugin.easyedit`), as EasyEdit's own hyper-parameter classes are; EasyEdit only
+reads its fields, so it edits the same either way. Values are validated on construction (also when built directly),
+with messages naming the field; what depends on the model (module names, `v_loss_layer`, the host's loading flags) is
+checked by `check_against_model` before an edit touches any weight.
 
 Read like EasyEdit's own YAMLs: a quoted number of a numeric key is read with Python's `float()`, as EasyEdit's
 `HyperParams.construct_float_from_scientific_notation` reads every quoted number ("1e-5", "0.5", " 2 ", "1_000"); an
@@ -20,46 +20,32 @@ integer key then needs a whole number ("25" -> 25, "2.5" refused), and r_e / r_o
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import math
 import re
-import sys
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from .compute_z import OBJECTIVES
-from .lookup import FACT_TOKENS
-from .nullspace import FALLBACKS, RULES
-from .solvers import SOLVERS
-from .tucker import WHITENINGS
+from .algebra.nullspace import FALLBACKS, RULES
+from .algebra.solvers import SOLVERS
+from .algebra.tucker import WHITENINGS
+from .model.compute_z import OBJECTIVES, VStarConfig
+from .model.lookup import FACT_TOKENS
 
-
-def _host_base() -> type:
-    """EasyEdit's `HyperParams` if a host is importable, else `object` (this module must always import).
-
-    Only `easyeditor.util.hparams` is imported (never `import easyeditor` by name), and only when the package
-    is installed. Python still runs `easyeditor/__init__.py` for it; any failure there falls back to `object`.
-    """
-    name = "easyeditor.util.hparams"
-    try:
-        if name not in sys.modules and importlib.util.find_spec("easyeditor") is None:
-            return object
-        base = importlib.import_module(name).HyperParams
-        return base if isinstance(base, type) else object
-    except Exception:
-        return object
-
-
-_Base = _host_base()
 
 log = logging.getLogger(__name__)
 
 SPREADS = ("core", "residual", "layerwise")
 V_OBJECTIVES = (*OBJECTIVES, "memit_host")
+
+# the keys a layer's basis (null-space projectors, Tucker factors) is computed from: the editor keeps one basis per
+# layer and combination of these (`MoTEHyperParams.basis_settings`), so sequential batches share it
+BASIS_FIELDS = (
+    "r_e", "r_out", "r_in", "whitening", "eps_whitening", "hooi_sweeps", "nullspace", "nullspace_rule",
+    "nullspace_threshold", "nullspace_min_tokens", "nullspace_fallback", "preservation_corpus", "preservation_tokens",
+)  # fmt: skip
 
 
 _FLOAT_FIELDS = (
@@ -115,6 +101,11 @@ def hparams_path(hparams_name_or_path: str | Path) -> Path:
     return Path(path)
 
 
+class HostHyperParams:
+    """The base class of `MoTEHyperParams` until `mote_plugin.register()` rebases it onto the EasyEdit host's
+    `HyperParams` (a class whose only base is `object` cannot be rebased, hence this placeholder)."""
+
+
 _WARNED: set[str] = set()
 
 
@@ -126,7 +117,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 @dataclass
-class MoTEHyperParams(_Base):
+class MoTEHyperParams(HostHyperParams):
     alg_name: str  # must be "MoTE"
     model_name: str  # HF name or local path (EasyEdit may later set it to (model, tok))
     layers: list[int]  # edited decoder layers (each must hold a sparse MoE block); the last one is L
@@ -372,8 +363,15 @@ class MoTEHyperParams(_Base):
         """Field name -> value (shallow: `dataclasses.asdict` would deep-copy a `(model, tok)` model_name)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self)}
 
+    def basis_settings(self) -> tuple:
+        """What a layer's basis depends on: whether it has Tucker factors (solver mote; the other solvers use the
+        projectors only) and the BASIS_FIELDS."""
+        return (self.solver == "mote", *(getattr(self, name) for name in BASIS_FIELDS))
 
-if _Base is not object:  # the host imported: make "MoTE" selectable in it now (idempotent, never raises)
-    from ..easyedit import register as _register
-
-    _register()
+    def vstar_config(self) -> VStarConfig:
+        """The v* settings (compute_z.py) of these hyper-parameters."""
+        return VStarConfig(layer_module_tmp=self.layer_module_tmp, fact_token=self.fact_token,
+                           v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
+                           clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                           v_loss_layer=self.v_loss_layer, ln_f_module=self.ln_f_module,
+                           lm_head_module=self.lm_head_module, objective=self.v_objective, max_length=self.max_length)

@@ -94,7 +94,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(prog="mote-testbed", description="Build the fact model: a small MoE LM that knows real CounterFact facts.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mote-plugin)")

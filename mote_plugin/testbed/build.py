@@ -25,7 +25,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .. import __version__
+from .._version import __version__
 from . import probes
 from .data import (PACKAGE_DATA, build_facts, facts_to_json, load_relations, profile_facts, read_corpus, relation_objects,
                    unedited_facts)
@@ -67,6 +67,13 @@ class BuildOptions:
     probe_facts: int = 20  # facts used for causal tracing and the v* probe
     trace_threshold: float = 0.5  # recovery share that makes a layer part of the edit band
     edit_band_width: int = 3
+
+    @classmethod
+    def from_dict(cls, options: dict) -> BuildOptions:
+        """Options from a mapping, e.g. a YAML's `build:` (its `train:` mapping a `TrainConfig`)."""
+        options = dict(options)
+        train = TrainConfig(**options.pop("train", {}))
+        return cls(**options, train=train)
 
     def fingerprint(self) -> dict:
         d = asdict(self)

@@ -19,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..metrics import target_scores
-from ..mote.compute_z import VStarConfig, add_vector_hook, compute_z
-from ..mote.lookup import encode_with_lookup
+from ..mote.model.compute_z import VStarConfig, add_vector_hook, compute_z
+from ..mote.model.hooks import recorded
+from ..mote.model.lookup import encode_with_lookup
 from .data import Fact
 
 
@@ -99,11 +100,8 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
         ids = batch["input_ids"]  # [1, S]
         first, last = span[0].tolist()
         positions = {"subject_last": last, "last": ids.shape[1] - 1}
-        clean_states = []
-        hooks = [layer.register_forward_hook(lambda m, a, o: clean_states.append(o[0] if isinstance(o, tuple) else o)) for layer in layers]
-        p_clean = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)[answer].item()
-        for h in hooks:
-            h.remove()
+        with recorded(layers) as clean_states:  # each layer's output on the clean prompt
+            p_clean = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)[answer].item()
         # one batch: row 0..n_noise-1 corrupted only; then for each (token, layer) n_noise restored rows
         plan = [(None, None)] + [(tkn, l) for tkn in positions for l in range(n_layers)]
         rows = len(plan) * n_noise

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..mote.lookup import pad_right, token_span
+from ..mote.model.lookup import pad_right, token_span
 from .data import Fact
 
 

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 
 from .capture import forward_block_inputs, input_device, moe_blocks
 from .lookup import pad_right
+from ..._version import __version__
 from .offload import state_items
 
 log = logging.getLogger(__name__)
 
-CORPUS_DIR = Path(__file__).resolve().parent.parent / "data" / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"  # mote_plugin/data/corpus
 STATS_FORMAT = 1  # bump when the meaning or layout of the stored statistics changes
 
 
@@ -260,8 +261,6 @@ def _sum64(flat: torch.Tensor) -> float:
 
 def stats_key(model: nn.Module, layers: Sequence[int], corpus: str | None, n_tokens: int, max_length: int) -> dict:
     """The `key_parts` of `StatsCache.get_or_compute` for these statistics."""
-    from .. import __version__
-
     return {
         "model": model_fingerprint(model),
         "layers": [int(l) for l in layers],

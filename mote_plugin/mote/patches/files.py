@@ -1,12 +1,12 @@
 """Edit patches: what MoTE changed in a model, as one safetensors file (format in docs/patches.md).
 
-    save_edit(model, path)      every MoTE call on `model` since it was loaded (or since `reset_state`)
+    save_edit(model, path)      every MoTE call on `model` since it was loaded (or since `MoTEEditor.reset`)
     apply_edit(model, path)     the same base model -> the edited weights, bit-exactly (same machine and dtype)
     revert_edit(model, path)    the edited model -> the base weights, bit-exactly
     inspect_edit(path)          a summary: layers, experts, ranks, sizes, requests
 
 A patch holds per call the writes (`ExpertUpdate` factors, or a dense delta where that is smaller) and the sparse
-fix-ups of `mote.history`, plus JSON metadata: the base and edited fingerprints, the changed parameters, hparams and
+fix-ups of `history.py`, plus JSON metadata: the base and edited fingerprints, the changed parameters, hparams and
 requests, and a sha256 over all of it. `exact=False` applies or reverts a patch on the same model in another dtype
 (or whose replay is not bit-exact on this machine), checked within the dtype's rounding on sampled weights.
 Every apply / revert is all-or-nothing: on any failure the parameters are restored before the exception propagates.
@@ -24,15 +24,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import __version__
-from .adapters import get_adapter
-from .mote import offload
-from .mote.capture import moe_blocks
-from .mote.history import (EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay,
-                           sample_values)
-from .mote.mote_main import editor_state
-from .mote.stats import atomic_save_file, model_fingerprint
-from .mote.update import ExpertUpdate
+from ..._version import __version__
+from ...adapters import get_adapter
+from ..algebra.update import ExpertUpdate
+from ..editor import EditState
+from ..model import offload
+from ..model.capture import moe_blocks
+from ..model.stats import atomic_save_file, model_fingerprint
+from .history import (EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay,
+                      sample_values)
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,12 @@ def _checksum(meta: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_edit(model: nn.Module, path: str | Path) -> Path:
-    """Write every MoTE call on `model` since it was loaded (or since `reset_state`) to `path` (atomically).
+    """Write every MoTE call on `model` since it was loaded (or since `MoTEEditor.reset`) to `path` (atomically).
 
     ValueError when there is nothing to save, or when the edited weights changed outside MoTE since the last call."""
-    history = editor_state(model).history
+    history = EditState.of(model).history
     if not history.calls:
-        raise ValueError("no MoTE edit recorded for this model since it was loaded (or since reset_state)")
+        raise ValueError("no MoTE edit recorded for this model since it was loaded (or since MoTEEditor.reset)")
     params = offload.values(model, history.base_samples)
     if digest(params) != history.after:
         raise ValueError("the edited weights changed outside MoTE since the last edit (restored by a host?); "

@@ -1,6 +1,6 @@
-"""What MoTE changed in a model, kept per model so that it can be saved as an edit patch (`mote_plugin.patch`).
+"""What MoTE changed in a model, kept per model so that it can be saved as an edit patch (`patches/files.py`).
 
-Every successful `apply_mote_to_model` call appends an `EditRecord`: its requests and hyper-parameters, its writes in
+Every successful edit (`MoTEEditor.edit`, `apply_mote_to_model`) appends an `EditRecord`: its requests and hyper-parameters, its writes in
 order (layer, parameter name, `ExpertUpdate` on the CPU in float32) and two sparse fix-ups per changed parameter:
 
     revert  entries where replaying the writes backwards (param - delta, last write first) misses the weights
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
-from . import offload
-from .capture import moe_blocks
-from .stats import tensors_fingerprint
-from .update import ExpertUpdate
+from ...adapters import get_adapter
+from ..algebra.update import ExpertUpdate
+from ..model import offload
+from ..model.capture import moe_blocks
+from ..model.stats import tensors_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class EditRecord:
 
 @dataclass
 class EditHistory:
-    """The successful calls on one model since it was loaded (or since `reset_state`)."""
+    """The successful calls on one model since it was loaded (or since `MoTEEditor.reset`)."""
 
     calls: list[EditRecord] = field(default_factory=list)
     base_fingerprint: str | None = None  # `model_fingerprint` before the first call

@@ -28,11 +28,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from .metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
-from .mote.capture import input_device
-from .mote.hparams import MoTEHyperParams
-from .mote.mote_main import apply_mote_to_model, reset_state
-from .mote.stats import corpus_texts
+from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
+from ..mote.editor import MoTEEditor
+from ..mote.hparams import MoTEHyperParams
+from ..mote.model.capture import input_device
+from ..mote.model.hooks import recorded
+from ..mote.model.stats import corpus_texts
+from ..mote.mote_main import apply_mote_to_model
+from .results import write_results
 
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 
@@ -76,19 +79,12 @@ class CompareConfig:
             raise ValueError(f"{path}: n and batch_size must be >= 1")
         if cfg.build is not None:
             try:
-                build_options(cfg.build)
+                from ..testbed import BuildOptions
+
+                BuildOptions.from_dict(cfg.build)
             except TypeError as e:
                 raise ValueError(f"{path}: build: {e}") from None
         return cfg
-
-
-def build_options(build: dict):
-    """The fact-model `BuildOptions` of a config's `build:` mapping (its `train:` mapping a `TrainConfig`)."""
-    from .testbed import BuildOptions, TrainConfig
-
-    opts = dict(build)
-    train = TrainConfig(**opts.pop("train", {}))
-    return BuildOptions(**opts, train=train)
 
 
 def method_alg(hp_path: str) -> str:
@@ -131,11 +127,11 @@ def load_model(cfg: CompareConfig):
     """(model, tok, fact rows or None)."""
     path = Path(cfg.model)
     if cfg.build is not None:
-        from .testbed import build
+        from ..testbed import BuildOptions, build
 
-        build(path, build_options(cfg.build))
+        build(path, BuildOptions.from_dict(cfg.build))
     if (path / "facts.json").exists():
-        from .testbed import load
+        from ..testbed import load
 
         return load(path)[:3]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -199,7 +195,7 @@ def request_of(r: dict, dataset: str) -> dict:
 
 def import_host():
     """The EasyEdit package with MoTE registered, or None (with the reason)."""
-    from .easyedit import register
+    from ..easyedit import register
 
     status = register()
     return (importlib.import_module("easyeditor") if status else None), status.reason
@@ -227,16 +223,12 @@ def prime_host_covariance(model, tok, hp, cfg: CompareConfig) -> None:
         module_name = hp.rewrite_module_tmp.format(layer)
         path = Path(hp.stats_dir) / name / f"{hp.mom2_dataset}_stats" / f"{module_name}_{hp.mom2_dtype}_mom2_{hp.mom2_n_samples}.npz"
         stat = runningstats.CombinedStat(mom2=runningstats.SecondMoment())
-        grab = {}
-        handle = model.get_submodule(module_name).register_forward_pre_hook(lambda m, a: grab.__setitem__("x", a[0]))
-        try:
+        with recorded(model.get_submodule(module_name), what="input") as seen:
             for i in range(0, len(texts), 16):
                 batch = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128).to(device)
                 with torch.no_grad():
                     model(**batch, use_cache=False)
-                stat.add(grab["x"][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))
-        finally:
-            handle.remove()
+                stat.add(seen[0][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))
         runningstats.save_cached_state(str(path), stat, {"sample_size": hp.mom2_n_samples})
 
 
@@ -307,7 +299,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
     hp_path, overrides = method_spec(name, entry)
     alg = method_alg(hp_path)
     if alg == "MoTE":
-        from .adapters import get_adapter
+        from ..adapters import get_adapter
 
         # batch_size: the run's, so the recorded hyper-parameters say how MoTE was called
         hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}", **overrides | {"batch_size": cfg.batch_size})
@@ -316,7 +308,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
         except ValueError as e:
             return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path, overrides=overrides)
         apply, batch_size, extra = apply_mote_to_model, cfg.batch_size, {}
-        reset_state(model)
+        MoTEEditor(model).reset()  # a fresh start: no bases, memory or history of an earlier row
     elif host is None:
         return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path,
                             overrides=overrides)
@@ -354,7 +346,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
             for k, v in originals.items():
                 params[k].copy_(v)
         if alg == "MoTE":
-            reset_state(model)
+            MoTEEditor(model).reset()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,7 +430,7 @@ def compare(cfg: CompareConfig, log=print) -> dict:
               "results": [asdict(r) for r in results]}
     for r in report["results"]:
         r["metrics"] = {k: v for k, v in r["metrics"].items() if not k.endswith("_items")}
-    write_outputs(report, Path(cfg.out))
+    write_results(Path(cfg.out) / "results", report, markdown(report), {"": lambda plt: bar_chart(report, plt)})
     return report
 
 
@@ -448,8 +440,8 @@ def versions(with_host: bool) -> dict:
 
     import transformers
 
-    from . import __version__
-    from .easyedit import host_version
+    from .._version import __version__
+    from ..easyedit import host_version
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "mote_plugin": __version__}
@@ -474,18 +466,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(markdown(report))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        (out / "results.png").unlink(missing_ok=True)
-        return
+def bar_chart(report: dict, plt):
+    """The plugin's metrics of every method that ran, side by side (results.png)."""
     ok = [r for r in report["results"] if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / max(1, len(ok))
@@ -496,5 +478,4 @@ def write_outputs(report: dict, out: Path) -> None:
     ax.set_title(f"{report['n']} {report['config']['dataset']} edits")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
-    plt.close(fig)
+    return fig

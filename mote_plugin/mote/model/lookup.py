@@ -34,6 +34,14 @@ def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[in
     return hit[0], hit[-1]
 
 
+def target_token_ids(tok, target: str) -> list[int]:
+    """Token ids of a target as it follows a prompt (with a leading space, as MEMIT/EasyEdit do)."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
 def pad_right(rows: list[list[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Token-id rows -> {"input_ids" [B, S], "attention_mask" [B, S]}, padded on the right."""
     width = max(len(r) for r in rows)

@@ -39,9 +39,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..metrics import target_token_ids
 from .capture import input_device
-from .lookup import encode_with_lookup, pad_right
+from .hooks import hidden_states, recorded
+from .lookup import encode_with_lookup, pad_right, target_token_ids
 
 OBJECTIVES = ("memit", "squared")
 STOP_LOSS = 5e-2  # MEMIT's early stop
@@ -83,10 +83,6 @@ class VStar:
     delta: torch.Tensor  # [d]
     nll: float
     steps: int
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _find_cache(output):
@@ -149,24 +145,21 @@ class _Replay:
             padded = pad_right(rows, pad_id)
             ids, kwargs = padded["input_ids"], dict(attention_mask=padded["attention_mask"], use_cache=False)
             self.shift = torch.zeros(len(rows), dtype=torch.long)
-        grabbed = {}
 
-        def record(i):
+        def record(i):  # the other arguments of each layer above: replayed as they were
             def hook(module, args, kwargs):
                 self.inputs[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}, bool(args))
 
             return hook
 
-        handles = [model.get_submodule(layer_module_tmp.format(layer)).register_forward_hook(
-            lambda m, a, o: grabbed.__setitem__("h", _hidden(o).detach()))]
-        handles += [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.layers)]
+        handles = [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.layers)]
         try:
-            with torch.no_grad():
+            with recorded(model.get_submodule(layer_module_tmp.format(layer))) as seen, torch.no_grad():
                 model(input_ids=ids.to(device), **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
         finally:
             for h in handles:
                 h.remove()
-        self.h = grabbed["h"]  # [B, S', d]
+        self.h = seen[0]  # [B, S', d]
 
     def run(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if self.cache is not None and start == self.first:  # a new step: the suffixes' keys/values of the last one go
@@ -176,7 +169,7 @@ class _Replay:
             if self.cache is not None:
                 kwargs = {k: self._step_cache if v is not None and type(v) is type(self.cache) else v for k, v in kwargs.items()}
             module = self.layers[i]
-            hidden = _hidden(module(hidden, *args, **kwargs) if positional else module(*args, hidden_states=hidden, **kwargs))
+            hidden = hidden_states(module(hidden, *args, **kwargs) if positional else module(*args, hidden_states=hidden, **kwargs))
         return hidden
 
 
@@ -335,7 +328,7 @@ def _add_at(positions: torch.Tensor, vector: torch.Tensor):
     """Forward hook adding `vector` [d] to the layer output at one position per row."""
 
     def hook(module, args, output):
-        hidden = _hidden(output)  # [B, S, d]
+        hidden = hidden_states(output)  # [B, S, d]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         hidden = hidden.clone()
         hidden[rows, positions.to(hidden.device)] += vector.to(hidden.dtype)
