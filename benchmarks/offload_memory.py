@@ -176,7 +176,6 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
     from mote_plugin.mote.editor import MoTEEditor
     from mote_plugin.mote.hparams import MoTEHyperParams
     from mote_plugin.mote.model import offload
-
     from solver_speed import fixed_mmap_threshold
 
     fixed_mmap_threshold()  # freed memory goes back to the system, so each stage's peak is its own

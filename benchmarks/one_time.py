@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import platform
 import subprocess
 import sys
@@ -35,10 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from solver_speed import PeakRSS, fixed_mmap_threshold  # noqa: E402
-
 from mote_plugin.experiments.results import write_results  # noqa: E402
 from mote_plugin.mote.algebra import nullspace, tucker  # noqa: E402
+from solver_speed import PeakRSS, fixed_mmap_threshold  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -141,9 +139,9 @@ def bench_shape(name: str, base: dict, n_experts: int, repeats: int, log=print) 
     row = {"E": E, "d": d, "h": h, "k": k, "ranks": ranks, "experts_timed": n_experts, "tokens": counts.tolist(),
            "projectors": {}}
     for rule, threshold in RULES:
-        pair = timed_pair(lambda: nullspace.nullspace_projectors(moments, counts, rule=rule, threshold=threshold),
-                          lambda: base["nullspace"].nullspace_projectors(moments, counts, rule=rule, threshold=threshold),
-                          repeats)
+        pair = timed_pair(lambda m=moments: nullspace.nullspace_projectors(m, counts, rule=rule, threshold=threshold),
+                          lambda m=moments: base["nullspace"].nullspace_projectors(m, counts, rule=rule, threshold=threshold),
+                          repeats)  # `moments` bound now: it is deleted below, after the calls
         results = pair.pop("results")
         P_new, P_base = results["new"], results["baseline"]
         gaps, removed = cut_gaps(moments, rule, threshold)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import json
 import platform
 import threading
 import time
@@ -43,7 +42,6 @@ import torch
 from torch import nn
 
 from moeedit_bcd import bcd_published
-
 from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapter
 from mote_plugin.experiments.results import write_results
 from mote_plugin.mote.algebra.nullspace import nullspace_projectors

@@ -11,7 +11,6 @@ from torch import nn
 from mote_plugin.adapters import ADAPTERS, MoEAdapter, get_adapter
 from tiny import spread_routing
 
-
 torch.set_num_threads(1)
 
 VOCAB = 64

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from mote_plugin.experiments.compare import CompareConfig, _dense_module_problem, compare, method_spec, run_method
+from mote_plugin.experiments.compare import CompareConfig, compare, method_spec, run_method
+from mote_plugin.experiments.host_methods import dense_module_problem, override
 
 ROOT = Path(__file__).resolve().parent.parent
 MOTE_YAML = str(ROOT / "hparams/MoTE/testbed-qwen3_moe-fullrank.yaml")  # edits every fact of these small batches
@@ -87,7 +88,6 @@ def test_mote_not_applicable_on_a_dense_model(tmp_path):
 def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
     """A `methods:` entry {hparams: YAML, KEY: VALUE} edits with the YAML's settings changed for this comparison: here a
     layer the model does not have, refused before any weight is touched; host hyper-parameters refuse keys they lack."""
-    from mote_plugin.experiments.compare import _override
     from mote_plugin.testbed import load
 
     mote_yaml = str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")
@@ -104,9 +104,9 @@ def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
     class HostHyperParams:
         layers = [2]
 
-    assert _override(HostHyperParams(), "ROME", {"layers": [1]}).layers == [1]
+    assert override(HostHyperParams(), "ROME", {"layers": [1]}).layers == [1]
     with pytest.raises(ValueError, match="ROME: unknown HostHyperParams key\\(s\\) v_decay"):
-        _override(HostHyperParams(), "ROME", {"v_decay": 3})
+        override(HostHyperParams(), "ROME", {"v_decay": 3})
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "examples/configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -170,9 +170,9 @@ def test_dense_method_on_packed_experts_is_not_applicable(reduced_fact_model):
     attn = SimpleNamespace(layers=[0, 1], rewrite_module_tmp="model.layers.{}.self_attn.o_proj")
     experts = SimpleNamespace(layers=[1], rewrite_module_tmp="model.layers.{}.mlp.experts")
     missing = SimpleNamespace(layers=[1], rewrite_module_tmp="model.layers.{}.mlp.down_proj")
-    assert _dense_module_problem(model, attn) is None
-    assert "packed experts (model.layers.1.mlp.experts.gate_up_proj" in _dense_module_problem(model, experts)
-    assert "does not exist" in _dense_module_problem(model, missing)
+    assert dense_module_problem(model, attn) is None
+    assert "packed experts (model.layers.1.mlp.experts.gate_up_proj" in dense_module_problem(model, experts)
+    assert "does not exist" in dense_module_problem(model, missing)
 
 
 def test_per_record_scores_regroup_the_items():

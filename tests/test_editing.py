@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mote_plugin import last_timings
 from mote_plugin.adapters import get_adapter
 from mote_plugin.metrics import counterfact_metrics, preservation_change
 from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin import last_timings
-from mote_plugin.mote.mote_main import apply_mote_to_model
 from mote_plugin.mote.model.stats import corpus_texts
+from mote_plugin.mote.mote_main import apply_mote_to_model
 from mote_plugin.testbed import load
 
 HPARAMS = Path(__file__).resolve().parent.parent / "hparams" / "MoTE"

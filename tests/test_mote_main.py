@@ -9,14 +9,13 @@ import torch
 from mote_plugin.adapters import get_adapter
 from mote_plugin.mote import editor, mote_main
 from mote_plugin.mote.algebra import solvers
-from mote_plugin.mote.model.capture import capture
-from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin.mote.editor import MoTEEditor, request_key
-from mote_plugin.mote.model.capture import layer_outputs
-from mote_plugin.mote.mote_main import apply_mote_to_model
-from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.mote.algebra.solve import predicted_change
+from mote_plugin.mote.editor import MoTEEditor, request_key
+from mote_plugin.mote.hparams import MoTEHyperParams
+from mote_plugin.mote.model.capture import capture, layer_outputs
+from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.mote.model.stats import corpus_texts
+from mote_plugin.mote.mote_main import apply_mote_to_model
 from mote_plugin.testbed.model import ModelSize, make_config, make_model
 from mote_plugin.testbed.tokenizer import special_ids, train_tokenizer
 

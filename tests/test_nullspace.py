@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 from mote_plugin.mote.algebra.nullspace import kept_directions, nullspace_projectors, preserved_energy
 
-
 torch.set_num_threads(1)
 
 

@@ -13,11 +13,11 @@ import yaml
 from mote_plugin import apply_edit, inspect_edit, revert_edit, save_edit
 from mote_plugin.adapters import get_adapter
 from mote_plugin.cli import main
-from mote_plugin.mote.patches.history import compact, record_call
-from mote_plugin.mote.editor import EditState
-from mote_plugin.mote.mote_main import apply_mote_to_model
-from mote_plugin.mote.model.stats import corpus_texts
 from mote_plugin.mote.algebra.update import ExpertUpdate
+from mote_plugin.mote.editor import EditState
+from mote_plugin.mote.model.stats import corpus_texts
+from mote_plugin.mote.mote_main import apply_mote_to_model
+from mote_plugin.mote.patches.history import compact, record_call
 from mote_plugin.testbed.tokenizer import train_tokenizer
 from test_mote_main import REQUESTS, hparams, tiny_model
 
@@ -263,8 +263,8 @@ def test_cli_edit_apply_revert_inspect(tok, tmp_path, capsys):
 
 
 def test_fixup_positions_are_stored_as_a_bitmask_or_as_indices_whichever_is_smaller():
-    from mote_plugin.mote.patches.history import FixUp
     from mote_plugin.mote.patches.files import _fixup_tensors, _read_fixups
+    from mote_plugin.mote.patches.history import FixUp
 
     params = {"w": {"shape": [3, 7, 5], "dtype": "bfloat16"}}  # 105 entries: a bitmask of 14 bytes
     for n, stored in ((3, "index"), (40, "mask")):

@@ -126,10 +126,10 @@ def test_hparams_class_without_host(monkeypatch):
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """Tiny OLMoE / Qwen3-MoE checkpoints with a tokenizer, in directories named as their families."""
-    from test_adapters import olmoe, qwen3_moe
-    from test_mote_main import REQUESTS
     from mote_plugin.mote.model.stats import corpus_texts
     from mote_plugin.testbed.tokenizer import train_tokenizer
+    from test_adapters import olmoe, qwen3_moe
+    from test_mote_main import REQUESTS
 
     tok = train_tokenizer(list(corpus_texts(None))[:100] + [r["prompt"] for r in REQUESTS], 64)
     root = tmp_path_factory.mktemp("models")

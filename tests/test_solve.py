@@ -16,7 +16,6 @@ from mote_plugin.mote.algebra.solve import (
 from mote_plugin.mote.algebra.tucker import TuckerFactors
 from reference import direct_ridge
 
-
 torch.set_num_threads(1)
 f64 = torch.float64
 

@@ -10,9 +10,9 @@ import torch
 from mote_plugin.testbed import ARCHS, BuildOptions, ModelSize, TrainConfig, build, load
 from mote_plugin.testbed.__main__ import main
 from mote_plugin.testbed.build import weights_hash
+from mote_plugin.testbed.data import facts_from_json
 from mote_plugin.testbed.model import make_config
 from mote_plugin.testbed.probes import knowledge_report
-from mote_plugin.testbed.data import facts_from_json
 
 TINY = BuildOptions(
     facts=24, vocab_size=600, corpus_chars=20_000, probe_facts=2,

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from mote_plugin.testbed.data import (
-    DataError,
     PACKAGE_DATA,
+    DataError,
     build_facts,
     load_relations,
     profile_facts,

@@ -13,7 +13,6 @@ from mote_plugin.mote.algebra.tucker import (
     tucker_factors,
 )
 
-
 torch.set_num_threads(1)
 
 

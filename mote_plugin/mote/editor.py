@@ -205,11 +205,11 @@ class MoTEEditor:
 
     @property
     def record_history(self) -> bool:
+        """Whether edits are recorded for `save_edit` (set False for e.g. thousands of benchmark edits)."""
         return self.state.record_history
 
     @record_history.setter
     def record_history(self, value: bool) -> None:
-        """False: keep no edit history (e.g. thousands of benchmark edits); `save_edit` then has nothing to save."""
         self.state.record_history = value
 
     def reset(self) -> None:
@@ -246,7 +246,8 @@ class MoTEEditor:
                 with _right_padding(self.model, self.tok):
                     edit = self._edit(_Edit(requests, adapter, blocks), precomputed_targets, progress)
                 if state.record_history and edit.requests:
-                    record_call(state.history, self.model, edit.requests, hp.to_dict(), edit.writes, originals)
+                    record_call(state.history, self.model, edit.requests, hp.to_dict(), edit.writes, originals,
+                                adapter, blocks)
                 offload.store(self.model, params)  # last: nothing after it can fail
             except BaseException:
                 copy_into(params, originals)

@@ -34,7 +34,6 @@ from .algebra.tucker import WHITENINGS
 from .model.compute_z import OBJECTIVES, VStarConfig
 from .model.lookup import FACT_TOKENS
 
-
 log = logging.getLogger(__name__)
 
 SPREADS = ("core", "residual", "layerwise")

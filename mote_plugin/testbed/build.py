@@ -27,8 +27,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .._version import __version__
 from . import probes
-from .data import (PACKAGE_DATA, build_facts, facts_to_json, load_relations, profile_facts, read_corpus, relation_objects,
-                   unedited_facts)
+from .data import (
+    PACKAGE_DATA,
+    build_facts,
+    facts_to_json,
+    load_relations,
+    profile_facts,
+    read_corpus,
+    relation_objects,
+    unedited_facts,
+)
 from .model import ModelSize, make_config, make_model
 from .tokenizer import special_ids, train_tokenizer
 from .train import TrainConfig, statement, train

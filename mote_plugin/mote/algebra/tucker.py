@@ -22,7 +22,6 @@ import torch
 
 from .eig import run_side_by_side
 
-
 MODES = ("e", "out", "in")
 WHITENINGS = ("none", "in", "out", "both")
 

@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..._version import __version__
 from .capture import forward_block_inputs, input_device, moe_blocks
 from .lookup import pad_right
-from ..._version import __version__
 from .offload import state_items
 
 log = logging.getLogger(__name__)

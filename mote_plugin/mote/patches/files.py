@@ -31,8 +31,7 @@ from ..editor import EditState
 from ..model import offload
 from ..model.capture import moe_blocks
 from ..model.stats import atomic_save_file, model_fingerprint
-from .history import (EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay,
-                      sample_values)
+from .history import EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay, sample_values
 
 log = logging.getLogger(__name__)
 

@@ -164,14 +164,17 @@ def _jsonable(obj):
 
 
 def record_call(history: EditHistory, model: nn.Module, requests: list[dict], hparams: dict,
-                writes: list[tuple[int, ExpertUpdate]], originals: dict[str, torch.Tensor]) -> None:
+                writes: list[tuple[int, ExpertUpdate]], originals: dict[str, torch.Tensor], adapter=None,
+                blocks: dict[int, nn.Module] | None = None) -> None:
     """Append a successful call to `history`: `writes` as written (layer, ExpertUpdate), `originals` the changed
-    parameters before the call. If the changed parameters were modified outside MoTE since the last recorded call
-    (e.g. a host restored them), the history restarts with this call. History is only changed at the end."""
+    parameters before the call; `adapter` and `blocks` (layer -> MoE block) those of the edit, looked up when not
+    given. If the changed parameters were modified outside MoTE since the last recorded call (e.g. a host restored
+    them), the history restarts with this call. History is only changed at the end."""
     if not writes:
         return
-    adapter = get_adapter(model)
-    blocks = moe_blocks(model, adapter, sorted({layer for layer, _ in writes}))
+    if adapter is None or blocks is None:
+        adapter = get_adapter(model)
+        blocks = moe_blocks(model, adapter, sorted({layer for layer, _ in writes}))
     names = down_param_names(model, adapter, blocks)
     params = {n: model.get_parameter(n) for n in originals}
     fresh = not history.calls
