@@ -356,7 +356,36 @@ def _table(rows: dict, extra: dict | None = None) -> list[str]:
 def rank_rows(res: dict, cfg: dict) -> dict:
     """The test rows of the methods with a `rank_scale`, by scale."""
     return {str(o["rank_scale"]): res["test"][n] for n, o in cfg["methods"].items()
-            if "rank_scale" in (o or {}) and n in res.get("test", {})}
+            if "rank_scale" in (o or {}) and o.get("spread") == "core" and n in res.get("test", {})}
+
+
+# The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's core
+# spread at those ranks, the rank the dev split picks (MoTE x4), full rank, and the two strongest other solvers.
+HEADLINE = {"MoTE-residual": "MoTE: testbed YAML (real ranks' ratios, residual spread)",
+            "MoTE": "MoTE: same ranks, the paper's core spread", "MoTE x4": "MoTE: ranks x4, core spread",
+            "MoTE-fullrank": "MoTE: full rank, core spread", "Global-residual": "Global ridge (residual spread)",
+            "MoEEdit-BCD": "MoEEdit-BCD"}
+
+
+def headline(report: dict) -> list[str]:
+    """The unedited model and the HEADLINE rows on every arch's test split, one column per arch: utility [95% interval],
+    then efficacy / generalization / specificity."""
+    archs = {a: r for a, r in report["archs"].items() if "test" in r}
+    head = "| method | " + " | ".join(
+        f"{a} (N = {r['splits']['test'][1] - r['splits']['test'][0] + 1})" for a, r in archs.items()) + " |"
+    lines = [head, "|---" * (len(archs) + 1) + "|"]
+    for method, label in {"unedited": "unedited", **HEADLINE}.items():
+        cells = []
+        for res in archs.values():
+            row = res["test"].get(method)
+            if row is None:
+                cells.append("-")
+                continue
+            lo, hi = row["ci95"]["utility"]
+            cells.append(f"**{row['utility']:.2f}** [{lo:.2f}, {hi:.2f}] · "
+                         + " / ".join(f"{row[k]:.2f}" for k in ("efficacy", "generalization", "specificity")))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -366,7 +395,10 @@ def markdown(report: dict) -> str:
              f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured on "
              "the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
              "bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* does not reach "
-             "its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture included.", ""]
+             "its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture included.", "",
+             "## Headline (test split)", "",
+             "Utility [95% interval] · efficacy / generalization / specificity, after the last test batch.", "",
+             *headline(report), ""]
     for arch, res in report["archs"].items():
         s = res["splits"]
         split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known facts "
@@ -437,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "quality.yaml"))
     parser.add_argument("--arch", nargs="*", help="archs of the config to run (default: all)")
     parser.add_argument("--only", nargs="*", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--methods", nargs="*", help="run only these methods of the config (tune, test, routing), "
+                        "merged into the results already written")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -445,6 +479,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(archs) - set(cfg["builds"])
     if unknown:
         raise SystemExit(f"--arch {sorted(unknown)}: not in the config's builds ({', '.join(cfg['builds'])})")
+    run_cfg = cfg
+    if args.methods:
+        unknown = set(args.methods) - set(cfg["methods"])
+        if unknown:
+            raise SystemExit(f"--methods {sorted(unknown)}: not in the config's methods")
+        if set(args.only) & {"ablations", "basis"}:
+            raise SystemExit("--methods runs the tune, test and routing phases only (add --only tune test)")
+        run_cfg = cfg | {"methods": {m: o for m, o in cfg["methods"].items() if m in args.methods}}
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"archs": {}}
@@ -470,9 +512,11 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             t = time.time()
             if phase == "tune":
-                res[phase] = tune(session, base, split["dev"], cfg, build_report, log)
+                result = tune(session, base, split["dev"], run_cfg, build_report, log)
             else:
-                res[phase] = phases[phase](session, base, split["test"], cfg, res, log)
+                result = phases[phase](session, base, split["test"], run_cfg, res, log)
+            # a run of some methods adds its rows to those of the others
+            res[phase] = res.get(phase, {}) | result if args.methods and phase in ("tune", "test", "routing") else result
             log(f"{phase}: {time.time() - t:.0f} s")
             write_results(out, report)  # after every phase: a long run keeps its parts
         del model, session

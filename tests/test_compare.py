@@ -188,3 +188,14 @@ def test_per_record_scores_regroup_the_items():
                                             {"efficacy": 0.0, "generalization": 1.0, "specificity": None}]
     with pytest.raises(ValueError, match="generalization: 2 items for 3 prompts"):
         per_record(metrics | {"generalization_items": [True, True]}, records)
+
+
+def test_a_row_runs_the_algorithm_of_its_yaml(tmp_path):
+    """A `methods:` row's name is a label: its YAML's alg_name picks the editor, so one comparison can hold several MoTE
+    rows; a missing YAML is refused with the row's name before any model is built."""
+    from mote_plugin.experiments.compare import method_alg
+
+    assert method_alg("MoTE full rank", MOTE_YAML) == "MoTE"
+    assert method_alg("a label", str(ROOT / "hparams/MEMIT/testbed-qwen3_moe")) == "MEMIT"
+    with pytest.raises(ValueError, match="methods: Global: no hyper-parameter file"):
+        CompareConfig.from_yaml(write_config(tmp_path, tmp_path, methods={"Global": str(tmp_path / "none.yaml")}))

@@ -77,7 +77,7 @@ class CompareConfig:
             if "batch_size" in overrides:
                 raise ValueError(f"{path}: methods: {name}: batch_size is the comparison's own (the config's "
                                  f"batch_size: {cfg.batch_size}), the same for every method")
-            if method_alg(hp_path) == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
+            if method_alg(name, hp_path) == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
                 MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: {name}", **overrides)
         if cfg.n < 1 or cfg.batch_size < 1:
             raise ValueError(f"{path}: n and batch_size must be >= 1")
@@ -91,13 +91,16 @@ class CompareConfig:
         return cfg
 
 
-def method_alg(hp_path: str) -> str:
-    """The editing algorithm of a `methods:` row: its YAML's alg_name (a row's name is only its label, so a comparison
-    may hold several rows of one algorithm, e.g. MoTE at two rank settings)."""
-    with open(Path(hp_path).with_suffix(".yaml") if not str(hp_path).endswith(".yaml") else hp_path) as f:
-        alg = (yaml.safe_load(f) or {}).get("alg_name")
+def method_alg(name: str, hp_path: str) -> str:
+    """The editing algorithm of the `methods:` row `name`: its YAML's alg_name (a row's name is only its label, so a
+    comparison may hold several rows of one algorithm, e.g. MoTE at two rank settings)."""
+    path = Path(hp_path if str(hp_path).endswith(".yaml") else f"{hp_path}.yaml")
+    if not path.is_file():
+        raise ValueError(f"methods: {name}: no hyper-parameter file {path} (relative paths are read from the working "
+                         f"directory, {Path.cwd()})")
+    alg = (yaml.safe_load(path.read_text()) or {}).get("alg_name")
     if not isinstance(alg, str):
-        raise ValueError(f"{hp_path}: no alg_name")
+        raise ValueError(f"methods: {name}: {path} has no alg_name")
     return alg
 
 
@@ -236,7 +239,7 @@ def _host_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, 
 def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host, before: dict) -> MethodResult:
     """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the weights."""
     hp_path, overrides = method_spec(name, entry)
-    alg = method_alg(hp_path)
+    alg = method_alg(name, hp_path)
     if alg == "MoTE":
         from ..adapters import get_adapter
 
