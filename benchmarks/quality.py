@@ -1,4 +1,5 @@
-"""MoTE's quality as a method: every setting chosen on a dev split of known facts, every number reported on a test split.
+"""MoTE's quality as a method: every setting chosen on a dev split of known facts, every number reported on a test
+split.
 
     python benchmarks/quality.py                                    # benchmarks/configs/quality.yaml, all phases
     python benchmarks/quality.py --arch qwen3_moe --only tune test  # some archs / phases (results are merged)
@@ -11,15 +12,16 @@ Per fact model (the `builds:` of the config, built from the data shipped with th
   tune       per method, every combination of the `tune:` grid (on top of the arch's testbed YAML and the method's own
              overrides) edits the dev facts in sequential batches; the best dev utility wins (ties: grid order).
              `layers: [-1, 0, 1]` means the build's traced edit band shifted by that many layers; a method's
-             `rank_scale: s` multiplies the YAML's Tucker ranks (rounded up, capped at the mode size; `full`: full size).
+             `rank_scale: s` multiplies the YAML's Tucker ranks (rounded up, capped at the mode size; `full`: full
+             size).
   test       each method, with its chosen settings, edits the test facts in sequential batches, v* computed at each
              batch on the model as it then is; metrics after the last batch on all test facts, with 95% bootstrap
              intervals over facts, the requests edited (a request whose v* fails is left out) and each stage's seconds.
   ablations  variants of the chosen settings of each method in `ablate` (whitening, null space, v*) on the test facts,
              not re-tuned.
-  basis      why a rank loses: on the first test batch at the last edited layer, the share of the v* residuals' energy in
-             span(U_out), of the projected keys' in span(U_in), of the routed experts' indicators in span(U_e), and the
-             share of each residual the solved core reproduces, for MoTE's settings and each of `basis_variants`.
+  basis      why a rank loses: on the first test batch at the last edited layer, the share of the v* residuals' energy
+             in span(U_out), of the projected keys' in span(U_in), of the routed experts' indicators in span(U_e), and
+             the share of each residual the solved core reproduces, for MoTE's settings and each of `basis_variants`.
   routing    top-k routing overlap before/after the test edits (the paper's Appendix C.1).
 
 Results are merged into benchmarks/results/quality.json (the `--arch`/`--only` parts re-run replace theirs) and
@@ -58,7 +60,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quality"
 PHASES = ("tune", "test", "ablations", "basis", "routing")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("vstar", "capture", "solve", "writeback")
-CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants", "bootstrap",
+CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants",
+               "bootstrap",
                "seed"}
 
 
@@ -109,7 +112,8 @@ def splits(facts: list[dict], cfg: dict) -> dict[str, list[dict]]:
     known = [f for f in facts if f["known"]]
     dev, test = known[: cfg["dev"]], known[cfg["dev"] : cfg["dev"] + cfg["test"]]
     if len(dev) < cfg["dev"] or len(test) < cfg["batch_size"]:
-        raise SystemExit(f"the build knows {len(known)} facts: too few for dev {cfg['dev']} + one test batch of {cfg['batch_size']}")
+        raise SystemExit(f"the build knows {len(known)} facts: too few for dev {cfg['dev']} + one test batch of "
+                         f"{cfg['batch_size']}")
     return {"dev": dev, "test": test}
 
 
@@ -139,8 +143,10 @@ def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int,
     return dict(zip(("r_e", "r_out", "r_in"), (min(size, math.ceil(r * scale)) for r, size in zip(ranks, shape))))
 
 
-def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tuple[int, int, int], **tuned) -> MoTEHyperParams:
-    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the YAML's ranks), then `tuned`."""
+def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tuple[int, int, int],
+             **tuned) -> MoTEHyperParams:
+    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the YAML's ranks), then
+    `tuned`."""
     overrides = dict(overrides or {})
     scale = overrides.pop("rank_scale", None)
     hp = base.updated(name, **overrides)
@@ -176,7 +182,8 @@ class Session:
         self.model, self.tok, self.cfg = model, tok, cfg
         self.original = {k: v.clone() for k, v in model.state_dict().items()}
         adapter = get_adapter(model)
-        self.shape = tuple(adapter.down_weight(adapter.moe_block(model, adapter.moe_layers(model)[0]), dtype=None).shape)
+        block = adapter.moe_block(model, adapter.moe_layers(model)[0])
+        self.shape = tuple(adapter.down_weight(block, dtype=None).shape)
 
     def restore(self) -> None:
         self.model.load_state_dict(self.original)
@@ -276,9 +283,9 @@ def ablations(session: Session, base: MoTEHyperParams, records: list[dict], cfg:
 
 
 def basis(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
-    """How much of the first test batch's edit the Tucker basis can express, at the last edited layer L (unedited model):
-    energy shares of the residuals R in span(U_out), of the null-space-projected keys in span(U_in), of the routed
-    experts' indicator vectors in span(U_e), and mean <U_out G phi_t, r_t> / ||r_t||^2 after the core solve."""
+    """How much of the first test batch's edit the Tucker basis can express, at the last edited layer L (unedited
+    model): energy shares of the residuals R in span(U_out), of the null-space-projected keys in span(U_in), of the
+    routed experts' indicator vectors in span(U_e), and mean <U_out G phi_t, r_t> / ||r_t||^2 after the core solve."""
     model, tok = session.model, session.tok
     session.restore()
     mote = method_settings(session, base, cfg, result, "MoTE")
@@ -286,7 +293,8 @@ def basis(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dic
     adapter = get_adapter(model)
     L = max(mote.layers)
     z, _ = MoTEEditor(model, tok, mote).targets(reqs, progress=False)  # [T, d]
-    R = (z - layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)).double()
+    h = layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)  # [T, d]
+    R = (z - h).double()
     cap = capture(model, tok, adapter, reqs, [L], mote.fact_token)[L]
     out = {}
     for name, overrides in {"MoTE's settings": {}, **(cfg.get("basis_variants") or {})}.items():
@@ -359,8 +367,8 @@ def rank_rows(res: dict, cfg: dict) -> dict:
             if "rank_scale" in (o or {}) and o.get("spread") == "core" and n in res.get("test", {})}
 
 
-# The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's core
-# spread at those ranks, the rank the dev split picks (MoTE x4), full rank, and the two strongest other solvers.
+# The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's
+# core spread at those ranks, the rank the dev split picks (MoTE x4), full rank, and the two strongest other solvers.
 HEADLINE = {"MoTE-residual": "MoTE: testbed YAML (real ranks' ratios, residual spread)",
             "MoTE": "MoTE: same ranks, the paper's core spread", "MoTE x4": "MoTE: ranks x4, core spread",
             "MoTE-fullrank": "MoTE: full rank, core spread", "Global-residual": "Global ridge (residual spread)",
@@ -392,39 +400,45 @@ def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = ["# MoTE's quality: dev/test protocol on the fact models", "",
              f"Last command: `{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured on "
-             "the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
-             "bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* does not reach "
-             "its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture included.", "",
+             f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured "
+             "on the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
+             "bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* does not "
+             "reach its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture "
+             "included.",
+             "",
              "## Headline (test split)", "",
              "Utility [95% interval] · efficacy / generalization / specificity, after the last test batch.", "",
              *headline(report), ""]
     for arch, res in report["archs"].items():
         s = res["splits"]
-        split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known facts "
-                 f"{s['test'][0]}-{s['test'][1]} (N = {s['test'][1] - s['test'][0] + 1}, {s['batches']} sequential batches of "
-                 f"at most {cfg['batch_size']})")
-        lines += [f"## {arch}", "", f"Build: `{res['build']}` ({s['known']} known facts); edit band traced {res['traced_layers']} "
-                  f"at {res['lookup_token']}; YAML ranks {tuple(res['yaml_ranks'])} of (E, d, h) = {tuple(res['shape'])}. "
-                  f"Splits: {split}.", ""]
+        split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known "
+                 f"facts {s['test'][0]}-{s['test'][1]} (N = {s['test'][1] - s['test'][0] + 1}, {s['batches']} "
+                 f"sequential batches of at most {cfg['batch_size']})")
+        lines += [f"## {arch}", "",
+                  f"Build: `{res['build']}` ({s['known']} known facts); edit band traced {res['traced_layers']} "
+                  f"at {res['lookup_token']}; YAML ranks {tuple(res['yaml_ranks'])} of (E, d, h) = "
+                  f"{tuple(res['shape'])}. Splits: {split}.", ""]
         if "test" in res:
-            lines += ["### Test split", "", *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items()}), ""]
+            lines += ["### Test split", "",
+                      *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items()}), ""]
         ranked = rank_rows(res, cfg)
         if ranked:
             lines += ["### Tucker ranks (each tuned on dev; test split)", "",
                       "| scale of YAML ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
                       "|---" * (len(METRICS) + 3) + "|"]
             lines += [f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
-                      + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |" for scale, row in ranked.items()]
+                      + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |"
+                      for scale, row in ranked.items()]
             lines.append("")
         for method, groups in res.get("ablations", {}).items():
             for group, rows in groups.items():
-                lines += [f"### Ablation: {group} ({method}'s dev-chosen settings otherwise; test split)", "", *_table(rows), ""]
+                lines += [f"### Ablation: {group} ({method}'s dev-chosen settings otherwise; test split)", "",
+                          *_table(rows), ""]
         if "basis" in res:
             lines += ["### What the Tucker basis can express (first test batch, last edited layer, unedited model)", "",
-                      "Energy shares in the span of each factor: the v* residuals R in U_out, the null-space-projected keys "
-                      "in U_in, the routed experts' indicators in U_e; `reproduced`: mean <U_out G phi_t, r_t> / ||r_t||^2 "
-                      "after the core solve (1 = the layer's output moves exactly to z).", "",
+                      "Energy shares in the span of each factor: the v* residuals R in U_out, the null-space-projected "
+                      "keys in U_in, the routed experts' indicators in U_e; `reproduced`: mean <U_out G phi_t, r_t> / "
+                      "||r_t||^2 after the core solve (1 = the layer's output moves exactly to z).", "",
                       "| basis | (r_e, r_out, r_in) | residual in U_out | keys in U_in | experts in U_e | reproduced |",
                       "|---|---|---|---|---|---|"]
             lines += [f"| {n} | {tuple(r['ranks'])} | {r['residual_in_U_out']:.2f} | {r['keys_in_U_in']:.2f} | "
@@ -437,9 +451,10 @@ def markdown(report: dict) -> str:
             lines += [f"| {n} | " + " | ".join(f"{r[l]:.3f}" for l in layers) + " |" for n, r in res["routing"].items()]
             lines.append("")
         if "tune" in res:
-            lines += ["### Dev split (the grid's best per method)", "", *_table({k: v["dev"] for k, v in res["tune"].items()}), "",
-                      f"Grid: `{json.dumps(cfg.get('tune'))}` (`layers`: shifts of the traced band); every grid point's dev "
-                      "metrics are in quality.json.", ""]
+            lines += ["### Dev split (the grid's best per method)", "",
+                      *_table({k: v["dev"] for k, v in res["tune"].items()}), "",
+                      f"Grid: `{json.dumps(cfg.get('tune'))}` (`layers`: shifts of the traced band); every grid "
+                      "point's dev metrics are in quality.json.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -490,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"archs": {}}
-    report |= {"command": shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+    argv_shown = argv if argv is not None else sys.argv[1:]
+    report |= {"command": shlex.join(["python", "benchmarks/quality.py", *argv_shown]),
                "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "config": cfg}
     for arch in archs:
@@ -503,7 +519,8 @@ def main(argv: list[str] | None = None) -> None:
         res |= {"build": json.dumps(cfg["builds"][arch]), "traced_layers": build_report["edit_layers"],
                 "lookup_token": build_report["lookup_token"], "shape": list(session.shape),
                 "yaml_ranks": list(resolve_ranks((base.r_e, base.r_out, base.r_in), session.shape)),
-                "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test], "batches": -(-n_test // cfg["batch_size"]),
+                "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test],
+                           "batches": -(-n_test // cfg["batch_size"]),
                            "known": sum(f["known"] for f in facts)}}
         log = lambda m, arch=arch: print(f"[{arch}] {m}", flush=True)  # noqa: E731
         phases = {"tune": tune, "test": test, "ablations": ablations, "basis": basis, "routing": routing}
@@ -516,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 result = phases[phase](session, base, split["test"], run_cfg, res, log)
             # a run of some methods adds its rows to those of the others
-            res[phase] = res.get(phase, {}) | result if args.methods and phase in ("tune", "test", "routing") else result
+            merge = args.methods and phase in ("tune", "test", "routing")
+            res[phase] = res.get(phase, {}) | result if merge else result
             log(f"{phase}: {time.time() - t:.0f} s")
             write_results(out, report)  # after every phase: a long run keeps its parts
         del model, session

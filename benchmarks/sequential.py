@@ -49,7 +49,8 @@ def edit_records(facts: list[dict], counterfact: Path, n: int, first: int) -> tu
     """(n edit records: `first` known facts, then CounterFact records on other subjects; 100 known facts kept aside)."""
     known = [f for f in facts if f["known"]]
     if first + 100 > len(known):
-        raise ValueError(f"the fact model knows {len(known)} facts; need {first} for the first batch and 100 kept aside")
+        raise ValueError(f"the fact model knows {len(known)} facts; need {first} for the first batch and 100 kept "
+                         "aside")
     with open(counterfact) as f:
         pool = json.load(f)
     seen = {f["subject"] for f in facts}
@@ -78,7 +79,8 @@ def measure(model, tok, first_batch: list[dict], kept: list[dict], text: str) ->
     retained = counterfact_metrics(model, tok, kept)  # efficacy here = P(counterfactual) > P(true) on unedited facts
     weights_finite = all(torch.isfinite(p).all() for p in model.parameters())
     return {"first_batch_efficacy": first["efficacy"], "specificity": first["specificity"],
-            "retained_facts": 1.0 - retained["efficacy"], "perplexity": perplexity(model, tok, text), "finite": bool(weights_finite)}
+            "retained_facts": 1.0 - retained["efficacy"], "perplexity": perplexity(model, tok, text),
+            "finite": bool(weights_finite)}
 
 
 def run(model, tok, records, kept, text, hp, z, batch_size, every, log) -> list[dict]:
@@ -122,10 +124,12 @@ def plot(report: dict, plt):
 def markdown(report: dict) -> str:
     keys = ("first_batch_efficacy", "specificity", "retained_facts", "perplexity")
     lines = ["# Sequential editing at scale (Qwen3-MoE fact model)", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} threads. "
-             f"{report['edits']} edits in batches of {report['batch_size']}; v* precomputed on the unedited model "
-             f"({report['vstar_seconds']:.0f} s for all). Curves: sequential.png.", "",
-             "| method | edits | " + " | ".join(keys) + " | edit time (s) | finite |", "|---|---|" + "---|" * (len(keys) + 2)]
+             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+             f"{report['threads']} threads. {report['edits']} edits in batches of {report['batch_size']}; v* "
+             f"precomputed on the unedited model ({report['vstar_seconds']:.0f} s for all). Curves: sequential.png.",
+             "",
+             "| method | edits | " + " | ".join(keys) + " | edit time (s) | finite |",
+             "|---|---|" + "---|" * (len(keys) + 2)]
     u = report["unedited"]
     lines.append("| unedited | 0 | " + " | ".join(f"{u[k]:.3f}" for k in keys) + " | 0 | True |")
     for name, curve in report["runs"].items():
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     z = {request_key(r): (z[i], float(nll[i])) for i, r in enumerate(requests)}
     for name in args.method:
         print(f"[{name}]")
-        report["runs"][name] = run(model, tok, records, kept, text, MoTEHyperParams(**(hp.to_dict() | METHODS[name])), z,
+        report["runs"][name] = run(model, tok, records, kept, text, MoTEHyperParams(**(hp.to_dict() | METHODS[name])),
+                                   z,
                                    args.batch_size, args.every, print)
     write_results(args.out, report, markdown(report), {"": lambda plt: plot(report, plt)})
     print(markdown(report))

@@ -18,7 +18,8 @@ from mote_plugin.experiments.compare import CompareConfig, compare, markdown
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="comparison YAML (model, methods, dataset, data, n, batch_size, out)")
+    parser.add_argument("--config", required=True,
+                        help="comparison YAML (model, methods, dataset, data, n, batch_size, out)")
     parser.add_argument("--n", type=int, help="override the number of records")
     parser.add_argument("--batch-size", type=int, help="override the batch size")
     parser.add_argument("--out", help="override the results directory")

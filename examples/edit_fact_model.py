@@ -50,7 +50,8 @@ def main() -> None:
     print(f"\nMoTE, {len(records)} CounterFact edits in one batch on the {args.arch} fact model ({seconds:.1f} s)\n")
     print("| | efficacy | generalization | specificity | utility |\n|---|---|---|---|---|")
     for name, m in (("unedited", before), ("MoTE", after)):
-        print(f"| {name} | {m['efficacy']:.3f} | {m['generalization']:.3f} | {m['specificity']:.3f} | {m['utility']:.3f} |")
+        print(f"| {name} | {m['efficacy']:.3f} | {m['generalization']:.3f} | {m['specificity']:.3f} | "
+              f"{m['utility']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def cmd_edit(args) -> None:
     if device_map is not None and save_to is not None:
         raise CLIError("--save-model needs the whole model in memory; with --device-map keep the patch and "
                        "`mote apply` it where the model fits")
-    device = hp.torch_device() if device_map is None else None  # a device this torch cannot use: before the weights load
+    # a device this torch cannot use: before the weights load
+    device = hp.torch_device() if device_map is None else None
     model = _load_model(src, device_map, args.offload_folder)
     if device is not None:
         model = model.to(device)
@@ -146,7 +147,8 @@ def cmd_edit(args) -> None:
         model, _ = apply_mote_to_model(model, tok, requests[start : start + hp.batch_size], hp)
     path = save_edit(model, args.out)
     calls = -(-len(requests) // hp.batch_size)
-    print(f"edited {len(requests)} request(s) in {calls} call(s) of up to batch_size {hp.batch_size}; patch written to {path}")
+    print(f"edited {len(requests)} request(s) in {calls} call(s) of up to batch_size {hp.batch_size}; patch written to "
+          f"{path}")
     if save_to is not None:
         _save_model(model.cpu(), src, save_to)
         print(f"edited model written to {save_to}")
@@ -216,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--hparams", required=True, help="MoTE hyper-parameters (YAML; '.yaml' may be left out)")
     e.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyper-parameter of the YAML, the value read as YAML (e.g. --set layers=[1,2] "
-                        "--set batch_size=50); repeatable. Requests are edited in calls of batch_size, one after another")
+                        "--set batch_size=50); repeatable. Requests are edited in calls of batch_size, one after "
+                        "another")
     e.add_argument("--requests", required=True, help="JSON list of {prompt, subject, target_new}")
     e.add_argument("--model", required=True, help="local Hugging Face model directory")
     e.add_argument("--out", required=True, help="patch file to write (.safetensors)")

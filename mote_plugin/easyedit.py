@@ -80,12 +80,12 @@ def _host_modules():
     except Exception as e:
         version = _installed_version()
         if version and version.startswith("0.0."):
-            raise HostError(f"easyeditor {version} (the stale PyPI release) does not import here ({type(e).__name__}: {e}); "
-                            f"MoTE needs the current EasyEdit: {HOST_HINT}") from e
+            raise HostError(f"easyeditor {version} (the stale PyPI release) does not import here ({type(e).__name__}: "
+                            f"{e}); MoTE needs the current EasyEdit: {HOST_HINT}") from e
         raise
     if "AlphaEdit" not in alg_dict.ALG_DICT:
-        raise HostError(f"the importable easyeditor ({alg_dict.__file__}) is the stale 2023 release (its ALG_DICT has no "
-                        f"AlphaEdit); MoTE needs the current EasyEdit: {HOST_HINT}")
+        raise HostError(f"the importable easyeditor ({alg_dict.__file__}) is the stale 2023 release (its ALG_DICT has "
+                        f"no AlphaEdit); MoTE needs the current EasyEdit: {HOST_HINT}")
     return alg_dict, importlib.import_module("easyeditor.editors.batch_editor")
 
 
@@ -131,8 +131,9 @@ def load_model(model_name: str, hparams):
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, device_map=device_map)
         tok = AutoTokenizer.from_pretrained(model_name)
     except Exception as e:
-        raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load the "
-                         f"model yourself and set `hparams.model_name = (model, tok)` before BaseEditor.from_hparams") from e
+        raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load "
+                         "the model yourself and set `hparams.model_name = (model, tok)` before "
+                         "BaseEditor.from_hparams") from e
     if tok.pad_token_id is None:
         tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "left"
@@ -169,9 +170,9 @@ def _wrap_base_editor(editor_module) -> None:
 
 
 def _bind_hyperparams(host_base: type) -> None:
-    """Make `MoTEHyperParams` a subclass of the host's `HyperParams` (in place of its placeholder base, `HostHyperParams`),
-    so that code written for EasyEdit's classes (`isinstance(hparams, HyperParams)`, `from_json`) accepts it. Its own
-    methods (`from_hparams`, `to_dict`) take precedence; EasyEdit's `HyperParams` adds no fields."""
+    """Make `MoTEHyperParams` a subclass of the host's `HyperParams` (in place of its placeholder base,
+    `HostHyperParams`), so that code written for EasyEdit's classes (`isinstance(hparams, HyperParams)`, `from_json`)
+    accepts it. Its own methods (`from_hparams`, `to_dict`) take precedence; EasyEdit's `HyperParams` adds no fields."""
     from .mote.hparams import HostHyperParams, MoTEHyperParams
 
     base = host_base if isinstance(host_base, type) and host_base is not object else HostHyperParams
@@ -196,7 +197,8 @@ def register(strict: bool = False) -> HostStatus:
     except Exception as e:
         if strict:
             raise
-        reason = str(e) if isinstance(e, (ImportError, HostError)) else f"easyeditor failed to import ({type(e).__name__}: {e})"
+        known = isinstance(e, (ImportError, HostError))
+        reason = str(e) if known else f"easyeditor failed to import ({type(e).__name__}: {e})"
         log.info("MoTE not registered with EasyEdit: %s", reason)
         return HostStatus(False, reason)
     alg_dict.ALG_DICT[ALG_NAME] = apply_mote

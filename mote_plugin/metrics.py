@@ -26,7 +26,8 @@ class TargetScores:
 
 
 @torch.no_grad()
-def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64, edit_hook=None) -> TargetScores:
+def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64,
+                  edit_hook=None) -> TargetScores:
     """Score each target after its prompt. `edit_hook(batch, prompt_lengths)` may install temporary
     hooks for the batch (used by probes that add a vector to a hidden state); it returns a remover."""
     device = input_device(model)
@@ -193,7 +194,8 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     moved = (preserved1 - preserved0).norm(dim=1)  # [N]
     edit_change = (edit1 - edit0).norm(dim=1).mean()
     if not edit_change > 0:
-        raise ValueError(f"the edit did not change the experts' output of layer {layer} at the edit keys: no ratio to report")
+        raise ValueError(f"the edit did not change the experts' output of layer {layer} at the edit keys: no ratio to "
+                         "report")
     rel = moved / edit_change
     q = torch.quantile(rel, torch.tensor([0.5, 0.9, 0.99], dtype=rel.dtype, device=rel.device)).tolist()
     return {"ratio": rel.mean().item(), "median": q[0], "p90": q[1], "p99": q[2], "max": rel.max().item(),

@@ -45,7 +45,10 @@ REDUCED_BUILDS = {arch: dict(facts=24, skip_facts=200, subject_tokens=False, pro
 def reduced_build_options(arch: str):
     from mote_plugin.testbed import BuildOptions
 
-    spec = yaml.safe_load(DEMO_CONFIG.read_text())["build"] if arch == "qwen3_moe" else REDUCED_BUILDS[arch] | {"arch": arch}
+    if arch == "qwen3_moe":
+        spec = yaml.safe_load(DEMO_CONFIG.read_text())["build"]
+    else:
+        spec = REDUCED_BUILDS[arch] | {"arch": arch}
     return BuildOptions.from_dict(spec)
 
 

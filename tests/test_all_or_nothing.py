@@ -46,7 +46,8 @@ STAGES = [
 @pytest.mark.parametrize("error", [Injected, KeyboardInterrupt])
 @pytest.mark.parametrize("spread", ["core", "residual"])
 @pytest.mark.parametrize("stage,module,name,ok_calls", STAGES, ids=[s[0] for s in STAGES])
-def test_failure_at_every_stage_changes_nothing(tok, tmp_path, monkeypatch, stage, module, name, ok_calls, spread, error):
+def test_failure_at_every_stage_changes_nothing(tok, tmp_path, monkeypatch, stage, module, name, ok_calls, spread,
+                                                error):
     model = tiny_model(tok)
     hp = hparams(tmp_path, spread=spread, sequential_memory=True)
     apply_mote_to_model(model, tok, REQUESTS[:2], hp)  # a first, successful edit: memory and history exist

@@ -37,7 +37,8 @@ def test_global_solve_is_the_primal_ridge_minimiser():
     keys, gates, idx, R, E = problem()
     lam = 0.3
     psi = dense_psi(keys, gates, idx, E)  # [T, E*h]
-    primal = torch.linalg.solve(psi.T @ psi + lam * torch.eye(psi.shape[1], dtype=torch.float64), psi.T @ R).T  # [d, E*h]
+    # [d, E*h]
+    primal = torch.linalg.solve(psi.T @ psi + lam * torch.eye(psi.shape[1], dtype=torch.float64), psi.T @ R).T
     expected = primal.reshape(R.shape[1], E, -1).permute(1, 0, 2)  # [E, d, h]
     update = global_solve(keys, gates, idx, R, lam)
     torch.testing.assert_close(update.dense(E).double(), expected, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,6 @@
-"""examples/compare_editors.py and mote_plugin.experiments.compare without a host: MoTE on the fact model, baselines reported as
-unavailable, MoTE not applicable on a dense model, bad configurations refused. (With EasyEdit on PYTHONPATH the
-host methods run too: tests/test_easyedit_host.py.)"""
+"""examples/compare_editors.py and mote_plugin.experiments.compare without a host: MoTE on the fact model, baselines
+reported as unavailable, MoTE not applicable on a dense model, bad configurations refused. (With EasyEdit on
+PYTHONPATH the host methods run too: tests/test_easyedit_host.py.)"""
 
 import json
 import subprocess
@@ -95,7 +95,8 @@ def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
     assert method_spec("MoTE", {"hparams": mote_yaml, "v_weight_decay": 3}) == (mote_yaml, {"v_weight_decay": 3})
     out_dir, _ = reduced_fact_model("qwen3_moe")
     model, tok, facts, _ = load(out_dir)
-    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=1, methods={"MoTE": {"hparams": mote_yaml, "layers": [9]}}))
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=1,
+                                               methods={"MoTE": {"hparams": mote_yaml, "layers": [9]}}))
     before = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(ValueError, match="layer 9 is out of range"):
         run_method("MoTE", cfg.methods["MoTE"], model, tok, [f for f in facts if f["known"]][:1], cfg, None, {})
@@ -137,7 +138,8 @@ def test_bad_config(tmp_path, change, match):
 
 def test_records_without_subject_are_refused(reduced_fact_model, tmp_path):
     data = tmp_path / "cf.json"
-    data.write_text(json.dumps([{"case_id": 1, "prompt": "Paris is in", "target_new": "Italy", "ground_truth": "France"}]))
+    data.write_text(json.dumps([{"case_id": 1, "prompt": "Paris is in", "target_new": "Italy",
+                                 "ground_truth": "France"}]))
     out_dir, _ = reduced_fact_model("qwen3_moe")
     cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, data=str(data), n=1))
     with pytest.raises(ValueError, match="no `subject`"):
@@ -147,11 +149,13 @@ def test_records_without_subject_are_refused(reduced_fact_model, tmp_path):
 def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path, caplog):
     """zsRE records (MEND/MEMIT format) through the comparison: argmax metrics, specificity against the unedited
     model's own predictions on the unrelated questions. The fact model never learnt zsRE's answers (multi-piece names
-    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned per request, such a
-    request is left out of the edit, and the metrics say so (nothing is claimed for zsRE on the fact model)."""
+    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned per request,
+    such a request is left out of the edit, and the metrics say so (nothing is claimed for zsRE on the fact model)."""
     out_dir, _ = reduced_fact_model("qwen3_moe")
-    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre", data=str(shared_data / "zsre/zsre-eval.json"),
-                                               n=4, batch_size=4, methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre",
+                                               data=str(shared_data / "zsre/zsre-eval.json"),
+                                               n=4, batch_size=4,
+                                               methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
     report = compare(cfg, log=lambda m: None)
     unedited, mote = (r["metrics"] for r in report["results"])
     assert unedited["specificity"] == 1.0 and unedited["efficacy"] < 0.5

@@ -56,7 +56,8 @@ def memit_reference(model, tok, request: dict, layer: int, cfg: VStarConfig, tem
                            for i in range(n)]).mean()
         kl_lp = logp[n, lookup[n]]
         kl_init = kl_lp.detach() if kl_init is None else kl_init
-        kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[None], kl_lp[None], log_target=True, reduction="batchmean")
+        kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[None], kl_lp[None], log_target=True,
+                                                        reduction="batchmean")
         loss = nll + kl + cfg.v_weight_decay * delta.norm() / state["h"].norm() ** 2
         if loss < 5e-2 or it == cfg.v_num_grad_steps - 1:
             break

@@ -43,7 +43,8 @@ def test_baseline_yaml_loads(path):
 
 
 # the real checkpoints' decoder-layer counts and transformers-5 architectures (config.json of each model)
-REAL_MODELS = {"qwen3-30b-a3b": ("qwen3_moe", 48), "gpt-oss-20b": ("gpt_oss", 24), "qwen3.6-35b-a3b": ("qwen3_5_moe", 40)}
+REAL_MODELS = {"qwen3-30b-a3b": ("qwen3_moe", 48), "gpt-oss-20b": ("gpt_oss", 24),
+               "qwen3.6-35b-a3b": ("qwen3_5_moe", 40)}
 
 
 @pytest.mark.parametrize("name", sorted(REAL_MODELS))
@@ -78,4 +79,5 @@ def test_testbed_yaml_fits_its_architecture(path):
 
     hp = MoTEHyperParams.from_hparams(path)
     size = ModelSize(d_model=16, layers=4, heads=2, experts=4, top_k=2, expert_hidden=8, max_positions=32)
-    hp.check_against_model(make_model(make_config(path.stem.removeprefix("testbed-").removesuffix("-fullrank"), 64, size, {})))
+    hp.check_against_model(make_model(make_config(path.stem.removeprefix("testbed-").removesuffix("-fullrank"), 64,
+                                                  size, {})))

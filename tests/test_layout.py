@@ -84,8 +84,8 @@ def test_algebra_is_pure_tensor_code():
 def test_importing_the_package_registers_nothing():
     """`import mote_plugin` and the editor import no host and register nothing, even after `import easyeditor`."""
     fake = ROOT / "tests" / "fake_hosts" / "current"
-    code = ("import sys; sys.path.insert(0, %r); import easyeditor, mote_plugin; "
+    code = (f"import sys; sys.path.insert(0, {str(fake)!r}); import easyeditor, mote_plugin; "
             "from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, save_edit; "
-            "from easyeditor.util.alg_dict import ALG_DICT; assert 'MoTE' not in ALG_DICT, ALG_DICT; print('ok')") % str(fake)
+            "from easyeditor.util.alg_dict import ALG_DICT; assert 'MoTE' not in ALG_DICT, ALG_DICT; print('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -22,7 +22,8 @@ from mote_plugin.testbed.tokenizer import special_ids, train_tokenizer
 REQUESTS = [
     {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
     {"prompt": "Toko Yasuda, the", "subject": "Toko Yasuda", "target_new": "piano"},
-    {"prompt": "Autonomous University of Madrid, which is located in", "subject": "Autonomous University of Madrid", "target_new": "Sweden"},
+    {"prompt": "Autonomous University of Madrid, which is located in", "subject": "Autonomous University of Madrid",
+     "target_new": "Sweden"},
     {"prompt": "What is the twin city of Wellington? It is", "subject": "Wellington", "target_new": "Sheffield"},
 ]
 
@@ -98,7 +99,8 @@ def test_full_rank_small_lambda_reproduces_the_residual(tok, tmp_path):
 def test_return_orig_weights_restores_bit_exactly(tok, tmp_path, spread):
     model = tiny_model(tok)
     before = state(model)
-    model, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, spread=spread), return_orig_weights=True)
+    model, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, spread=spread),
+                                              return_orig_weights=True)
     assert not same(model, before)
     assert set(weights_copy) == {"model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"}
     with torch.no_grad():
@@ -200,7 +202,8 @@ def test_sequential_memory_keeps_earlier_edits(tok, tmp_path):
     drift = {}
     for memory in (False, True):
         model = tiny_model(tok)
-        hp = hparams(tmp_path, layers=[1], sequential_memory=memory, nullspace=False, whitening="none", mote_lambda=1e-6)
+        hp = hparams(tmp_path, layers=[1], sequential_memory=memory, nullspace=False, whitening="none",
+                     mote_lambda=1e-6)
         first, second = normalise_requests(REQUESTS[:2]), normalise_requests(REQUESTS[2:])
         apply_mote_to_model(model, tok, first, hp)
         h1 = layer_outputs(model, tok, first, "model.layers.1", hp.fact_token, hp.max_length)
@@ -224,7 +227,8 @@ def test_unstructured_solvers_reproduce_the_residual(tok, tmp_path, solver):
     assert rel < 1e-2, rel
 
 
-@pytest.mark.parametrize("solver,spread", [("global", "core"), ("bcd", "core"), ("bcd", "layerwise"), ("mote", "layerwise")])
+@pytest.mark.parametrize("solver,spread",
+                         [("global", "core"), ("bcd", "core"), ("bcd", "layerwise"), ("mote", "layerwise")])
 def test_solvers_and_spreads_edit_routed_experts_and_restore(tok, tmp_path, solver, spread):
     """Every solver/spread pair edits each configured layer; the unstructured solvers touch only experts that the
     edits route to (at the solve layer) or whose projector lets the transplanted update through; restore is exact."""
@@ -256,7 +260,8 @@ def test_lambda_grows_with_edits_when_asked(tok, tmp_path, monkeypatch):
 def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypatch):
     calls = []
     real = editor.compute_targets
-    monkeypatch.setattr(editor, "compute_targets", lambda *a, **k: calls.extend(r["subject"] for r in a[2]) or real(*a, **k))
+    monkeypatch.setattr(editor, "compute_targets", lambda *a,
+                        **k: calls.extend(r["subject"] for r in a[2]) or real(*a, **k))
     hp = hparams(tmp_path, layers=[1], vstar_cache_dir=str(tmp_path / "vstar"))
     first = tiny_model(tok)
     apply_mote_to_model(first, tok, REQUESTS, hp)

@@ -1,6 +1,6 @@
-"""Models dispatched by accelerate with disk or CPU offload (mote/model/offload.py, docs/large-models.md): the edit is the
-same as on the model in memory, only the edited blocks are loaded, nothing on disk is written, all-or-nothing holds,
-sequential edits and patches work."""
+"""Models dispatched by accelerate with disk or CPU offload (mote/model/offload.py, docs/large-models.md): the edit is
+the same as on the model in memory, only the edited blocks are loaded, nothing on disk is written, all-or-nothing
+holds, sequential edits and patches work."""
 
 import hashlib
 
@@ -174,7 +174,8 @@ def test_cli_edits_a_disk_offloaded_model_into_the_same_patch(tok, tmp_path, cap
     edit = ["edit", "--hparams", str(tmp_path / "hp.yaml"), "--requests", str(tmp_path / "requests.json"),
             "--model", str(tmp_path / "base")]
     assert main([*edit, "--out", str(tmp_path / "in-memory.safetensors")]) == 0
-    assert main([*edit, "--out", str(tmp_path / "offloaded.safetensors"), "--device-map", json.dumps(device_map("disk")),
+    assert main([*edit, "--out", str(tmp_path / "offloaded.safetensors"), "--device-map",
+                 json.dumps(device_map("disk")),
                  "--offload-folder", str(tmp_path / "offload")]) == 0
     a, b = load_patch(tmp_path / "in-memory.safetensors"), load_patch(tmp_path / "offloaded.safetensors")
     assert a.meta["edited_fingerprint"] == b.meta["edited_fingerprint"] != a.meta["base_fingerprint"]

@@ -1,6 +1,6 @@
-"""Edit patches (mote_plugin.mote.patches.files) and the `mote` CLI on tiny random MoE models: save -> apply on a fresh copy of the
-base is bit-exact, revert gives the base back bit-exactly, wrong or damaged patches are refused with the weights
-untouched, an fp32 patch applies to a bf16 copy within the documented tolerance."""
+"""Edit patches (mote_plugin.mote.patches.files) and the `mote` CLI on tiny random MoE models: save -> apply on a fresh
+copy of the base is bit-exact, revert gives the base back bit-exactly, wrong or damaged patches are refused with the
+weights untouched, an fp32 patch applies to a bf16 copy within the documented tolerance."""
 
 import copy
 import json
@@ -151,13 +151,15 @@ def test_fp32_patch_on_a_bf16_copy_is_within_the_documented_tolerance(edits):
     assert not apply_edit(model, path, exact=False)["exact"]
     u = 2.0**-8
     for name in EDITED:
-        b, e, x = base.get_parameter(name).detach(), edited.get_parameter(name).detach(), edits.middle[torch.float32][name]
+        b, e = base.get_parameter(name).detach(), edited.get_parameter(name).detach()
+        x = edits.middle[torch.float32][name]
         got = model.get_parameter(name).detach().float()
         err = (got - e.bfloat16().float()).abs()
         assert (err <= 2 * u * e.abs() + u * (b.abs() + (x - b).abs() + (e - x).abs() + x.abs())).all()
     revert_edit(model, path, exact=False)
     for name in EDITED:  # back to the bf16 base within twice that (the calls undone in reverse order)
-        b, e, x = base.get_parameter(name).detach(), edited.get_parameter(name).detach(), edits.middle[torch.float32][name]
+        b, e = base.get_parameter(name).detach(), edited.get_parameter(name).detach()
+        x = edits.middle[torch.float32][name]
         err = (model.get_parameter(name).detach().float() - b.bfloat16().float()).abs()
         assert (err <= 2 * (2 * u * b.abs() + u * (e.abs() + (x - b).abs() + (e - x).abs() + x.abs()))).all()
     for name, value in model.state_dict().items():  # the other parameters are untouched
@@ -238,7 +240,8 @@ def test_cli_edit_apply_revert_inspect(tok, tmp_path, capsys):
     assert main(["apply", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "applied")]) == 0
     assert (tmp_path / "applied" / "tokenizer.json").is_file()
     assert same_bits(load_dir(tmp_path / "applied"), bits(load_dir(tmp_path / "edited")))
-    assert main(["revert", "--model", str(tmp_path / "applied"), "--patch", str(patch), "--out", str(tmp_path / "reverted")]) == 0
+    assert main(["revert", "--model", str(tmp_path / "applied"), "--patch", str(patch), "--out",
+                 str(tmp_path / "reverted")]) == 0
     assert same_bits(load_dir(tmp_path / "reverted"), bits(load_dir(base_dir)))
     capsys.readouterr()
     assert main(["inspect", str(patch)]) == 0
@@ -252,10 +255,14 @@ def test_cli_edit_apply_revert_inspect(tok, tmp_path, capsys):
         assert last.startswith(f"mote {argv[0]}: error: ") and match in last and "Traceback" not in err, err
 
     fails("apply", "--model", str(other_dir), "--patch", str(patch), "--out", str(tmp_path / "x"), match="fingerprint")
-    fails("apply", "--model", str(base_dir), "--patch", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), match="no such patch")
-    fails("apply", "--model", str(tmp_path / "nope"), "--patch", str(patch), "--out", str(tmp_path / "x"), match="not a model directory")
-    fails("apply", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "applied"), match="not an empty directory")
-    fails("revert", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "x"), match="needs the edited model")
+    fails("apply", "--model", str(base_dir), "--patch", str(tmp_path / "nope"), "--out", str(tmp_path / "x"),
+          match="no such patch")
+    fails("apply", "--model", str(tmp_path / "nope"), "--patch", str(patch), "--out", str(tmp_path / "x"),
+          match="not a model directory")
+    fails("apply", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "applied"),
+          match="not an empty directory")
+    fails("revert", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "x"),
+          match="needs the edited model")
     fails("inspect", str(tmp_path / "requests.json"), match="not a readable")
     fails("edit", "--hparams", str(tmp_path / "nope.yaml"), "--requests", str(tmp_path / "requests.json"),
           "--model", str(base_dir), "--out", str(tmp_path / "p2"), match="no such hparams file")

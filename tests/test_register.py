@@ -1,7 +1,7 @@
 """`mote_plugin.register` against FAKE host packages (tests/fake_hosts: the registry's shape only), for what
 cannot be checked without a host: a current-style host, a stale one, none; registration on `register()` only (not on
-import), `hparams_class`, and MoTE's model loading inside the host's BaseEditor. The real host is exercised by tests/test_easyedit_host.py when
-EasyEdit is importable."""
+import), `hparams_class`, and MoTE's model loading inside the host's BaseEditor. The real host is exercised by
+tests/test_easyedit_host.py when EasyEdit is importable."""
 
 import importlib
 import importlib.metadata
@@ -64,7 +64,8 @@ def test_register_without_host(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "easyeditor" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name,
+                        *a: None if name == "easyeditor" else real_find_spec(name, *a))
     status = register()
     assert not status and status.reason == "easyeditor is not installed"
     with pytest.raises(ImportError):
@@ -112,7 +113,8 @@ def test_hparams_class(fake_host, monkeypatch):
     fake_host("current")
     host = importlib.import_module("easyeditor")
     assert hparams_class("MEMIT") is host.MEMITHyperParams and hparams_class("R-ROME") is host.R_ROMEHyperParams
-    with pytest.raises(NotImplementedError, match="'KE'.*known: MEMITHyperParams, MoTEHyperParams, R_ROMEHyperParams\\)"):
+    with pytest.raises(NotImplementedError,
+                       match="'KE'.*known: MEMITHyperParams, MoTEHyperParams, R_ROMEHyperParams\\)"):
         hparams_class("KE")  # training classes are not editors' hyper-parameters
 
 
@@ -146,7 +148,8 @@ def test_base_editor_loads_every_family_for_mote(fake_host, saved_models):
     fake_host("current")
     assert register()
     editor_cls = importlib.import_module("easyeditor").BaseEditor
-    hp = MoTEHyperParams(alg_name="MoTE", model_name=str(saved_models / "OLMoE-tiny"), layers=[0], device="cpu", fp16=True)
+    hp = MoTEHyperParams(alg_name="MoTE", model_name=str(saved_models / "OLMoE-tiny"), layers=[0], device="cpu",
+                         fp16=True)
     editor = editor_cls.from_hparams(hp)
     assert type(editor.model).__name__ == "OlmoeForCausalLM" and editor.model.dtype == torch.float16  # fp16 read
     assert editor.tok.padding_side == "left" and editor.tok.pad_token_id is not None
@@ -157,7 +160,8 @@ def test_base_editor_loads_every_family_for_mote(fake_host, saved_models):
     editor = editor_cls.from_hparams(hp)
     assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")  # the model's own name
     hp.model_name = str(saved_models / "DeepSeek-V3-missing")
-    with pytest.raises(ValueError, match="DeepSeek-V3-missing.*could not load it.*hparams.model_name = \\(model, tok\\)"):
+    with pytest.raises(ValueError,
+                       match="DeepSeek-V3-missing.*could not load it.*hparams.model_name = \\(model, tok\\)"):
         editor_cls.from_hparams(hp)
 
     class Other:  # another algorithm: untouched

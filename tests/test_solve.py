@@ -35,7 +35,8 @@ def _problem(seed, E, d, h, T, K, ranks, projectors=True):
     expert_idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])  # [T, K] distinct
     gates = torch.softmax(torch.randn(T, K, generator=gen, dtype=f64), -1)  # [T, K]
     if projectors:  # random orthogonal projectors of rank >= h/2
-        bases = [_orthonormal(gen, h, max(1, h - int(torch.randint(0, h // 2 + 1, (1,), generator=gen)))) for _ in range(E)]
+        bases = [_orthonormal(gen, h, max(1, h - int(torch.randint(0, h // 2 + 1, (1,), generator=gen))))
+                 for _ in range(E)]
         P = torch.stack([B @ B.T for B in bases])  # [E, h, h]
     else:
         P = torch.eye(h, dtype=f64).expand(E, h, h)

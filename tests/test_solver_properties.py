@@ -1,4 +1,5 @@
-"""Property-based checks of the solvers (hypothesis): finite output, Woodbury == direct, zero residual -> zero update."""
+"""Property-based checks of the solvers (hypothesis): finite output, Woodbury == direct, zero residual -> zero
+update."""
 
 import torch
 from hypothesis import given, settings

@@ -68,7 +68,8 @@ def test_hooi_does_not_increase_error(E, d, h, seed, data):
 def test_truncated_hosvd_error_matches_low_multilinear_rank():
     gen = torch.Generator().manual_seed(3)
     core = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
-    Q = [torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0] for n, r in ((5, 2), (12, 3), (10, 4))]
+    Q = [torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0]
+         for n, r in ((5, 2), (12, 3), (10, 4))]
     W = torch.einsum("aoi,ja,do,hi->jdh", core, *Q)  # multilinear rank (2, 3, 4)
     f = tucker_factors(W, (2, 3, 4))
     assert reconstruction_error(W, f) < 1e-6

@@ -77,7 +77,8 @@ class CompareConfig:
             if "batch_size" in overrides:
                 raise ValueError(f"{path}: methods: {name}: batch_size is the comparison's own (the config's "
                                  f"batch_size: {cfg.batch_size}), the same for every method")
-            if method_alg(name, hp_path) == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
+            # unknown keys and bad values fail here, before any model is built
+            if method_alg(name, hp_path) == "MoTE" and overrides:
                 MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: {name}", **overrides)
         if cfg.n < 1 or cfg.batch_size < 1:
             raise ValueError(f"{path}: n and batch_size must be >= 1")
@@ -134,8 +135,10 @@ def load_model(cfg: CompareConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model directory)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path), None
+        raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model "
+                                "directory)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), None
 
 
 def _flat_counterfact(r: dict) -> dict:
@@ -236,15 +239,18 @@ def _host_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, 
     return alg_dict[alg], hp, 1 if alg == "ROME" else cfg.batch_size
 
 
-def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host, before: dict) -> MethodResult:
-    """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the weights."""
+def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host,
+               before: dict) -> MethodResult:
+    """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the
+    weights."""
     hp_path, overrides = method_spec(name, entry)
     alg = method_alg(name, hp_path)
     if alg == "MoTE":
         from ..adapters import get_adapter
 
         # batch_size: the run's, so the recorded hyper-parameters say how MoTE was called
-        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}", **overrides | {"batch_size": cfg.batch_size})
+        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}",
+                                                           **overrides | {"batch_size": cfg.batch_size})
         try:
             get_adapter(model)
         except ValueError as e:
@@ -275,7 +281,8 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
                 seconds += time.time() - start
                 for k, v in weights_copy.items():
                     originals.setdefault(k, v)
-        result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before), edit_seconds=seconds,
+        result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before),
+                              edit_seconds=seconds,
                               hparams=hp_path, overrides=overrides, effective_hparams=_as_dict(hp))
         host_rows = None
         if host is not None and cfg.host_metrics:
@@ -368,8 +375,11 @@ def versions(with_host: bool) -> dict:
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"{report['n']} {cfg['dataset']} edits in batches of {cfg['batch_size']} on {cfg['model']}; host: {report['host']}",
-             "", "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | edit time (s) |",
+    lines = [f"{report['n']} {cfg['dataset']} edits in batches of {cfg['batch_size']} on {cfg['model']}; host: "
+             f"{report['host']}",
+             "",
+             "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | edit "
+                                                            "time (s) |",
              "|---|---|" + "---|" * (len(METRICS) + 4)]
     for r in report["results"]:
         if r["status"] != "ok":
@@ -388,7 +398,8 @@ def bar_chart(report: dict, plt):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / max(1, len(ok))
     for i, r in enumerate(ok):
-        ax.bar([j + i * width for j in range(len(METRICS))], [r["metrics"][k] for k in METRICS], width, label=r["method"])
+        ax.bar([j + i * width for j in range(len(METRICS))], [r["metrics"][k] for k in METRICS], width,
+               label=r["method"])
     ax.set_xticks([j + width * (len(ok) - 1) / 2 for j in range(len(METRICS))], METRICS)
     ax.set_ylim(0, 1)
     ax.set_title(f"{report['n']} {report['config']['dataset']} edits")

@@ -52,11 +52,13 @@ def prime_host_covariance(model, tok, hp, n_texts: int) -> None:
     device = input_device(model)
     for layer in hp.layers:
         module_name = hp.rewrite_module_tmp.format(layer)
-        path = Path(hp.stats_dir) / name / f"{hp.mom2_dataset}_stats" / f"{module_name}_{hp.mom2_dtype}_mom2_{hp.mom2_n_samples}.npz"
+        file = f"{module_name}_{hp.mom2_dtype}_mom2_{hp.mom2_n_samples}.npz"
+        path = Path(hp.stats_dir) / name / f"{hp.mom2_dataset}_stats" / file
         stat = runningstats.CombinedStat(mom2=runningstats.SecondMoment())
         with recorded(model.get_submodule(module_name), what="input") as seen:
             for i in range(0, len(texts), 16):
-                batch = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128).to(device)
+                batch = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128)
+                batch = batch.to(device)
                 with torch.no_grad():
                     model(**batch, use_cache=False)
                 stat.add(seen[0][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))

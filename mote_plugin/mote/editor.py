@@ -173,7 +173,8 @@ class MoTEEditor:
     def _ready(self) -> MoTEHyperParams:
         """The hyper-parameters; ValueError when the editor was made without them or without a tokenizer."""
         if self.hparams is None or self.tok is None:
-            raise ValueError("this MoTEEditor has no tokenizer or hyper-parameters: MoTEEditor(model, tok, hparams) edits")
+            raise ValueError("this MoTEEditor has no tokenizer or hyper-parameters: MoTEEditor(model, tok, hparams) "
+                             "edits")
         return self.hparams
 
     # -----------------------------------------------------------------------------------------------------
@@ -449,8 +450,9 @@ def _check_materialised(adapter: MoEAdapter, blocks: dict[int, nn.Module]) -> No
         meta = [f"{mn}.{n}".lstrip(".") for mn, m in block.named_modules() for n, p in m.named_parameters(recurse=False)
                 if p.device.type == "meta" and offload.offload_hook(m) is None]
         if meta:
-            raise ValueError(f"layer {layer}: the weights {', '.join(meta)} are on the meta device and not offloaded by "
-                             "accelerate (no weights map holds them): load the model's weights first (docs/large-models.md)")
+            raise ValueError(f"layer {layer}: the weights {', '.join(meta)} are on the meta device and not offloaded "
+                             "by accelerate (no weights map holds them): load the model's weights first "
+                             "(docs/large-models.md)")
 
 
 @contextlib.contextmanager

@@ -133,7 +133,8 @@ class MoTEHyperParams(HostHyperParams):
     v_weight_decay: float = 0.5  # v* penalty weight: on ||delta|| / ||h||^2 (memit) or ||delta||^2 / ||h||^2 (squared)
     clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor * ||h||
     kl_factor: float = 0.0625  # weight of the KL term keeping "{subject} is a" stable
-    v_objective: str = "memit"  # memit (EasyEdit's compute_z) | squared (earlier plugin form) | memit_host (the host's own code)
+    # memit (EasyEdit's compute_z) | squared (earlier plugin form) | memit_host (the host's own code)
+    v_objective: str = "memit"
     v_batch_size: int | None = None  # requests optimised together in v* (null: all requests of the call)
     v_keep_failed: bool = False  # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
     mote_lambda: float = 0.1  # ridge lambda of the core solve (> 0)
@@ -150,8 +151,10 @@ class MoTEHyperParams(HostHyperParams):
     nullspace_fallback: str = "freeze"  # freeze (never edit) | identity (edit unprotected)
     preservation_tokens: int = 20000  # corpus tokens behind the preservation statistics
     preservation_corpus: str | None = None  # None = shipped text; a text file path; or a `datasets` name/path
-    spread: str = "core"  # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture) | layerwise (MoEEdit)
-    solver: str = "mote"  # mote (Tucker core) | global (unstructured Woodbury) | bcd (MoEEdit's block-coordinate descent)
+    # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture) | layerwise (MoEEdit)
+    spread: str = "core"
+    # mote (Tucker core) | global (unstructured Woodbury) | bcd (MoEEdit's block-coordinate descent)
+    solver: str = "mote"
     bcd_passes: int = 4  # bcd: sweeps over the experts
     bcd_seed: int = 42  # bcd: seed of the random expert order
     lambda_growth: float = 0.0  # lambda * (1 + lambda_growth * edits so far); MoEEdit's sequential runs use 1e-3
@@ -186,7 +189,8 @@ class MoTEHyperParams(HostHyperParams):
             need(len(set(layers)) == len(layers), f"layers has duplicates: {layers!r}")
         dev = self.device
         need(
-            (_is_int(dev) and dev >= 0) or (isinstance(dev, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev) is not None),
+            (_is_int(dev) and dev >= 0)
+            or (isinstance(dev, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev) is not None),
             f"device must be 'cpu', 'cuda:N' or an int N >= 0, got {dev!r}",
         )
         need(self.fact_token in FACT_TOKENS, f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
@@ -199,7 +203,8 @@ class MoTEHyperParams(HostHyperParams):
         need(not (self.sequential_memory and self.solver != "mote"),
              f"sequential_memory needs solver 'mote' (the {self.solver!r} solver keeps no memory of past edits)")
         need(self.nullspace_rule in RULES, f"nullspace_rule must be one of {RULES}, got {self.nullspace_rule!r}")
-        need(self.nullspace_fallback in FALLBACKS, f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
+        need(self.nullspace_fallback in FALLBACKS,
+             f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
         for name in ("r_e", "r_out", "r_in"):
             r = getattr(self, name)
             ok = (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0)
@@ -211,7 +216,8 @@ class MoTEHyperParams(HostHyperParams):
             v = getattr(self, name)
             need(_is_number(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
         if self.nullspace_rule == "relative" and _is_number(self.nullspace_threshold):
-            need(self.nullspace_threshold <= 1, f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
+            need(self.nullspace_threshold <= 1,
+                 f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
         for name in ("preservation_tokens", "batch_size", "max_length", "bcd_passes"):
             v = getattr(self, name)
             need(_is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
@@ -225,12 +231,14 @@ class MoTEHyperParams(HostHyperParams):
                  f"max(layers) = {max(layers)}; got {self.v_loss_layer}")
         for name in ("nullspace", "sequential_memory", "model_parallel", "fp16", "v_keep_failed"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "ln_f_module", "lm_head_module", "stats_dir"):
+        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "ln_f_module", "lm_head_module",
+                     "stats_dir"):
             need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp"):
             tmp = getattr(self, name)
             need(isinstance(tmp, str) and _is_template(tmp),
-                 f"{name} must be a module name with one {{}} for the layer index (e.g. 'model.layers.{{}}'), got {tmp!r}")
+                 f"{name} must be a module name with one {{}} for the layer index (e.g. 'model.layers.{{}}'), got "
+                 f"{tmp!r}")
         need(self.vstar_cache_dir is None or isinstance(self.vstar_cache_dir, str),
              f"vstar_cache_dir must be null or a string, got {self.vstar_cache_dir!r}")
         corpus = self.preservation_corpus
@@ -327,7 +335,8 @@ class MoTEHyperParams(HostHyperParams):
         module("ln_f_module", self.ln_f_module)
         head = module("lm_head_module", self.lm_head_module)
         if head is not None and not isinstance(getattr(head, "weight", None), torch.Tensor):
-            problems.append(f"lm_head_module: {self.lm_head_module!r} has no weight (v* reads the output head's weight)")
+            problems.append(f"lm_head_module: {self.lm_head_module!r} has no weight (v* reads the output head's "
+                            "weight)")
         last = max(self.layers)
         if self.v_loss_layer != -1 and not last <= self.v_loss_layer < n_layers:
             problems.append(f"v_loss_layer: {self.v_loss_layer} is outside this model's {n_layers} decoder layers "

@@ -192,5 +192,6 @@ def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print)
         h.remove()
     model.eval()
     seconds = time.time() - t0
-    log(f"trained {step} steps, {tokens} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s), final loss {losses[-1]:.3f}")
+    log(f"trained {step} steps, {tokens} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s), final loss "
+        f"{losses[-1]:.3f}")
     return {"steps": step, "tokens": tokens, "seconds": seconds, "epoch_loss": losses}

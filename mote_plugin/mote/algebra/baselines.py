@@ -25,7 +25,8 @@ from .solve import spd_solve
 from .update import ExpertUpdate
 
 
-def expert_groups(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+def expert_groups(keys: torch.Tensor, gates: torch.Tensor,
+                  expert_idx: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Edits grouped by routed expert: [(j, rows [n_j] long, V_j [n_j, h] float64 with V_j[i] = g k~ of edit rows[i])].
 
     keys: `[T, K, h]` (projected), gates: `[T, K]`, expert_idx: `[T, K]`. Experts in increasing order.
@@ -42,8 +43,8 @@ def expert_groups(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Ten
 
 
 def _update(groups, coefficients: dict[int, torch.Tensor]) -> ExpertUpdate:
-    """Delta_j = coefficients[j]^T V_j for each group -> ExpertUpdate with left_j = coefficients[j]^T U_j S_j [d, r_j] and
-    right_j = W_j^T [r_j, h], V_j = U_j S_j W_j^T its thin SVD (float64, r_j its numerical rank).
+    """Delta_j = coefficients[j]^T V_j for each group -> ExpertUpdate with left_j = coefficients[j]^T U_j S_j [d, r_j]
+    and right_j = W_j^T [r_j, h], V_j = U_j S_j W_j^T its thin SVD (float64, r_j its numerical rank).
 
     Orthonormal rows on the right keep the float32 product exact to float32 precision: edits whose keys in one expert
     coincide (the same subject behind the same prefix) make V_j rank-deficient and its coefficients large and opposite,

@@ -48,8 +48,9 @@ class LayerSolution:
         return update.scaled(scale)
 
 
-def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torch.Tensor, lam: float, memory: torch.Tensor | None = None,
-                keep_memory: bool = False, bcd_passes: int = 4, bcd_seed: int = 42) -> tuple[LayerSolution, torch.Tensor | None]:
+def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torch.Tensor, lam: float,
+                memory: torch.Tensor | None = None, keep_memory: bool = False, bcd_passes: int = 4,
+                bcd_seed: int = 42) -> tuple[LayerSolution, torch.Tensor | None]:
     """Solve one layer. cap: the layer's LayerCapture (keys [T, K, h], gates, expert_idx); residuals [T, d].
 
     Returns the solution and, when `keep_memory`, the sequential memory with this batch added (solver "mote" only).
@@ -61,7 +62,8 @@ def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torc
     if solver == "global":
         update = global_solve(keys, cap.gates, cap.expert_idx, residuals, lam)
     elif solver == "bcd":
-        update = bcd_solve(keys, cap.gates, cap.expert_idx, residuals, lam, cap.num_experts, passes=bcd_passes, seed=bcd_seed)
+        update = bcd_solve(keys, cap.gates, cap.expert_idx, residuals, lam, cap.num_experts, passes=bcd_passes,
+                           seed=bcd_seed)
     else:
         raise ValueError(f"unknown solver {solver!r}; one of {SOLVERS}")
     return LayerSolution(expert_update=update, solve_layer=layer), None

@@ -126,7 +126,8 @@ def capture(
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            batch, lookup, _ = encode_with_lookup(tok, [p for p, _ in chunk], [s for _, s in chunk], fact_token, max_length)
+            batch, lookup, _ = encode_with_lookup(tok, [p for p, _ in chunk], [s for _, s in chunk], fact_token,
+                                                  max_length)
             batch = {k: v.to(device) for k, v in batch.items()}
             rows = torch.arange(len(chunk))
 
@@ -151,9 +152,11 @@ def capture(
     return captures
 
 
-def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_token: str, max_length: int | None) -> torch.Tensor:
+def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_token: str,
+                  max_length: int | None) -> torch.Tensor:
     """[T, d] output of a decoder layer at each request's lookup token (one batched forward)."""
-    batch, lookup, _ = encode_with_lookup(tok, [r["prompt"] for r in requests], [r["subject"] for r in requests], fact_token, max_length)
+    batch, lookup, _ = encode_with_lookup(tok, [r["prompt"] for r in requests], [r["subject"] for r in requests],
+                                          fact_token, max_length)
     device = input_device(model)
     with recorded(model.get_submodule(layer_module)) as seen, torch.no_grad():
         model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)

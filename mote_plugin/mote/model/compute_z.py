@@ -155,7 +155,8 @@ class _Replay:
         handles = [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.layers)]
         try:
             with recorded(model.get_submodule(layer_module_tmp.format(layer))) as seen, torch.no_grad():
-                model(input_ids=ids.to(device), **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+                model(input_ids=ids.to(device),
+                      **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
         finally:
             for h in handles:
                 h.remove()
@@ -167,14 +168,17 @@ class _Replay:
         for i in range(start - self.first, stop - self.first + 1):
             args, kwargs, positional = self.inputs[i]
             if self.cache is not None:
-                kwargs = {k: self._step_cache if v is not None and type(v) is type(self.cache) else v for k, v in kwargs.items()}
+                kwargs = {k: self._step_cache if v is not None and type(v) is type(self.cache) else v
+                          for k, v in kwargs.items()}
             module = self.layers[i]
-            hidden = hidden_states(module(hidden, *args, **kwargs) if positional else module(*args, hidden_states=hidden, **kwargs))
+            output = module(hidden, *args, **kwargs) if positional else module(*args, hidden_states=hidden, **kwargs)
+            hidden = hidden_states(output)
         return hidden
 
 
 def _suffix_replay_applies(model) -> bool:
-    """Whether every decoder layer is (full or sliding-window) attention, whose key/value cache the suffix replay uses."""
+    """Whether every decoder layer is (full or sliding-window) attention, whose key/value cache the suffix replay
+    uses."""
     kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
     return all(k in ("full_attention", "sliding_attention") for k in kinds)
 
@@ -192,7 +196,8 @@ def _head(model, cfg: VStarConfig):
         return norm, head
     weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(f"v*: lm_head_module {cfg.lm_head_module!r} is neither a Linear nor has a 2-D weight [vocab, d_model]")
+        raise ValueError(f"v*: lm_head_module {cfg.lm_head_module!r} is neither a Linear nor has a 2-D weight [vocab, "
+                         "d_model]")
 
     def tied(x: torch.Tensor) -> torch.Tensor:
         logits = x @ weight.to(x.device, x.dtype).T  # [n, V]
@@ -282,7 +287,8 @@ def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConf
             at_loss = upper.run(hidden, layer + 1, loss_layer)  # [B, S, d]
             lp = logprobs(at_loss, reads["row"], reads["pos"])  # [M, V]
             token_nll = -lp.gather(1, reads["tok"].to(lp.device)[:, None])[:, 0] * reads["weight"].to(lp.device)  # [M]
-            nll_t = torch.zeros(T, device=lp.device).index_add(0, reads["owner"].to(lp.device), token_nll).to(dev)  # [T]
+            # [T]
+            nll_t = torch.zeros(T, device=lp.device).index_add(0, reads["owner"].to(lp.device), token_nll).to(dev)
             loss = nll_t
             if cfg.kl_factor > 0:
                 at_last = upper.run(at_loss, loss_layer + 1, last) if last > loss_layer else at_loss
@@ -356,7 +362,8 @@ class VStarCache:
         self.base = {"model": model_fingerprint(model), "layer": int(layer), "settings": settings}
 
     def _key(self, request: dict) -> tuple[str, Path]:
-        key = json.dumps(self.base | {"request": [request["prompt"], request["subject"], request["target_new"]]}, sort_keys=True)
+        key = json.dumps(self.base | {"request": [request["prompt"], request["subject"], request["target_new"]]},
+                         sort_keys=True)
         return key, self.dir / f"vstar-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def load(self, request: dict) -> tuple[torch.Tensor, float] | None:
@@ -375,4 +382,5 @@ class VStarCache:
         from .stats import atomic_save_file
 
         key, path = self._key(request)
-        atomic_save_file({"z": z.detach().float().cpu().contiguous(), "nll": torch.tensor(float(nll))}, path, {"key": key})
+        atomic_save_file({"z": z.detach().float().cpu().contiguous(), "nll": torch.tensor(float(nll))}, path,
+                         {"key": key})

@@ -70,7 +70,8 @@ def encode_with_lookup(tok, prompts: list[str], subjects: list[str], fact_token:
         if max_length is not None and len(row) > max_length:
             shift = len(row) - max_length
             if first - shift < 1:
-                raise ValueError(f"prompt {prompt[:60]!r}... is longer than max_length={max_length} and the cut would drop the subject")
+                raise ValueError(f"prompt {prompt[:60]!r}... is longer than max_length={max_length} and the cut would "
+                                 "drop the subject")
             row = row[:1] + row[shift + 1 :]  # keep <s>
         pos = {"subject_last": last, "subject_first": first, "last": len(enc["input_ids"][b]) - 1}[fact_token]
         ids.append(row)

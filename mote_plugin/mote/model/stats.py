@@ -235,7 +235,8 @@ def model_fingerprint(model: nn.Module, sample: int = 1024) -> str:
 
 
 def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
-    """`model_fingerprint` of (name, tensor) pairs, in the order given (e.g. a state dict with some entries replaced)."""
+    """`model_fingerprint` of (name, tensor) pairs, in the order given (e.g. a state dict with some entries
+    replaced)."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in named_tensors:

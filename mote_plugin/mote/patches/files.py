@@ -164,7 +164,8 @@ def _read_write(tensors: dict, prefix: str, spec: dict) -> Write:
     right = tensors[f"{prefix}.right"]  # [n, r, h]
     left = torch.eye(right.shape[1]) if spec["dense"] else tensors[f"{prefix}.left"]  # [d, r] or [M, d, r]
     experts = tensors.get(f"{prefix}.experts")  # [M] or None
-    return Write(int(spec["layer"]), spec["param"], ExpertUpdate(left=left, right=right, experts=experts), bool(spec["dense"]))
+    return Write(int(spec["layer"]), spec["param"], ExpertUpdate(left=left, right=right, experts=experts),
+                 bool(spec["dense"]))
 
 
 def _read_fixups(tensors: dict, prefix: str, names: list[str], params: dict) -> dict[str, FixUp]:
@@ -270,7 +271,8 @@ def _refusal(patch: Patch, params: dict, side: str, fingerprint: str) -> str:
            f"{fingerprint}")
     dtypes = {_dtype_name(p.dtype) for p in params.values()} - {i["dtype"] for i in patch.meta["params"].values()}
     if dtypes:
-        msg += f"; its edited parameters are {', '.join(sorted(dtypes))}: exact=False (--approximate) accepts another dtype"
+        msg += (f"; its edited parameters are {', '.join(sorted(dtypes))}: exact=False (--approximate) accepts another "
+                "dtype")
     return msg
 
 
@@ -282,7 +284,8 @@ def _run(model: nn.Module, patch: Patch, forward: bool, exact: bool) -> dict:
         params = {n: model.get_parameter(n) for n in patch.meta["params"]}
         fingerprint = model_fingerprint(model)
         at_start = fingerprint == patch.meta[f"{start}_fingerprint"]
-        if not at_start and (exact or patch.meta["structure"] != _structure(model) or not _close_to(params, patch, start)):
+        if not at_start and (exact or patch.meta["structure"] != _structure(model)
+                             or not _close_to(params, patch, start)):
             raise ValueError(_refusal(patch, params, start, fingerprint))
         backup = {n: p.detach().clone() for n, p in params.items()}
         try:
@@ -294,7 +297,8 @@ def _run(model: nn.Module, patch: Patch, forward: bool, exact: bool) -> dict:
             bit_exact = fingerprint == patch.meta[f"{goal}_fingerprint"]
             if at_start and not bit_exact:
                 msg = (f"{patch.path}: replaying the patch did not give the {goal} weights bit-exactly (fingerprint "
-                       f"{fingerprint}, expected {patch.meta[f'{goal}_fingerprint']}): another device or library version?")
+                       f"{fingerprint}, expected {patch.meta[f'{goal}_fingerprint']}): another device or library "
+                       "version?")
                 if exact:
                     raise ValueError(msg + " exact=False (--approximate) accepts it within the rounding tolerance")
                 log.warning(msg)
@@ -356,6 +360,7 @@ def inspect_edit(path: str | Path) -> dict:
         "base_fingerprint": meta["base_fingerprint"], "edited_fingerprint": meta["edited_fingerprint"],
         "calls": len(patch.calls), "requests": [r for call in patch.calls for r in call.requests],
         "layers": dict(sorted(layers.items())),
-        "bytes": {"file": patch.path.stat().st_size, "factors": sum(_nbytes(t) for t in tensors.values()) - fixups - samples,
+        "bytes": {"file": patch.path.stat().st_size,
+                  "factors": sum(_nbytes(t) for t in tensors.values()) - fixups - samples,
                   "fixups": fixups, "samples": samples, "dense_delta": dense},
     }

@@ -1,7 +1,8 @@
 """What MoTE changed in a model, kept per model so that it can be saved as an edit patch (`patches/files.py`).
 
-Every successful edit (`MoTEEditor.edit`, `apply_mote_to_model`) appends an `EditRecord`: its requests and hyper-parameters, its writes in
-order (layer, parameter name, `ExpertUpdate` on the CPU in float32) and two sparse fix-ups per changed parameter:
+Every successful edit (`MoTEEditor.edit`, `apply_mote_to_model`) appends an `EditRecord`: its requests and
+hyper-parameters, its writes in order (layer, parameter name, `ExpertUpdate` on the CPU in float32) and two sparse
+fix-ups per changed parameter:
 
     revert  entries where replaying the writes backwards (param - delta, last write first) misses the weights
             before the call, with those weights' values
