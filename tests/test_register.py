@@ -26,6 +26,8 @@ def fake_host(monkeypatch):
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "easyeditor" or k.startswith("easyeditor.")}
 
     def use(kind: str):
+        for k in [k for k in sys.modules if k == "easyeditor" or k.startswith("easyeditor.")]:
+            del sys.modules[k]  # e.g. a real host that hparams_class() registered with before this call
         monkeypatch.syspath_prepend(str(FAKES / kind))
         importlib.invalidate_caches()
 
