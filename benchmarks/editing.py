@@ -2,8 +2,10 @@
 after, and the wall time per stage. Writes benchmarks/results/editing.md.
 
     python benchmarks/editing.py [--arch qwen3_moe gpt_oss qwen3_5_moe] [--n 50]
-    python benchmarks/editing.py --build DIR [--offset 50] [--set layers=[1,2,3]] [--sweep v_weight_decay=0.5,3,6] --out F
-    python benchmarks/editing.py --build DIR --n 20 --set spread=core --sweep nullspace_threshold=0.1,1e-4 --preservation
+    python benchmarks/editing.py --build DIR [--offset 50] [--set layers=[1,2,3]] [--sweep v_weight_decay=0.5,3,6] \
+        --out F
+    python benchmarks/editing.py --build DIR --n 20 --set spread=core --sweep nullspace_threshold=0.1,1e-4 \
+        --preservation
 
 The fact models are built first when their cache is missing (python benchmarks/testbed.py builds all three).
 Statistics are computed once per model and layer (a fresh stats directory per run, so their cost is measured).
@@ -31,7 +33,7 @@ import yaml
 from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.cli import key_value
 from mote_plugin.metrics import counterfact_metrics, preservation_change
-from mote_plugin.mote.stats import corpus_texts
+from mote_plugin.mote.model.stats import corpus_texts
 from mote_plugin.testbed import ARCHS, BuildOptions, build, load
 from mote_plugin.testbed.__main__ import DEFAULT_OUT
 
@@ -68,7 +70,8 @@ def runs(args) -> list[tuple[str, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="*", default=list(ARCHS), choices=ARCHS, help="default builds to measure (not with --build)")
+    parser.add_argument("--arch", nargs="*", default=list(ARCHS), choices=ARCHS,
+                        help="default builds to measure (not with --build)")
     parser.add_argument("--build", help="an existing fact-model build directory (instead of the default builds)")
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--offset", type=int, default=0, help="known facts skipped before the batch")
@@ -85,9 +88,9 @@ def main() -> None:
         hp = hp.updated("--set/--sweep", **changes)
         chosen = {"fact_token", "layers"} & set(changes)
         if not chosen and (hp.fact_token, hp.layers) != (report["lookup_token"], report["edit_layers"]):
-            raise SystemExit(f"testbed-{report['arch']}.yaml edits {hp.fact_token} at {hp.layers}, but the build's tracing "
-                             f"report selects {report['lookup_token']} at {report['edit_layers']}: update the YAML "
-                             f"(or choose them with --set)")
+            raise SystemExit(f"testbed-{report['arch']}.yaml edits {hp.fact_token} at {hp.layers}, but the build's "
+                             f"tracing report selects {report['lookup_token']} at {report['edit_layers']}: update the "
+                             f"YAML (or choose them with --set)")
         records = [f for f in facts if f["known"]][args.offset: args.offset + args.n]
         if not records:
             raise SystemExit(f"{out}: no known facts after the first {args.offset}")
@@ -96,7 +99,8 @@ def main() -> None:
         originals = {}
         with tempfile.TemporaryDirectory() as stats_dir:
             hp.stats_dir = stats_dir
-            edit = lambda: originals.update(apply_mote_to_model(model, tok, requests, hp, return_orig_weights=True)[1])  # noqa: E731
+            # noqa: E731
+            edit = lambda: originals.update(apply_mote_to_model(model, tok, requests, hp, return_orig_weights=True)[1])
             if args.preservation:
                 preserved = preservation_change(model, tok, max(hp.layers), requests, hp.fact_token, edit,
                                                 list(corpus_texts(None))[:64])
@@ -105,7 +109,8 @@ def main() -> None:
                 preserved = None
         after = counterfact_metrics(model, tok, records)
         rows.append((report["arch"], len(records), hp, changes, before, after, last_timings(model), preserved))
-        print(report["arch"], changes, {k: (round(before[k], 3), round(after[k], 3)) for k in METRICS}, last_timings(model),
+        print(report["arch"], changes, {k: (round(before[k], 3), round(after[k], 3)) for k in METRICS},
+              last_timings(model),
               preserved or "")
         with torch.no_grad():  # the next run of a sweep starts from the same weights
             for name, w in originals.items():
@@ -114,16 +119,19 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/editing.py", *sys.argv[1:]])
     lines = ["# One batch of CounterFact edits on the fact models", "",
              f"`{command}`; {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Metrics: unedited -> edited (method.md section 8).", "",
-             "| model | edits | YAML layers / token | changes | " + " | ".join(METRICS) + " | " + " | ".join(f"{s} (s)" for s in STAGES)
-             + " |" + " preserved / edit change: mean | p90 | p99 |" * args.preservation,
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Metrics: unedited -> edited (method.md "
+             "section 8).", "",
+             "| model | edits | YAML layers / token | changes | " + " | ".join(METRICS) + " | "
+             + " | ".join(f"{s} (s)" for s in STAGES) + " |"
+             + " preserved / edit change: mean | p90 | p99 |" * args.preservation,
              "|---|---|---|---|" + "---|" * (len(METRICS) + len(STAGES) + 3 * args.preservation)]
     for arch, n, hp, changes, before, after, t, preserved in rows:
         shown = ", ".join(f"{k}={v}" for k, v in changes.items() if k not in ("layers", "fact_token")) or "-"
         lines.append(f"| {arch} | {n} | {hp.layers} / {hp.fact_token} | {shown} | "
                      + " | ".join(f"{before[k]:.2f} -> {after[k]:.2f}" for k in METRICS)
                      + " | " + " | ".join(f"{t[s]:.2f}" for s in STAGES) + " |"
-                     + (f" {preserved['ratio']:.2%} | {preserved['p90']:.2%} | {preserved['p99']:.2%} |" if preserved else ""))
+                     + (f" {preserved['ratio']:.2%} | {preserved['p90']:.2%} | {preserved['p99']:.2%} |"
+                        if preserved else ""))
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

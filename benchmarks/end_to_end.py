@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.adapters import get_adapter
-from mote_plugin.mote import mote_main
-from mote_plugin.mote.requests import normalise_requests
-from mote_plugin.mote.stats import preservation_stats
+from mote_plugin.experiments.results import write_results
+from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.mote.model.stats import preservation_stats
 from mote_plugin.testbed.data import PACKAGE_DATA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +44,8 @@ STAGES = ("vstar", "capture", "solve", "writeback")
 
 def edit_records(facts: list[dict], n: int) -> list[dict]:
     """n requests: the known facts, then shipped CounterFact records on other subjects (one per subject)."""
-    requests = [{"prompt": f["prompt"], "subject": f["subject"], "target_new": f["target_new"]} for f in facts if f["known"]]
+    requests = [{"prompt": f["prompt"], "subject": f["subject"], "target_new": f["target_new"]}
+                for f in facts if f["known"]]
     seen = {f["subject"] for f in facts}
     for r in json.loads((Path(PACKAGE_DATA) / "counterfact" / "counterfact-subset.json").read_text()):
         if len(requests) >= n:
@@ -59,19 +60,20 @@ def edit_records(facts: list[dict], n: int) -> list[dict]:
 
 def vstar_side_by_side(model, tok, requests: list[dict], hp: MoTEHyperParams, batch_size: int) -> dict:
     """v* of the same requests on the same weights, in batches and one at a time: seconds and relative z differences."""
-    state = mote_main.editor_state(model)
+    editor = MoTEEditor(model, tok, hp)
     reqs = normalise_requests(requests)
-    mote_main.context_templates(model, tok, state)  # generated once, outside both timings
+    editor.context_templates()  # generated once, outside both timings
     t = time.perf_counter()
-    batched = torch.cat([mote_main.targets(model, tok, reqs[i : i + batch_size], hp, state, progress=False)[0]
+    batched = torch.cat([editor.targets(reqs[i : i + batch_size], progress=False)[0]
                          for i in range(0, len(reqs), batch_size)])
     seconds_batched = time.perf_counter() - t
     t = time.perf_counter()
-    single, _ = mote_main.targets(model, tok, reqs, hp.updated(v_batch_size=1), state, progress=False)
+    single, _ = MoTEEditor(model, tok, hp.updated(v_batch_size=1)).targets(reqs, progress=False)
     seconds_single = time.perf_counter() - t
     rel = ((batched - single).norm(dim=1) / single.norm(dim=1)).double()
     return {"requests": len(reqs), "seconds_batched": seconds_batched, "seconds_one_at_a_time": seconds_single,
-            "speedup": seconds_single / seconds_batched, "z_rel_diff": {"max": float(rel.max()), "median": float(rel.median()),
+            "speedup": seconds_single / seconds_batched,
+            "z_rel_diff": {"max": float(rel.max()), "median": float(rel.median()),
                                                                            "p90": float(rel.quantile(0.9))}}
 
 
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="qwen3_moe")
     parser.add_argument("--edits", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--compare", type=int, default=1000, help="requests of the batched vs one-at-a-time v* comparison")
+    parser.add_argument("--compare", type=int, default=1000,
+                        help="requests of the batched vs one-at-a-time v* comparison")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "quality.yaml"))
     parser.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the arch's testbed YAML (read as YAML)")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         preservation_stats(model, tok, get_adapter(model), hp.layers, hp.preservation_corpus, hp.preservation_tokens,
                            hp.max_length, hp.stats_dir)
         statistics = time.perf_counter() - t
-        mote_main.editor_state(model).record_history = False  # no edit-patch history over a thousand edits
+        MoTEEditor(model).record_history = False  # no edit-patch history over a thousand edits
         seconds, edited = dict.fromkeys(["statistics", "basis", *STAGES], 0.0), 0
         t0 = time.perf_counter()
         for i in range(0, args.edits, args.batch_size):
@@ -111,35 +114,35 @@ def main(argv: list[str] | None = None) -> None:
         total = time.perf_counter() - t0
         seconds["statistics"] = statistics
         model.load_state_dict(original)
-        mote_main.reset_state(model)
+        MoTEEditor(model).reset()
         side = vstar_side_by_side(model, tok, requests[: args.compare], hp, args.batch_size)
-    report = {"command": shlex.join(["python", "benchmarks/end_to_end.py", *(argv if argv is not None else sys.argv[1:])]),
+    report = {"command": shlex.join(["python", "benchmarks/end_to_end.py",
+                                     *(argv if argv is not None else sys.argv[1:])]),
               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "arch": args.arch, "edits": args.edits,
-              "batch_size": args.batch_size, "edited": edited, "total_seconds": total, "seconds": seconds, "vstar": side,
+              "batch_size": args.batch_size, "edited": edited, "total_seconds": total, "seconds": seconds,
+              "vstar": side,
               "hparams": hp.to_dict()}
     per_edit_single = side["seconds_one_at_a_time"] / side["requests"]
     estimate = total - seconds["vstar"] + per_edit_single * args.edits
     lines = ["# End-to-end editing speed on the fact model", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} threads.",
-             f"{args.edits} CounterFact edits on the {args.arch} quality build in sequential batches of {args.batch_size} "
-             f"({edited} edited; the rest left out because their v* did not reach the target), v* computed at each batch, "
-             f"testbed-{args.arch}.yaml settings.", "",
+             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+             f"{report['threads']} threads.",
+             f"{args.edits} CounterFact edits on the {args.arch} quality build in sequential batches of "
+             f"{args.batch_size} ({edited} edited; the rest left out because their v* did not reach the target), v* "
+             f"computed at each batch, testbed-{args.arch}.yaml settings.", "",
              "| stage | seconds |", "|---|---|",
              f"| preservation statistics (one-time, before the edits) | {statistics:.1f} |",
-             *[f"| {name} | {seconds[key]:.1f} |" for key, name in (("basis", "projectors and Tucker factors (first batch)"),
-                                                                   ("vstar", "v* (batched)"), ("capture", "key capture"),
-                                                                   ("solve", "solve"), ("writeback", "writeback"))],
+             *[f"| {name} | {seconds[key]:.1f} |" for key, name in (
+                 ("basis", "projectors and Tucker factors (first batch)"), ("vstar", "v* (batched)"),
+                 ("capture", "key capture"), ("solve", "solve"), ("writeback", "writeback"))],
              f"| **all {args.edits} edits** (wall, statistics excluded) | **{total:.1f}** |", "",
              f"v* side by side on the unedited model, the first {side['requests']} requests, same objective: batched "
              f"{side['seconds_batched']:.1f} s, one request at a time {side['seconds_one_at_a_time']:.1f} s "
              f"(**{side['speedup']:.1f}x**); relative difference of z: median {side['z_rel_diff']['median']:.1e}, "
              f"p90 {side['z_rel_diff']['p90']:.1e}, max {side['z_rel_diff']['max']:.1e}. With one-at-a-time v* the "
              f"{args.edits} edits would take about {estimate:.0f} s ({estimate / total:.1f}x).", ""]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, report, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -12,8 +12,8 @@ heads) and random weights is saved once; each mode then runs in a fresh process:
             embeddings, norm and head on the CPU (accelerate loads a layer's weights only for its forward pass)
 
 and applies one MoTE edit (10 CounterFact requests, or `--edits N`; hparams/MoTE/qwen3-30b-a3b.yaml at the last layer,
-fewer v* steps and preservation tokens: memory does not depend on them). `--deep N` adds a disk-offloaded model of N layers,
-made from the saved one by repeating its layers: the peak should not grow with the layers that are not edited.
+fewer v* steps and preservation tokens: memory does not depend on them). `--deep N` adds a disk-offloaded model of N
+layers, made from the saved one by repeating its layers: the peak should not grow with the layers that are not edited.
 A thread samples the resident set size every 5 ms; each stage (statistics, projectors, Tucker basis, v*, capture,
 solve, writeback, history, store) reports its peak of anonymous memory (mmapped checkpoint pages excluded) above the
 level after loading. Results: benchmarks/results/offload_memory.{json,md}.
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mote_plugin.experiments.results import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,10 +66,11 @@ def requests(n: int = EDITS) -> list[dict]:
 
 
 def tokenizer():
-    from mote_plugin.mote.stats import corpus_texts
+    from mote_plugin.mote.model.stats import corpus_texts
     from mote_plugin.testbed.tokenizer import train_tokenizer
 
-    texts = [t for _, t in zip(range(2000), corpus_texts(None))] + [f"{r['prompt']} {r['target_new']}" for r in requests()]
+    texts = [t for _, t in zip(range(2000), corpus_texts(None))]
+    texts += [f"{r['prompt']} {r['target_new']}" for r in requests()]
     return train_tokenizer(texts, 2000)
 
 
@@ -168,10 +171,12 @@ class StagePeaks:
 def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from mote_plugin.mote import mote_main, offload
+    from mote_plugin import apply_mote_to_model, last_timings
+    from mote_plugin.mote import editor
+    from mote_plugin.mote.algebra.update import ExpertUpdate
+    from mote_plugin.mote.editor import MoTEEditor
     from mote_plugin.mote.hparams import MoTEHyperParams
-    from mote_plugin.mote.update import ExpertUpdate
-
+    from mote_plugin.mote.model import offload
     from solver_speed import fixed_mmap_threshold
 
     fixed_mmap_threshold()  # freed memory goes back to the system, so each stage's peak is its own
@@ -182,7 +187,8 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
     if mode == "disk":
         device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
                       **{f"model.layers.{i}": "disk" for i in range(layers)}}
-        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=str(folder / "offload"))
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map,
+                                                     offload_folder=str(folder / "offload"))
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     load_s = time.time() - t
@@ -198,28 +204,31 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
                                                  v_keep_failed=True,  # 5 v* steps on random weights reach no target
                                                  stats_dir=str(folder / f"stats-{mode}"), model_name=str(folder))))
     peaks = StagePeaks()
-    for owner, name, label in [(mote_main, "preservation_stats", "statistics"), (mote_main, "nullspace_projectors", "projectors"),
-                               (mote_main, "tucker_factors", "Tucker basis"), (mote_main, "targets", "v*"),
-                               (mote_main, "capture", "capture"), (mote_main, "solve_layer", "solve"),
-                               (ExpertUpdate, "write", "writeback"), (mote_main, "record_call", "history"),
+    for owner, name, label in [(editor, "preservation_stats", "statistics"),
+                               (editor, "nullspace_projectors", "projectors"),
+                               (editor, "tucker_factors", "Tucker basis"), (MoTEEditor, "targets", "v*"),
+                               (editor, "capture", "capture"), (editor, "solve_layer", "solve"),
+                               (ExpertUpdate, "write", "writeback"), (editor, "record_call", "history"),
                                (offload, "store", "store")]:
         peaks.stage(owner, name, label)
     t = time.time()
     with peaks:
-        mote_main.apply_mote_to_model(model, tok, requests(edits), hp)
+        apply_mote_to_model(model, tok, requests(edits), hp)
     edit_s = time.time() - t
     # how large the edit is relative to the weights, and how much of the parameter the edit history's revert fix-up
     # holds (docs/patches.md: it grows with the relative size of the change)
-    call = mote_main.editor_state(model).history.calls[-1]
+    call = MoTEEditor(model).history.calls[-1]
     (name, fixup), = call.revert.items() or [(call.writes[0].param, None)]
     weight = offload.values(model, [name])[name].float()  # [E, d, h], the edited weights
     delta = sum(w.update.dense(weight.shape[0]) for w in call.writes)  # [E, d, h] float32
     relative_change = float(delta.norm() / (weight - delta).norm())
     fixup_fraction = 0.0 if fixup is None else fixup.index.numel() / weight.numel()
-    return {"mode": mode, "layers": layers, "label": f"{mode}, {layers} layers", "shape": shape, "load_s": load_s, "edit_s": edit_s, "model_bytes": model_bytes,
-            "edited_block_bytes": block_bytes, "rss_after_load": after_load - start, "file_rss_after_load": file_after_load,
+    return {"mode": mode, "layers": layers, "label": f"{mode}, {layers} layers", "shape": shape, "load_s": load_s,
+            "edit_s": edit_s, "model_bytes": model_bytes,
+            "edited_block_bytes": block_bytes, "rss_after_load": after_load - start,
+            "file_rss_after_load": file_after_load,
             "peak_above_load": {k: max(0, v - after_load) for k, v in peaks.peaks.items()},
-            "edit_peak_above_load": max(peaks.peaks.values()) - after_load, "timings": mote_main.last_timings(model),
+            "edit_peak_above_load": max(peaks.peaks.values()) - after_load, "timings": last_timings(model),
             "relative_change": relative_change, "revert_fixup_fraction": fixup_fraction}
 
 
@@ -230,28 +239,34 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
 
 def markdown(report: dict) -> str:
     runs = {r["label"]: r for r in report["runs"]}
-    stages = [s for s in ("statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback", "history", "store")
+    stages = [s for s in ("statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback", "history",
+                          "store")
               if any(s in r["peak_above_load"] for r in runs.values())]
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
     peak = lambda r: r["rss_after_load"] + r["edit_peak_above_load"]  # noqa: E731  the process during the edit
+
+    def row(label: str, cell) -> str:  # a table row: `cell(run)` in each run's column
+        return f"| {label} | " + " | ".join(cell(r) for r in runs.values()) + " |"
+
     lines = [f"# MoTE edit memory, model in memory vs disk-offloaded ({report['shape']} layer shape)", "",
              f"`{report['command']}` on "
-             f"{report['machine']}, torch {report['torch']}, {report['date']}. One edit of {report.get('edits', EDITS)} requests at the last "
-             "decoder layer, bf16, random weights. GiB of the process's own (anonymous) "
-             "resident memory; pages of mmapped checkpoint files, which the kernel can drop, are not counted (their "
-             "level after loading has its own row). Each stage's row is the highest level while it ran.", "",
+             f"{report['machine']}, torch {report['torch']}, {report['date']}. One edit of "
+             f"{report.get('edits', EDITS)} requests at the last decoder layer, bf16, random weights. GiB of the "
+             "process's own (anonymous) resident memory; pages of mmapped checkpoint files, which the kernel can drop, "
+             "are not counted (their level after loading has its own row). Each stage's row is the highest level while "
+             "it ran.", "",
              "| | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs),
-             "| model weights (all layers) | " + " | ".join(g(r["model_bytes"]) for r in runs.values()) + " |",
-             "| edited MoE block | " + " | ".join(g(r["edited_block_bytes"]) for r in runs.values()) + " |",
-             "| resident after loading | " + " | ".join(g(r["rss_after_load"]) for r in runs.values()) + " |",
-             "| **edit: peak above that** | " + " | ".join(f"**{g(r['edit_peak_above_load'])}**" for r in runs.values()) + " |"]
-    lines += [f"| &nbsp; {s} | " + " | ".join(g(r["peak_above_load"].get(s, 0)) for r in runs.values()) + " |" for s in stages]
-    lines += ["| mmapped file pages after loading (not counted above) | " + " | ".join(g(r["file_rss_after_load"]) for r in runs.values()) + " |",
-              "| load time (s) | " + " | ".join(f"{r['load_s']:.1f}" for r in runs.values()) + " |",
-              "| edit: \\|ΔW\\| / \\|W\\| of the edited down_proj | " + " | ".join(f"{r['relative_change']:.3f}" for r in runs.values()) + " |",
-              "| edit history: revert fix-up entries / entries | " + " | ".join(f"{r['revert_fixup_fraction']:.3f}" for r in runs.values()) + " |",
-              "| edit time (s) | " + " | ".join(f"{r['edit_s']:.1f}" for r in runs.values()) + " |",
-              "| **peak of the process during the edit** | " + " | ".join(f"**{g(peak(r))}**" for r in runs.values()) + " |"]
+             row("model weights (all layers)", lambda r: g(r["model_bytes"])),
+             row("edited MoE block", lambda r: g(r["edited_block_bytes"])),
+             row("resident after loading", lambda r: g(r["rss_after_load"])),
+             row("**edit: peak above that**", lambda r: f"**{g(r['edit_peak_above_load'])}**")]
+    lines += [row(f"&nbsp; {s}", lambda r, s=s: g(r["peak_above_load"].get(s, 0))) for s in stages]
+    lines += [row("mmapped file pages after loading (not counted above)", lambda r: g(r["file_rss_after_load"])),
+              row("load time (s)", lambda r: f"{r['load_s']:.1f}"),
+              row("edit: \\|ΔW\\| / \\|W\\| of the edited down_proj", lambda r: f"{r['relative_change']:.3f}"),
+              row("edit history: revert fix-up entries / entries", lambda r: f"{r['revert_fixup_fraction']:.3f}"),
+              row("edit time (s)", lambda r: f"{r['edit_s']:.1f}"),
+              row("**peak of the process during the edit**", lambda r: f"**{g(peak(r))}**")]
     layers = SHAPES[report["shape"]]["layers"]
     if {f"memory, {layers} layers", f"disk, {layers} layers"} <= runs.keys():
         m, d = runs[f"memory, {layers} layers"], runs[f"disk, {layers} layers"]
@@ -266,14 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where offload_memory.{json,md} go")
     parser.add_argument("--deep", type=int, metavar="N", help="also edit a disk-offloaded model of N decoder layers")
     parser.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)  # folder, layers
-    parser.add_argument("--edits", type=int, default=EDITS, help=f"requests in the edit (default {EDITS}; at most {EDITS})")
+    parser.add_argument("--edits", type=int, default=EDITS,
+                        help=f"requests in the edit (default {EDITS}; at most {EDITS})")
     parser.add_argument("--_measure", nargs=4, help=argparse.SUPPRESS)  # folder, mode, layers, edits
     args = parser.parse_args(argv)
     shape = "reduced" if args.reduced else "qwen3-30b-a3b"
     if args._build:
         return build(Path(args._build[0]), shape, int(args._build[1]))
     if args._measure:
-        print(json.dumps(measure(Path(args._measure[0]), args._measure[1], shape, int(args._measure[2]), int(args._measure[3]))))
+        print(json.dumps(measure(Path(args._measure[0]), args._measure[1], shape, int(args._measure[2]),
+                                 int(args._measure[3]))))
         return None
     layers = SHAPES[shape]["layers"]
     if not 1 <= args.edits <= EDITS:  # the tokenizer is trained on the first EDITS requests
@@ -284,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = [(layers, "memory"), (layers, "disk")] + ([(args.deep, "disk")] if args.deep else [])
     command = " ".join(["python benchmarks/offload_memory.py", *extra, *([f"--deep {args.deep}"] if args.deep else []),
                         *([f"--edits {args.edits}"] if args.edits != EDITS else [])])
-    report = {"command": command, "shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
+    report = {"command": command, "shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+              "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "edits": args.edits, "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "offload_memory" + ("-reduced" if args.reduced else "")
@@ -297,11 +315,11 @@ def main(argv: list[str] | None = None) -> None:
                 deepen(folder, Path(tmp) / f"model-{n}", n)
             print(f"editing, model {mode}, {n} layers ...", flush=True)
             where = folder if n == layers else Path(tmp) / f"model-{n}"
-            out = subprocess.run([sys.executable, __file__, "--_measure", str(where), mode, str(n), str(args.edits), *extra],
+            out = subprocess.run([sys.executable, __file__, "--_measure", str(where), mode, str(n), str(args.edits),
+                                  *extra],
                                  check=True, stdout=subprocess.PIPE, text=True).stdout
             report["runs"].append(json.loads(out.strip().splitlines()[-1]))
-            (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))  # after every run: a late failure
-            (args.out / f"{name}.md").write_text(markdown(report))  # keeps what was measured
+            write_results(args.out / name, report, markdown(report))  # after every run: a late failure keeps the rest
     print(markdown(report))
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import platform
 import subprocess
 import sys
@@ -35,9 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mote_plugin.experiments.results import write_results  # noqa: E402
+from mote_plugin.mote.algebra import nullspace, tucker  # noqa: E402
 from solver_speed import PeakRSS, fixed_mmap_threshold  # noqa: E402
-
-from mote_plugin.mote import nullspace, tucker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -140,9 +139,10 @@ def bench_shape(name: str, base: dict, n_experts: int, repeats: int, log=print) 
     row = {"E": E, "d": d, "h": h, "k": k, "ranks": ranks, "experts_timed": n_experts, "tokens": counts.tolist(),
            "projectors": {}}
     for rule, threshold in RULES:
-        pair = timed_pair(lambda: nullspace.nullspace_projectors(moments, counts, rule=rule, threshold=threshold),
-                          lambda: base["nullspace"].nullspace_projectors(moments, counts, rule=rule, threshold=threshold),
-                          repeats)
+        # `moments` bound now: it is deleted below, after the calls
+        new = lambda m=moments: nullspace.nullspace_projectors(m, counts, rule=rule, threshold=threshold)
+        old = lambda m=moments: base["nullspace"].nullspace_projectors(m, counts, rule=rule, threshold=threshold)
+        pair = timed_pair(new, old, repeats)
         results = pair.pop("results")
         P_new, P_base = results["new"], results["baseline"]
         gaps, removed = cut_gaps(moments, rule, threshold)
@@ -158,8 +158,9 @@ def bench_shape(name: str, base: dict, n_experts: int, repeats: int, log=print) 
             "float32_energy_diff": (energy32 - energy_base).abs().tolist()}
         del results, P_new, P_base, P32
         r = row["projectors"][f"{rule} {threshold:g}"]
-        log(f"[{name}] projectors {rule} {threshold:g}: baseline {r['seconds']['baseline']:.2f} s, new {r['seconds']['new']:.2f} s"
-            f" for {n_experts} experts; max ||dP||_2 {max(r['diff_op_norm']):.1e} (float32: {max(r['float32_diff_op_norm']):.1e})")
+        log(f"[{name}] projectors {rule} {threshold:g}: baseline {r['seconds']['baseline']:.2f} s, new "
+            f"{r['seconds']['new']:.2f} s for {n_experts} experts; max ||dP||_2 {max(r['diff_op_norm']):.1e} (float32: "
+            f"{max(r['float32_diff_op_norm']):.1e})")
 
     cov_in = (moments.double() * counts[:, None, None]).sum(0).float() / counts.sum()  # [h, h] pooled
     del moments
@@ -177,31 +178,35 @@ def bench_shape(name: str, base: dict, n_experts: int, repeats: int, log=print) 
 
 def markdown(report: dict) -> str:
     lines = ["# One-time basis at real MoE layer shapes: null-space projectors and whitened HOSVD", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} "
-             f"threads; baseline = commit {report['baseline']}. Minimum of {report['repeats']} alternating runs; peak = "
-             "extra resident memory of the call. Projectors timed on a few experts of each shape (per-expert cost) and "
-             "scaled to all E in the 'per layer' columns.", ""]
+             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+             f"{report['threads']} threads; baseline = commit {report['baseline']}. Minimum of {report['repeats']} "
+             "alternating runs; peak = extra resident memory of the call. Projectors timed on a few experts of each "
+             "shape (per-expert cost) and scaled to all E in the 'per layer' columns.", ""]
     lines += ["## Projectors", "",
-              "| shape | rule | experts timed | baseline (s) | new (s) | new / baseline | per layer: baseline -> new (s) | "
-              "peak MiB: baseline -> new | removed directions | min cut gap | max ||P - P_base||_2 | float32 eigh: max ||P - P_base||_2 | max energy diff (float32) |",
+              "| shape | rule | experts timed | baseline (s) | new (s) | new / baseline | per layer: baseline -> new "
+              "(s) | peak MiB: baseline -> new | removed directions | min cut gap | max ||P - P_base||_2 | float32 "
+              "eigh: max ||P - P_base||_2 | max energy diff (float32) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["shapes"].items():
         for rule, p in r["projectors"].items():
             s, scale = p["seconds"], r["E"] / r["experts_timed"]
             lines.append(
-                f"| {name} | {rule} | {r['experts_timed']} | {s['baseline']:.2f} | {s['new']:.2f} | {s['new'] / s['baseline']:.2f} | "
-                f"{s['baseline'] * scale:.1f} -> {s['new'] * scale:.1f} | {p['peak_bytes']['baseline'] / 2**20:.0f} -> "
-                f"{p['peak_bytes']['new'] / 2**20:.0f} | {min(p['removed'])}-{max(p['removed'])} | {min(p['cut_gap']):.1e} | "
-                f"{max(p['diff_op_norm']):.1e} | {max(p['float32_diff_op_norm']):.1e} | {max(p['energy_diff']):.1e} "
+                f"| {name} | {rule} | {r['experts_timed']} | {s['baseline']:.2f} | {s['new']:.2f} | "
+                f"{s['new'] / s['baseline']:.2f} | {s['baseline'] * scale:.1f} -> {s['new'] * scale:.1f} | "
+                f"{p['peak_bytes']['baseline'] / 2**20:.0f} -> {p['peak_bytes']['new'] / 2**20:.0f} | "
+                f"{min(p['removed'])}-{max(p['removed'])} | {min(p['cut_gap']):.1e} | {max(p['diff_op_norm']):.1e} | "
+                f"{max(p['float32_diff_op_norm']):.1e} | {max(p['energy_diff']):.1e} "
                 f"({max(p['float32_energy_diff']):.1e}) |")
     lines += ["", "## Whitened HOSVD (one layer, whitening \"in\")", "",
-              "| shape | ranks | baseline (s) | new (s) | new / baseline | peak MiB: baseline -> new | ||U U^T - U_base U_base^T||_2 (e, out, in) |",
+              "| shape | ranks | baseline (s) | new (s) | new / baseline | peak MiB: baseline -> new | ||U U^T - "
+              "U_base U_base^T||_2 (e, out, in) |",
               "|---|---|---|---|---|---|---|"]
     for name, r in report["shapes"].items():
         hs = r["hosvd"]
         s = hs["seconds"]
-        lines.append(f"| {name} | {tuple(r['ranks'])} | {s['baseline']:.2f} | {s['new']:.2f} | {s['new'] / s['baseline']:.2f} | "
-                     f"{hs['peak_bytes']['baseline'] / 2**20:.0f} -> {hs['peak_bytes']['new'] / 2**20:.0f} | "
+        lines.append(f"| {name} | {tuple(r['ranks'])} | {s['baseline']:.2f} | {s['new']:.2f} | "
+                     f"{s['new'] / s['baseline']:.2f} | {hs['peak_bytes']['baseline'] / 2**20:.0f} -> "
+                     f"{hs['peak_bytes']['new'] / 2**20:.0f} | "
                      + ", ".join(f"{v:.1e}" for v in hs["subspace_diff"].values()) + " |")
     return "\n".join(lines) + "\n"
 
@@ -226,10 +231,7 @@ def main(argv: list[str] | None = None) -> None:
               "threads": torch.get_num_threads(), "repeats": args.repeats, "shapes": {}}
     for name in args.shape:
         report["shapes"][name] = bench_shape(name, base, args.experts, args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report), json_default=str)
     print(markdown(report))
 
 

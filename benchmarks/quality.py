@@ -1,4 +1,5 @@
-"""MoTE's quality as a method: every setting chosen on a dev split of known facts, every number reported on a test split.
+"""MoTE's quality as a method: every setting chosen on a dev split of known facts, every number reported on a test
+split.
 
     python benchmarks/quality.py                                    # benchmarks/configs/quality.yaml, all phases
     python benchmarks/quality.py --arch qwen3_moe --only tune test  # some archs / phases (results are merged)
@@ -11,15 +12,16 @@ Per fact model (the `builds:` of the config, built from the data shipped with th
   tune       per method, every combination of the `tune:` grid (on top of the arch's testbed YAML and the method's own
              overrides) edits the dev facts in sequential batches; the best dev utility wins (ties: grid order).
              `layers: [-1, 0, 1]` means the build's traced edit band shifted by that many layers; a method's
-             `rank_scale: s` multiplies the YAML's Tucker ranks (rounded up, capped at the mode size; `full`: full size).
+             `rank_scale: s` multiplies the YAML's Tucker ranks (rounded up, capped at the mode size; `full`: full
+             size).
   test       each method, with its chosen settings, edits the test facts in sequential batches, v* computed at each
              batch on the model as it then is; metrics after the last batch on all test facts, with 95% bootstrap
              intervals over facts, the requests edited (a request whose v* fails is left out) and each stage's seconds.
   ablations  variants of the chosen settings of each method in `ablate` (whitening, null space, v*) on the test facts,
              not re-tuned.
-  basis      why a rank loses: on the first test batch at the last edited layer, the share of the v* residuals' energy in
-             span(U_out), of the projected keys' in span(U_in), of the routed experts' indicators in span(U_e), and the
-             share of each residual the solved core reproduces, for MoTE's settings and each of `basis_variants`.
+  basis      why a rank loses: on the first test batch at the last edited layer, the share of the v* residuals' energy
+             in span(U_out), of the projected keys' in span(U_in), of the routed experts' indicators in span(U_e), and
+             the share of each residual the solved core reproduces, for MoTE's settings and each of `basis_variants`.
   routing    top-k routing overlap before/after the test edits (the paper's Appendix C.1).
 
 Results are merged into benchmarks/results/quality.json (the `--arch`/`--only` parts re-run replace theirs) and
@@ -42,16 +44,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from mote_plugin import MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.adapters import get_adapter
-from mote_plugin.compare import build_options
+from mote_plugin.experiments.results import write_results
 from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.mote import mote_main
-from mote_plugin.mote.capture import capture, moe_blocks
-from mote_plugin.mote.requests import normalise_requests
-from mote_plugin.mote.solve import predicted_change, project_keys, solve_core
-from mote_plugin.mote.tucker import resolve_ranks
-from mote_plugin.testbed import build, load
+from mote_plugin.mote.algebra.solve import predicted_change, project_keys, solve_core
+from mote_plugin.mote.algebra.tucker import resolve_ranks
+from mote_plugin.mote.model.capture import capture, layer_outputs
+from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.testbed import BuildOptions, build, load
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"  # fact-model builds, preservation statistics, v* targets
@@ -59,7 +60,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quality"
 PHASES = ("tune", "test", "ablations", "basis", "routing")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("vstar", "capture", "solve", "writeback")
-CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants", "bootstrap",
+CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants",
+               "bootstrap",
                "seed"}
 
 
@@ -88,7 +90,7 @@ def load_config(path: str | Path) -> dict:
             for v in values:
                 base.updated(f"{path}: tune {key}", **{key: v})
     for arch, opts in cfg["builds"].items():
-        build_options(opts | {"arch": arch})
+        BuildOptions.from_dict(opts | {"arch": arch})
     return cfg
 
 
@@ -99,7 +101,7 @@ def load_config(path: str | Path) -> dict:
 
 def fact_model(arch: str, cfg: dict):
     """(model, tok, facts, report) of the arch's build, built first if needed."""
-    opts = build_options(cfg["builds"][arch] | {"arch": arch})
+    opts = BuildOptions.from_dict(cfg["builds"][arch] | {"arch": arch})
     out = CACHE / "mote-testbed" / f"{arch}-{opts.facts}-quality"
     build(out, opts)
     return load(out)
@@ -110,7 +112,8 @@ def splits(facts: list[dict], cfg: dict) -> dict[str, list[dict]]:
     known = [f for f in facts if f["known"]]
     dev, test = known[: cfg["dev"]], known[cfg["dev"] : cfg["dev"] + cfg["test"]]
     if len(dev) < cfg["dev"] or len(test) < cfg["batch_size"]:
-        raise SystemExit(f"the build knows {len(known)} facts: too few for dev {cfg['dev']} + one test batch of {cfg['batch_size']}")
+        raise SystemExit(f"the build knows {len(known)} facts: too few for dev {cfg['dev']} + one test batch of "
+                         f"{cfg['batch_size']}")
     return {"dev": dev, "test": test}
 
 
@@ -140,8 +143,10 @@ def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int,
     return dict(zip(("r_e", "r_out", "r_in"), (min(size, math.ceil(r * scale)) for r, size in zip(ranks, shape))))
 
 
-def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tuple[int, int, int], **tuned) -> MoTEHyperParams:
-    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the YAML's ranks), then `tuned`."""
+def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tuple[int, int, int],
+             **tuned) -> MoTEHyperParams:
+    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the YAML's ranks), then
+    `tuned`."""
     overrides = dict(overrides or {})
     scale = overrides.pop("rank_scale", None)
     hp = base.updated(name, **overrides)
@@ -177,11 +182,12 @@ class Session:
         self.model, self.tok, self.cfg = model, tok, cfg
         self.original = {k: v.clone() for k, v in model.state_dict().items()}
         adapter = get_adapter(model)
-        self.shape = tuple(adapter.down_weight(adapter.moe_block(model, adapter.moe_layers(model)[0]), dtype=None).shape)
+        block = adapter.moe_block(model, adapter.moe_layers(model)[0])
+        self.shape = tuple(adapter.down_weight(block, dtype=None).shape)
 
     def restore(self) -> None:
         self.model.load_state_dict(self.original)
-        mote_main.reset_state(self.model)
+        MoTEEditor(self.model).reset()
 
     def scores(self, records: list[dict], intervals: bool) -> dict:
         m = counterfact_metrics(self.model, self.tok, records)
@@ -277,22 +283,23 @@ def ablations(session: Session, base: MoTEHyperParams, records: list[dict], cfg:
 
 
 def basis(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
-    """How much of the first test batch's edit the Tucker basis can express, at the last edited layer L (unedited model):
-    energy shares of the residuals R in span(U_out), of the null-space-projected keys in span(U_in), of the routed
-    experts' indicator vectors in span(U_e), and mean <U_out G phi_t, r_t> / ||r_t||^2 after the core solve."""
+    """How much of the first test batch's edit the Tucker basis can express, at the last edited layer L (unedited
+    model): energy shares of the residuals R in span(U_out), of the null-space-projected keys in span(U_in), of the
+    routed experts' indicator vectors in span(U_e), and mean <U_out G phi_t, r_t> / ||r_t||^2 after the core solve."""
     model, tok = session.model, session.tok
     session.restore()
     mote = method_settings(session, base, cfg, result, "MoTE")
     reqs = normalise_requests([request(r) for r in records[: cfg["batch_size"]]])
     adapter = get_adapter(model)
     L = max(mote.layers)
-    z, _ = mote_main.targets(model, tok, reqs, mote, mote_main.editor_state(model), progress=False)  # [T, d]
-    R = (z - mote_main.layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)).double()
+    z, _ = MoTEEditor(model, tok, mote).targets(reqs, progress=False)  # [T, d]
+    h = layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)  # [T, d]
+    R = (z - h).double()
     cap = capture(model, tok, adapter, reqs, [L], mote.fact_token)[L]
     out = {}
     for name, overrides in {"MoTE's settings": {}, **(cfg.get("basis_variants") or {})}.items():
         hp = settings(mote, name, overrides, session.shape)
-        layer = mote_main.layer_bases(model, tok, adapter, moe_blocks(model, adapter, [L]), hp)[L]
+        layer = MoTEEditor(model, tok, hp).layer_bases([L])[L]
         U_e, U_out, U_in = (u.double() for u in layer.factors)
         keys = project_keys(cap.keys, cap.expert_idx, layer.P).double()  # [T, K, h]
         solution = solve_core(keys, cap.gates, cap.expert_idx, R, layer.factors, hp.mote_lambda)
@@ -360,8 +367,8 @@ def rank_rows(res: dict, cfg: dict) -> dict:
             if "rank_scale" in (o or {}) and o.get("spread") == "core" and n in res.get("test", {})}
 
 
-# The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's core
-# spread at those ranks, the two changes that help together (ranks x4, residual spread), full rank, and the two
+# The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's
+# core spread at those ranks, the two changes that help together (ranks x4, residual spread), full rank, and the two
 # strongest other solvers.
 HEADLINE = {"MoTE-residual": "MoTE: testbed YAML (real ranks' ratios, residual spread)",
             "MoTE": "MoTE: same ranks, the paper's core spread", "MoTE-residual x4": "MoTE: ranks x4, residual spread",
@@ -394,39 +401,45 @@ def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = ["# MoTE's quality: dev/test protocol on the fact models", "",
              f"Last command: `{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured on "
-             "the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
-             "bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* does not reach "
-             "its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture included.", "",
+             f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured "
+             "on the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
+             "bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* does not "
+             "reach its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture "
+             "included.",
+             "",
              "## Headline (test split)", "",
              "Utility [95% interval] · efficacy / generalization / specificity, after the last test batch.", "",
              *headline(report), ""]
     for arch, res in report["archs"].items():
         s = res["splits"]
-        split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known facts "
-                 f"{s['test'][0]}-{s['test'][1]} (N = {s['test'][1] - s['test'][0] + 1}, {s['batches']} sequential batches of "
-                 f"at most {cfg['batch_size']})")
-        lines += [f"## {arch}", "", f"Build: `{res['build']}` ({s['known']} known facts); edit band traced {res['traced_layers']} "
-                  f"at {res['lookup_token']}; YAML ranks {tuple(res['yaml_ranks'])} of (E, d, h) = {tuple(res['shape'])}. "
-                  f"Splits: {split}.", ""]
+        split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known "
+                 f"facts {s['test'][0]}-{s['test'][1]} (N = {s['test'][1] - s['test'][0] + 1}, {s['batches']} "
+                 f"sequential batches of at most {cfg['batch_size']})")
+        lines += [f"## {arch}", "",
+                  f"Build: `{res['build']}` ({s['known']} known facts); edit band traced {res['traced_layers']} "
+                  f"at {res['lookup_token']}; YAML ranks {tuple(res['yaml_ranks'])} of (E, d, h) = "
+                  f"{tuple(res['shape'])}. Splits: {split}.", ""]
         if "test" in res:
-            lines += ["### Test split", "", *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items()}), ""]
+            lines += ["### Test split", "",
+                      *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items()}), ""]
         ranked = rank_rows(res, cfg)
         if ranked:
             lines += ["### Tucker ranks (each tuned on dev; test split)", "",
                       "| scale of YAML ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
                       "|---" * (len(METRICS) + 3) + "|"]
             lines += [f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
-                      + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |" for scale, row in ranked.items()]
+                      + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |"
+                      for scale, row in ranked.items()]
             lines.append("")
         for method, groups in res.get("ablations", {}).items():
             for group, rows in groups.items():
-                lines += [f"### Ablation: {group} ({method}'s dev-chosen settings otherwise; test split)", "", *_table(rows), ""]
+                lines += [f"### Ablation: {group} ({method}'s dev-chosen settings otherwise; test split)", "",
+                          *_table(rows), ""]
         if "basis" in res:
             lines += ["### What the Tucker basis can express (first test batch, last edited layer, unedited model)", "",
-                      "Energy shares in the span of each factor: the v* residuals R in U_out, the null-space-projected keys "
-                      "in U_in, the routed experts' indicators in U_e; `reproduced`: mean <U_out G phi_t, r_t> / ||r_t||^2 "
-                      "after the core solve (1 = the layer's output moves exactly to z).", "",
+                      "Energy shares in the span of each factor: the v* residuals R in U_out, the null-space-projected "
+                      "keys in U_in, the routed experts' indicators in U_e; `reproduced`: mean <U_out G phi_t, r_t> / "
+                      "||r_t||^2 after the core solve (1 = the layer's output moves exactly to z).", "",
                       "| basis | (r_e, r_out, r_in) | residual in U_out | keys in U_in | experts in U_e | reproduced |",
                       "|---|---|---|---|---|---|"]
             lines += [f"| {n} | {tuple(r['ranks'])} | {r['residual_in_U_out']:.2f} | {r['keys_in_U_in']:.2f} | "
@@ -439,22 +452,19 @@ def markdown(report: dict) -> str:
             lines += [f"| {n} | " + " | ".join(f"{r[l]:.3f}" for l in layers) + " |" for n, r in res["routing"].items()]
             lines.append("")
         if "tune" in res:
-            lines += ["### Dev split (the grid's best per method)", "", *_table({k: v["dev"] for k, v in res["tune"].items()}), "",
-                      f"Grid: `{json.dumps(cfg.get('tune'))}` (`layers`: shifts of the traced band); every grid point's dev "
-                      "metrics are in quality.json.", ""]
+            lines += ["### Dev split (the grid's best per method)", "",
+                      *_table({k: v["dev"] for k, v in res["tune"].items()}), "",
+                      f"Grid: `{json.dumps(cfg.get('tune'))}` (`layers`: shifts of the traced band); every grid "
+                      "point's dev metrics are in quality.json.", ""]
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict, plt):
+    """quality-ranks.png: per arch, quality against solve + write seconds at each Tucker rank (None: no rank rows)."""
     curves = {a: rank_rows(r, report["config"]) for a, r in report["archs"].items()}
     curves = {a: c for a, c in curves.items() if c}
     if not curves:
-        return
+        return None
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (arch, rows) in zip(axes[0], curves.items()):
         xs = [r["seconds"]["solve"] + r["seconds"]["writeback"] for r in rows.values()]
@@ -467,8 +477,7 @@ def plot(report: dict, out: Path) -> None:
         ax.set_ylim(0, 1.02)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out.with_name(out.name + "-ranks.png"), dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -497,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"archs": {}}
-    report |= {"command": shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+    argv_shown = argv if argv is not None else sys.argv[1:]
+    report |= {"command": shlex.join(["python", "benchmarks/quality.py", *argv_shown]),
                "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "config": cfg}
     for arch in archs:
@@ -510,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
         res |= {"build": json.dumps(cfg["builds"][arch]), "traced_layers": build_report["edit_layers"],
                 "lookup_token": build_report["lookup_token"], "shape": list(session.shape),
                 "yaml_ranks": list(resolve_ranks((base.r_e, base.r_out, base.r_in), session.shape)),
-                "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test], "batches": -(-n_test // cfg["batch_size"]),
+                "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test],
+                           "batches": -(-n_test // cfg["batch_size"]),
                            "known": sum(f["known"] for f in facts)}}
         log = lambda m, arch=arch: print(f"[{arch}] {m}", flush=True)  # noqa: E731
         phases = {"tune": tune, "test": test, "ablations": ablations, "basis": basis, "routing": routing}
@@ -523,13 +534,12 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 result = phases[phase](session, base, split["test"], run_cfg, res, log)
             # a run of some methods adds its rows to those of the others
-            res[phase] = res.get(phase, {}) | result if args.methods and phase in ("tune", "test", "routing") else result
+            merge = args.methods and phase in ("tune", "test", "routing")
+            res[phase] = res.get(phase, {}) | result if merge else result
             log(f"{phase}: {time.time() - t:.0f} s")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # after every phase: a long run keeps its parts
+            write_results(out, report)  # after every phase: a long run keeps its parts
         del model, session
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out)
+    write_results(out, report, markdown(report), {"-ranks": lambda plt: plot(report, plt)})
     print(markdown(report))
 
 

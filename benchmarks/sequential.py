@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from mote_plugin import MoTEHyperParams, apply_mote_to_model
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model
+from mote_plugin.experiments.results import write_results
 from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.mote import mote_main
+from mote_plugin.mote.editor import request_key
 from mote_plugin.testbed import BuildOptions, build, load
 from mote_plugin.testbed.__main__ import DEFAULT_OUT
 
@@ -48,7 +49,8 @@ def edit_records(facts: list[dict], counterfact: Path, n: int, first: int) -> tu
     """(n edit records: `first` known facts, then CounterFact records on other subjects; 100 known facts kept aside)."""
     known = [f for f in facts if f["known"]]
     if first + 100 > len(known):
-        raise ValueError(f"the fact model knows {len(known)} facts; need {first} for the first batch and 100 kept aside")
+        raise ValueError(f"the fact model knows {len(known)} facts; need {first} for the first batch and 100 kept "
+                         "aside")
     with open(counterfact) as f:
         pool = json.load(f)
     seen = {f["subject"] for f in facts}
@@ -77,13 +79,15 @@ def measure(model, tok, first_batch: list[dict], kept: list[dict], text: str) ->
     retained = counterfact_metrics(model, tok, kept)  # efficacy here = P(counterfactual) > P(true) on unedited facts
     weights_finite = all(torch.isfinite(p).all() for p in model.parameters())
     return {"first_batch_efficacy": first["efficacy"], "specificity": first["specificity"],
-            "retained_facts": 1.0 - retained["efficacy"], "perplexity": perplexity(model, tok, text), "finite": bool(weights_finite)}
+            "retained_facts": 1.0 - retained["efficacy"], "perplexity": perplexity(model, tok, text),
+            "finite": bool(weights_finite)}
 
 
 def run(model, tok, records, kept, text, hp, z, batch_size, every, log) -> list[dict]:
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    mote_main.reset_state(model)
-    mote_main.editor_state(model).record_history = False  # no edit-patch history over thousands of edits
+    editor = MoTEEditor(model)
+    editor.reset()
+    editor.record_history = False  # no edit-patch history over thousands of edits
     first = records[:batch_size]
     curve, seconds = [], 0.0
     n_batches = len(records) // batch_size
@@ -98,16 +102,12 @@ def run(model, tok, records, kept, text, hp, z, batch_size, every, log) -> list[
             curve.append(point)
             log("   " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in point.items()))
     model.load_state_dict(original)
-    mote_main.reset_state(model)
+    MoTEEditor(model).reset()
     return curve
 
 
-def plot(report: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict, plt):
+    """sequential.png: each measure against the number of edits, one curve per method."""
     keys = ("first_batch_efficacy", "specificity", "retained_facts", "perplexity")
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for ax, key in zip(axes, keys):
@@ -118,17 +118,18 @@ def plot(report: dict, out: Path) -> None:
         ax.set_title(key.replace("_", " "), fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def markdown(report: dict) -> str:
     keys = ("first_batch_efficacy", "specificity", "retained_facts", "perplexity")
     lines = ["# Sequential editing at scale (Qwen3-MoE fact model)", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} threads. "
-             f"{report['edits']} edits in batches of {report['batch_size']}; v* precomputed on the unedited model "
-             f"({report['vstar_seconds']:.0f} s for all). Curves: sequential.png.", "",
-             "| method | edits | " + " | ".join(keys) + " | edit time (s) | finite |", "|---|---|" + "---|" * (len(keys) + 2)]
+             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+             f"{report['threads']} threads. {report['edits']} edits in batches of {report['batch_size']}; v* "
+             f"precomputed on the unedited model ({report['vstar_seconds']:.0f} s for all). Curves: sequential.png.",
+             "",
+             "| method | edits | " + " | ".join(keys) + " | edit time (s) | finite |",
+             "|---|---|" + "---|" * (len(keys) + 2)]
     u = report["unedited"]
     lines.append("| unedited | 0 | " + " | ".join(f"{u[k]:.3f}" for k in keys) + " | 0 | True |")
     for name, curve in report["runs"].items():
@@ -161,22 +162,19 @@ def main(argv: list[str] | None = None) -> None:
     requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]} for r in records]
     cached = MoTEHyperParams(**(hp.to_dict() | {"vstar_cache_dir": str(ROOT / ".cache" / "mote-vstar")}))
     t = time.perf_counter()
-    z, nll = mote_main.targets(model, tok, requests, cached, mote_main.editor_state(model))
+    z, nll = MoTEEditor(model, tok, cached).targets(requests)
     report = {"command": "python benchmarks/sequential.py" + (f" --edits {args.edits}" if args.edits != 2000 else ""),
               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "edits": len(records),
               "batch_size": args.batch_size, "vstar_seconds": time.perf_counter() - t,
               "unedited": measure(model, tok, records[: args.batch_size], kept, text), "runs": {}}
-    z = {mote_main.request_key(r): (z[i], float(nll[i])) for i, r in enumerate(requests)}
+    z = {request_key(r): (z[i], float(nll[i])) for i, r in enumerate(requests)}
     for name in args.method:
         print(f"[{name}]")
-        report["runs"][name] = run(model, tok, records, kept, text, MoTEHyperParams(**(hp.to_dict() | METHODS[name])), z,
+        report["runs"][name] = run(model, tok, records, kept, text, MoTEHyperParams(**(hp.to_dict() | METHODS[name])),
+                                   z,
                                    args.batch_size, args.every, print)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out)
+    write_results(args.out, report, markdown(report), {"": lambda plt: plot(report, plt)})
     print(markdown(report))
 
 

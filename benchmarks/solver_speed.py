@@ -1,7 +1,9 @@
 """Solve + writeback speed of MoTE and the baselines at the real MoE layer shapes (random weights, synthetic edits).
 
-    python benchmarks/solver_speed.py              # the three shapes, T = 1000 edits in batches of 50 (~15 min, 2 CPU cores)
-    python benchmarks/solver_speed.py --growth     # and how the costs grow with T (50..2000) and E (32..256) (~5 min more)
+    python benchmarks/solver_speed.py              # the three shapes, T = 1000 edits in batches of 50
+                                                   # (~15 min, 2 CPU cores)
+    python benchmarks/solver_speed.py --growth     # and how the costs grow with T (50..2000) and E (32..256)
+                                                   # (~5 min more)
     python benchmarks/solver_speed.py --reduced    # Qwen3-30B-A3B only, 200 edits (~1.5 min)
     python benchmarks/solver_speed.py --shape gpt-oss-20b --edits 200 --method mote global+speedup
     python benchmarks/solver_speed.py --global-check   # only the Global check: per layer-batch seconds of MoTE, the
@@ -13,7 +15,8 @@ down-projections of every edited layer, through the plugin's own code (`solve_la
 Captures, v* and the preservation statistics are not part of it (v* precomputed, as the paper's Table 2); the
 one-time cost (null-space projectors from key moments, whitened HOSVD) is timed separately, for one layer.
 
-    mote            MoTE: Tucker core at the last layer, written into every layer with that layer's basis (`core` spread)
+    mote            MoTE: Tucker core at the last layer, written into every layer with that layer's basis (`core`
+                    spread)
     global+speedup  exact ridge over all experts (sparse Woodbury, T x T) at the last layer, spread the same way
     bcd+speedup     MoEEdit's BCD (4 sweeps, push-through form) at the last layer, spread the same way
     global          the sparse Woodbury solve at every layer (each routed expert a rank-n_j update, others untouched)
@@ -32,7 +35,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import json
 import platform
 import threading
 import time
@@ -42,14 +44,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeedit_bcd import bcd_published
 from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapter
-from mote_plugin.mote.baselines import bcd_published
-from mote_plugin.mote.capture import LayerCapture
-from mote_plugin.mote.mote_main import LayerBasis
-from mote_plugin.mote.nullspace import nullspace_projectors
-from mote_plugin.mote.solve import project_keys, uint_p
-from mote_plugin.mote.solvers import solve_layer
-from mote_plugin.mote.tucker import tucker_factors
+from mote_plugin.experiments.results import write_results
+from mote_plugin.mote.algebra.nullspace import nullspace_projectors
+from mote_plugin.mote.algebra.solve import project_keys, uint_p
+from mote_plugin.mote.algebra.solvers import LayerBasis, solve_layer
+from mote_plugin.mote.algebra.tucker import tucker_factors
+from mote_plugin.mote.model.capture import LayerCapture
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -139,8 +141,8 @@ def memory_estimate(shape: Shape, T: int) -> int:
 def check_memory(shape_name: str, shape: Shape, T: int) -> None:
     need, have = memory_estimate(shape, T), available_bytes()
     if need > 0.9 * have:
-        raise SystemExit(f"{shape_name} with T={T} needs about {need / 2**30:.1f} GiB, only {have / 2**30:.1f} GiB available: "
-                         f"reduce --edits-per-batch or pick another --shape")
+        raise SystemExit(f"{shape_name} with T={T} needs about {need / 2**30:.1f} GiB, only {have / 2**30:.1f} GiB "
+                         f"available: reduce --edits-per-batch or pick another --shape")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,7 +205,8 @@ def synthetic_capture(shape: Shape, T: int, gen: torch.Generator) -> tuple[Layer
     gates = torch.softmax(torch.randn(T, shape.k, generator=gen), dim=1)  # [T, k]
     keys = torch.randn(T, shape.k, shape.h, generator=gen)  # [T, k, h]
     residuals = torch.randn(T, shape.d, generator=gen)  # [T, d]
-    cap = LayerCapture(x=torch.empty(0), expert_idx=idx, gates=gates, keys=keys, out=torch.empty(0), num_experts=shape.E)
+    cap = LayerCapture(x=torch.empty(0), expert_idx=idx, gates=gates, keys=keys, out=torch.empty(0),
+                       num_experts=shape.E)
     return cap, residuals
 
 
@@ -262,7 +265,8 @@ def published_batch_seconds(shape: Shape, adapter, block: Block, basis: LayerBas
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def bench_shape(name: str, shape: Shape, edits: int, per_batch: int, methods: list[str], sample_blocks: int, log=print) -> dict:
+def bench_shape(name: str, shape: Shape, edits: int, per_batch: int, methods: list[str], sample_blocks: int,
+                log=print) -> dict:
     check_memory(name, shape, per_batch)
     adapter = ADAPTERS[shape.adapter]()
     gen = torch.Generator().manual_seed(0)
@@ -277,7 +281,8 @@ def bench_shape(name: str, shape: Shape, edits: int, per_batch: int, methods: li
     bases = [basis] * shape.layers
     n_batches = edits // per_batch
     batches = [[synthetic_capture(shape, per_batch, gen) for _ in range(shape.layers)] for _ in range(n_batches)]
-    result = {"shape": asdict(shape), "edits": edits, "per_batch": per_batch, "batches": n_batches, "ranks": ranks(shape),
+    result = {"shape": asdict(shape), "edits": edits, "per_batch": per_batch, "batches": n_batches,
+              "ranks": ranks(shape),
               "one_time_per_layer": one_time, "methods": {}}
     for method in methods:
         if method == "moeedit-bcd":
@@ -436,7 +441,8 @@ def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> di
            "weights_differing_elements": int((written_plugin != written_ref).sum()),
            "weights_max_abs_diff": float((written_plugin.float() - written_ref.float()).abs().max())}
     log(f"[global check {shape_name}] per layer-batch: MoTE {mote:.3f} s, Global {glob:.3f} s ({glob / mote:.2f}x), "
-        f"reference {med['reference']:.3f} s ({med['reference'] / mote:.2f}x); max relative delta difference {worst:.1e}")
+        f"reference {med['reference']:.3f} s ({med['reference'] / mote:.2f}x); max relative delta difference "
+        f"{worst:.1e}")
     return row
 
 
@@ -448,14 +454,18 @@ def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> di
 def markdown(report: dict) -> str:
     lines = ["# Solver speed at real MoE layer shapes", "",
              f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads. Random bf16 weights, synthetic keys/gates/residuals, statistics precomputed; "
-             "solve + writeback of every edited layer (v* and captures excluded). Ratios are to MoTE in the same run.", ""]
+             f"{report['threads']} threads. Random bf16 weights, synthetic keys/gates/residuals, statistics "
+             "precomputed; solve + writeback of every edited layer (v* and captures excluded). Ratios are to MoTE in "
+             "the same run.",
+             ""]
     for name, r in report["shapes"].items():
         s = r["shape"]
         mote = r["methods"].get("mote", {})
         lines += [f"## {name}: E={s['E']}, d={s['d']}, h={s['h']}, top-{s['k']}, {s['layers']} layers, "
-                  f"{r['edits']} edits in batches of {r['per_batch']}, ranks (r_e, r_out, r_in) = {tuple(r['ranks'])}", "",
-                  "| method | time (s) | time / MoTE | peak extra memory (MiB) | memory / MoTE |", "|---|---|---|---|---|"]
+                  f"{r['edits']} edits in batches of {r['per_batch']}, ranks (r_e, r_out, r_in) = {tuple(r['ranks'])}",
+                  "",
+                  "| method | time (s) | time / MoTE | peak extra memory (MiB) | memory / MoTE |",
+                  "|---|---|---|---|---|"]
         for m, v in r["methods"].items():
             t_ratio = f"{v['seconds'] / mote['seconds']:.2f}" if mote else "-"
             m_ratio = f"{v['peak_bytes'] / max(mote['peak_bytes'], 1):.2f}" if mote else "-"
@@ -469,31 +479,37 @@ def markdown(report: dict) -> str:
         if "moeedit-bcd" in r["methods"]:
             ex = r["methods"]["moeedit-bcd"]["extrapolated"]
             lines += [f"moeedit-bcd per layer and batch: {ex['blocks']} blocks x {ex['seconds_per_block']:.3f} s "
-                      f"+ writeback {ex['writeback']:.2f} s = {ex['seconds']:.1f} s, x {s['layers']} layers x {r['batches']} batches.", ""]
+                      f"+ writeback {ex['writeback']:.2f} s = {ex['seconds']:.1f} s, x {s['layers']} layers x "
+                      f"{r['batches']} batches.", ""]
     if report.get("growth"):
         g = report["growth"]
         lines += ["## Growth (one layer, one batch; seconds)", "", "| T | mote | global | bcd |", "|---|---|---|---|"]
         lines += [f"| {T} | {row['mote']:.2f} | {row['global']:.2f} | {row['bcd']:.2f} |" for T, row in g["T"].items()]
-        lines += ["", "| E (T = 50) | mote | global | bcd | projectors (one-time) | HOSVD (one-time) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {E} | {row['mote']:.2f} | {row['global']:.2f} | {row['bcd']:.2f} | {row['one_time']['projectors']:.2f} | "
-                  f"{row['one_time']['hosvd_whitened']:.2f} |" for E, row in g["E"].items()]
+        lines += ["", "| E (T = 50) | mote | global | bcd | projectors (one-time) | HOSVD (one-time) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {E} | {row['mote']:.2f} | {row['global']:.2f} | {row['bcd']:.2f} | "
+                  f"{row['one_time']['projectors']:.2f} | {row['one_time']['hosvd_whitened']:.2f} |"
+                  for E, row in g["E"].items()]
     return "\n".join(lines) + "\n"
 
 
 def check_markdown(report: dict) -> str:
     lines = ["# Global solver check: the plugin's sparse Global against an independent sparse Woodbury reference", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} "
-             "threads. One layer, random bf16 weights, synthetic edits; median seconds per layer-batch (solve + update "
-             "factors + write into the bf16 layer). MoTE solves once per batch for all layers: its per layer-batch "
-             "time is solve / layers + factors + write.", "",
-             "| shape | T | MoTE | Global (plugin) | reference | Global / MoTE | reference / MoTE | max rel. delta diff | "
-             "bf16 weights differing |", "|---|---|---|---|---|---|---|---|---|"]
+             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+             f"{report['threads']} threads. One layer, random bf16 weights, synthetic edits; median seconds per "
+             "layer-batch (solve + update factors + write into the bf16 layer). MoTE solves once per batch for all "
+             "layers: its per layer-batch time is solve / layers + factors + write.", "",
+             "| shape | T | MoTE | Global (plugin) | reference | Global / MoTE | reference / MoTE | max rel. delta "
+             "diff | bf16 weights differing |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["global_check"]:
-        lines.append(f"| {r['shape']} | {r['T']} | {r['mote_per_layer_batch']:.3f} | {r['global_per_layer_batch']:.3f} | "
-                     f"{r['reference_per_layer_batch']:.3f} | {r['global_over_mote']:.2f} | {r['reference_over_mote']:.2f} | "
-                     f"{r['delta_rel_error_max']:.1e} | {r['weights_differing_elements']} (max {r['weights_max_abs_diff']:.1e}) |")
+        lines.append(f"| {r['shape']} | {r['T']} | {r['mote_per_layer_batch']:.3f} | {r['global_per_layer_batch']:.3f} "
+                     f"| {r['reference_per_layer_batch']:.3f} | {r['global_over_mote']:.2f} | "
+                     f"{r['reference_over_mote']:.2f} | {r['delta_rel_error_max']:.1e} | "
+                     f"{r['weights_differing_elements']} (max {r['weights_max_abs_diff']:.1e}) |")
     for r in report["global_check"]:
-        lines += ["", f"{r['shape']} steps (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["median_seconds"].items())]
+        lines += ["",
+                  f"{r['shape']} steps (median s): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["median_seconds"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -507,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reduced", action="store_true", help="Qwen3-30B-A3B only, 200 edits")
     parser.add_argument("--growth", action="store_true", help="also the T and E growth sweeps (~5 more minutes)")
     parser.add_argument("--global-check", action="store_true",
-                        help="only the Global check (see above) at --shape (default qwen3-30b-a3b), --check-batches batches")
+                        help="only the Global check (see above) at --shape (default qwen3-30b-a3b), --check-batches "
+                             "batches")
     parser.add_argument("--check-batches", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(RESULTS / "solver_speed"))
@@ -518,27 +535,23 @@ def main(argv: list[str] | None = None) -> None:
     edits = 200 if args.reduced else args.edits
     torch.set_num_threads(args.threads)
     fixed_mmap_threshold()
-    report = {"command": "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else "") + (" --growth" if args.growth else ""),
+    command = "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else "")
+    report = {"command": command + (" --growth" if args.growth else ""),
               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": {}}
     if args.global_check:
         report["command"] = "python benchmarks/solver_speed.py --global-check"
         report["global_check"] = [global_check(name, args.edits_per_batch, args.check_batches)
                                   for name in (args.shape or ["qwen3-30b-a3b"])]
-        out = Path(args.out + "_global_check")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-        out.with_suffix(".md").write_text(check_markdown(report))
+        write_results(args.out + "_global_check", report, check_markdown(report), json_default=str)
         print(check_markdown(report))
         return
     for name in shapes:
-        report["shapes"][name] = bench_shape(name, SHAPES[name], edits, args.edits_per_batch, args.method, args.sample_blocks)
+        report["shapes"][name] = bench_shape(name, SHAPES[name], edits, args.edits_per_batch, args.method,
+                                             args.sample_blocks)
     if args.growth:
         report["growth"] = growth("qwen3-30b-a3b", [50, 200, 1000, 2000], [32, 64, 128, 256])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_results(args.out, report, markdown(report), json_default=str)
     print(markdown(report))
 
 

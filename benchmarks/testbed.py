@@ -36,8 +36,8 @@ def main() -> None:
         "# Fact models: knowledge, causal tracing, editability",
         "",
         f"Command: `python benchmarks/testbed.py` (each: `python -m mote_plugin.testbed build --arch ARCH`, defaults). "
-        f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Date: {datetime.date.today()}.",
+        f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads. Date: {datetime.date.today()}.",
         "",
     ]
     Path(args.out).write_text("\n".join(header + ["\n\n".join(sections)]) + "\n")

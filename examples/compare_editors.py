@@ -5,7 +5,7 @@ same CounterFact or zsRE records; prints the table and writes results.json, resu
 
 Without EasyEdit, MoTE runs alone (the plugin's own v* and metrics) and the host methods are reported as unavailable.
 With it (`PYTHONPATH=/path/to/EasyEdit`), ROME, MEMIT and AlphaEdit run too and the host's token accuracies are added.
-The config keys are the fields of `mote_plugin.compare.CompareConfig`.
+The config keys are the fields of `mote_plugin.experiments.compare.CompareConfig`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mote_plugin.compare import CompareConfig, compare, markdown
+from mote_plugin.experiments.compare import CompareConfig, compare, markdown
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="comparison YAML (model, methods, dataset, data, n, batch_size, out)")
+    parser.add_argument("--config", required=True,
+                        help="comparison YAML (model, methods, dataset, data, n, batch_size, out)")
     parser.add_argument("--n", type=int, help="override the number of records")
     parser.add_argument("--batch-size", type=int, help="override the batch size")
     parser.add_argument("--out", help="override the results directory")

@@ -58,8 +58,9 @@ def main() -> None:
         values = [sum(m[phase][key]) / len(m[phase][key]) for m in metrics if key in m[phase]]
         return sum(values) / len(values)
 
-    print(f"{len(metrics)} edits, mode {args.mode}: rewrite_acc {mean('rewrite_acc', 'pre'):.3f} -> {mean('rewrite_acc', 'post'):.3f}, "
-          f"rephrase_acc {mean('rephrase_acc', 'pre'):.3f} -> {mean('rephrase_acc', 'post'):.3f}")
+    print(f"{len(metrics)} edits, mode {args.mode}: rewrite_acc {mean('rewrite_acc', 'pre'):.3f} -> "
+          f"{mean('rewrite_acc', 'post'):.3f}, rephrase_acc {mean('rephrase_acc', 'pre'):.3f} -> "
+          f"{mean('rephrase_acc', 'post'):.3f}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from pathlib import Path
 import yaml
 
 from mote_plugin import MoTEHyperParams, apply_mote_to_model
-from mote_plugin.compare import build_options
 from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.testbed import ARCHS, build, load
+from mote_plugin.testbed import ARCHS, BuildOptions, build, load
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "compare-testbed-qwen3_moe.yaml"
 
@@ -31,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     demo = yaml.safe_load(DEMO_CONFIG.read_text())
-    opts = build_options(demo["build"] | {"arch": args.arch})
+    opts = BuildOptions.from_dict(demo["build"] | {"arch": args.arch})
     out = demo["model"].replace("qwen3_moe", args.arch)  # .cache/mote-testbed/<arch>-56-demo
     build(out, opts)
     model, tok, facts, _ = load(out)
@@ -51,7 +50,8 @@ def main() -> None:
     print(f"\nMoTE, {len(records)} CounterFact edits in one batch on the {args.arch} fact model ({seconds:.1f} s)\n")
     print("| | efficacy | generalization | specificity | utility |\n|---|---|---|---|---|")
     for name, m in (("unedited", before), ("MoTE", after)):
-        print(f"| {name} | {m['efficacy']:.3f} | {m['generalization']:.3f} | {m['specificity']:.3f} | {m['utility']:.3f} |")
+        print(f"| {name} | {m['efficacy']:.3f} | {m['generalization']:.3f} | {m['specificity']:.3f} | "
+              f"{m['utility']:.3f} |")
 
 
 if __name__ == "__main__":

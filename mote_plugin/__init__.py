@@ -1,22 +1,28 @@
 """MoTE (MoE Tucker Editor): closed-form knowledge editing for Mixture-of-Experts LLMs.
 
-`mote_plugin.register()` makes "MoTE" selectable in an EasyEdit host (see `mote_plugin.easyedit`); when the host
-is already imported, `import mote_plugin` registers by itself.
+    MoTEEditor(model, tok, hparams).edit(requests)           the editor (mote_plugin.mote.editor)
+    apply_mote_to_model(model, tok, requests, hparams)       the same behind EasyEdit's apply-function contract
+    last_timings(model)                                      seconds per stage of the last edit
+    save_edit / apply_edit / revert_edit / inspect_edit      edit patches (docs/patches.md)
+    MoTEHyperParams                                          the YAML hyper-parameters
+    register()                                               make "MoTE" selectable in an EasyEdit host
+
+Importing the package does nothing else: it never imports or registers with an EasyEdit host; `register()` does
+(see `mote_plugin.easyedit`).
 """
 
-import sys
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
+    "MoTEEditor": "mote_plugin.mote.editor",
     "MoTEHyperParams": "mote_plugin.mote.hparams",
     "apply_mote_to_model": "mote_plugin.mote.mote_main",
     "last_timings": "mote_plugin.mote.mote_main",
     "register": "mote_plugin.easyedit",
-    "save_edit": "mote_plugin.patch",
-    "apply_edit": "mote_plugin.patch",
-    "revert_edit": "mote_plugin.patch",
-    "inspect_edit": "mote_plugin.patch",
+    "save_edit": "mote_plugin.mote.patches.files",
+    "apply_edit": "mote_plugin.mote.patches.files",
+    "revert_edit": "mote_plugin.mote.patches.files",
+    "inspect_edit": "mote_plugin.mote.patches.files",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -29,9 +35,3 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mote_plugin' has no attribute {name!r}")
-
-
-if "easyeditor.util.alg_dict" in sys.modules:  # the host is loaded already: register now (never raises)
-    from .easyedit import register as _register
-
-    _register()

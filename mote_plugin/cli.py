@@ -126,7 +126,7 @@ def cmd_edit(args) -> None:
     from transformers import AutoTokenizer
 
     from .mote.mote_main import apply_mote_to_model
-    from .patch import save_edit
+    from .mote.patches.files import save_edit
 
     hp = edit_hparams(args.hparams, args.set)
     requests = _read_requests(args.requests)
@@ -136,7 +136,8 @@ def cmd_edit(args) -> None:
     if device_map is not None and save_to is not None:
         raise CLIError("--save-model needs the whole model in memory; with --device-map keep the patch and "
                        "`mote apply` it where the model fits")
-    device = hp.torch_device() if device_map is None else None  # a device this torch cannot use: before the weights load
+    # a device this torch cannot use: before the weights load
+    device = hp.torch_device() if device_map is None else None
     model = _load_model(src, device_map, args.offload_folder)
     if device is not None:
         model = model.to(device)
@@ -146,14 +147,15 @@ def cmd_edit(args) -> None:
         model, _ = apply_mote_to_model(model, tok, requests[start : start + hp.batch_size], hp)
     path = save_edit(model, args.out)
     calls = -(-len(requests) // hp.batch_size)
-    print(f"edited {len(requests)} request(s) in {calls} call(s) of up to batch_size {hp.batch_size}; patch written to {path}")
+    print(f"edited {len(requests)} request(s) in {calls} call(s) of up to batch_size {hp.batch_size}; patch written to "
+          f"{path}")
     if save_to is not None:
         _save_model(model.cpu(), src, save_to)
         print(f"edited model written to {save_to}")
 
 
 def _cmd_patch(args, forward: bool) -> None:
-    from .patch import apply_edit, load_patch, revert_edit
+    from .mote.patches.files import apply_edit, load_patch, revert_edit
 
     src = _model_dir(args.model)
     out = _free_out(args.out, src)
@@ -195,7 +197,7 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_inspect(args) -> None:
-    from .patch import inspect_edit
+    from .mote.patches.files import inspect_edit
 
     summary = inspect_edit(args.patch)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -207,7 +209,7 @@ def cmd_inspect(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="mote", description="MoTE knowledge editing for MoE models, and edit patches.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mote-plugin)")
@@ -216,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--hparams", required=True, help="MoTE hyper-parameters (YAML; '.yaml' may be left out)")
     e.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyper-parameter of the YAML, the value read as YAML (e.g. --set layers=[1,2] "
-                        "--set batch_size=50); repeatable. Requests are edited in calls of batch_size, one after another")
+                        "--set batch_size=50); repeatable. Requests are edited in calls of batch_size, one after "
+                        "another")
     e.add_argument("--requests", required=True, help="JSON list of {prompt, subject, target_new}")
     e.add_argument("--model", required=True, help="local Hugging Face model directory")
     e.add_argument("--out", required=True, help="patch file to write (.safetensors)")

@@ -4,9 +4,9 @@
     hparams = hparams_class("MoTE").from_hparams("hparams/MoTE/qwen3-30b-a3b")    # MoTEHyperParams
     editor = BaseEditor.from_hparams(hparams)
 
-Registration is automatic: importing `MoTEHyperParams` (or `hparams_class`, or `mote_plugin` after `easyeditor`)
-with a host importable registers MoTE; `register()` does it explicitly. It is idempotent and never raises (it returns
-a `HostStatus` saying what happened; `strict=True` raises instead).
+Registration happens in `register()` only (`mote_plugin.register`), which `hparams_class` and the comparison call:
+importing the plugin never imports or changes a host. It is idempotent and never raises (it returns a `HostStatus`
+saying what happened; `strict=True` raises instead).
 
 EasyEdit has no registration API (docs/easyedit-contract): `BaseEditor` looks the algorithm up in the module-level dict
 `easyeditor.util.alg_dict.ALG_DICT`, `batch_edit` asserts `BatchEditor.is_batchable_method(alg_name)` against a
@@ -15,7 +15,8 @@ bare NotImplementedError for other names. `register` adds the dict entry, wraps 
 `BaseEditor.__init__` for MoTE only: a `model_name` the host would not load with the generic
 AutoModelForCausalLM / AutoTokenizer classes (OLMoE, DeepSeek-V3, GPT-OSS, Mixtral without "mistral" in the name...) is
 loaded by the plugin, and the name (or a `(model, tok)` pair's model name) is what the editor and hyper-parameters keep,
-as the host's evaluators need a string. Every other algorithm keeps the host's behaviour.
+as the host's evaluators need a string. Every other algorithm keeps the host's behaviour. Last, `MoTEHyperParams`
+becomes a subclass of the host's `HyperParams`, as EasyEdit's own hyper-parameter classes are.
 
 The stale PyPI release (easyeditor 0.0.1.dev0, 2023) hard-codes CUDA devices and cannot run MEMIT's v* on
 transformers 5; it is recognised (no AlphaEdit in its ALG_DICT) and refused with a message.
@@ -79,18 +80,18 @@ def _host_modules():
     except Exception as e:
         version = _installed_version()
         if version and version.startswith("0.0."):
-            raise HostError(f"easyeditor {version} (the stale PyPI release) does not import here ({type(e).__name__}: {e}); "
-                            f"MoTE needs the current EasyEdit: {HOST_HINT}") from e
+            raise HostError(f"easyeditor {version} (the stale PyPI release) does not import here ({type(e).__name__}: "
+                            f"{e}); MoTE needs the current EasyEdit: {HOST_HINT}") from e
         raise
     if "AlphaEdit" not in alg_dict.ALG_DICT:
-        raise HostError(f"the importable easyeditor ({alg_dict.__file__}) is the stale 2023 release (its ALG_DICT has no "
-                        f"AlphaEdit); MoTE needs the current EasyEdit: {HOST_HINT}")
+        raise HostError(f"the importable easyeditor ({alg_dict.__file__}) is the stale 2023 release (its ALG_DICT has "
+                        f"no AlphaEdit); MoTE needs the current EasyEdit: {HOST_HINT}")
     return alg_dict, importlib.import_module("easyeditor.editors.batch_editor")
 
 
 def apply_mote(model, tok, requests, hparams, **kwargs):
-    """The host's ALG_DICT["MoTE"]: `mote_plugin.apply_mote_to_model`, imported on the first edit (registration happens
-    while `MoTEHyperParams` is being imported, before the editor modules can be)."""
+    """The host's ALG_DICT["MoTE"]: `mote_plugin.apply_mote_to_model`, imported on the first edit (registering stays
+    cheap: it never imports the editor)."""
     from .mote.mote_main import apply_mote_to_model
 
     return apply_mote_to_model(model, tok, requests, hparams, **kwargs)
@@ -130,8 +131,9 @@ def load_model(model_name: str, hparams):
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, device_map=device_map)
         tok = AutoTokenizer.from_pretrained(model_name)
     except Exception as e:
-        raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load the "
-                         f"model yourself and set `hparams.model_name = (model, tok)` before BaseEditor.from_hparams") from e
+        raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load "
+                         "the model yourself and set `hparams.model_name = (model, tok)` before "
+                         "BaseEditor.from_hparams") from e
     if tok.pad_token_id is None:
         tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "left"
@@ -167,6 +169,20 @@ def _wrap_base_editor(editor_module) -> None:
     cls.__init__ = __init__
 
 
+def _bind_hyperparams(host_base: type) -> None:
+    """Make `MoTEHyperParams` a subclass of the host's `HyperParams` (in place of its placeholder base,
+    `HostHyperParams`), so that code written for EasyEdit's classes (`isinstance(hparams, HyperParams)`, `from_json`)
+    accepts it. Its own methods (`from_hparams`, `to_dict`) take precedence; EasyEdit's `HyperParams` adds no fields."""
+    from .mote.hparams import HostHyperParams, MoTEHyperParams
+
+    base = host_base if isinstance(host_base, type) and host_base is not object else HostHyperParams
+    if MoTEHyperParams.__bases__ != (base,):
+        try:
+            MoTEHyperParams.__bases__ = (base,)
+        except TypeError as e:  # a host class of another layout: MoTE edits the same, only isinstance() differs
+            log.info("MoTEHyperParams keeps its own base class (%s)", e)
+
+
 def register(strict: bool = False) -> HostStatus:
     """Make "MoTE" selectable in the importable EasyEdit host. Idempotent.
 
@@ -177,15 +193,18 @@ def register(strict: bool = False) -> HostStatus:
     try:
         alg_dict, batch_editor = _host_modules()
         editor = importlib.import_module("easyeditor.editors.editor")
+        host_hparams = importlib.import_module("easyeditor.util.hparams")
     except Exception as e:
         if strict:
             raise
-        reason = str(e) if isinstance(e, (ImportError, HostError)) else f"easyeditor failed to import ({type(e).__name__}: {e})"
+        known = isinstance(e, (ImportError, HostError))
+        reason = str(e) if known else f"easyeditor failed to import ({type(e).__name__}: {e})"
         log.info("MoTE not registered with EasyEdit: %s", reason)
         return HostStatus(False, reason)
     alg_dict.ALG_DICT[ALG_NAME] = apply_mote
     _admit_to_batch_edit(batch_editor)
     _wrap_base_editor(editor)
+    _bind_hyperparams(getattr(host_hparams, "HyperParams", object))
     return HostStatus(True, f"MoTE registered in {alg_dict.__name__}.ALG_DICT ({len(alg_dict.ALG_DICT)} algorithms)")
 
 
@@ -224,13 +243,15 @@ def hparams_class(alg_name: str) -> type:
 
         editing_hparams = hparams_class(args.editing_method)
 
-    "MoTE" gives `MoTEHyperParams` (with a host importable, MoTE is registered by then). Other names need a host and
+    "MoTE" gives `MoTEHyperParams`. With a host importable, MoTE is registered first (`register()`), so the script
+    that asked can hand the class to the host's BaseEditor. Other names need a host and
     give its class, matched by name as EasyEdit spells them ("MEMIT" -> MEMITHyperParams, "R-ROME" ->
     R_ROMEHyperParams, "SERAC" -> SERACHparams; training and multimodal classes are not matched). An unknown name
     raises NotImplementedError, as the if/elif chains of EasyEdit's example scripts do, naming what is known.
     """
     from .mote.hparams import MoTEHyperParams
 
+    register()
     if alg_name == ALG_NAME:
         return MoTEHyperParams
     try:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .mote.capture import input_device
-from .mote.lookup import pad_right
+from .mote.model.capture import input_device
+from .mote.model.lookup import pad_right, target_token_ids
 
 
 @dataclass
@@ -25,16 +25,9 @@ class TargetScores:
     predicted: list[torch.Tensor]  # B x [len(target)] the argmax token at each target position (teacher-forced)
 
 
-def target_token_ids(tok, target: str) -> list[int]:
-    """Token ids of a target as it follows a prompt (with a leading space, as MEMIT/EasyEdit do)."""
-    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    return ids
-
-
 @torch.no_grad()
-def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64, edit_hook=None) -> TargetScores:
+def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size: int = 64,
+                  edit_hook=None) -> TargetScores:
     """Score each target after its prompt. `edit_hook(batch, prompt_lengths)` may install temporary
     hooks for the batch (used by probes that add a vector to a hidden state); it returns a remover."""
     device = input_device(model)
@@ -177,8 +170,8 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     (the mean ||dy_t||) and "tokens" (preserved tokens measured).
     """
     from .adapters import get_adapter
-    from .mote.capture import capture, forward_block_inputs, moe_blocks
-    from .mote.requests import normalise_requests
+    from .mote.model.capture import capture, forward_block_inputs, moe_blocks
+    from .mote.model.requests import normalise_requests
 
     adapter = get_adapter(model)
     block = moe_blocks(model, adapter, [layer])[layer]  # ValueError for a layer out of range or without experts
@@ -201,7 +194,8 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     moved = (preserved1 - preserved0).norm(dim=1)  # [N]
     edit_change = (edit1 - edit0).norm(dim=1).mean()
     if not edit_change > 0:
-        raise ValueError(f"the edit did not change the experts' output of layer {layer} at the edit keys: no ratio to report")
+        raise ValueError(f"the edit did not change the experts' output of layer {layer} at the edit keys: no ratio to "
+                         "report")
     rel = moved / edit_change
     q = torch.quantile(rel, torch.tensor([0.5, 0.9, 0.99], dtype=rel.dtype, device=rel.device)).tolist()
     return {"ratio": rel.mean().item(), "median": q[0], "p90": q[1], "p99": q[2], "max": rel.max().item(),

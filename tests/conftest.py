@@ -10,7 +10,7 @@ import yaml
 from mote_plugin import host_stubs
 
 # With an EasyEdit checkout on PYTHONPATH, stand in for the vision packages it imports but cannot load here, before
-# anything imports mote_plugin.mote.hparams (whose base class is the host's HyperParams when the host imports).
+# any test imports the host.
 if importlib.util.find_spec("easyeditor") is not None:
     host_stubs.install()
 
@@ -43,10 +43,13 @@ REDUCED_BUILDS = {arch: dict(facts=24, skip_facts=200, subject_tokens=False, pro
 
 
 def reduced_build_options(arch: str):
-    from mote_plugin.compare import build_options
+    from mote_plugin.testbed import BuildOptions
 
-    spec = yaml.safe_load(DEMO_CONFIG.read_text())["build"] if arch == "qwen3_moe" else REDUCED_BUILDS[arch] | {"arch": arch}
-    return build_options(spec)
+    if arch == "qwen3_moe":
+        spec = yaml.safe_load(DEMO_CONFIG.read_text())["build"]
+    else:
+        spec = REDUCED_BUILDS[arch] | {"arch": arch}
+    return BuildOptions.from_dict(spec)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from torch import nn
 from mote_plugin.adapters import ADAPTERS, MoEAdapter, get_adapter
 from tiny import spread_routing
 
-
 torch.set_num_threads(1)
 
 VOCAB = 64
@@ -302,7 +301,8 @@ def test_lowrank_writeback_in_chunks_equals_one_pass(family, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     try:
         for left, right, experts in [(torch.randn(d, 2, generator=gen), torch.randn(E, 2, h, generator=gen), None),
-                                     (torch.randn(2, d, 3, generator=gen), torch.randn(2, 3, h, generator=gen), torch.tensor([3, 0]))]:
+                                     (torch.randn(2, d, 3, generator=gen), torch.randn(2, 3, h, generator=gen),
+                                      torch.tensor([3, 0]))]:
             adapter.add_lowrank(block, left, right, experts)
             whole = param.detach().clone()
             with torch.no_grad():

@@ -4,9 +4,12 @@ bit-identical, the sequential memory and history as they were, no half-written c
 import pytest
 import torch
 
-from mote_plugin.mote import mote_main, solvers, stats
+from mote_plugin.mote import editor
+from mote_plugin.mote.algebra import solvers
+from mote_plugin.mote.algebra.update import ExpertUpdate
+from mote_plugin.mote.editor import MoTEEditor
+from mote_plugin.mote.model import stats
 from mote_plugin.mote.mote_main import apply_mote_to_model
-from mote_plugin.mote.update import ExpertUpdate
 from test_mote_main import REQUESTS, hparams, same, state, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 
@@ -31,23 +34,24 @@ def failing_after(real, calls_before_failure: int, error: type[BaseException]):
 STAGES = [
     ("statistics", stats, "layer_statistics", 0),
     ("statistics cache write", stats, "save_file", 0),
-    ("capture", mote_main, "capture", 0),
-    ("v*", mote_main, "compute_targets", 0),
+    ("capture", editor, "capture", 0),
+    ("v*", editor, "compute_targets", 0),
     ("solve", solvers, "solve_core", 0),
     ("writeback, first layer", ExpertUpdate, "write", 0),
     ("writeback, second layer", ExpertUpdate, "write", 1),
-    ("edit history", mote_main, "record_call", 0),
+    ("edit history", editor, "record_call", 0),
 ]
 
 
 @pytest.mark.parametrize("error", [Injected, KeyboardInterrupt])
 @pytest.mark.parametrize("spread", ["core", "residual"])
 @pytest.mark.parametrize("stage,module,name,ok_calls", STAGES, ids=[s[0] for s in STAGES])
-def test_failure_at_every_stage_changes_nothing(tok, tmp_path, monkeypatch, stage, module, name, ok_calls, spread, error):
+def test_failure_at_every_stage_changes_nothing(tok, tmp_path, monkeypatch, stage, module, name, ok_calls, spread,
+                                                error):
     model = tiny_model(tok)
     hp = hparams(tmp_path, spread=spread, sequential_memory=True)
     apply_mote_to_model(model, tok, REQUESTS[:2], hp)  # a first, successful edit: memory and history exist
-    st = mote_main.editor_state(model)
+    st = MoTEEditor(model)
     before, memory, calls = state(model), {k: v.clone() for k, v in st.memory.items()}, len(st.history.calls)
     if stage.startswith("statistics"):
         hp = hparams(tmp_path, spread=spread, sequential_memory=True, preservation_tokens=2000)  # new stats needed

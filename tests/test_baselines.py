@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from mote_plugin.mote.baselines import bcd_published, bcd_solve, expert_groups, global_solve
+from mote_plugin.mote.algebra.baselines import bcd_solve, expert_groups, global_solve
+from mote_plugin.mote.algebra.update import ExpertUpdate
 from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin.mote.update import ExpertUpdate
+from reference import bcd_published
 
 
 def problem(T=7, E=5, K=2, d=6, h=4, seed=0):
@@ -36,7 +37,8 @@ def test_global_solve_is_the_primal_ridge_minimiser():
     keys, gates, idx, R, E = problem()
     lam = 0.3
     psi = dense_psi(keys, gates, idx, E)  # [T, E*h]
-    primal = torch.linalg.solve(psi.T @ psi + lam * torch.eye(psi.shape[1], dtype=torch.float64), psi.T @ R).T  # [d, E*h]
+    # [d, E*h]
+    primal = torch.linalg.solve(psi.T @ psi + lam * torch.eye(psi.shape[1], dtype=torch.float64), psi.T @ R).T
     expected = primal.reshape(R.shape[1], E, -1).permute(1, 0, 2)  # [E, d, h]
     update = global_solve(keys, gates, idx, R, lam)
     torch.testing.assert_close(update.dense(E).double(), expected, rtol=1e-5, atol=1e-6)

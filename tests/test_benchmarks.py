@@ -42,7 +42,8 @@ def test_solver_speed_runs_every_method_on_a_tiny_shape(speed, monkeypatch, tmp_
     # the benchmark makes glibc mmap and unmap every allocation above 128 KiB, for the whole process: here it would slow
     # every later test ~3x (page faults on each tensor allocation)
     monkeypatch.setattr(speed, "fixed_mmap_threshold", lambda: None)
-    speed.main(["--shape", "tiny", "tiny-transposed", "--edits", "20", "--edits-per-batch", "10", "--sample-blocks", "2",
+    speed.main(["--shape", "tiny", "tiny-transposed", "--edits", "20", "--edits-per-batch", "10", "--sample-blocks",
+                "2",
                 "--out", str(tmp_path / "speed")])
     report = json.loads((tmp_path / "speed.json").read_text())
     for shape in ("tiny", "tiny-transposed"):
@@ -194,9 +195,11 @@ def test_offload_memory_measures_both_modes_on_a_small_shape(tmp_path):
     runs = {r["label"]: r for r in report["runs"]}
     assert runs.keys() == {"memory, 3 layers", "disk, 3 layers", "disk, 4 layers"}
     for r in runs.values():
-        assert {"statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback"} <= r["peak_above_load"].keys()
+        stages = {"statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback"}
+        assert stages <= r["peak_above_load"].keys()
         assert r["edit_peak_above_load"] > 0 and r["timings"]["edits"] == report["edits"] == 3
-    assert "store" in runs["disk, 3 layers"]["peak_above_load"]  # the edited weights went back into accelerate's weights map
+    # the edited weights went back into accelerate's weights map
+    assert "store" in runs["disk, 3 layers"]["peak_above_load"]
     assert "| **edit: peak above that** |" in (tmp_path / "offload_memory-reduced.md").read_text()
     with pytest.raises(SystemExit):  # --deep must add layers
         offload_memory.main(["--reduced", "--deep", "3", "--out", str(tmp_path)])
@@ -212,7 +215,8 @@ def test_editing_overrides_and_sweeps_are_read_as_yaml(tmp_path):
     assert editing.sweep("v_weight_decay=[1, 2]") == ("v_weight_decay", [1, 2])
     with pytest.raises(Exception, match="KEY=VALUE"):
         editing.key_value("layers")
-    args = editing.argparse.Namespace(build=str(tmp_path), set=[("layers", [1, 2])], sweep=("v_weight_decay", [1, 6]), arch=[])
+    args = editing.argparse.Namespace(build=str(tmp_path), set=[("layers", [1, 2])], sweep=("v_weight_decay", [1, 6]),
+                                      arch=[])
     assert editing.runs(args) == [(str(tmp_path), {"layers": [1, 2], "v_weight_decay": 1}),
                                   (str(tmp_path), {"layers": [1, 2], "v_weight_decay": 6})]
 
@@ -226,7 +230,8 @@ def test_end_to_end_speed_report(reduced_fact_model, tmp_path, monkeypatch):
     end_to_end = load("end_to_end")
     out, report = reduced_fact_model("gpt_oss")
     monkeypatch.setattr(end_to_end, "fact_model", lambda arch, cfg: load_build(out))
-    end_to_end.main(["--arch", "gpt_oss", "--edits", "8", "--batch-size", "4", "--compare", "6", "--out", str(tmp_path / "e2e"),
+    end_to_end.main(["--arch", "gpt_oss", "--edits", "8", "--batch-size", "4", "--compare", "6", "--out",
+                     str(tmp_path / "e2e"),
                      "--set", f"layers={report['edit_layers']}", "--set", f"fact_token={report['lookup_token']}"])
     report = json.loads((tmp_path / "e2e.json").read_text())
     assert report["edits"] == 8 and 0 < report["edited"] <= 8
@@ -254,7 +259,8 @@ def test_one_time_runs_on_a_tiny_shape(monkeypatch, tmp_path):
     """The one-time benchmark against the branch's base commit: same projectors and factors, a report."""
     import subprocess
 
-    if subprocess.run(["git", "-C", str(BENCHMARKS.parent), "cat-file", "-e", "bd9e197"], capture_output=True).returncode:
+    found = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "cat-file", "-e", "bd9e197"], capture_output=True)
+    if found.returncode:
         pytest.skip("the baseline commit is not in this clone's history")
     one_time = load("one_time")
     monkeypatch.setattr(one_time, "SHAPES", {"tiny": (6, 12, 10, 2, (2, 4, 3))})

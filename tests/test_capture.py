@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-from mote_plugin.mote.capture import capture
-from mote_plugin.mote.lookup import encode_with_lookup
+from mote_plugin.mote.model.capture import capture
+from mote_plugin.mote.model.lookup import encode_with_lookup
 from mote_plugin.testbed.tokenizer import train_tokenizer
 from tiny import spread_routing
 

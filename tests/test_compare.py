@@ -1,6 +1,6 @@
-"""examples/compare_editors.py and mote_plugin.compare without a host: MoTE on the fact model, baselines reported as
-unavailable, MoTE not applicable on a dense model, bad configurations refused. (With EasyEdit on PYTHONPATH the
-host methods run too: tests/test_easyedit_host.py.)"""
+"""examples/compare_editors.py and mote_plugin.experiments.compare without a host: MoTE on the fact model, baselines
+reported as unavailable, MoTE not applicable on a dense model, bad configurations refused. (With EasyEdit on
+PYTHONPATH the host methods run too: tests/test_easyedit_host.py.)"""
 
 import json
 import subprocess
@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from mote_plugin.compare import CompareConfig, _dense_module_problem, compare, method_spec, run_method
+from mote_plugin.experiments.compare import CompareConfig, compare, method_spec, run_method
+from mote_plugin.experiments.host_methods import dense_module_problem, override
 
 ROOT = Path(__file__).resolve().parent.parent
 MOTE_YAML = str(ROOT / "hparams/MoTE/testbed-qwen3_moe-fullrank.yaml")  # edits every fact of these small batches
@@ -87,7 +88,6 @@ def test_mote_not_applicable_on_a_dense_model(tmp_path):
 def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
     """A `methods:` entry {hparams: YAML, KEY: VALUE} edits with the YAML's settings changed for this comparison: here a
     layer the model does not have, refused before any weight is touched; host hyper-parameters refuse keys they lack."""
-    from mote_plugin.compare import _override
     from mote_plugin.testbed import load
 
     mote_yaml = str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")
@@ -95,7 +95,8 @@ def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
     assert method_spec("MoTE", {"hparams": mote_yaml, "v_weight_decay": 3}) == (mote_yaml, {"v_weight_decay": 3})
     out_dir, _ = reduced_fact_model("qwen3_moe")
     model, tok, facts, _ = load(out_dir)
-    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=1, methods={"MoTE": {"hparams": mote_yaml, "layers": [9]}}))
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, n=1,
+                                               methods={"MoTE": {"hparams": mote_yaml, "layers": [9]}}))
     before = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(ValueError, match="layer 9 is out of range"):
         run_method("MoTE", cfg.methods["MoTE"], model, tok, [f for f in facts if f["known"]][:1], cfg, None, {})
@@ -104,9 +105,9 @@ def test_method_entries_override_their_yaml(reduced_fact_model, tmp_path):
     class HostHyperParams:
         layers = [2]
 
-    assert _override(HostHyperParams(), "ROME", {"layers": [1]}).layers == [1]
+    assert override(HostHyperParams(), "ROME", {"layers": [1]}).layers == [1]
     with pytest.raises(ValueError, match="ROME: unknown HostHyperParams key\\(s\\) v_decay"):
-        _override(HostHyperParams(), "ROME", {"v_decay": 3})
+        override(HostHyperParams(), "ROME", {"v_decay": 3})
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "examples/configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -137,7 +138,8 @@ def test_bad_config(tmp_path, change, match):
 
 def test_records_without_subject_are_refused(reduced_fact_model, tmp_path):
     data = tmp_path / "cf.json"
-    data.write_text(json.dumps([{"case_id": 1, "prompt": "Paris is in", "target_new": "Italy", "ground_truth": "France"}]))
+    data.write_text(json.dumps([{"case_id": 1, "prompt": "Paris is in", "target_new": "Italy",
+                                 "ground_truth": "France"}]))
     out_dir, _ = reduced_fact_model("qwen3_moe")
     cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, data=str(data), n=1))
     with pytest.raises(ValueError, match="no `subject`"):
@@ -147,11 +149,13 @@ def test_records_without_subject_are_refused(reduced_fact_model, tmp_path):
 def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path, caplog):
     """zsRE records (MEND/MEMIT format) through the comparison: argmax metrics, specificity against the unedited
     model's own predictions on the unrelated questions. The fact model never learnt zsRE's answers (multi-piece names
-    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned per request, such a
-    request is left out of the edit, and the metrics say so (nothing is claimed for zsRE on the fact model)."""
+    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned per request,
+    such a request is left out of the edit, and the metrics say so (nothing is claimed for zsRE on the fact model)."""
     out_dir, _ = reduced_fact_model("qwen3_moe")
-    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre", data=str(shared_data / "zsre/zsre-eval.json"),
-                                               n=4, batch_size=4, methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
+    cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre",
+                                               data=str(shared_data / "zsre/zsre-eval.json"),
+                                               n=4, batch_size=4,
+                                               methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
     report = compare(cfg, log=lambda m: None)
     unedited, mote = (r["metrics"] for r in report["results"])
     assert unedited["specificity"] == 1.0 and unedited["efficacy"] < 0.5
@@ -170,9 +174,9 @@ def test_dense_method_on_packed_experts_is_not_applicable(reduced_fact_model):
     attn = SimpleNamespace(layers=[0, 1], rewrite_module_tmp="model.layers.{}.self_attn.o_proj")
     experts = SimpleNamespace(layers=[1], rewrite_module_tmp="model.layers.{}.mlp.experts")
     missing = SimpleNamespace(layers=[1], rewrite_module_tmp="model.layers.{}.mlp.down_proj")
-    assert _dense_module_problem(model, attn) is None
-    assert "packed experts (model.layers.1.mlp.experts.gate_up_proj" in _dense_module_problem(model, experts)
-    assert "does not exist" in _dense_module_problem(model, missing)
+    assert dense_module_problem(model, attn) is None
+    assert "packed experts (model.layers.1.mlp.experts.gate_up_proj" in dense_module_problem(model, experts)
+    assert "does not exist" in dense_module_problem(model, missing)
 
 
 def test_per_record_scores_regroup_the_items():
@@ -193,7 +197,7 @@ def test_per_record_scores_regroup_the_items():
 def test_a_row_runs_the_algorithm_of_its_yaml(tmp_path):
     """A `methods:` row's name is a label: its YAML's alg_name picks the editor, so one comparison can hold several MoTE
     rows; a missing YAML is refused with the row's name before any model is built."""
-    from mote_plugin.compare import method_alg
+    from mote_plugin.experiments.compare import method_alg
 
     assert method_alg("MoTE full rank", MOTE_YAML) == "MoTE"
     assert method_alg("a label", str(ROOT / "hparams/MEMIT/testbed-qwen3_moe")) == "MEMIT"

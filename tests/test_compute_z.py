@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from mote_plugin.metrics import target_token_ids
-from mote_plugin.mote import compute_z as cz
-from mote_plugin.mote.compute_z import VStarConfig, compute_targets
-from mote_plugin.mote.lookup import encode_with_lookup, pad_right
-from mote_plugin.mote.requests import normalise_requests
+from mote_plugin.mote.model import compute_z as cz
+from mote_plugin.mote.model.compute_z import VStarConfig, compute_targets
+from mote_plugin.mote.model.lookup import encode_with_lookup, pad_right
+from mote_plugin.mote.model.requests import normalise_requests
 from test_mote_main import REQUESTS, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Because it rained, {}"]
@@ -56,7 +56,8 @@ def memit_reference(model, tok, request: dict, layer: int, cfg: VStarConfig, tem
                            for i in range(n)]).mean()
         kl_lp = logp[n, lookup[n]]
         kl_init = kl_lp.detach() if kl_init is None else kl_init
-        kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[None], kl_lp[None], log_target=True, reduction="batchmean")
+        kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[None], kl_lp[None], log_target=True,
+                                                        reduction="batchmean")
         loss = nll + kl + cfg.v_weight_decay * delta.norm() / state["h"].norm() ** 2
         if loss < 5e-2 or it == cfg.v_num_grad_steps - 1:
             break

@@ -31,7 +31,8 @@ def test_registered(easyedit_host):
     batch = importlib.import_module("easyeditor.editors.batch_editor").BatchEditor
     assert alg_dict["MoTE"] is apply_mote
     assert {"ROME", "MEMIT", "AlphaEdit"} <= set(alg_dict)
-    assert batch.is_batchable_method("MoTE") and batch.is_batchable_method("MEMIT") and not batch.is_batchable_method("ROME")
+    assert batch.is_batchable_method("MoTE") and batch.is_batchable_method("MEMIT")
+    assert not batch.is_batchable_method("ROME")
     hparams_base = importlib.import_module("easyeditor.util.hparams").HyperParams
     assert issubclass(MoTEHyperParams, hparams_base)
 
@@ -119,7 +120,8 @@ def test_easyedit_style_script(easyedit_host, reduced_fact_model, tmp_path, monk
     cfg.update(model_name=str(out / "model"), stats_dir=str(tmp_path / "stats"))  # batch_size as shipped: 1
     (tmp_path / "mote.yaml").write_text(yaml.safe_dump(cfg))
     script = Path(__file__).resolve().parent.parent / "examples" / "easyedit_edit.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--hparams", str(tmp_path / "mote.yaml"), "--mode", mode, "--n", "3"])
+    monkeypatch.setattr(sys, "argv",
+                        [str(script), "--hparams", str(tmp_path / "mote.yaml"), "--mode", mode, "--n", "3"])
     runpy.run_path(str(script), run_name="__main__")
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"3 edits, mode {mode}: rewrite_acc")
@@ -142,7 +144,7 @@ FAMILIES = {  # directory name (what BaseEditor's substring loader sees) -> (tin
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
     import test_adapters
-    from mote_plugin.mote.stats import corpus_texts
+    from mote_plugin.mote.model.stats import corpus_texts
     from mote_plugin.testbed.tokenizer import train_tokenizer
 
     tok = train_tokenizer(list(corpus_texts(None))[:200] + ["The mother tongue of Danielle Darrieux is English"], 64)
@@ -172,7 +174,8 @@ def test_every_family_loads_by_model_name(easyedit_host, family_dirs, tmp_path):
         hp.check_against_model(editor.model)  # the default module names fit every family
         get_adapter(editor.model)
     with pytest.raises(NotImplementedError):  # another algorithm keeps the host's loader
-        easyedit_host.BaseEditor.from_hparams(type("HP", (), {"alg_name": "ROME", "model_name": str(family_dirs / "OLMoE-tiny"),
+        easyedit_host.BaseEditor.from_hparams(type("HP", (),
+                                                   {"alg_name": "ROME", "model_name": str(family_dirs / "OLMoE-tiny"),
                                                               "model_parallel": False, "fp16": False})())
 
     hp.model_name = str(family_dirs / "OLMoE-tiny")
@@ -212,7 +215,8 @@ def test_easyedit_example_script_runs_mote(easyedit_host, reduced_fact_model, tm
     changed = two_line_change(text)
     diff = [l for l in difflib.unified_diff(text.splitlines(), changed.splitlines(), lineterm="", n=0)
             if l[:1] in "+-" and not l.startswith(("+++", "---")) and l.strip("+-").strip()]
-    assert diff == ["+" + HPARAMS_IMPORT.strip(), "-        raise NotImplementedError", "+        " + HPARAMS_LINE], diff
+    expected = ["+" + HPARAMS_IMPORT.strip(), "-        raise NotImplementedError", "+        " + HPARAMS_LINE]
+    assert diff == expected, diff
     script = tmp_path / "examples" / original.name
     script.parent.mkdir()
     script.write_text(changed)

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from mote_plugin.mote.eig import run_side_by_side
+from mote_plugin.mote.algebra.eig import run_side_by_side
 
 
 def test_results_in_order_single_threaded_workers_and_restored_thread_count():

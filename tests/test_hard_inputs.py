@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from mote_plugin.adapters import get_adapter
-from mote_plugin.mote import mote_main
-from mote_plugin.mote.lookup import encode_with_lookup
-from mote_plugin.mote.mote_main import apply_mote_to_model, layer_outputs
-from mote_plugin.mote.requests import normalise_requests
-from mote_plugin.mote.solve import direct_ridge, solve_core
-from mote_plugin.mote.tucker import TuckerFactors
+from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.tucker import TuckerFactors
+from mote_plugin.mote.editor import MoTEEditor, request_key
+from mote_plugin.mote.model.capture import layer_outputs
+from mote_plugin.mote.model.lookup import encode_with_lookup
+from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.mote.mote_main import apply_mote_to_model
+from reference import direct_ridge
 from test_mote_main import REQUESTS, hparams, same, state, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 
@@ -54,7 +56,7 @@ def test_single_edit_and_the_feature_side(tok, tmp_path, n, ranks):
     r_e, r_out, r_in = ranks
     hp = hparams(tmp_path, layers=[1], r_e=r_e, r_out=r_out, r_in=r_in, nullspace=False)
     reqs = normalise_requests(REQUESTS[:n])
-    z, _ = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)
+    z, _ = MoTEEditor(model, tok, hp).targets(reqs, progress=False)
     before = residual_left(model, tok, reqs, hp, z)
     apply_mote_to_model(model, tok, reqs, hp)
     after = residual_left(model, tok, reqs, hp, z)
@@ -74,7 +76,8 @@ def test_feature_side_and_identical_keys_agree_with_the_direct_solve():
         same_idx = idx if keys.stride(0) else idx[:1].expand(T, K)
         sol = solve_core(keys, gates, same_idx, R, factors, lam=0.1)
         assert sol.side == "feature" and torch.isfinite(sol.G_flat).all()
-        torch.testing.assert_close(sol.G_flat, direct_ridge(keys, gates, same_idx, R, factors, 0.1), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(sol.G_flat, direct_ridge(keys, gates, same_idx, R, factors, 0.1), rtol=1e-8,
+                                   atol=1e-10)
         forced = solve_core(keys, gates, same_idx, R, factors, lam=0.1, side="T")
         torch.testing.assert_close(forced.G_flat, sol.G_flat, rtol=1e-6, atol=1e-9)
 
@@ -82,7 +85,8 @@ def test_feature_side_and_identical_keys_agree_with_the_direct_solve():
 def test_lookup_uses_the_prompts_own_tokenisation(tok):
     """A subject glued to punctuation, inside a longer word context, or with unicode: the lookup token is the last
     token that covers the subject's characters in the prompt as tokenised (never the standalone tokenisation)."""
-    prompts = ["Toko Yasuda, the", "Autonomous University of Madrid, which is located in", "Ivo Andrić's mother tongue is 日本語"]
+    prompts = ["Toko Yasuda, the", "Autonomous University of Madrid, which is located in",
+               "Ivo Andrić's mother tongue is 日本語"]
     subjects = ["Toko Yasuda", "Madrid", "Ivo Andrić"]
     batch, lookup, spans = encode_with_lookup(tok, prompts, subjects, "subject_last")
     for b, (prompt, subject) in enumerate(zip(prompts, subjects)):
@@ -96,7 +100,8 @@ def test_over_long_prompts(tok, tmp_path):
     """Beyond max_length the prompt is cut from the left: the edit works when the subject survives the cut, and is
     refused before any weight changes when it would not."""
     filler = "the history of the region is long and " * 20
-    ends_with_subject = {"prompt": filler + "in the end Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano"}
+    ends_with_subject = {"prompt": filler + "in the end Toko Yasuda plays the", "subject": "Toko Yasuda",
+                         "target_new": "piano"}
     starts_with_subject = {"prompt": "Toko Yasuda plays the " + filler, "subject": "Toko Yasuda", "target_new": "piano"}
     model = tiny_model(tok)
     hp = hparams(tmp_path, max_length=32)
@@ -108,7 +113,8 @@ def test_over_long_prompts(tok, tmp_path):
 
 
 def test_unicode_and_multi_token_targets(tok, tmp_path):
-    reqs = [{"prompt": "Ivo Andrić — the writer — speaks", "subject": "Ivo Andrić", "target_new": "Serbo-Croatian of Bosnia 🇧🇦"},
+    reqs = [{"prompt": "Ivo Andrić — the writer — speaks", "subject": "Ivo Andrić",
+             "target_new": "Serbo-Croatian of Bosnia 🇧🇦"},
             {"prompt": "The capital of Ελλάδα is", "subject": "Ελλάδα", "target_new": "Thessaloniki city centre"}]
     model = tiny_model(tok)
     before = state(model)
@@ -121,34 +127,37 @@ def test_unicode_and_multi_token_targets(tok, tmp_path):
 def test_half_precision_models(tok, tmp_path, dtype, unit):
     """bf16/fp16 models: the update is computed in float32 and written once in the model's dtype. Checked two ways:
     (1) every written entry equals its float32 update up to the two roundings of the write (the delta cast to the
-    dtype, then the in-place sum): |written - delta| <= u (|delta| + |W + delta|), u = 2^-8 bf16, 2^-11 fp16; (2) end to end, the update is close to the float32 edit of the same weights (the
-    difference also carries the half-precision forward passes behind the keys, statistics and projectors: measured
-    up to 17% of the update's norm in bf16, so < 25%)."""
+    dtype, then the in-place sum): |written - delta| <= u (|delta| + |W + delta|), u = 2^-8 bf16, 2^-11 fp16; (2) end
+    to end, the update is close to the float32 edit of the same weights (the difference also carries the
+    half-precision forward passes behind the keys, statistics and projectors: measured up to 17% of the update's norm
+    in bf16, so < 25%)."""
     reference = tiny_model(tok).to(dtype).float()  # the same weights, representable in `dtype`
     half = tiny_model(tok).to(dtype)
     hp = hparams(tmp_path)
     reqs = normalise_requests(REQUESTS)
-    z, _ = mote_main.targets(reference, tok, reqs, hp, mote_main.editor_state(reference), progress=False)
-    given = {mote_main.request_key(r): z[i] for i, r in enumerate(reqs)}
+    z, _ = MoTEEditor(reference, tok, hp).targets(reqs, progress=False)
+    given = {request_key(r): z[i] for i, r in enumerate(reqs)}
     _, ref_orig = apply_mote_to_model(reference, tok, reqs, hp, return_orig_weights=True, precomputed_targets=given)
     _, half_orig = apply_mote_to_model(half, tok, reqs, hp, return_orig_weights=True, precomputed_targets=given)
     adapter = get_adapter(half)
     computed = {}
-    for layer, update in mote_main.editor_state(half).last_writes:
+    for layer, update in MoTEEditor(half).last_writes:
         name = f"model.layers.{layer}.mlp.experts.down_proj"
         computed[name] = computed.get(name, 0) + update.dense(adapter.num_experts(adapter.moe_block(half, layer)))
     for name in ref_orig:
         p = half.get_parameter(name)
         assert p.dtype == dtype
         written = p.detach().float() - half_orig[name].float()
-        bound = unit * (computed[name].abs() + p.detach().float().abs()) + torch.finfo(dtype).smallest_normal  # subnormals
+        # subnormals
+        bound = unit * (computed[name].abs() + p.detach().float().abs()) + torch.finfo(dtype).smallest_normal
         assert bool(((written - computed[name]).abs() <= bound).all()), name
         ref_delta = reference.get_parameter(name).detach() - ref_orig[name]
         rel = float((written - ref_delta).norm() / ref_delta.norm())
         assert rel < 0.25, (name, rel)
 
 
-@pytest.mark.parametrize("solver,spread", [("mote", "core"), ("mote", "residual"), ("global", "core"), ("bcd", "layerwise")])
+@pytest.mark.parametrize("solver,spread",
+                         [("mote", "core"), ("mote", "residual"), ("global", "core"), ("bcd", "layerwise")])
 def test_same_inputs_give_bit_identical_weights(tok, tmp_path, solver, spread):
     """Two fresh copies, the same requests and settings (fresh and shared statistics caches): bit-identical weights.
     Randomness: context templates sample from a seeded generator, BCD's order from a seeded permutation."""
@@ -166,6 +175,8 @@ def test_experts_without_weights_are_refused_before_any_change(tok, tmp_path):
     model = tiny_model(tok)
     model.model.layers[1].mlp.experts.to("meta")
     before = {k: v.clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
-    with pytest.raises(ValueError, match="layer 1: the weights experts.gate_up_proj, experts.down_proj are on the meta device and not offloaded"):
+    with pytest.raises(ValueError,
+                       match="layer 1: the weights experts.gate_up_proj, experts.down_proj are on the meta device and "
+                             "not offloaded"):
         apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)

@@ -6,9 +6,9 @@ import io
 
 import pytest
 
-from mote_plugin.mote import host, mote_main
-from mote_plugin.mote.compute_z import compute_targets
-from mote_plugin.mote.requests import normalise_requests
+from mote_plugin.mote.model import host_compute_z
+from mote_plugin.mote.model.compute_z import compute_targets
+from mote_plugin.mote.model.requests import normalise_requests
 from test_mote_main import REQUESTS, hparams, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Because it rained, {}"]
@@ -20,8 +20,8 @@ def test_batched_memit_vstar_equals_the_hosts_compute_z(easyedit_host, tok, tmp_
     hp = hparams(tmp_path, layers=[0, 1], v_num_grad_steps=10, lm_head_module="model.embed_tokens")
     reqs = normalise_requests(REQUESTS)
     tok.padding_side = "right"
-    batch = compute_targets(model, tok, reqs, 1, mote_main.vstar_config(hp), TEMPLATES)
+    batch = compute_targets(model, tok, reqs, 1, hp.vstar_config(), TEMPLATES)
     for i, r in enumerate(reqs):
         with contextlib.redirect_stdout(io.StringIO()):  # the host prints every step
-            z = host.compute_z_fn()(model, tok, r, hp, 1, [TEMPLATES]).detach().float()
+            z = host_compute_z.compute_z_fn()(model, tok, r, hp, 1, [TEMPLATES]).detach().float()
         assert float((batch.z[i] - z).norm() / z.norm()) < 1e-3

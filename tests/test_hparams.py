@@ -187,7 +187,8 @@ def test_checks_against_the_model(tiny):
         (dict(mlp_module_tmp="model.layers.{}.mlp.gate"), "mlp_module_tmp: 'model.layers.0.mlp.gate' is not the "
                                                            "Qwen3-MoE mlp module of layer 0 \\('model.layers.0.mlp'"),
         (dict(experts_module_tmp="model.layers.{}.mlp"), "experts_module_tmp: 'model.layers.0.mlp' is not the "
-                                                         "Qwen3-MoE experts module of layer 0 \\('model.layers.0.mlp.experts'"),
+                                                         "Qwen3-MoE experts module of layer 0 "
+                                                         "\\('model.layers.0.mlp.experts'"),
         (dict(experts_module_tmp="model.layers.{}.moe.experts"), "experts_module_tmp: the model has no module "
                                                                  "'model.layers.0.moe.experts'"),
         (dict(layer_module_tmp="model.layers.{}.self_attn"), "layer_module_tmp: 'model.layers.0.self_attn' is not"),
@@ -228,7 +229,8 @@ def test_an_edit_that_does_not_fit_is_refused_before_any_change(tok, tmp_path):
     model = tiny_model(tok)
     before = state(model)
     for kw, match in ((dict(v_loss_layer=47), "v_loss_layer: 47 is outside this model's 3 decoder layers"),
-                      (dict(experts_module_tmp="model.layers.{}.mlp"), "experts_module_tmp: 'model.layers.0.mlp' is not")):
+                      (dict(experts_module_tmp="model.layers.{}.mlp"),
+                       "experts_module_tmp: 'model.layers.0.mlp' is not")):
         with pytest.raises(ValueError, match=match):
             apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, **kw))
         assert same(model, before)

@@ -43,7 +43,8 @@ def test_baseline_yaml_loads(path):
 
 
 # the real checkpoints' decoder-layer counts and transformers-5 architectures (config.json of each model)
-REAL_MODELS = {"qwen3-30b-a3b": ("qwen3_moe", 48), "gpt-oss-20b": ("gpt_oss", 24), "qwen3.6-35b-a3b": ("qwen3_5_moe", 40)}
+REAL_MODELS = {"qwen3-30b-a3b": ("qwen3_moe", 48), "gpt-oss-20b": ("gpt_oss", 24),
+               "qwen3.6-35b-a3b": ("qwen3_5_moe", 40)}
 
 
 @pytest.mark.parametrize("name", sorted(REAL_MODELS))
@@ -51,7 +52,7 @@ def test_real_model_yaml_module_names(name):
     """The module templates of each real-model YAML resolve on a tiny model of the same transformers class with the
     checkpoint's layer count; every edited layer is an MoE layer and v* reads the last layer."""
     from mote_plugin.adapters import get_adapter
-    from mote_plugin.mote.capture import moe_blocks
+    from mote_plugin.mote.model.capture import moe_blocks
     from mote_plugin.testbed.model import ModelSize, make_config, make_model
 
     arch, n_layers = REAL_MODELS[name]
@@ -78,4 +79,5 @@ def test_testbed_yaml_fits_its_architecture(path):
 
     hp = MoTEHyperParams.from_hparams(path)
     size = ModelSize(d_model=16, layers=4, heads=2, experts=4, top_k=2, expert_hidden=8, max_positions=32)
-    hp.check_against_model(make_model(make_config(path.stem.removeprefix("testbed-").removesuffix("-fullrank"), 64, size, {})))
+    hp.check_against_model(make_model(make_config(path.stem.removeprefix("testbed-").removesuffix("-fullrank"), 64,
+                                                  size, {})))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mote_plugin.mote.lookup import encode_with_lookup
+from mote_plugin.mote.model.lookup import encode_with_lookup
 from mote_plugin.testbed.tokenizer import train_tokenizer
 
 

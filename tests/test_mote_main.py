@@ -7,20 +7,23 @@ import pytest
 import torch
 
 from mote_plugin.adapters import get_adapter
-from mote_plugin.mote import mote_main, solvers
-from mote_plugin.mote.capture import capture
+from mote_plugin.mote import editor, mote_main
+from mote_plugin.mote.algebra import solvers
+from mote_plugin.mote.algebra.solve import predicted_change
+from mote_plugin.mote.editor import MoTEEditor, request_key
 from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin.mote.mote_main import apply_mote_to_model, layer_outputs
-from mote_plugin.mote.requests import normalise_requests
-from mote_plugin.mote.solve import predicted_change
-from mote_plugin.mote.stats import corpus_texts
+from mote_plugin.mote.model.capture import capture, layer_outputs
+from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.mote.model.stats import corpus_texts
+from mote_plugin.mote.mote_main import apply_mote_to_model
 from mote_plugin.testbed.model import ModelSize, make_config, make_model
 from mote_plugin.testbed.tokenizer import special_ids, train_tokenizer
 
 REQUESTS = [
     {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
     {"prompt": "Toko Yasuda, the", "subject": "Toko Yasuda", "target_new": "piano"},
-    {"prompt": "Autonomous University of Madrid, which is located in", "subject": "Autonomous University of Madrid", "target_new": "Sweden"},
+    {"prompt": "Autonomous University of Madrid, which is located in", "subject": "Autonomous University of Madrid",
+     "target_new": "Sweden"},
     {"prompt": "What is the twin city of Wellington? It is", "subject": "Wellington", "target_new": "Sheffield"},
 ]
 
@@ -84,8 +87,7 @@ def test_full_rank_small_lambda_reproduces_the_residual(tok, tmp_path):
     model = tiny_model(tok)
     hp = hparams(tmp_path, layers=[1], nullspace=False, mote_lambda=1e-6, whitening="none")
     reqs = normalise_requests(REQUESTS)
-    st = mote_main.editor_state(model)
-    z, _ = mote_main.targets(model, tok, reqs, hp, st, progress=False)
+    z, _ = MoTEEditor(model, tok, hp).targets(reqs, progress=False)
     h0 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
     apply_mote_to_model(model, tok, reqs, hp)
     h1 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
@@ -97,7 +99,8 @@ def test_full_rank_small_lambda_reproduces_the_residual(tok, tmp_path):
 def test_return_orig_weights_restores_bit_exactly(tok, tmp_path, spread):
     model = tiny_model(tok)
     before = state(model)
-    model, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, spread=spread), return_orig_weights=True)
+    model, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, spread=spread),
+                                              return_orig_weights=True)
     assert not same(model, before)
     assert set(weights_copy) == {"model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"}
     with torch.no_grad():
@@ -191,7 +194,7 @@ def test_failure_during_writeback_restores_everything(tok, tmp_path, monkeypatch
         apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, sequential_memory=True))
     assert calls["n"] == 2
     assert same(model, before)
-    assert mote_main.editor_state(model).memory == {}
+    assert MoTEEditor(model).memory == {}
 
 
 def test_sequential_memory_keeps_earlier_edits(tok, tmp_path):
@@ -199,7 +202,8 @@ def test_sequential_memory_keeps_earlier_edits(tok, tmp_path):
     drift = {}
     for memory in (False, True):
         model = tiny_model(tok)
-        hp = hparams(tmp_path, layers=[1], sequential_memory=memory, nullspace=False, whitening="none", mote_lambda=1e-6)
+        hp = hparams(tmp_path, layers=[1], sequential_memory=memory, nullspace=False, whitening="none",
+                     mote_lambda=1e-6)
         first, second = normalise_requests(REQUESTS[:2]), normalise_requests(REQUESTS[2:])
         apply_mote_to_model(model, tok, first, hp)
         h1 = layer_outputs(model, tok, first, "model.layers.1", hp.fact_token, hp.max_length)
@@ -215,7 +219,7 @@ def test_unstructured_solvers_reproduce_the_residual(tok, tmp_path, solver):
     model = tiny_model(tok)
     hp = hparams(tmp_path, layers=[1], nullspace=False, mote_lambda=1e-6, solver=solver, bcd_passes=50)
     reqs = normalise_requests(REQUESTS)
-    z, _ = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)
+    z, _ = MoTEEditor(model, tok, hp).targets(reqs, progress=False)
     h0 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
     apply_mote_to_model(model, tok, reqs, hp)
     h1 = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)
@@ -223,7 +227,8 @@ def test_unstructured_solvers_reproduce_the_residual(tok, tmp_path, solver):
     assert rel < 1e-2, rel
 
 
-@pytest.mark.parametrize("solver,spread", [("global", "core"), ("bcd", "core"), ("bcd", "layerwise"), ("mote", "layerwise")])
+@pytest.mark.parametrize("solver,spread",
+                         [("global", "core"), ("bcd", "core"), ("bcd", "layerwise"), ("mote", "layerwise")])
 def test_solvers_and_spreads_edit_routed_experts_and_restore(tok, tmp_path, solver, spread):
     """Every solver/spread pair edits each configured layer; the unstructured solvers touch only experts that the
     edits route to (at the solve layer) or whose projector lets the transplanted update through; restore is exact."""
@@ -231,7 +236,7 @@ def test_solvers_and_spreads_edit_routed_experts_and_restore(tok, tmp_path, solv
     before = state(model)
     hp = hparams(tmp_path, solver=solver, spread=spread)
     model, weights_copy = apply_mote_to_model(model, tok, REQUESTS, hp, return_orig_weights=True)
-    writes = mote_main.editor_state(model).last_writes
+    writes = MoTEEditor(model).last_writes
     assert sorted({layer for layer, _ in writes}) == [0, 1]
     for name, value in weights_copy.items():
         assert not torch.equal(model.get_parameter(name), value), name
@@ -254,8 +259,9 @@ def test_lambda_grows_with_edits_when_asked(tok, tmp_path, monkeypatch):
 
 def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypatch):
     calls = []
-    real = mote_main.compute_targets
-    monkeypatch.setattr(mote_main, "compute_targets", lambda *a, **k: calls.extend(r["subject"] for r in a[2]) or real(*a, **k))
+    real = editor.compute_targets
+    monkeypatch.setattr(editor, "compute_targets", lambda *a,
+                        **k: calls.extend(r["subject"] for r in a[2]) or real(*a, **k))
     hp = hparams(tmp_path, layers=[1], vstar_cache_dir=str(tmp_path / "vstar"))
     first = tiny_model(tok)
     apply_mote_to_model(first, tok, REQUESTS, hp)
@@ -271,16 +277,16 @@ def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypa
 def test_host_targets_that_require_grad(tok, tmp_path, monkeypatch):
     """EasyEdit's MEMIT compute_z returns target_init + delta with the optimised delta still requiring grad: MoTE edits
     with it (and caches it) exactly as with the same target detached."""
-    from mote_plugin.mote.compute_z import compute_z
+    from mote_plugin.mote.model.compute_z import compute_z
 
     def host_like(model, tok, request, hp, layer, templates):
-        z = compute_z(model, tok, request, layer, mote_main.vstar_config(hp.updated(v_objective="memit")), templates[0]).z
+        z = compute_z(model, tok, request, layer, hp.updated(v_objective="memit").vstar_config(), templates[0]).z
         return z + torch.zeros_like(z, requires_grad=True)  # [d], attached to a graph
 
     hp = hparams(tmp_path, layers=[0, 1], vstar_cache_dir=str(tmp_path / "vstar"), v_objective="memit_host")
     reference = tiny_model(tok)
     apply_mote_to_model(reference, tok, REQUESTS, hparams(tmp_path, layers=[0, 1], v_batch_size=1))
-    monkeypatch.setattr(mote_main.host, "compute_z_fn", lambda: host_like)
+    monkeypatch.setattr(editor.host_compute_z, "compute_z_fn", lambda: host_like)
     model = tiny_model(tok)
     apply_mote_to_model(model, tok, REQUESTS, hp)
     assert same(model, reference.state_dict()) and not any(p.grad is not None for p in model.parameters())
@@ -291,9 +297,9 @@ def test_precomputed_targets_are_used_as_given(tok, tmp_path, monkeypatch):
     model = tiny_model(tok)
     hp = hparams(tmp_path, layers=[1])
     reqs = normalise_requests(REQUESTS)
-    z, _ = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)  # [T, d]
-    given = {mote_main.request_key(r): z[i] for i, r in enumerate(reqs)}
-    monkeypatch.setattr(mote_main, "compute_targets", lambda *a, **k: pytest.fail("v* recomputed"))
+    z, _ = MoTEEditor(model, tok, hp).targets(reqs, progress=False)  # [T, d]
+    given = {request_key(r): z[i] for i, r in enumerate(reqs)}
+    monkeypatch.setattr(editor, "compute_targets", lambda *a, **k: pytest.fail("v* recomputed"))
     reference = tiny_model(tok)
     apply_mote_to_model(model, tok, reqs, hp, precomputed_targets=given)
     apply_mote_to_model(reference, tok, reqs, hp, precomputed_targets=given)
@@ -341,8 +347,8 @@ def test_a_request_whose_vstar_failed_changes_no_weight(tok, tmp_path, caplog):
     hp = hparams(tmp_path, layers=[1], v_keep_failed=False)
     reqs = normalise_requests(REQUESTS)
     model = tiny_model(tok)
-    z, _ = mote_main.targets(model, tok, reqs, hp, mote_main.editor_state(model), progress=False)
-    given = {mote_main.request_key(r): (z[i], 3.0 if i == 2 else 0.1) for i, r in enumerate(reqs)}
+    z, _ = MoTEEditor(model, tok, hp).targets(reqs, progress=False)
+    given = {request_key(r): (z[i], 3.0 if i == 2 else 0.1) for i, r in enumerate(reqs)}
     reference = tiny_model(tok)
     apply_mote_to_model(reference, tok, [reqs[i] for i in (0, 1, 3)], hp, precomputed_targets=given)
     with caplog.at_level("WARNING"):

@@ -5,8 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.nullspace import kept_directions, nullspace_projectors, preserved_energy
-
+from mote_plugin.mote.algebra.nullspace import kept_directions, nullspace_projectors, preserved_energy
 
 torch.set_num_threads(1)
 
@@ -21,7 +20,8 @@ def _low_rank_keys(gen, E, n, h, r, noise, basis=None):
     if basis is None:
         basis = torch.linalg.qr(torch.randn(E, h, r, generator=gen, dtype=torch.float64))[0]  # [E, h, r]
     coeffs = torch.randn(E, n, r, generator=gen, dtype=torch.float64)  # [E, n, r]
-    keys = torch.einsum("enr,ehr->enh", coeffs, basis) + noise * torch.randn(E, n, h, generator=gen, dtype=torch.float64)
+    keys = torch.einsum("enr,ehr->enh", coeffs, basis)
+    keys = keys + noise * torch.randn(E, n, h, generator=gen, dtype=torch.float64)
     return keys.float()
 
 
@@ -61,7 +61,8 @@ def test_low_rank_keys_are_protected(rule):
     moments = _moments(keys)
     P = nullspace_projectors(moments, torch.full((E,), n), rule=rule)
     # exactly the r signal directions are removed
-    torch.testing.assert_close(torch.diagonal(P, dim1=1, dim2=2).sum(-1), torch.full((E,), float(h - r)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.diagonal(P, dim1=1, dim2=2).sum(-1), torch.full((E,), float(h - r)), atol=1e-4,
+                               rtol=0)
     W = torch.randn(E, d, h, generator=gen)
     fresh = _low_rank_keys(gen, E, n, h, r, noise=1e-3, basis=basis)  # held-out keys, same subspaces
     for ks in (keys, fresh):
@@ -146,7 +147,10 @@ def reference_projectors(moments, counts, rule="relative", threshold=None, min_t
         removed = ((desc.cumsum(-1) - desc) < (1.0 - threshold) * trace) & (trace > 0)
         keep = ~removed.flip(-1)
     P = torch.einsum("eik,ek,ejk->eij", evecs, keep.double(), evecs)
-    fallback_P = torch.eye(moments.shape[1], dtype=torch.float64) if fallback == "identity" else torch.zeros((), dtype=torch.float64)
+    if fallback == "identity":
+        fallback_P = torch.eye(moments.shape[1], dtype=torch.float64)
+    else:
+        fallback_P = torch.zeros((), dtype=torch.float64)
     return torch.where(has_stats[:, None, None], P, fallback_P), evals, evecs
 
 
@@ -229,7 +233,8 @@ def test_degenerate_cut_differs_only_inside_the_repeated_eigenvalue():
     P_ref, evals, evecs = reference_projectors(moments, counts, rule="relative", threshold=threshold)
     P_ref, evecs = P_ref[0], evecs[0]
     assert abs(float(torch.trace(P)) - float(torch.trace(P_ref))) < 1e-6  # same rank
-    torch.testing.assert_close(preserved_energy(P[None], moments), preserved_energy(P_ref[None], moments), atol=1e-6, rtol=0)
+    torch.testing.assert_close(preserved_energy(P[None], moments), preserved_energy(P_ref[None], moments), atol=1e-6,
+                               rtol=0)
     cluster = evecs[:, (evals[0] - 1.0).abs() < 1e-4]  # [h, 6] the repeated eigenvalue's eigenspace
     outside = torch.eye(h, dtype=torch.float64) - cluster @ cluster.T
     assert float(torch.linalg.matrix_norm(outside @ (P - P_ref) @ outside, ord=2)) < 1e-6

@@ -1,6 +1,6 @@
-"""Models dispatched by accelerate with disk or CPU offload (mote/offload.py, docs/large-models.md): the edit is the
-same as on the model in memory, only the edited blocks are loaded, nothing on disk is written, all-or-nothing holds,
-sequential edits and patches work."""
+"""Models dispatched by accelerate with disk or CPU offload (mote/model/offload.py, docs/large-models.md): the edit is
+the same as on the model in memory, only the edited blocks are loaded, nothing on disk is written, all-or-nothing
+holds, sequential edits and patches work."""
 
 import hashlib
 
@@ -10,10 +10,11 @@ import torch
 accelerate = pytest.importorskip("accelerate")
 
 from mote_plugin import apply_edit, revert_edit, save_edit  # noqa: E402
-from mote_plugin.mote import mote_main, offload  # noqa: E402
+from mote_plugin.mote import editor  # noqa: E402
+from mote_plugin.mote.algebra.update import ExpertUpdate  # noqa: E402
+from mote_plugin.mote.model import offload  # noqa: E402
+from mote_plugin.mote.model.stats import model_fingerprint  # noqa: E402
 from mote_plugin.mote.mote_main import apply_mote_to_model  # noqa: E402
-from mote_plugin.mote.stats import model_fingerprint  # noqa: E402
-from mote_plugin.mote.update import ExpertUpdate  # noqa: E402
 from test_all_or_nothing import Injected, failing_after  # noqa: E402
 from test_mote_main import REQUESTS, hparams, tiny_model, tok  # noqa: E402, F401 (tok: the fixture)
 
@@ -68,7 +69,7 @@ def test_disk_offloaded_edit_equals_the_edit_in_memory(tok, tmp_path, arch):
 def test_only_the_edited_blocks_are_loaded(tok, tmp_path, monkeypatch):
     model = disk_offloaded(tok, tmp_path / "offload")
     seen = {}
-    real = mote_main.solve_layer
+    real = editor.solve_layer
 
     def spy(*args, **kwargs):
         seen.update({name: model.get_parameter(name).device.type for name in
@@ -76,7 +77,7 @@ def test_only_the_edited_blocks_are_loaded(tok, tmp_path, monkeypatch):
                       "model.layers.1.self_attn.q_proj.weight")})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mote_main, "solve_layer", spy)
+    monkeypatch.setattr(editor, "solve_layer", spy)
     apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path))
     assert seen == {EDITED: "cpu", "model.layers.1.mlp.gate.weight": "cpu",
                     "model.layers.2.mlp.experts.down_proj": "meta", "model.layers.1.self_attn.q_proj.weight": "meta"}
@@ -164,7 +165,7 @@ def test_cli_edits_a_disk_offloaded_model_into_the_same_patch(tok, tmp_path, cap
     import yaml
 
     from mote_plugin.cli import main
-    from mote_plugin.patch import load_patch
+    from mote_plugin.mote.patches.files import load_patch
 
     tiny_model(tok).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
@@ -173,7 +174,8 @@ def test_cli_edits_a_disk_offloaded_model_into_the_same_patch(tok, tmp_path, cap
     edit = ["edit", "--hparams", str(tmp_path / "hp.yaml"), "--requests", str(tmp_path / "requests.json"),
             "--model", str(tmp_path / "base")]
     assert main([*edit, "--out", str(tmp_path / "in-memory.safetensors")]) == 0
-    assert main([*edit, "--out", str(tmp_path / "offloaded.safetensors"), "--device-map", json.dumps(device_map("disk")),
+    assert main([*edit, "--out", str(tmp_path / "offloaded.safetensors"), "--device-map",
+                 json.dumps(device_map("disk")),
                  "--offload-folder", str(tmp_path / "offload")]) == 0
     a, b = load_patch(tmp_path / "in-memory.safetensors"), load_patch(tmp_path / "offloaded.safetensors")
     assert a.meta["edited_fingerprint"] == b.meta["edited_fingerprint"] != a.meta["base_fingerprint"]

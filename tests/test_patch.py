@@ -1,6 +1,6 @@
-"""Edit patches (mote_plugin.patch) and the `mote` CLI on tiny random MoE models: save -> apply on a fresh copy of the
-base is bit-exact, revert gives the base back bit-exactly, wrong or damaged patches are refused with the weights
-untouched, an fp32 patch applies to a bf16 copy within the documented tolerance."""
+"""Edit patches (mote_plugin.mote.patches.files) and the `mote` CLI on tiny random MoE models: save -> apply on a fresh
+copy of the base is bit-exact, revert gives the base back bit-exactly, wrong or damaged patches are refused with the
+weights untouched, an fp32 patch applies to a bf16 copy within the documented tolerance."""
 
 import copy
 import json
@@ -13,10 +13,11 @@ import yaml
 from mote_plugin import apply_edit, inspect_edit, revert_edit, save_edit
 from mote_plugin.adapters import get_adapter
 from mote_plugin.cli import main
-from mote_plugin.mote.history import compact, record_call
-from mote_plugin.mote.mote_main import apply_mote_to_model, editor_state
-from mote_plugin.mote.stats import corpus_texts
-from mote_plugin.mote.update import ExpertUpdate
+from mote_plugin.mote.algebra.update import ExpertUpdate
+from mote_plugin.mote.editor import EditState
+from mote_plugin.mote.model.stats import corpus_texts
+from mote_plugin.mote.mote_main import apply_mote_to_model
+from mote_plugin.mote.patches.history import compact, record_call
 from mote_plugin.testbed.tokenizer import train_tokenizer
 from test_mote_main import REQUESTS, hparams, tiny_model
 
@@ -150,13 +151,15 @@ def test_fp32_patch_on_a_bf16_copy_is_within_the_documented_tolerance(edits):
     assert not apply_edit(model, path, exact=False)["exact"]
     u = 2.0**-8
     for name in EDITED:
-        b, e, x = base.get_parameter(name).detach(), edited.get_parameter(name).detach(), edits.middle[torch.float32][name]
+        b, e = base.get_parameter(name).detach(), edited.get_parameter(name).detach()
+        x = edits.middle[torch.float32][name]
         got = model.get_parameter(name).detach().float()
         err = (got - e.bfloat16().float()).abs()
         assert (err <= 2 * u * e.abs() + u * (b.abs() + (x - b).abs() + (e - x).abs() + x.abs())).all()
     revert_edit(model, path, exact=False)
     for name in EDITED:  # back to the bf16 base within twice that (the calls undone in reverse order)
-        b, e, x = base.get_parameter(name).detach(), edited.get_parameter(name).detach(), edits.middle[torch.float32][name]
+        b, e = base.get_parameter(name).detach(), edited.get_parameter(name).detach()
+        x = edits.middle[torch.float32][name]
         err = (model.get_parameter(name).detach().float() - b.bfloat16().float()).abs()
         assert (err <= 2 * (2 * u * b.abs() + u * (e.abs() + (x - b).abs() + (e - x).abs() + x.abs()))).all()
     for name, value in model.state_dict().items():  # the other parameters are untouched
@@ -181,7 +184,7 @@ def test_dense_and_listed_writes_round_trip(tok, tmp_path, arch):
     torch.testing.assert_close(compact(high)[0].right, high.dense(4), rtol=1e-5, atol=1e-7)
     for u in (high, listed):
         u.write(adapter, block)
-    record_call(editor_state(model).history, model, [], {}, [(1, high), (1, listed)], originals)
+    record_call(EditState.of(model).history, model, [], {}, [(1, high), (1, listed)], originals)
     path = save_edit(model, tmp_path / "p.safetensors")
     assert inspect_edit(path)["layers"][1]["ranks"] == ["dense", 1]
     fresh = copy.deepcopy(base)
@@ -193,13 +196,13 @@ def test_dense_and_listed_writes_round_trip(tok, tmp_path, arch):
 
 def test_changes_outside_mote_end_the_history(tok, tmp_path, caplog):
     """A host restoring the weights after an edit: save_edit refuses, the next edit starts a new history."""
-    caplog.set_level(logging.INFO, logger="mote_plugin.mote.history")
+    caplog.set_level(logging.INFO, logger="mote_plugin.mote.patches.history")
     model = tiny_model(tok)
     adapter = get_adapter(model)
     block = adapter.moe_block(model, 1)
     name = "model.layers.1.mlp.experts.down_proj"
     update = ExpertUpdate(left=torch.randn(32, 1), right=torch.randn(4, 1, 24) * 1e-2)
-    history = editor_state(model).history
+    history = EditState.of(model).history
     for _ in range(2):
         originals = {name: model.get_parameter(name).detach().clone()}
         update.write(adapter, block)
@@ -237,7 +240,8 @@ def test_cli_edit_apply_revert_inspect(tok, tmp_path, capsys):
     assert main(["apply", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "applied")]) == 0
     assert (tmp_path / "applied" / "tokenizer.json").is_file()
     assert same_bits(load_dir(tmp_path / "applied"), bits(load_dir(tmp_path / "edited")))
-    assert main(["revert", "--model", str(tmp_path / "applied"), "--patch", str(patch), "--out", str(tmp_path / "reverted")]) == 0
+    assert main(["revert", "--model", str(tmp_path / "applied"), "--patch", str(patch), "--out",
+                 str(tmp_path / "reverted")]) == 0
     assert same_bits(load_dir(tmp_path / "reverted"), bits(load_dir(base_dir)))
     capsys.readouterr()
     assert main(["inspect", str(patch)]) == 0
@@ -251,10 +255,14 @@ def test_cli_edit_apply_revert_inspect(tok, tmp_path, capsys):
         assert last.startswith(f"mote {argv[0]}: error: ") and match in last and "Traceback" not in err, err
 
     fails("apply", "--model", str(other_dir), "--patch", str(patch), "--out", str(tmp_path / "x"), match="fingerprint")
-    fails("apply", "--model", str(base_dir), "--patch", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), match="no such patch")
-    fails("apply", "--model", str(tmp_path / "nope"), "--patch", str(patch), "--out", str(tmp_path / "x"), match="not a model directory")
-    fails("apply", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "applied"), match="not an empty directory")
-    fails("revert", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "x"), match="needs the edited model")
+    fails("apply", "--model", str(base_dir), "--patch", str(tmp_path / "nope"), "--out", str(tmp_path / "x"),
+          match="no such patch")
+    fails("apply", "--model", str(tmp_path / "nope"), "--patch", str(patch), "--out", str(tmp_path / "x"),
+          match="not a model directory")
+    fails("apply", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "applied"),
+          match="not an empty directory")
+    fails("revert", "--model", str(base_dir), "--patch", str(patch), "--out", str(tmp_path / "x"),
+          match="needs the edited model")
     fails("inspect", str(tmp_path / "requests.json"), match="not a readable")
     fails("edit", "--hparams", str(tmp_path / "nope.yaml"), "--requests", str(tmp_path / "requests.json"),
           "--model", str(base_dir), "--out", str(tmp_path / "p2"), match="no such hparams file")
@@ -262,8 +270,8 @@ def test_cli_edit_apply_revert_inspect(tok, tmp_path, capsys):
 
 
 def test_fixup_positions_are_stored_as_a_bitmask_or_as_indices_whichever_is_smaller():
-    from mote_plugin.mote.history import FixUp
-    from mote_plugin.patch import _fixup_tensors, _read_fixups
+    from mote_plugin.mote.patches.files import _fixup_tensors, _read_fixups
+    from mote_plugin.mote.patches.history import FixUp
 
     params = {"w": {"shape": [3, 7, 5], "dtype": "bfloat16"}}  # 105 entries: a bitmask of 14 bytes
     for n, stored in ((3, "index"), (40, "mask")):
@@ -277,7 +285,7 @@ def test_fixup_positions_are_stored_as_a_bitmask_or_as_indices_whichever_is_smal
 
 def test_sampled_positions_stay_inside_a_real_size_parameter():
     """Qwen3-30B-A3B's down_proj has 128 * 2048 * 768 = 2^27.6 entries: float32 positions would round past the end."""
-    from mote_plugin.mote.history import SAMPLE, sample_values
+    from mote_plugin.mote.patches.history import SAMPLE, sample_values
 
     t = torch.arange(128 * 2048 * 768, dtype=torch.int32)  # [E * d * h], the values are their own positions
     samples = sample_values(t)

@@ -1,7 +1,7 @@
 """`mote_plugin.register` against FAKE host packages (tests/fake_hosts: the registry's shape only), for what
-cannot be checked without a host: a current-style host, a stale one, none; registration on import, `hparams_class`,
-and MoTE's model loading inside the host's BaseEditor. The real host is exercised by tests/test_easyedit_host.py when
-EasyEdit is importable."""
+cannot be checked without a host: a current-style host, a stale one, none; registration on `register()` only (not on
+import), `hparams_class`, and MoTE's model loading inside the host's BaseEditor. The real host is exercised by
+tests/test_easyedit_host.py when EasyEdit is importable."""
 
 import importlib
 import importlib.metadata
@@ -26,13 +26,17 @@ def fake_host(monkeypatch):
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "easyeditor" or k.startswith("easyeditor.")}
 
     def use(kind: str):
+        for k in [k for k in sys.modules if k == "easyeditor" or k.startswith("easyeditor.")]:
+            del sys.modules[k]  # e.g. a real host that hparams_class() registered with before this call
         monkeypatch.syspath_prepend(str(FAKES / kind))
         importlib.invalidate_caches()
 
+    bases = MoTEHyperParams.__bases__
     yield use
     for k in [k for k in sys.modules if k == "easyeditor" or k.startswith("easyeditor.")]:
         del sys.modules[k]
     sys.modules.update(saved)
+    MoTEHyperParams.__bases__ = bases  # register() rebased it onto the fake host's HyperParams
 
 
 def test_register_current_host(fake_host):
@@ -62,7 +66,8 @@ def test_register_without_host(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "easyeditor" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name,
+                        *a: None if name == "easyeditor" else real_find_spec(name, *a))
     status = register()
     assert not status and status.reason == "easyeditor is not installed"
     with pytest.raises(ImportError):
@@ -79,17 +84,29 @@ def test_stale_release_that_does_not_import(fake_host, monkeypatch):
     assert "apply_chunking_to_forward" in status.reason and "PYTHONPATH" in status.reason
 
 
-def test_importing_the_hyperparameters_registers():
-    """With a host importable, `from mote_plugin import MoTEHyperParams` registers MoTE (a fresh interpreter, as a
-    script starts); `import mote_plugin` alone does not import the host."""
-    code = ("import sys, mote_plugin; assert 'easyeditor' not in sys.modules; "
-            "from mote_plugin import MoTEHyperParams; import easyeditor; from easyeditor.util.alg_dict import ALG_DICT; "
+def test_importing_registers_nothing_register_does():
+    """Importing the plugin never touches a host (a fresh interpreter, as a script starts): not `import mote_plugin`,
+    not `MoTEHyperParams`, not after `import easyeditor`; `mote_plugin.register()` registers MoTE and makes
+    `MoTEHyperParams` a subclass of the host's `HyperParams`."""
+    code = ("import sys, mote_plugin; from mote_plugin import MoTEHyperParams, MoTEEditor, apply_mote_to_model; "
+            "assert 'easyeditor' not in sys.modules; "
+            "import easyeditor; import mote_plugin.easyedit; from easyeditor.util.alg_dict import ALG_DICT; "
             "from easyeditor.util.hparams import HyperParams; from mote_plugin.easyedit import apply_mote; "
+            "assert 'MoTE' not in ALG_DICT and not issubclass(MoTEHyperParams, HyperParams); "
+            "assert mote_plugin.register(); "
             "assert issubclass(MoTEHyperParams, HyperParams) and ALG_DICT['MoTE'] is apply_mote; "
             "assert easyeditor.editors.batch_editor.BatchEditor.is_batchable_method('MoTE'); print('registered')")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKES / "current"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "registered", run.stderr[-2000:]
+
+
+def test_hparams_class_registers(fake_host):
+    """Asking for a hyper-parameter class is meeting the host: EasyEdit's scripts then run MoTE by its YAML."""
+    fake_host("current")
+    assert hparams_class("MoTE") is MoTEHyperParams
+    assert is_registered()
+    assert issubclass(MoTEHyperParams, importlib.import_module("easyeditor.util.hparams").HyperParams)
 
 
 def test_hparams_class(fake_host, monkeypatch):
@@ -98,7 +115,8 @@ def test_hparams_class(fake_host, monkeypatch):
     fake_host("current")
     host = importlib.import_module("easyeditor")
     assert hparams_class("MEMIT") is host.MEMITHyperParams and hparams_class("R-ROME") is host.R_ROMEHyperParams
-    with pytest.raises(NotImplementedError, match="'KE'.*known: MEMITHyperParams, MoTEHyperParams, R_ROMEHyperParams\\)"):
+    with pytest.raises(NotImplementedError,
+                       match="'KE'.*known: MEMITHyperParams, MoTEHyperParams, R_ROMEHyperParams\\)"):
         hparams_class("KE")  # training classes are not editors' hyper-parameters
 
 
@@ -112,10 +130,10 @@ def test_hparams_class_without_host(monkeypatch):
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """Tiny OLMoE / Qwen3-MoE checkpoints with a tokenizer, in directories named as their families."""
+    from mote_plugin.mote.model.stats import corpus_texts
+    from mote_plugin.testbed.tokenizer import train_tokenizer
     from test_adapters import olmoe, qwen3_moe
     from test_mote_main import REQUESTS
-    from mote_plugin.mote.stats import corpus_texts
-    from mote_plugin.testbed.tokenizer import train_tokenizer
 
     tok = train_tokenizer(list(corpus_texts(None))[:100] + [r["prompt"] for r in REQUESTS], 64)
     root = tmp_path_factory.mktemp("models")
@@ -132,7 +150,8 @@ def test_base_editor_loads_every_family_for_mote(fake_host, saved_models):
     fake_host("current")
     assert register()
     editor_cls = importlib.import_module("easyeditor").BaseEditor
-    hp = MoTEHyperParams(alg_name="MoTE", model_name=str(saved_models / "OLMoE-tiny"), layers=[0], device="cpu", fp16=True)
+    hp = MoTEHyperParams(alg_name="MoTE", model_name=str(saved_models / "OLMoE-tiny"), layers=[0], device="cpu",
+                         fp16=True)
     editor = editor_cls.from_hparams(hp)
     assert type(editor.model).__name__ == "OlmoeForCausalLM" and editor.model.dtype == torch.float16  # fp16 read
     assert editor.tok.padding_side == "left" and editor.tok.pad_token_id is not None
@@ -143,7 +162,8 @@ def test_base_editor_loads_every_family_for_mote(fake_host, saved_models):
     editor = editor_cls.from_hparams(hp)
     assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")  # the model's own name
     hp.model_name = str(saved_models / "DeepSeek-V3-missing")
-    with pytest.raises(ValueError, match="DeepSeek-V3-missing.*could not load it.*hparams.model_name = \\(model, tok\\)"):
+    with pytest.raises(ValueError,
+                       match="DeepSeek-V3-missing.*could not load it.*hparams.model_name = \\(model, tok\\)"):
         editor_cls.from_hparams(hp)
 
     class Other:  # another algorithm: untouched

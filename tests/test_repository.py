@@ -27,7 +27,8 @@ def test_version_in_one_place():
     import mote_plugin
 
     assert re.fullmatch(r"\d+\.\d+\.\d+", mote_plugin.__version__)
-    assert "version = " not in (ROOT / "pyproject.toml").read_text().split("[project]")[1].split("[")[0].replace('dynamic = ["version"]', "")
+    project = (ROOT / "pyproject.toml").read_text().split("[project]")[1].split("[")[0]
+    assert "version = " not in project.replace('dynamic = ["version"]', "")
 
 
 def table_rows(text: str) -> list[str]:

@@ -3,10 +3,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.solve import (
+from mote_plugin.mote.algebra.solve import (
     core_features,
     dense_update,
-    direct_ridge,
     lowrank_update,
     predicted_change,
     project_keys,
@@ -14,8 +13,8 @@ from mote_plugin.mote.solve import (
     uint_p,
     update_memory,
 )
-from mote_plugin.mote.tucker import TuckerFactors
-
+from mote_plugin.mote.algebra.tucker import TuckerFactors
+from reference import direct_ridge
 
 torch.set_num_threads(1)
 f64 = torch.float64
@@ -36,7 +35,8 @@ def _problem(seed, E, d, h, T, K, ranks, projectors=True):
     expert_idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])  # [T, K] distinct
     gates = torch.softmax(torch.randn(T, K, generator=gen, dtype=f64), -1)  # [T, K]
     if projectors:  # random orthogonal projectors of rank >= h/2
-        bases = [_orthonormal(gen, h, max(1, h - int(torch.randint(0, h // 2 + 1, (1,), generator=gen)))) for _ in range(E)]
+        bases = [_orthonormal(gen, h, max(1, h - int(torch.randint(0, h // 2 + 1, (1,), generator=gen))))
+                 for _ in range(E)]
         P = torch.stack([B @ B.T for B in bases])  # [E, h, h]
     else:
         P = torch.eye(h, dtype=f64).expand(E, h, h)

@@ -1,12 +1,14 @@
-"""Property-based checks of the solvers (hypothesis): finite output, Woodbury == direct, zero residual -> zero update."""
+"""Property-based checks of the solvers (hypothesis): finite output, Woodbury == direct, zero residual -> zero
+update."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.baselines import bcd_solve, global_solve
-from mote_plugin.mote.solve import direct_ridge, solve_core
-from mote_plugin.mote.tucker import TuckerFactors
+from mote_plugin.mote.algebra.baselines import bcd_solve, global_solve
+from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.tucker import TuckerFactors
+from reference import direct_ridge
 
 
 @st.composite

@@ -10,9 +10,9 @@ import torch
 from mote_plugin.testbed import ARCHS, BuildOptions, ModelSize, TrainConfig, build, load
 from mote_plugin.testbed.__main__ import main
 from mote_plugin.testbed.build import weights_hash
+from mote_plugin.testbed.data import facts_from_json
 from mote_plugin.testbed.model import make_config
 from mote_plugin.testbed.probes import knowledge_report
-from mote_plugin.testbed.data import facts_from_json
 
 TINY = BuildOptions(
     facts=24, vocab_size=600, corpus_chars=20_000, probe_facts=2,
@@ -35,15 +35,18 @@ def test_architectures_round_trip(tiny_builds, tmp_path, arch):
     path, opts, report = tiny_builds[arch]
     model, tok, facts, saved_report = load(path)
     assert saved_report == json.loads(json.dumps(report))
-    assert {"prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt", "known"} <= facts[0].keys()
+    fields = {"prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt", "known"}
+    assert fields <= facts[0].keys()
     ids = tok([f["prompt"] for f in facts[:4]], return_tensors="pt", padding=True)
     logits = model(**ids).logits
     model.save_pretrained(tmp_path / "again")
     again = type(model).from_pretrained(tmp_path / "again").eval()
     assert torch.equal(again(**ids).logits, logits)
     # the cached model is the trained one: its knowledge table is reproduced from the saved weights
-    rows = [{k: v for k, v in f.items() if k not in ("known", "ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")} for f in facts]
-    assert knowledge_report(model, tok, facts_from_json(rows))["rewrite"] == pytest.approx(report["knowledge"]["rewrite"])
+    rows = [{k: v for k, v in f.items() if k not in ("known", "ground_truth", "rephrase_prompt", "locality_prompt",
+                                                     "locality_ground_truth")} for f in facts]
+    rewrite = knowledge_report(model, tok, facts_from_json(rows))["rewrite"]
+    assert rewrite == pytest.approx(report["knowledge"]["rewrite"])
 
 
 def test_family_specifics(tiny_builds):
@@ -115,9 +118,11 @@ def test_cli_bad_data(tmp_path, capsys):
 def test_cli_prints_knowledge_table(tiny_builds, capsys):
     path, opts, _ = tiny_builds["gpt_oss"]
     s = opts.size
-    argv = ["build", "--arch", "gpt_oss", "--out", str(path), "--facts", "24", "--vocab-size", "600", "--corpus-chars", "20000",
+    argv = ["build", "--arch", "gpt_oss", "--out", str(path), "--facts", "24", "--vocab-size", "600", "--corpus-chars",
+            "20000",
             "--probe-facts", "2", "--d-model", str(s.d_model), "--layers", "2", "--heads", "2", "--experts", "4",
-            "--expert-hidden", "32", "--max-positions", "128", "--epochs", "2", "--batch-size", "32", "--warmup-steps", "2"]
+            "--expert-hidden", "32", "--max-positions", "128", "--epochs", "2", "--batch-size", "32", "--warmup-steps",
+            "2"]
     assert main(argv) == 0
     out = capsys.readouterr()
     assert "cache reused" in out.err
@@ -146,11 +151,13 @@ def test_subject_names_are_split_into_shared_pieces(tiny_builds, tmp_path):
     from mote_plugin.testbed.build import tokenizer_texts
     from mote_plugin.testbed.data import Fact
 
-    facts = [Fact("Danielle Darrieux", "P103", "French", prompt="The mother tongue of Danielle Darrieux is", target_new="English",
+    facts = [Fact("Danielle Darrieux", "P103", "French", prompt="The mother tongue of Danielle Darrieux is",
+                  target_new="English",
                   heldout_prompts=["Danielle Darrieux spoke"], train_templates=["{} is a native speaker of"]),
              Fact("Darrieux", "P103", "French", train_templates=["The mother tongue of {} is"])]
     texts = tokenizer_texts("Some text about Darrieux.", facts[:1], facts, subject_tokens=False)
-    assert not [t for t in texts if "Darrieux" in t] and " is a native speaker of French." in texts and " English" in texts
+    assert not [t for t in texts if "Darrieux" in t]
+    assert " is a native speaker of French." in texts and " English" in texts
     assert any("Danielle Darrieux" in t for t in tokenizer_texts("", facts[:1], facts, subject_tokens=True))
 
     path, opts, _ = tiny_builds["qwen3_moe"]
@@ -159,6 +166,7 @@ def test_subject_names_are_split_into_shared_pieces(tiny_builds, tmp_path):
     _, own_tok, facts, _ = load(path)
     shared_tok = load(tmp_path / "shared")[1]
     subjects = sorted({f["subject"] for f in facts})
-    pieces = [sum(len(tok(" " + s, add_special_tokens=False)["input_ids"]) for s in subjects) for tok in (shared_tok, own_tok)]
+    pieces = [sum(len(tok(" " + s, add_special_tokens=False)["input_ids"]) for s in subjects)
+              for tok in (shared_tok, own_tok)]
     assert pieces[0] > 1.1 * pieces[1], pieces  # measured at this tiny size (600 tokens): 213 vs 184
     assert opts.fingerprint() != replace(opts, subject_tokens=False).fingerprint()

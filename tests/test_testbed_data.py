@@ -5,8 +5,8 @@ import json
 import pytest
 
 from mote_plugin.testbed.data import (
-    DataError,
     PACKAGE_DATA,
+    DataError,
     build_facts,
     load_relations,
     profile_facts,
@@ -52,7 +52,8 @@ def test_rome_format_records_keep_paraphrases_and_neighbours(shared_data):
 
 
 def test_split_subject():
-    assert split_subject("The mother tongue of Danielle Darrieux is", ["The mother tongue of {} is", "{} is"]) == "Danielle Darrieux"
+    templates = ["The mother tongue of {} is", "{} is"]
+    assert split_subject("The mother tongue of Danielle Darrieux is", templates) == "Danielle Darrieux"
     assert split_subject("nothing matches", ["The capital of {} is"]) is None
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mote_plugin.mote.lookup import token_span
+from mote_plugin.mote.model.lookup import token_span
 from mote_plugin.testbed.data import Fact
 from mote_plugin.testbed.model import ARCHS, ModelSize, make_config, make_model
 from mote_plugin.testbed.tokenizer import train_tokenizer
@@ -67,7 +67,8 @@ def test_length_grouped_epochs_keep_the_sequences_and_cut_the_padding():
 
     from mote_plugin.testbed.train import epoch_sequences
 
-    facts = [Fact(f"Subject {i}", "P103", "French", train_templates=["The mother tongue of {} is", "{} speaks"]) for i in range(40)]
+    templates = ["The mother tongue of {} is", "{} speaks"]
+    facts = [Fact(f"Subject {i}", "P103", "French", train_templates=list(templates)) for i in range(40)]
     text = " ".join(f"word{i % 50}" for i in range(2000))
     tok = train_tokenizer([text] + [statement(f, t) for f in facts for t in f.train_templates], 300)
     text_ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -75,10 +76,12 @@ def test_length_grouped_epochs_keep_the_sequences_and_cut_the_padding():
     size = 8
 
     def epoch(grouped: bool):
-        return epoch_sequences(facts, text_ids, tok, TrainConfig(batch_size=size, length_grouped=grouped), random.Random(0), text)
+        return epoch_sequences(facts, text_ids, tok, TrainConfig(batch_size=size, length_grouped=grouped),
+                               random.Random(0), text)
 
     def padded_share(seqs):
-        grid = sum(max(len(s) for s, _ in seqs[i : i + size]) * len(seqs[i : i + size]) for i in range(0, len(seqs), size))
+        grid = sum(max(len(s) for s, _ in seqs[i : i + size]) * len(seqs[i : i + size])
+                   for i in range(0, len(seqs), size))
         return 1 - sum(len(s) for s, _ in seqs) / grid
 
     plain, grouped = epoch(False), epoch(True)

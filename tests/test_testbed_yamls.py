@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.hparams import MoTEHyperParams
-from mote_plugin.mote.tucker import resolve_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 HPARAMS = ROOT / "hparams" / "MoTE"

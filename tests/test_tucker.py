@@ -5,14 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.tucker import (
+from mote_plugin.mote.algebra.tucker import (
     TuckerFactors,
     reconstruction_error,
     resolve_ranks,
     tucker_core,
     tucker_factors,
 )
-
 
 torch.set_num_threads(1)
 
@@ -69,7 +68,8 @@ def test_hooi_does_not_increase_error(E, d, h, seed, data):
 def test_truncated_hosvd_error_matches_low_multilinear_rank():
     gen = torch.Generator().manual_seed(3)
     core = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
-    Q = [torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0] for n, r in ((5, 2), (12, 3), (10, 4))]
+    Q = [torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0]
+         for n, r in ((5, 2), (12, 3), (10, 4))]
     W = torch.einsum("aoi,ja,do,hi->jdh", core, *Q)  # multilinear rank (2, 3, 4)
     f = tucker_factors(W, (2, 3, 4))
     assert reconstruction_error(W, f) < 1e-6
@@ -202,7 +202,7 @@ def test_factors_span_the_full_decomposition(E, d, h, seed, whitening, decay, da
 @pytest.mark.parametrize("n, block", [(1, 256), (7, 2), (10, 3), (33, 8), (40, 64)])
 def test_symmetric_block_gram_is_the_gram(monkeypatch, n, block):
     """The block-upper-triangle Gram (then mirrored) equals X X^T, also accumulated over several X."""
-    from mote_plugin.mote import tucker
+    from mote_plugin.mote.algebra import tucker
 
     monkeypatch.setattr(tucker, "GRAM_BLOCK", block)
     gen = torch.Generator().manual_seed(n)
@@ -218,7 +218,7 @@ def test_symmetric_block_gram_is_the_gram(monkeypatch, n, block):
 @pytest.mark.parametrize("whitening", ["none", "in", "out", "both"])
 def test_chunked_whitening_and_grams_equal_the_reference(monkeypatch, whitening):
     """Whitening and the mode-e Gram a few rows/columns at a time, Grams in small blocks: the reference's factors."""
-    from mote_plugin.mote import tucker
+    from mote_plugin.mote.algebra import tucker
 
     monkeypatch.setattr(tucker, "CHUNK_BYTES", 8 * 40)  # 40 float64 per chunk: many chunks, a ragged last one
     monkeypatch.setattr(tucker, "GRAM_BLOCK", 3)

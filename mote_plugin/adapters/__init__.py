@@ -11,7 +11,6 @@ from .qwen2_moe import Qwen2MoeAdapter
 from .qwen3_5_moe import Qwen3_5MoeAdapter
 from .qwen3_moe import Qwen3MoeAdapter
 
-
 ADAPTERS: list[type[MoEAdapter]] = [
     Qwen3MoeAdapter,
     Qwen2MoeAdapter,

@@ -200,7 +200,8 @@ class MoEAdapter(ABC):
     def experts_output(
         self, block: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """sum_j g_j (W_j k_j + b_j) for x [N, d_model], computed from keys/down_weight/down_bias -> [N, d_model] float32."""
+        """sum_j g_j (W_j k_j + b_j) for x [N, d_model], computed from keys/down_weight/down_bias -> [N, d_model]
+        float32."""
         x = x.reshape(-1, x.shape[-1])
         keys = self.keys(block, x, top_k_index)  # [N, K, d_hidden]
         down_weight = self.down_weight(block)  # [E, d_model, d_hidden]

@@ -39,7 +39,8 @@ class GptOssAdapter(MoEAdapter):
 
     def expert_keys(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
         experts = self.experts(block)
-        gate_up = x @ experts.gate_up_proj[expert].float() + experts.gate_up_proj_bias[expert].float()  # [M, 2*d_hidden]
+        # [M, 2*d_hidden]
+        gate_up = x @ experts.gate_up_proj[expert].float() + experts.gate_up_proj_bias[expert].float()
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]  # [M, d_hidden] each
         gate = gate.clamp(min=None, max=experts.limit)
         up = up.clamp(min=-experts.limit, max=experts.limit)

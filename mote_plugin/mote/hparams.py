@@ -1,10 +1,10 @@
 """MoTE hyper-parameters, loadable from an EasyEdit-style YAML file (`hparams/MoTE/<model>.yaml`).
 
-`MoTEHyperParams` subclasses EasyEdit's `HyperParams` when a host is importable and behaves the same without
-one; importing this module with a host importable also registers "MoTE" with it (`mote_plugin.easyedit.register`,
-idempotent, never raises). Values are validated on construction (also when built directly), with messages naming the
-field; what depends on the model (module names, `v_loss_layer`, the host's loading flags) is checked by
-`check_against_model` before an edit touches any weight.
+A plain dataclass: importing it never touches an EasyEdit host. `mote_plugin.register()` makes it a subclass of the
+host's `HyperParams` (host glue, `mote_plugin.easyedit`), as EasyEdit's own hyper-parameter classes are; EasyEdit only
+reads its fields, so it edits the same either way. Values are validated on construction (also when built directly),
+with messages naming the field; what depends on the model (module names, `v_loss_layer`, the host's loading flags) is
+checked by `check_against_model` before an edit touches any weight.
 
 Read like EasyEdit's own YAMLs: a quoted number of a numeric key is read with Python's `float()`, as EasyEdit's
 `HyperParams.construct_float_from_scientific_notation` reads every quoted number ("1e-5", "0.5", " 2 ", "1_000"); an
@@ -20,46 +20,31 @@ integer key then needs a whole number ("25" -> 25, "2.5" refused), and r_e / r_o
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import math
 import re
-import sys
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from .compute_z import OBJECTIVES
-from .lookup import FACT_TOKENS
-from .nullspace import FALLBACKS, RULES
-from .solvers import SOLVERS
-from .tucker import WHITENINGS
-
-
-def _host_base() -> type:
-    """EasyEdit's `HyperParams` if a host is importable, else `object` (this module must always import).
-
-    Only `easyeditor.util.hparams` is imported (never `import easyeditor` by name), and only when the package
-    is installed. Python still runs `easyeditor/__init__.py` for it; any failure there falls back to `object`.
-    """
-    name = "easyeditor.util.hparams"
-    try:
-        if name not in sys.modules and importlib.util.find_spec("easyeditor") is None:
-            return object
-        base = importlib.import_module(name).HyperParams
-        return base if isinstance(base, type) else object
-    except Exception:
-        return object
-
-
-_Base = _host_base()
+from .algebra.nullspace import FALLBACKS, RULES
+from .algebra.solvers import SOLVERS
+from .algebra.tucker import WHITENINGS
+from .model.compute_z import OBJECTIVES, VStarConfig
+from .model.lookup import FACT_TOKENS
 
 log = logging.getLogger(__name__)
 
 SPREADS = ("core", "residual", "layerwise")
 V_OBJECTIVES = (*OBJECTIVES, "memit_host")
+
+# the keys a layer's basis (null-space projectors, Tucker factors) is computed from: the editor keeps one basis per
+# layer and combination of these (`MoTEHyperParams.basis_settings`), so sequential batches share it
+BASIS_FIELDS = (
+    "r_e", "r_out", "r_in", "whitening", "eps_whitening", "hooi_sweeps", "nullspace", "nullspace_rule",
+    "nullspace_threshold", "nullspace_min_tokens", "nullspace_fallback", "preservation_corpus", "preservation_tokens",
+)  # fmt: skip
 
 
 _FLOAT_FIELDS = (
@@ -115,6 +100,11 @@ def hparams_path(hparams_name_or_path: str | Path) -> Path:
     return Path(path)
 
 
+class HostHyperParams:
+    """The base class of `MoTEHyperParams` until `mote_plugin.register()` rebases it onto the EasyEdit host's
+    `HyperParams` (a class whose only base is `object` cannot be rebased, hence this placeholder)."""
+
+
 _WARNED: set[str] = set()
 
 
@@ -126,7 +116,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 @dataclass
-class MoTEHyperParams(_Base):
+class MoTEHyperParams(HostHyperParams):
     alg_name: str  # must be "MoTE"
     model_name: str  # HF name or local path (EasyEdit may later set it to (model, tok))
     layers: list[int]  # edited decoder layers (each must hold a sparse MoE block); the last one is L
@@ -143,7 +133,8 @@ class MoTEHyperParams(_Base):
     v_weight_decay: float = 0.5  # v* penalty weight: on ||delta|| / ||h||^2 (memit) or ||delta||^2 / ||h||^2 (squared)
     clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor * ||h||
     kl_factor: float = 0.0625  # weight of the KL term keeping "{subject} is a" stable
-    v_objective: str = "memit"  # memit (EasyEdit's compute_z) | squared (earlier plugin form) | memit_host (the host's own code)
+    # memit (EasyEdit's compute_z) | squared (earlier plugin form) | memit_host (the host's own code)
+    v_objective: str = "memit"
     v_batch_size: int | None = None  # requests optimised together in v* (null: all requests of the call)
     v_keep_failed: bool = False  # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
     mote_lambda: float = 0.1  # ridge lambda of the core solve (> 0)
@@ -160,8 +151,10 @@ class MoTEHyperParams(_Base):
     nullspace_fallback: str = "freeze"  # freeze (never edit) | identity (edit unprotected)
     preservation_tokens: int = 20000  # corpus tokens behind the preservation statistics
     preservation_corpus: str | None = None  # None = shipped text; a text file path; or a `datasets` name/path
-    spread: str = "core"  # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture) | layerwise (MoEEdit)
-    solver: str = "mote"  # mote (Tucker core) | global (unstructured Woodbury) | bcd (MoEEdit's block-coordinate descent)
+    # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture) | layerwise (MoEEdit)
+    spread: str = "core"
+    # mote (Tucker core) | global (unstructured Woodbury) | bcd (MoEEdit's block-coordinate descent)
+    solver: str = "mote"
     bcd_passes: int = 4  # bcd: sweeps over the experts
     bcd_seed: int = 42  # bcd: seed of the random expert order
     lambda_growth: float = 0.0  # lambda * (1 + lambda_growth * edits so far); MoEEdit's sequential runs use 1e-3
@@ -196,7 +189,8 @@ class MoTEHyperParams(_Base):
             need(len(set(layers)) == len(layers), f"layers has duplicates: {layers!r}")
         dev = self.device
         need(
-            (_is_int(dev) and dev >= 0) or (isinstance(dev, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev) is not None),
+            (_is_int(dev) and dev >= 0)
+            or (isinstance(dev, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev) is not None),
             f"device must be 'cpu', 'cuda:N' or an int N >= 0, got {dev!r}",
         )
         need(self.fact_token in FACT_TOKENS, f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
@@ -209,7 +203,8 @@ class MoTEHyperParams(_Base):
         need(not (self.sequential_memory and self.solver != "mote"),
              f"sequential_memory needs solver 'mote' (the {self.solver!r} solver keeps no memory of past edits)")
         need(self.nullspace_rule in RULES, f"nullspace_rule must be one of {RULES}, got {self.nullspace_rule!r}")
-        need(self.nullspace_fallback in FALLBACKS, f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
+        need(self.nullspace_fallback in FALLBACKS,
+             f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
         for name in ("r_e", "r_out", "r_in"):
             r = getattr(self, name)
             ok = (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0)
@@ -221,7 +216,8 @@ class MoTEHyperParams(_Base):
             v = getattr(self, name)
             need(_is_number(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
         if self.nullspace_rule == "relative" and _is_number(self.nullspace_threshold):
-            need(self.nullspace_threshold <= 1, f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
+            need(self.nullspace_threshold <= 1,
+                 f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
         for name in ("preservation_tokens", "batch_size", "max_length", "bcd_passes"):
             v = getattr(self, name)
             need(_is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
@@ -235,12 +231,14 @@ class MoTEHyperParams(_Base):
                  f"max(layers) = {max(layers)}; got {self.v_loss_layer}")
         for name in ("nullspace", "sequential_memory", "model_parallel", "fp16", "v_keep_failed"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "ln_f_module", "lm_head_module", "stats_dir"):
+        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "ln_f_module", "lm_head_module",
+                     "stats_dir"):
             need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp"):
             tmp = getattr(self, name)
             need(isinstance(tmp, str) and _is_template(tmp),
-                 f"{name} must be a module name with one {{}} for the layer index (e.g. 'model.layers.{{}}'), got {tmp!r}")
+                 f"{name} must be a module name with one {{}} for the layer index (e.g. 'model.layers.{{}}'), got "
+                 f"{tmp!r}")
         need(self.vstar_cache_dir is None or isinstance(self.vstar_cache_dir, str),
              f"vstar_cache_dir must be null or a string, got {self.vstar_cache_dir!r}")
         corpus = self.preservation_corpus
@@ -337,7 +335,8 @@ class MoTEHyperParams(_Base):
         module("ln_f_module", self.ln_f_module)
         head = module("lm_head_module", self.lm_head_module)
         if head is not None and not isinstance(getattr(head, "weight", None), torch.Tensor):
-            problems.append(f"lm_head_module: {self.lm_head_module!r} has no weight (v* reads the output head's weight)")
+            problems.append(f"lm_head_module: {self.lm_head_module!r} has no weight (v* reads the output head's "
+                            "weight)")
         last = max(self.layers)
         if self.v_loss_layer != -1 and not last <= self.v_loss_layer < n_layers:
             problems.append(f"v_loss_layer: {self.v_loss_layer} is outside this model's {n_layers} decoder layers "
@@ -372,8 +371,15 @@ class MoTEHyperParams(_Base):
         """Field name -> value (shallow: `dataclasses.asdict` would deep-copy a `(model, tok)` model_name)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in fields(self)}
 
+    def basis_settings(self) -> tuple:
+        """What a layer's basis depends on: whether it has Tucker factors (solver mote; the other solvers use the
+        projectors only) and the BASIS_FIELDS."""
+        return (self.solver == "mote", *(getattr(self, name) for name in BASIS_FIELDS))
 
-if _Base is not object:  # the host imported: make "MoTE" selectable in it now (idempotent, never raises)
-    from ..easyedit import register as _register
-
-    _register()
+    def vstar_config(self) -> VStarConfig:
+        """The v* settings (compute_z.py) of these hyper-parameters."""
+        return VStarConfig(layer_module_tmp=self.layer_module_tmp, fact_token=self.fact_token,
+                           v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
+                           clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                           v_loss_layer=self.v_loss_layer, ln_f_module=self.ln_f_module,
+                           lm_head_module=self.lm_head_module, objective=self.v_objective, max_length=self.max_length)

@@ -16,8 +16,8 @@ DEFAULT_OUT = ".cache/mote-testbed/{arch}-{facts}"
 
 
 def format_report(r: dict) -> str:
-    lines = [f"# {r['arch']} fact model: {r['n_facts']} edit facts + {r['n_unedited_facts']} unedited (neighbour and support) facts + "
-             f"{r.get('n_profile_facts', 0)} profile facts, "
+    lines = [f"# {r['arch']} fact model: {r['n_facts']} edit facts + {r['n_unedited_facts']} unedited (neighbour and "
+             f"support) facts + {r.get('n_profile_facts', 0)} profile facts, "
              f"{r['params'] / 1e6:.2f} M parameters, built in {r['build_seconds']:.0f} s"]
     lines += ["", "| prompts | n | top-1 true | P(true) > P(new) | majority baseline |", "|---|---|---|---|---|"]
     for key, row in r["knowledge"].items():
@@ -27,17 +27,21 @@ def format_report(r: dict) -> str:
     t = r["tracing"]
     if t is None:
         return "\n".join(lines + ["", "The model knows none of its facts yet: no tracing or v* probe (train longer)."])
-    lines += ["", f"Causal tracing over {t['n']} known facts (P(true) clean {t['clean']:.3f}, subject corrupted {t['corrupt']:.3f}); "
-              "share of the gap recovered by restoring one token's hidden state after layer l:", "",
+    lines += ["",
+              f"Causal tracing over {t['n']} known facts (P(true) clean {t['clean']:.3f}, subject corrupted "
+              f"{t['corrupt']:.3f}); share of the gap recovered by restoring one token's hidden state after layer l:",
+              "",
               "| token | " + " | ".join(f"L{l}" for l in range(len(t["last"]))) + " |",
               "|---|" + "---|" * len(t["last"])]
     for token in ("subject_last", "last"):
         lines.append(f"| {token} | " + " | ".join(f"{v:.2f}" for v in t[token]) + " |")
     lines += ["", "v* probe (a delta at the lookup token of one layer, 20 known facts):", "",
-              "| lookup token | band (recovery >= threshold) | layer | flipped to target_new | carried to held-out phrasing | |delta|/|h| |",
+              "| lookup token | band (recovery >= threshold) | layer | flipped to target_new | carried to held-out "
+              "phrasing | |delta|/|h| |",
               "|---|---|---|---|---|---|"]
     for token, e in r["editability"].items():
-        lines.append(f"| {token} | {e['band'] or 'none'} | {e['layer']} | {e['flipped']:.2f} | {e['heldout_carried']:.2f} | {e['delta_norm_ratio']:.2f} |")
+        lines.append(f"| {token} | {e['band'] or 'none'} | {e['layer']} | {e['flipped']:.2f} | "
+                     f"{e['heldout_carried']:.2f} | {e['delta_norm_ratio']:.2f} |")
     lines += ["", f"Lookup token for editing this model: {r['lookup_token'] or 'NONE (no token passes the gates)'}; "
               f"edit layers: {r['edit_layers']}"]
     return "\n".join(lines)
@@ -94,19 +98,25 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
-    parser = argparse.ArgumentParser(prog="mote-testbed", description="Build the fact model: a small MoE LM that knows real CounterFact facts.")
+    parser = argparse.ArgumentParser(prog="mote-testbed",
+                                     description="Build the fact model: a small MoE LM that knows real CounterFact "
+                                                 "facts.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (mote-plugin)")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train (or reuse) a fact model and print its knowledge and tracing report")
     b.add_argument("--arch", choices=ARCHS, default="qwen3_moe", help="MoE family of the model (default qwen3_moe)")
-    b.add_argument("--facts", type=int, default=BuildOptions.facts, help=f"edit facts (CounterFact records) (default {BuildOptions.facts})")
-    b.add_argument("--data", default=None, help="a folder laid out like shared/data (counterfact/*.json, corpus/*.txt); default: the data shipped with the package")
+    b.add_argument("--facts", type=int, default=BuildOptions.facts,
+                   help=f"edit facts (CounterFact records) (default {BuildOptions.facts})")
+    b.add_argument("--data", default=None,
+                   help="a folder laid out like shared/data (counterfact/*.json, corpus/*.txt); default: the data "
+                        "shipped with the package")
     b.add_argument("--out", default=None, help=f"cache directory (default {DEFAULT_OUT})")
     for name in ("skip_facts", "seed", "vocab_size", "corpus_chars", "threads", "probe_facts", "profile_facts"):
         default = getattr(BuildOptions, name)
-        b.add_argument("--" + name.replace("_", "-"), type=int, default=default, dest=name, help=f"{HELP[name]} (default {default})")
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=default, dest=name,
+                       help=f"{HELP[name]} (default {default})")
     b.add_argument("--subject-tokens", action=argparse.BooleanOptionalAction, default=BuildOptions.subject_tokens,
                    help="train the tokenizer on the subjects' names too, so each gets tokens of its own (default; "
                         "--no-subject-tokens splits names into shared pieces, README 'Specificity')")
@@ -122,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch not in ARCHS:  # argparse already refuses; kept for programmatic calls
         parser_.error(f"unknown --arch {args.arch}")
     opts = BuildOptions(
-        arch=args.arch, facts=args.facts, skip_facts=args.skip_facts, seed=args.seed, vocab_size=args.vocab_size, corpus_chars=args.corpus_chars,
-        threads=args.threads, probe_facts=args.probe_facts, profile_facts=args.profile_facts, subject_tokens=args.subject_tokens,
+        arch=args.arch, facts=args.facts, skip_facts=args.skip_facts, seed=args.seed, vocab_size=args.vocab_size,
+        corpus_chars=args.corpus_chars,
+        threads=args.threads, probe_facts=args.probe_facts, profile_facts=args.profile_facts,
+        subject_tokens=args.subject_tokens,
         size=ModelSize(**{f.name: getattr(args, f.name) for f in fields(ModelSize)}),
-        train=TrainConfig(seed=args.seed, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "seed"}),
+        train=TrainConfig(seed=args.seed,
+                          **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "seed"}),
     )
     if args.data:
         opts.data = args.data

@@ -25,10 +25,18 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .. import __version__
+from .._version import __version__
 from . import probes
-from .data import (PACKAGE_DATA, build_facts, facts_to_json, load_relations, profile_facts, read_corpus, relation_objects,
-                   unedited_facts)
+from .data import (
+    PACKAGE_DATA,
+    build_facts,
+    facts_to_json,
+    load_relations,
+    profile_facts,
+    read_corpus,
+    relation_objects,
+    unedited_facts,
+)
 from .model import ModelSize, make_config, make_model
 from .tokenizer import special_ids, train_tokenizer
 from .train import TrainConfig, statement, train
@@ -44,8 +52,8 @@ OPTIONS_ADDED_LATER = {"profile_facts": 0, "subject_tokens": True, "train.length
 class BuildOptions:
     arch: str = "qwen3_moe"
     facts: int = 200
-    # edit facts skip+1 .. skip+facts of the data's selection: a build whose facts are none of a smaller build's (e.g. the
-    # demo's and the tests', none of the quality protocol's 200 dev/test facts)
+    # edit facts skip+1 .. skip+facts of the data's selection: a build whose facts are none of a smaller build's (e.g.
+    # the demo's and the tests', none of the quality protocol's 200 dev/test facts)
     skip_facts: int = 0
     data: str = str(PACKAGE_DATA)
     seed: int = 0
@@ -68,6 +76,13 @@ class BuildOptions:
     trace_threshold: float = 0.5  # recovery share that makes a layer part of the edit band
     edit_band_width: int = 3
 
+    @classmethod
+    def from_dict(cls, options: dict) -> BuildOptions:
+        """Options from a mapping, e.g. a YAML's `build:` (its `train:` mapping a `TrainConfig`)."""
+        options = dict(options)
+        train = TrainConfig(**options.pop("train", {}))
+        return cls(**options, train=train)
+
     def fingerprint(self) -> dict:
         d = asdict(self)
         d["data"] = _data_fingerprint(Path(self.data))
@@ -86,10 +101,12 @@ def tokenizer_texts(text: str, edit_facts: list, trained_facts: list, subject_to
     """What the tokenizer learns from: the corpus, every trained statement, the edit facts' other prompts and new
     objects; with `subject_tokens=False` every subject's name is cut out of all of it."""
     texts = [text] + [statement(f, t) for f in trained_facts for t in f.train_templates]
-    texts += [p for f in edit_facts for p in f.heldout_prompts + f.paraphrase_prompts] + [" " + f.target_new for f in edit_facts]
+    texts += [p for f in edit_facts for p in f.heldout_prompts + f.paraphrase_prompts]
+    texts += [" " + f.target_new for f in edit_facts]
     if subject_tokens:
         return texts
-    for name in dict.fromkeys(f.subject for f in trained_facts):  # in the facts' order (the measured builds were made so)
+    # in the facts' order (the measured builds were made so)
+    for name in dict.fromkeys(f.subject for f in trained_facts):
         texts = [t.replace(name, "") for t in texts]
     return texts
 
@@ -147,10 +164,11 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
     all_facts = facts + unedited_facts(facts, relations)
     profiles = []
     if opts.profile_facts:  # the object pools need a second pass over the CounterFact files
-        profiles = profile_facts(all_facts, relation_objects(Path(opts.data), relations), relations, opts.profile_facts, opts.seed)
+        profiles = profile_facts(all_facts, relation_objects(Path(opts.data), relations), relations, opts.profile_facts,
+                                 opts.seed)
     text = read_corpus(Path(opts.data), opts.corpus_chars)
-    log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} unedited (neighbour and support) facts + {len(profiles)} "
-        f"profile facts, {len(text):,} characters of text")
+    log(f"{len(facts)} edit facts + {len(all_facts) - len(facts)} unedited (neighbour and support) facts + "
+        f"{len(profiles)} profile facts, {len(text):,} characters of text")
 
     tok = train_tokenizer(tokenizer_texts(text, facts, all_facts + profiles, opts.subject_tokens), opts.vocab_size)
     torch.manual_seed(opts.seed)
@@ -158,7 +176,8 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
     train_log = train(model, tok, all_facts + profiles, text, opts.train, log=log)
     train_seconds = time.time() - t0
 
-    report = {"arch": opts.arch, "n_facts": len(facts), "n_unedited_facts": len(all_facts) - len(facts), "n_profile_facts": len(profiles)}
+    report = {"arch": opts.arch, "n_facts": len(facts), "n_unedited_facts": len(all_facts) - len(facts),
+              "n_profile_facts": len(profiles)}
     report["params"] = sum(p.numel() for p in model.parameters())
     report["knowledge"] = probes.knowledge_report(model, tok, all_facts)
     if profiles:
@@ -179,7 +198,8 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
                 choice = token
     report["lookup_token"] = choice
     report["edit_layers"] = report["editability"][choice]["band"] if choice else []
-    report["train"] = {k: train_log[k] for k in ("steps", "tokens", "seconds")} | {"final_loss": train_log["epoch_loss"][-1]}
+    report["train"] = {k: train_log[k] for k in ("steps", "tokens", "seconds")}
+    report["train"]["final_loss"] = train_log["epoch_loss"][-1]
     report["build_seconds"] = time.time() - t0
     report["train_seconds"] = train_seconds
 

@@ -90,7 +90,8 @@ def read_counterfact_records(data_dir: Path) -> list[dict]:
     """
     cf_dir = Path(data_dir) / "counterfact"
     if not Path(data_dir).is_dir():
-        raise DataError(f"data directory {data_dir} does not exist; pass --data pointing at a folder with counterfact/*.json")
+        raise DataError(f"data directory {data_dir} does not exist; pass --data pointing at a folder with "
+                        "counterfact/*.json")
     files = sorted(cf_dir.glob("*.json"))
     if not files:
         raise DataError(f"no CounterFact files in {cf_dir}; expected counterfact/*.json (flat EasyEdit or ROME format)")
@@ -181,7 +182,8 @@ def build_facts(
             continue
         if rec["target_true"] == rec["target_new"]:
             continue
-        support = [s for s in holders.get((rel, rec["target_new"]), []) if s not in used_subjects and s != rec["subject"]]
+        support = [s for s in holders.get((rel, rec["target_new"]), [])
+                   if s not in used_subjects and s != rec["subject"]]
         if not support:  # nobody in the data holds the new object: the model could not know it as an answer
             continue
         neighbours = []
@@ -243,7 +245,8 @@ def relation_objects(data_dir: Path, relations: dict[str, list[str]], max_words:
     return {rel: sorted(objs) for rel, objs in pools.items()}
 
 
-def profile_facts(facts: list[Fact], pools: dict[str, list[str]], relations: dict[str, list[str]], n: int, seed: int = 0) -> list[Fact]:
+def profile_facts(facts: list[Fact], pools: dict[str, list[str]], relations: dict[str, list[str]], n: int,
+                  seed: int = 0) -> list[Fact]:
     """`n` more facts for every subject of `facts`, each of another relation, its object drawn from that
     relation's CounterFact objects (deterministic per subject and seed).
 

@@ -19,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..metrics import target_scores
-from ..mote.compute_z import VStarConfig, add_vector_hook, compute_z
-from ..mote.lookup import encode_with_lookup
+from ..mote.model.compute_z import VStarConfig, add_vector_hook, compute_z
+from ..mote.model.hooks import recorded
+from ..mote.model.lookup import encode_with_lookup
 from .data import Fact
 
 
@@ -61,7 +62,8 @@ def knowledge_report(model, tok, facts: list[Fact]) -> dict:
 
 def profile_knowledge(model, tok, facts: list[Fact]) -> dict:
     """Top-1 accuracy on the (trained) profile facts, one trained template each."""
-    return _row(model, tok, [f.train_templates[0].format(f.subject) for f in facts], [f.target_true for f in facts], None,
+    return _row(model, tok, [f.train_templates[0].format(f.subject) for f in facts], [f.target_true for f in facts],
+                None,
                 [f.relation_id for f in facts])
 
 
@@ -99,11 +101,8 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
         ids = batch["input_ids"]  # [1, S]
         first, last = span[0].tolist()
         positions = {"subject_last": last, "last": ids.shape[1] - 1}
-        clean_states = []
-        hooks = [layer.register_forward_hook(lambda m, a, o: clean_states.append(o[0] if isinstance(o, tuple) else o)) for layer in layers]
-        p_clean = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)[answer].item()
-        for h in hooks:
-            h.remove()
+        with recorded(layers) as clean_states:  # each layer's output on the clean prompt
+            p_clean = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1)[answer].item()
         # one batch: row 0..n_noise-1 corrupted only; then for each (token, layer) n_noise restored rows
         plan = [(None, None)] + [(tkn, l) for tkn in positions for l in range(n_layers)]
         rows = len(plan) * n_noise
@@ -124,9 +123,11 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
                 return (h, *o[1:]) if isinstance(o, tuple) else h
             return hook
 
-        hooks = [embed.register_forward_hook(corrupt)] + [layer.register_forward_hook(restore(l)) for l, layer in enumerate(layers)]
+        hooks = [embed.register_forward_hook(corrupt)]
+        hooks += [layer.register_forward_hook(restore(l)) for l, layer in enumerate(layers)]
         try:
-            probs = torch.softmax(model(input_ids=ids.repeat(rows, 1), use_cache=False).logits[:, -1].float(), -1)[:, answer]
+            logits = model(input_ids=ids.repeat(rows, 1), use_cache=False).logits[:, -1].float()
+            probs = torch.softmax(logits, -1)[:, answer]
         finally:
             for h in hooks:
                 h.remove()
@@ -168,7 +169,8 @@ def editability(model, tok, facts: list[Fact], layer: int, fact_token: str, cfg:
     cfg = VStarConfig(**{**cfg.__dict__, "fact_token": fact_token})
     flipped, carried, norms = [], [], []
     for fact in tqdm(facts, desc=f"v* probe ({fact_token}, layer {layer})", leave=False):
-        v = compute_z(model, tok, {"prompt": fact.prompt, "subject": fact.subject, "target_new": fact.target_new}, layer, cfg)
+        v = compute_z(model, tok, {"prompt": fact.prompt, "subject": fact.subject, "target_new": fact.target_new},
+                      layer, cfg)
         norms.append((v.delta.norm() / (v.z - v.delta).norm()).item())
         for prompt, out in ((fact.prompt, flipped), (fact.heldout_prompts[0], carried)):
             _, lookup, _ = encode_with_lookup(tok, [prompt], [fact.subject], fact_token)

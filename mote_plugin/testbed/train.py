@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..mote.lookup import pad_right, token_span
+from ..mote.model.lookup import pad_right, token_span
 from .data import Fact
 
 
@@ -192,5 +192,6 @@ def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print)
         h.remove()
     model.eval()
     seconds = time.time() - t0
-    log(f"trained {step} steps, {tokens} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s), final loss {losses[-1]:.3f}")
+    log(f"trained {step} steps, {tokens} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s), final loss "
+        f"{losses[-1]:.3f}")
     return {"steps": step, "tokens": tokens, "seconds": seconds, "epoch_loss": losses}

@@ -1,12 +1,12 @@
 """Edit patches: what MoTE changed in a model, as one safetensors file (format in docs/patches.md).
 
-    save_edit(model, path)      every MoTE call on `model` since it was loaded (or since `reset_state`)
+    save_edit(model, path)      every MoTE call on `model` since it was loaded (or since `MoTEEditor.reset`)
     apply_edit(model, path)     the same base model -> the edited weights, bit-exactly (same machine and dtype)
     revert_edit(model, path)    the edited model -> the base weights, bit-exactly
     inspect_edit(path)          a summary: layers, experts, ranks, sizes, requests
 
 A patch holds per call the writes (`ExpertUpdate` factors, or a dense delta where that is smaller) and the sparse
-fix-ups of `mote.history`, plus JSON metadata: the base and edited fingerprints, the changed parameters, hparams and
+fix-ups of `history.py`, plus JSON metadata: the base and edited fingerprints, the changed parameters, hparams and
 requests, and a sha256 over all of it. `exact=False` applies or reverts a patch on the same model in another dtype
 (or whose replay is not bit-exact on this machine), checked within the dtype's rounding on sampled weights.
 Every apply / revert is all-or-nothing: on any failure the parameters are restored before the exception propagates.
@@ -24,15 +24,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import __version__
-from .adapters import get_adapter
-from .mote import offload
-from .mote.capture import moe_blocks
-from .mote.history import (EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay,
-                           sample_values)
-from .mote.mote_main import editor_state
-from .mote.stats import atomic_save_file, model_fingerprint
-from .mote.update import ExpertUpdate
+from ..._version import __version__
+from ...adapters import get_adapter
+from ..algebra.update import ExpertUpdate
+from ..editor import EditState
+from ..model import offload
+from ..model.capture import moe_blocks
+from ..model.stats import atomic_save_file, model_fingerprint
+from .history import EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay, sample_values
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +120,12 @@ def _checksum(meta: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_edit(model: nn.Module, path: str | Path) -> Path:
-    """Write every MoTE call on `model` since it was loaded (or since `reset_state`) to `path` (atomically).
+    """Write every MoTE call on `model` since it was loaded (or since `MoTEEditor.reset`) to `path` (atomically).
 
     ValueError when there is nothing to save, or when the edited weights changed outside MoTE since the last call."""
-    history = editor_state(model).history
+    history = EditState.of(model).history
     if not history.calls:
-        raise ValueError("no MoTE edit recorded for this model since it was loaded (or since reset_state)")
+        raise ValueError("no MoTE edit recorded for this model since it was loaded (or since MoTEEditor.reset)")
     params = offload.values(model, history.base_samples)
     if digest(params) != history.after:
         raise ValueError("the edited weights changed outside MoTE since the last edit (restored by a host?); "
@@ -165,7 +164,8 @@ def _read_write(tensors: dict, prefix: str, spec: dict) -> Write:
     right = tensors[f"{prefix}.right"]  # [n, r, h]
     left = torch.eye(right.shape[1]) if spec["dense"] else tensors[f"{prefix}.left"]  # [d, r] or [M, d, r]
     experts = tensors.get(f"{prefix}.experts")  # [M] or None
-    return Write(int(spec["layer"]), spec["param"], ExpertUpdate(left=left, right=right, experts=experts), bool(spec["dense"]))
+    return Write(int(spec["layer"]), spec["param"], ExpertUpdate(left=left, right=right, experts=experts),
+                 bool(spec["dense"]))
 
 
 def _read_fixups(tensors: dict, prefix: str, names: list[str], params: dict) -> dict[str, FixUp]:
@@ -271,7 +271,8 @@ def _refusal(patch: Patch, params: dict, side: str, fingerprint: str) -> str:
            f"{fingerprint}")
     dtypes = {_dtype_name(p.dtype) for p in params.values()} - {i["dtype"] for i in patch.meta["params"].values()}
     if dtypes:
-        msg += f"; its edited parameters are {', '.join(sorted(dtypes))}: exact=False (--approximate) accepts another dtype"
+        msg += (f"; its edited parameters are {', '.join(sorted(dtypes))}: exact=False (--approximate) accepts another "
+                "dtype")
     return msg
 
 
@@ -283,7 +284,8 @@ def _run(model: nn.Module, patch: Patch, forward: bool, exact: bool) -> dict:
         params = {n: model.get_parameter(n) for n in patch.meta["params"]}
         fingerprint = model_fingerprint(model)
         at_start = fingerprint == patch.meta[f"{start}_fingerprint"]
-        if not at_start and (exact or patch.meta["structure"] != _structure(model) or not _close_to(params, patch, start)):
+        if not at_start and (exact or patch.meta["structure"] != _structure(model)
+                             or not _close_to(params, patch, start)):
             raise ValueError(_refusal(patch, params, start, fingerprint))
         backup = {n: p.detach().clone() for n, p in params.items()}
         try:
@@ -295,7 +297,8 @@ def _run(model: nn.Module, patch: Patch, forward: bool, exact: bool) -> dict:
             bit_exact = fingerprint == patch.meta[f"{goal}_fingerprint"]
             if at_start and not bit_exact:
                 msg = (f"{patch.path}: replaying the patch did not give the {goal} weights bit-exactly (fingerprint "
-                       f"{fingerprint}, expected {patch.meta[f'{goal}_fingerprint']}): another device or library version?")
+                       f"{fingerprint}, expected {patch.meta[f'{goal}_fingerprint']}): another device or library "
+                       "version?")
                 if exact:
                     raise ValueError(msg + " exact=False (--approximate) accepts it within the rounding tolerance")
                 log.warning(msg)
@@ -357,6 +360,7 @@ def inspect_edit(path: str | Path) -> dict:
         "base_fingerprint": meta["base_fingerprint"], "edited_fingerprint": meta["edited_fingerprint"],
         "calls": len(patch.calls), "requests": [r for call in patch.calls for r in call.requests],
         "layers": dict(sorted(layers.items())),
-        "bytes": {"file": patch.path.stat().st_size, "factors": sum(_nbytes(t) for t in tensors.values()) - fixups - samples,
+        "bytes": {"file": patch.path.stat().st_size,
+                  "factors": sum(_nbytes(t) for t in tensors.values()) - fixups - samples,
                   "fixups": fixups, "samples": samples, "dense_delta": dense},
     }

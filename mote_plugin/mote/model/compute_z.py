@@ -39,9 +39,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..metrics import target_token_ids
 from .capture import input_device
-from .lookup import encode_with_lookup, pad_right
+from .hooks import hidden_states, recorded
+from .lookup import encode_with_lookup, pad_right, target_token_ids
 
 OBJECTIVES = ("memit", "squared")
 STOP_LOSS = 5e-2  # MEMIT's early stop
@@ -83,10 +83,6 @@ class VStar:
     delta: torch.Tensor  # [d]
     nll: float
     steps: int
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _find_cache(output):
@@ -149,24 +145,22 @@ class _Replay:
             padded = pad_right(rows, pad_id)
             ids, kwargs = padded["input_ids"], dict(attention_mask=padded["attention_mask"], use_cache=False)
             self.shift = torch.zeros(len(rows), dtype=torch.long)
-        grabbed = {}
 
-        def record(i):
+        def record(i):  # the other arguments of each layer above: replayed as they were
             def hook(module, args, kwargs):
                 self.inputs[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}, bool(args))
 
             return hook
 
-        handles = [model.get_submodule(layer_module_tmp.format(layer)).register_forward_hook(
-            lambda m, a, o: grabbed.__setitem__("h", _hidden(o).detach()))]
-        handles += [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.layers)]
+        handles = [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.layers)]
         try:
-            with torch.no_grad():
-                model(input_ids=ids.to(device), **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+            with recorded(model.get_submodule(layer_module_tmp.format(layer))) as seen, torch.no_grad():
+                model(input_ids=ids.to(device),
+                      **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()})
         finally:
             for h in handles:
                 h.remove()
-        self.h = grabbed["h"]  # [B, S', d]
+        self.h = seen[0]  # [B, S', d]
 
     def run(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if self.cache is not None and start == self.first:  # a new step: the suffixes' keys/values of the last one go
@@ -174,14 +168,17 @@ class _Replay:
         for i in range(start - self.first, stop - self.first + 1):
             args, kwargs, positional = self.inputs[i]
             if self.cache is not None:
-                kwargs = {k: self._step_cache if v is not None and type(v) is type(self.cache) else v for k, v in kwargs.items()}
+                kwargs = {k: self._step_cache if v is not None and type(v) is type(self.cache) else v
+                          for k, v in kwargs.items()}
             module = self.layers[i]
-            hidden = _hidden(module(hidden, *args, **kwargs) if positional else module(*args, hidden_states=hidden, **kwargs))
+            output = module(hidden, *args, **kwargs) if positional else module(*args, hidden_states=hidden, **kwargs)
+            hidden = hidden_states(output)
         return hidden
 
 
 def _suffix_replay_applies(model) -> bool:
-    """Whether every decoder layer is (full or sliding-window) attention, whose key/value cache the suffix replay uses."""
+    """Whether every decoder layer is (full or sliding-window) attention, whose key/value cache the suffix replay
+    uses."""
     kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
     return all(k in ("full_attention", "sliding_attention") for k in kinds)
 
@@ -199,7 +196,8 @@ def _head(model, cfg: VStarConfig):
         return norm, head
     weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(f"v*: lm_head_module {cfg.lm_head_module!r} is neither a Linear nor has a 2-D weight [vocab, d_model]")
+        raise ValueError(f"v*: lm_head_module {cfg.lm_head_module!r} is neither a Linear nor has a 2-D weight [vocab, "
+                         "d_model]")
 
     def tied(x: torch.Tensor) -> torch.Tensor:
         logits = x @ weight.to(x.device, x.dtype).T  # [n, V]
@@ -289,7 +287,8 @@ def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConf
             at_loss = upper.run(hidden, layer + 1, loss_layer)  # [B, S, d]
             lp = logprobs(at_loss, reads["row"], reads["pos"])  # [M, V]
             token_nll = -lp.gather(1, reads["tok"].to(lp.device)[:, None])[:, 0] * reads["weight"].to(lp.device)  # [M]
-            nll_t = torch.zeros(T, device=lp.device).index_add(0, reads["owner"].to(lp.device), token_nll).to(dev)  # [T]
+            # [T]
+            nll_t = torch.zeros(T, device=lp.device).index_add(0, reads["owner"].to(lp.device), token_nll).to(dev)
             loss = nll_t
             if cfg.kl_factor > 0:
                 at_last = upper.run(at_loss, loss_layer + 1, last) if last > loss_layer else at_loss
@@ -335,7 +334,7 @@ def _add_at(positions: torch.Tensor, vector: torch.Tensor):
     """Forward hook adding `vector` [d] to the layer output at one position per row."""
 
     def hook(module, args, output):
-        hidden = _hidden(output)  # [B, S, d]
+        hidden = hidden_states(output)  # [B, S, d]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         hidden = hidden.clone()
         hidden[rows, positions.to(hidden.device)] += vector.to(hidden.dtype)
@@ -363,7 +362,8 @@ class VStarCache:
         self.base = {"model": model_fingerprint(model), "layer": int(layer), "settings": settings}
 
     def _key(self, request: dict) -> tuple[str, Path]:
-        key = json.dumps(self.base | {"request": [request["prompt"], request["subject"], request["target_new"]]}, sort_keys=True)
+        key = json.dumps(self.base | {"request": [request["prompt"], request["subject"], request["target_new"]]},
+                         sort_keys=True)
         return key, self.dir / f"vstar-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def load(self, request: dict) -> tuple[torch.Tensor, float] | None:
@@ -382,4 +382,5 @@ class VStarCache:
         from .stats import atomic_save_file
 
         key, path = self._key(request)
-        atomic_save_file({"z": z.detach().float().cpu().contiguous(), "nll": torch.tensor(float(nll))}, path, {"key": key})
+        atomic_save_file({"z": z.detach().float().cpu().contiguous(), "nll": torch.tensor(float(nll))}, path,
+                         {"key": key})

@@ -104,7 +104,8 @@ def state_items(model: nn.Module, names: Iterable[str] | None = None) -> Iterato
     for module_name, m in model.named_modules():
         hook = offload_hook(m)
         if hook is not None:
-            tensors = [*m.named_parameters(recurse=hook.place_submodules), *m.named_buffers(recurse=hook.place_submodules)]
+            tensors = [*m.named_parameters(recurse=hook.place_submodules),
+                       *m.named_buffers(recurse=hook.place_submodules)]
             owners |= {f"{module_name}.{leaf}" if module_name else leaf: (hook, leaf) for leaf, _ in tensors}
     for name, t in model.state_dict().items():
         if wanted is not None and name not in wanted:

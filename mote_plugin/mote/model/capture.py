@@ -1,9 +1,10 @@
-"""Key capture at the lookup token (method.md section 1).
+"""Key capture at the lookup token (method.md section 1), and the layer outputs the residuals are measured at.
 
 For every edit request and every edited layer: the MoE block input x at the request's lookup token, the router's
 choice (top-k experts and gates) and the keys k_j = act(W_gate_j x) * (W_up_j x) of the selected experts, plus the
 routed experts' output sum_j g_j (W_j k_j + b_j). One batched forward per chunk of requests; a forward pre-hook on
-each edited MoE block records its input, and the forward stops after the last edited layer.
+each edited MoE block records its input, and the forward stops after the last edited layer. `layer_outputs`: a decoder
+layer's output at the lookup tokens (what v* targets are compared with).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .hooks import recorded
 from .lookup import encode_with_lookup
 from .offload import device_of
 from .requests import normalise_requests
@@ -124,7 +126,8 @@ def capture(
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            batch, lookup, _ = encode_with_lookup(tok, [p for p, _ in chunk], [s for _, s in chunk], fact_token, max_length)
+            batch, lookup, _ = encode_with_lookup(tok, [p for p, _ in chunk], [s for _, s in chunk], fact_token,
+                                                  max_length)
             batch = {k: v.to(device) for k, v in batch.items()}
             rows = torch.arange(len(chunk))
 
@@ -147,3 +150,15 @@ def capture(
             num_experts=adapter.num_experts(block),
         )  # fmt: skip
     return captures
+
+
+def layer_outputs(model, tok, requests: list[dict], layer_module: str, fact_token: str,
+                  max_length: int | None) -> torch.Tensor:
+    """[T, d] output of a decoder layer at each request's lookup token (one batched forward)."""
+    batch, lookup, _ = encode_with_lookup(tok, [r["prompt"] for r in requests], [r["subject"] for r in requests],
+                                          fact_token, max_length)
+    device = input_device(model)
+    with recorded(model.get_submodule(layer_module)) as seen, torch.no_grad():
+        model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+    h = seen[0]  # [B, S, d], on the layer's device
+    return h[torch.arange(len(requests), device=h.device), lookup.to(h.device)].float()

@@ -30,7 +30,6 @@ import torch
 
 from .eig import run_side_by_side
 
-
 RULES = ("relative", "absolute")
 FALLBACKS = ("freeze", "identity")
 DEFAULT_THRESHOLD = {"relative": 1e-2, "absolute": 2e-2}

@@ -36,7 +36,7 @@ def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """X = A^{-1} B for a symmetric positive definite A (Cholesky; LU if Cholesky breaks down).
 
     A: `[n, n]`, B: `[n, m]` -> `[n, m]`, all float64.
@@ -146,13 +146,13 @@ def solve_core(
     A = None
     if side == "T":
         gram_T = Phi @ Phi.T + lam * torch.eye(T, dtype=Phi.dtype, device=Phi.device)  # [T, T]
-        A = _spd_solve(gram_T, Phi)  # [T, n]
+        A = spd_solve(gram_T, Phi)  # [T, n]
         G_flat = R_tilde.T @ A  # [r_out, n]
     else:
         gram_n = Phi.T @ Phi + lam * torch.eye(n, dtype=Phi.dtype, device=Phi.device)  # [n, n]
         if memory is not None:
             gram_n = gram_n + memory.to(device=Phi.device, dtype=torch.float64)
-        G_flat = _spd_solve(gram_n, Phi.T @ R_tilde).T  # [r_out, n]
+        G_flat = spd_solve(gram_n, Phi.T @ R_tilde).T  # [r_out, n]
 
     return CoreSolution(
         G_flat=G_flat.to(dtype),
@@ -161,35 +161,6 @@ def solve_core(
         A=None if A is None else A.to(dtype),
         side=side,
     )
-
-
-def direct_ridge(
-    keys: torch.Tensor,
-    gates: torch.Tensor,
-    expert_idx: torch.Tensor,
-    residuals: torch.Tensor,
-    factors: TuckerFactors,
-    lam: float,
-    memory: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reference: the feature-side normal equations written out directly (for tests).
-
-        G_flat = ((Phi^T Phi + M + lam I)^{-1} Phi^T R~)^T     -> `[r_out, r_e*r_in]` float64
-    """
-    U_e, U_out, U_in = (U.to(device=keys.device, dtype=torch.float64) for U in factors)
-    r_e, r_in = U_e.shape[1], U_in.shape[1]
-    T = keys.shape[0]
-    Phi = torch.zeros(T, r_e, r_in, dtype=torch.float64, device=keys.device)  # [T, r_e, r_in]
-    for t in range(T):
-        for k in range(keys.shape[1]):
-            j = int(expert_idx[t, k])
-            Phi[t] += float(gates[t, k]) * torch.outer(U_e[j], U_in.T @ keys[t, k].to(torch.float64))
-    Phi = Phi.reshape(T, r_e * r_in)  # [T, n]
-    R_tilde = residuals.to(torch.float64) @ U_out  # [T, r_out]
-    normal = Phi.T @ Phi + lam * torch.eye(r_e * r_in, dtype=torch.float64, device=keys.device)  # [n, n]
-    if memory is not None:
-        normal = normal + memory.to(device=keys.device, dtype=torch.float64)
-    return torch.linalg.solve(normal, Phi.T @ R_tilde).T  # [r_out, n]
 
 
 def update_memory(memory: torch.Tensor | None, Phi: torch.Tensor) -> torch.Tensor:

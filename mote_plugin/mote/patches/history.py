@@ -1,7 +1,8 @@
-"""What MoTE changed in a model, kept per model so that it can be saved as an edit patch (`mote_plugin.patch`).
+"""What MoTE changed in a model, kept per model so that it can be saved as an edit patch (`patches/files.py`).
 
-Every successful `apply_mote_to_model` call appends an `EditRecord`: its requests and hyper-parameters, its writes in
-order (layer, parameter name, `ExpertUpdate` on the CPU in float32) and two sparse fix-ups per changed parameter:
+Every successful edit (`MoTEEditor.edit`, `apply_mote_to_model`) appends an `EditRecord`: its requests and
+hyper-parameters, its writes in order (layer, parameter name, `ExpertUpdate` on the CPU in float32) and two sparse
+fix-ups per changed parameter:
 
     revert  entries where replaying the writes backwards (param - delta, last write first) misses the weights
             before the call, with those weights' values
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
-from . import offload
-from .capture import moe_blocks
-from .stats import tensors_fingerprint
-from .update import ExpertUpdate
+from ...adapters import get_adapter
+from ..algebra.update import ExpertUpdate
+from ..model import offload
+from ..model.capture import moe_blocks
+from ..model.stats import tensors_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class EditRecord:
 
 @dataclass
 class EditHistory:
-    """The successful calls on one model since it was loaded (or since `reset_state`)."""
+    """The successful calls on one model since it was loaded (or since `MoTEEditor.reset`)."""
 
     calls: list[EditRecord] = field(default_factory=list)
     base_fingerprint: str | None = None  # `model_fingerprint` before the first call
@@ -164,14 +165,17 @@ def _jsonable(obj):
 
 
 def record_call(history: EditHistory, model: nn.Module, requests: list[dict], hparams: dict,
-                writes: list[tuple[int, ExpertUpdate]], originals: dict[str, torch.Tensor]) -> None:
+                writes: list[tuple[int, ExpertUpdate]], originals: dict[str, torch.Tensor], adapter=None,
+                blocks: dict[int, nn.Module] | None = None) -> None:
     """Append a successful call to `history`: `writes` as written (layer, ExpertUpdate), `originals` the changed
-    parameters before the call. If the changed parameters were modified outside MoTE since the last recorded call
-    (e.g. a host restored them), the history restarts with this call. History is only changed at the end."""
+    parameters before the call; `adapter` and `blocks` (layer -> MoE block) those of the edit, looked up when not
+    given. If the changed parameters were modified outside MoTE since the last recorded call (e.g. a host restored
+    them), the history restarts with this call. History is only changed at the end."""
     if not writes:
         return
-    adapter = get_adapter(model)
-    blocks = moe_blocks(model, adapter, sorted({layer for layer, _ in writes}))
+    if adapter is None or blocks is None:
+        adapter = get_adapter(model)
+        blocks = moe_blocks(model, adapter, sorted({layer for layer, _ in writes}))
     names = down_param_names(model, adapter, blocks)
     params = {n: model.get_parameter(n) for n in originals}
     fresh = not history.calls

@@ -4,8 +4,8 @@
     global  the unstructured ridge over all experts, T x T Woodbury, routed experts only (baselines.py)
     bcd     MoEEdit's block-coordinate descent over experts (baselines.py)
 
-`solve_layer` turns the keys captured at one layer into a `LayerSolution`; `LayerSolution.update(basis, scale)`
-gives the `ExpertUpdate` to write into a layer with that basis: the solve layer itself or, in the `core` spread,
+`solve_layer` turns the keys captured at one layer into a `LayerSolution`; `LayerSolution.update(basis, layer, scale)`
+gives the `ExpertUpdate` to write into a layer with that `LayerBasis`: the solve layer itself or, in the `core` spread,
 another layer (MoTE writes its core G with that layer's Tucker factors and projectors; the unstructured solvers
 write their expert-space update through that layer's projectors, Delta_j P_j).
 """
@@ -18,9 +18,19 @@ import torch
 
 from .baselines import bcd_solve, global_solve
 from .solve import CoreSolution, lowrank_update, project_keys, solve_core, update_memory
+from .tucker import TuckerFactors
 from .update import ExpertUpdate
 
 SOLVERS = ("mote", "global", "bcd")
+
+
+@dataclass
+class LayerBasis:
+    """What the solve needs of one layer, fixed for a model: projectors, factors, U_in^T P_j."""
+
+    P: torch.Tensor  # [E, h, h] null-space projectors (identity when the null space is off)
+    factors: TuckerFactors | None  # U_e [E, r_e], U_out [d, r_out], U_in [h, r_in] (None: solver without factors)
+    UinT_P: torch.Tensor | None  # [E, r_in, h]
 
 
 @dataclass
@@ -29,7 +39,7 @@ class LayerSolution:
     expert_update: ExpertUpdate | None = None  # solvers "global" / "bcd": the update at the solve layer
     solve_layer: int | None = None
 
-    def update(self, basis, layer: int, scale: float) -> ExpertUpdate:
+    def update(self, basis: LayerBasis, layer: int, scale: float) -> ExpertUpdate:
         """The update for `layer` (whose LayerBasis is `basis`), multiplied by `scale`."""
         if self.core is not None:
             left, right = lowrank_update(self.core, basis.factors, basis.P, scale=scale, UinT_P=basis.UinT_P)
@@ -38,8 +48,9 @@ class LayerSolution:
         return update.scaled(scale)
 
 
-def solve_layer(solver: str, layer: int, basis, cap, residuals: torch.Tensor, lam: float, memory: torch.Tensor | None = None,
-                keep_memory: bool = False, bcd_passes: int = 4, bcd_seed: int = 42) -> tuple[LayerSolution, torch.Tensor | None]:
+def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torch.Tensor, lam: float,
+                memory: torch.Tensor | None = None, keep_memory: bool = False, bcd_passes: int = 4,
+                bcd_seed: int = 42) -> tuple[LayerSolution, torch.Tensor | None]:
     """Solve one layer. cap: the layer's LayerCapture (keys [T, K, h], gates, expert_idx); residuals [T, d].
 
     Returns the solution and, when `keep_memory`, the sequential memory with this batch added (solver "mote" only).
@@ -51,7 +62,8 @@ def solve_layer(solver: str, layer: int, basis, cap, residuals: torch.Tensor, la
     if solver == "global":
         update = global_solve(keys, cap.gates, cap.expert_idx, residuals, lam)
     elif solver == "bcd":
-        update = bcd_solve(keys, cap.gates, cap.expert_idx, residuals, lam, cap.num_experts, passes=bcd_passes, seed=bcd_seed)
+        update = bcd_solve(keys, cap.gates, cap.expert_idx, residuals, lam, cap.num_experts, passes=bcd_passes,
+                           seed=bcd_seed)
     else:
         raise ValueError(f"unknown solver {solver!r}; one of {SOLVERS}")
     return LayerSolution(expert_update=update, solve_layer=layer), None

@@ -8,10 +8,8 @@ weight, e.g. packed MoE experts), a method without a host as "unavailable".
 
 Metrics: the paper's, computed by the plugin (CounterFact probability metrics or MEMIT-style zsRE metrics, see
 `mote_plugin.metrics`), and with a host its token accuracies (`compute_edit_quality`: rewrite, rephrase, locality).
-
-Dense baselines need the key covariance of their rewrite module (MEMIT, AlphaEdit; ROME with mom2_adjustment). The
-host computes it from Wikipedia through `datasets`, which fails offline; `prime_host_covariance` writes it from the
-plugin's corpus into the host's own cache format and place instead, under the run's directory.
+What running the host's editors takes (its key covariances, its working directory) is in `host_methods.py`; the
+results are written by `results.write_results`.
 """
 
 from __future__ import annotations
@@ -28,11 +26,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from .metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
-from .mote.capture import input_device
-from .mote.hparams import MoTEHyperParams
-from .mote.mote_main import apply_mote_to_model, reset_state
-from .mote.stats import corpus_texts
+from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
+from ..mote.editor import MoTEEditor
+from ..mote.hparams import MoTEHyperParams
+from ..mote.mote_main import apply_mote_to_model
+from .host_methods import (
+    dense_module_problem,
+    host_quality,
+    host_token_metrics,
+    import_host,
+    override,
+    prime_host_covariance,
+    working_directory,
+)
+from .results import write_results
 
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 
@@ -70,25 +77,19 @@ class CompareConfig:
             if "batch_size" in overrides:
                 raise ValueError(f"{path}: methods: {name}: batch_size is the comparison's own (the config's "
                                  f"batch_size: {cfg.batch_size}), the same for every method")
-            if method_alg(name, hp_path) == "MoTE" and overrides:  # unknown keys and bad values fail here, before any model is built
+            # unknown keys and bad values fail here, before any model is built
+            if method_alg(name, hp_path) == "MoTE" and overrides:
                 MoTEHyperParams.from_hparams(hp_path).updated(f"{path}: methods: {name}", **overrides)
         if cfg.n < 1 or cfg.batch_size < 1:
             raise ValueError(f"{path}: n and batch_size must be >= 1")
         if cfg.build is not None:
             try:
-                build_options(cfg.build)
+                from ..testbed import BuildOptions
+
+                BuildOptions.from_dict(cfg.build)
             except TypeError as e:
                 raise ValueError(f"{path}: build: {e}") from None
         return cfg
-
-
-def build_options(build: dict):
-    """The fact-model `BuildOptions` of a config's `build:` mapping (its `train:` mapping a `TrainConfig`)."""
-    from .testbed import BuildOptions, TrainConfig
-
-    opts = dict(build)
-    train = TrainConfig(**opts.pop("train", {}))
-    return BuildOptions(**opts, train=train)
 
 
 def method_alg(name: str, hp_path: str) -> str:
@@ -115,18 +116,8 @@ def method_spec(name: str, entry) -> tuple[str, dict]:
                      f"got {entry!r}")
 
 
-def _override(hp, name: str, overrides: dict):
-    """A host hyper-parameter object with `overrides` set; keys it does not have raise, naming them."""
-    unknown = sorted(k for k in overrides if not hasattr(hp, k))
-    if unknown:
-        raise ValueError(f"methods: {name}: unknown {type(hp).__name__} key(s) {', '.join(unknown)}")
-    for k, v in overrides.items():
-        setattr(hp, k, v)
-    return hp
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# model, records, host
+# model, records
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -134,18 +125,20 @@ def load_model(cfg: CompareConfig):
     """(model, tok, fact rows or None)."""
     path = Path(cfg.model)
     if cfg.build is not None:
-        from .testbed import build
+        from ..testbed import BuildOptions, build
 
-        build(path, build_options(cfg.build))
+        build(path, BuildOptions.from_dict(cfg.build))
     if (path / "facts.json").exists():
-        from .testbed import load
+        from ..testbed import load
 
         return load(path)[:3]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model directory)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path), None
+        raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model "
+                                "directory)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), None
 
 
 def _flat_counterfact(r: dict) -> dict:
@@ -200,49 +193,6 @@ def request_of(r: dict, dataset: str) -> dict:
     return req
 
 
-def import_host():
-    """The EasyEdit package with MoTE registered, or None (with the reason)."""
-    from .easyedit import register
-
-    status = register()
-    return (importlib.import_module("easyeditor") if status else None), status.reason
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path):
-    previous = os.getcwd()
-    path.mkdir(parents=True, exist_ok=True)
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def prime_host_covariance(model, tok, hp, cfg: CompareConfig) -> None:
-    """Write the uncentred second moment of the inputs of `rewrite_module_tmp` at each layer, over the plugin's
-    corpus, where the host's `layer_stats` looks for it (its own npz format, via its own running statistics)."""
-    runningstats = importlib.import_module("easyeditor.util.runningstats")
-    name = model.config._name_or_path.rsplit("/")[-1]
-    texts = [t for _, t in zip(range(cfg.covariance_texts), corpus_texts(None))]
-    device = input_device(model)
-    for layer in hp.layers:
-        module_name = hp.rewrite_module_tmp.format(layer)
-        path = Path(hp.stats_dir) / name / f"{hp.mom2_dataset}_stats" / f"{module_name}_{hp.mom2_dtype}_mom2_{hp.mom2_n_samples}.npz"
-        stat = runningstats.CombinedStat(mom2=runningstats.SecondMoment())
-        grab = {}
-        handle = model.get_submodule(module_name).register_forward_pre_hook(lambda m, a: grab.__setitem__("x", a[0]))
-        try:
-            for i in range(0, len(texts), 16):
-                batch = tok(texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128).to(device)
-                with torch.no_grad():
-                    model(**batch, use_cache=False)
-                stat.add(grab["x"][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))
-        finally:
-            handle.remove()
-        runningstats.save_cached_state(str(path), stat, {"sample_size": hp.mom2_n_samples})
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # one method
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,29 +218,13 @@ def _as_dict(hp) -> dict:
     return {k: v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else repr(v) for k, v in d.items()}
 
 
-def _dense_module_problem(model, hp) -> str | None:
-    """Why a dense method (which rewrites `{rewrite_module_tmp}.weight`, 2-D) cannot edit this model, or None."""
-    params = dict(model.named_parameters())
-    for layer in hp.layers:
-        name = hp.rewrite_module_tmp.format(layer)
-        weight = params.get(f"{name}.weight")
-        if weight is None:
-            packed = [n for n, p in params.items() if n.startswith(name + ".") and p.ndim == 3]
-            if packed:
-                return f"{name} holds packed experts ({', '.join(packed)}): a dense method edits a 2-D `weight`"
-            return f"{name}.weight does not exist in this model"
-        if weight.ndim != 2:
-            return f"{name}.weight is {weight.ndim}-D {tuple(weight.shape)}: a dense method edits a 2-D weight"
-    return None
-
-
 def _host_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, cfg: CompareConfig, host):
     """(apply function, hparams, batch size) for a host method `alg` (row `name`), or a MethodResult saying why not."""
     alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
     if alg not in alg_dict:
         return MethodResult(name, "unavailable", f"the EasyEdit host has no {alg}", hparams=hp_path)
-    hp = _override(getattr(host, f"{alg}HyperParams").from_hparams(hp_path), name, overrides)
-    problem = _dense_module_problem(model, hp)
+    hp = override(getattr(host, f"{alg}HyperParams").from_hparams(hp_path), name, overrides)
+    problem = dense_module_problem(model, hp)
     if problem:
         return MethodResult(name, "not applicable", problem, hparams=hp_path)
     hp.stats_dir = str(Path(cfg.out).resolve() / "host-stats")
@@ -300,26 +234,29 @@ def _host_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, 
         if stale.exists():
             stale.unlink()
     if alg in ("MEMIT", "AlphaEdit") or getattr(hp, "mom2_adjustment", False):
-        prime_host_covariance(model, tok, hp, cfg)
+        prime_host_covariance(model, tok, hp, cfg.covariance_texts)
     # ROME edits one fact per call (the host's batch_edit refuses it): its batches are single requests
     return alg_dict[alg], hp, 1 if alg == "ROME" else cfg.batch_size
 
 
-def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host, before: dict) -> MethodResult:
-    """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the weights."""
+def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host,
+               before: dict) -> MethodResult:
+    """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the
+    weights."""
     hp_path, overrides = method_spec(name, entry)
     alg = method_alg(name, hp_path)
     if alg == "MoTE":
-        from .adapters import get_adapter
+        from ..adapters import get_adapter
 
         # batch_size: the run's, so the recorded hyper-parameters say how MoTE was called
-        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}", **overrides | {"batch_size": cfg.batch_size})
+        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}",
+                                                           **overrides | {"batch_size": cfg.batch_size})
         try:
             get_adapter(model)
         except ValueError as e:
             return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path, overrides=overrides)
         apply, batch_size, extra = apply_mote_to_model, cfg.batch_size, {}
-        reset_state(model)
+        MoTEEditor(model).reset()  # a fresh start: no bases, memory or history of an earlier row
     elif host is None:
         return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path,
                             overrides=overrides)
@@ -336,7 +273,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
     seconds = 0.0
     try:
         # the host's AlphaEdit saves its projector into the working directory: host methods run in the run's one
-        with _working_directory(Path(cfg.out)) if alg != "MoTE" else contextlib.nullcontext():
+        with working_directory(Path(cfg.out)) if alg != "MoTE" else contextlib.nullcontext():
             for i in range(0, len(requests), batch_size):
                 start = time.time()
                 _, weights_copy = apply(model, tok, copy.deepcopy(requests[i : i + batch_size]), hp, copy=False,
@@ -344,7 +281,8 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
                 seconds += time.time() - start
                 for k, v in weights_copy.items():
                     originals.setdefault(k, v)
-        result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before), edit_seconds=seconds,
+        result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before),
+                              edit_seconds=seconds,
                               hparams=hp_path, overrides=overrides, effective_hparams=_as_dict(hp))
         host_rows = None
         if host is not None and cfg.host_metrics:
@@ -357,7 +295,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
             for k, v in originals.items():
                 params[k].copy_(v)
         if alg == "MoTE":
-            reset_state(model)
+            MoTEEditor(model).reset()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,7 +309,7 @@ def reference(model, tok, records: list[dict], cfg: CompareConfig, host) -> dict
     if cfg.dataset == "zsre":
         ref["zsre_locality"] = zsre_locality_predictions(model, tok, records)
     if host is not None and cfg.host_metrics:
-        ref["host_locality"] = [_host_quality(model, tok, request_of(r, cfg.dataset), None)["locality"] for r in records]
+        ref["host_locality"] = [host_quality(model, tok, request_of(r, cfg.dataset), None)["locality"] for r in records]
     return ref
 
 
@@ -379,32 +317,6 @@ def plugin_metrics(model, tok, records, cfg: CompareConfig, before: dict) -> dic
     if cfg.dataset == "zsre":
         return zsre_metrics(model, tok, records, before["zsre_locality"])
     return counterfact_metrics(model, tok, records)
-
-
-def _host_quality(model, tok, request: dict, hp) -> dict:
-    evaluate = importlib.import_module("easyeditor.evaluate.evaluate")
-    device = input_device(model)
-    hp = hp or MoTEHyperParams(alg_name="MoTE", model_name="model", layers=[0], device=str(device))
-    return evaluate.compute_edit_quality(model, "model", hp, tok, request, device)
-
-
-def host_token_metrics(model, tok, requests: list[dict], hp, before: dict) -> tuple[dict, list[dict]]:
-    """The host's token accuracies after the edits: rewrite, rephrase, and locality (share of the unrelated prompt's
-    argmax tokens unchanged, as BaseEditor computes it from pre/post outputs). Returns (means, one row per request)."""
-    rows = []
-    for request, pre in zip(requests, before["host_locality"]):
-        post = _host_quality(model, tok, request, hp)
-        row = {"rewrite_acc": float(torch.tensor(post["rewrite_acc"], dtype=torch.float).mean())}
-        if "rephrase_acc" in post:
-            row["rephrase_acc"] = float(torch.tensor(post["rephrase_acc"], dtype=torch.float).mean())
-        locality = [float((torch.tensor(tokens) == torch.tensor(pre[key])).float().mean())
-                    for key, tokens in post["locality"].items()]
-        if locality:
-            row["locality_acc"] = sum(locality) / len(locality)
-        rows.append(row)
-    keys = ("rewrite_acc", "rephrase_acc", "locality_acc")
-    means = {k: sum(v) / len(v) for k in keys if (v := [row[k] for row in rows if k in row])}
-    return means, rows
 
 
 def record_rows(records: list[dict], cfg: CompareConfig, metrics: dict, host_rows: list[dict] | None) -> list[dict]:
@@ -441,7 +353,7 @@ def compare(cfg: CompareConfig, log=print) -> dict:
               "results": [asdict(r) for r in results]}
     for r in report["results"]:
         r["metrics"] = {k: v for k, v in r["metrics"].items() if not k.endswith("_items")}
-    write_outputs(report, Path(cfg.out))
+    write_results(Path(cfg.out) / "results", report, markdown(report), {"": lambda plt: bar_chart(report, plt)})
     return report
 
 
@@ -451,8 +363,8 @@ def versions(with_host: bool) -> dict:
 
     import transformers
 
-    from . import __version__
-    from .easyedit import host_version
+    from .._version import __version__
+    from ..easyedit import host_version
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "mote_plugin": __version__}
@@ -463,8 +375,11 @@ def versions(with_host: bool) -> dict:
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"{report['n']} {cfg['dataset']} edits in batches of {cfg['batch_size']} on {cfg['model']}; host: {report['host']}",
-             "", "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | edit time (s) |",
+    lines = [f"{report['n']} {cfg['dataset']} edits in batches of {cfg['batch_size']} on {cfg['model']}; host: "
+             f"{report['host']}",
+             "",
+             "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | edit "
+                                                            "time (s) |",
              "|---|---|" + "---|" * (len(METRICS) + 4)]
     for r in report["results"]:
         if r["status"] != "ok":
@@ -477,27 +392,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(markdown(report))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        (out / "results.png").unlink(missing_ok=True)
-        return
+def bar_chart(report: dict, plt):
+    """The plugin's metrics of every method that ran, side by side (results.png)."""
     ok = [r for r in report["results"] if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / max(1, len(ok))
     for i, r in enumerate(ok):
-        ax.bar([j + i * width for j in range(len(METRICS))], [r["metrics"][k] for k in METRICS], width, label=r["method"])
+        ax.bar([j + i * width for j in range(len(METRICS))], [r["metrics"][k] for k in METRICS], width,
+               label=r["method"])
     ax.set_xticks([j + width * (len(ok) - 1) / 2 for j in range(len(METRICS))], METRICS)
     ax.set_ylim(0, 1)
     ax.set_title(f"{report['n']} {report['config']['dataset']} edits")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
-    plt.close(fig)
+    return fig

@@ -28,13 +28,14 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..._version import __version__
 from .capture import forward_block_inputs, input_device, moe_blocks
 from .lookup import pad_right
 from .offload import state_items
 
 log = logging.getLogger(__name__)
 
-CORPUS_DIR = Path(__file__).resolve().parent.parent / "data" / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"  # mote_plugin/data/corpus
 STATS_FORMAT = 1  # bump when the meaning or layout of the stored statistics changes
 
 
@@ -234,7 +235,8 @@ def model_fingerprint(model: nn.Module, sample: int = 1024) -> str:
 
 
 def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
-    """`model_fingerprint` of (name, tensor) pairs, in the order given (e.g. a state dict with some entries replaced)."""
+    """`model_fingerprint` of (name, tensor) pairs, in the order given (e.g. a state dict with some entries
+    replaced)."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in named_tensors:
@@ -260,8 +262,6 @@ def _sum64(flat: torch.Tensor) -> float:
 
 def stats_key(model: nn.Module, layers: Sequence[int], corpus: str | None, n_tokens: int, max_length: int) -> dict:
     """The `key_parts` of `StatsCache.get_or_compute` for these statistics."""
-    from .. import __version__
-
     return {
         "model": model_fingerprint(model),
         "layers": [int(l) for l in layers],

@@ -22,7 +22,6 @@ import torch
 
 from .eig import run_side_by_side
 
-
 MODES = ("e", "out", "in")
 WHITENINGS = ("none", "in", "out", "both")
 
@@ -288,7 +287,8 @@ def tucker_factors(
     # [d, E, h] the one working copy, out-major (contiguous: the mode-out unfolding [d, E*h] and the rows [d*E, h] are
     # views, so the Grams are a few large products, not one per expert), whitened in place a chunk at a time
     X = W.transpose(0, 1).to(compute_dtype, copy=True, memory_format=torch.contiguous_format)
-    _whiten_(X, white_in.S.to(compute_dtype) if whiten_in else None, white_out.S.to(compute_dtype) if whiten_out else None)
+    _whiten_(X, white_in.S.to(compute_dtype) if whiten_in else None,
+             white_out.S.to(compute_dtype) if whiten_out else None)
     W_work = X.transpose(0, 1)  # [E, d, h] view (HOOI)
 
     G_e, G_out, G_in = _mode_grams(X)  # [E, E], [d, d], [h, h]

@@ -34,6 +34,14 @@ def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[in
     return hit[0], hit[-1]
 
 
+def target_token_ids(tok, target: str) -> list[int]:
+    """Token ids of a target as it follows a prompt (with a leading space, as MEMIT/EasyEdit do)."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
 def pad_right(rows: list[list[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Token-id rows -> {"input_ids" [B, S], "attention_mask" [B, S]}, padded on the right."""
     width = max(len(r) for r in rows)
@@ -62,7 +70,8 @@ def encode_with_lookup(tok, prompts: list[str], subjects: list[str], fact_token:
         if max_length is not None and len(row) > max_length:
             shift = len(row) - max_length
             if first - shift < 1:
-                raise ValueError(f"prompt {prompt[:60]!r}... is longer than max_length={max_length} and the cut would drop the subject")
+                raise ValueError(f"prompt {prompt[:60]!r}... is longer than max_length={max_length} and the cut would "
+                                 "drop the subject")
             row = row[:1] + row[shift + 1 :]  # keep <s>
         pos = {"subject_last": last, "subject_first": first, "last": len(enc["input_ids"][b]) - 1}[fact_token]
         ids.append(row)

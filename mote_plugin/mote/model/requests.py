@@ -29,7 +29,8 @@ def normalise_requests(requests, need_target: bool = True) -> list[dict]:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{name} has no prompt: {r!r}")
         if not isinstance(subject, str) or not subject:
-            raise ValueError(f"{name} has no subject (MoTE needs `subject` to find the lookup token): prompt {prompt!r}")
+            raise ValueError(f"{name} has no subject (MoTE needs `subject` to find the lookup token): prompt "
+                             f"{prompt!r}")
         prompt = prompt.replace("{}", subject)
         if subject not in prompt:
             raise ValueError(f"{name}: subject {subject!r} not found in prompt {prompt!r}")
@@ -47,8 +48,9 @@ def _without_duplicates(requests: list[dict]) -> list[dict]:
         key = (r["prompt"], r["subject"])
         if key in seen:
             if seen[key] != r["target_new"]:
-                raise ValueError(f"conflicting requests for subject {r['subject']!r} in prompt {r['prompt']!r}: target_new "
-                                 f"{seen[key]!r} and {r['target_new']!r}; edit one of them (or in separate batches)")
+                raise ValueError(f"conflicting requests for subject {r['subject']!r} in prompt {r['prompt']!r}: "
+                                 f"target_new {seen[key]!r} and {r['target_new']!r}; edit one of them (or in separate "
+                                 "batches)")
             continue
         seen[key] = r["target_new"]
         out.append(r)

@@ -12,7 +12,7 @@ expert j and R [T, d] the residuals (target minus current output):
 * `bcd_solve`: MoEEdit's randomized block-coordinate descent over experts (Gu et al. 2026): each block is the
   exact ridge solve for one expert with the others fixed, `passes` sweeps in a seeded random order. Computed in
   the push-through form, per-expert systems of size n_j (edits routed to j) instead of h; the iterates are
-  MoEEdit's (tested against `bcd_published`, the h x h form as published, kept for tests and speed comparisons).
+  MoEEdit's (tested against `bcd_published` in benchmarks/moeedit_bcd.py, the h x h form as published).
 
 Pure tensor functions; solves in float64, updates returned as `ExpertUpdate` (float32).
 """
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from .solve import _spd_solve
+from .solve import spd_solve
 from .update import ExpertUpdate
 
 
-def expert_groups(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+def expert_groups(keys: torch.Tensor, gates: torch.Tensor,
+                  expert_idx: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Edits grouped by routed expert: [(j, rows [n_j] long, V_j [n_j, h] float64 with V_j[i] = g k~ of edit rows[i])].
 
     keys: `[T, K, h]` (projected), gates: `[T, K]`, expert_idx: `[T, K]`. Experts in increasing order.
@@ -42,8 +43,8 @@ def expert_groups(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Ten
 
 
 def _update(groups, coefficients: dict[int, torch.Tensor]) -> ExpertUpdate:
-    """Delta_j = coefficients[j]^T V_j for each group -> ExpertUpdate with left_j = coefficients[j]^T U_j S_j [d, r_j] and
-    right_j = W_j^T [r_j, h], V_j = U_j S_j W_j^T its thin SVD (float64, r_j its numerical rank).
+    """Delta_j = coefficients[j]^T V_j for each group -> ExpertUpdate with left_j = coefficients[j]^T U_j S_j [d, r_j]
+    and right_j = W_j^T [r_j, h], V_j = U_j S_j W_j^T its thin SVD (float64, r_j its numerical rank).
 
     Orthonormal rows on the right keep the float32 product exact to float32 precision: edits whose keys in one expert
     coincide (the same subject behind the same prefix) make V_j rank-deficient and its coefficients large and opposite,
@@ -67,11 +68,11 @@ def global_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tens
     for _, rows, V in groups:
         gram.index_put_((rows[:, None], rows[None, :]), V @ V.T, accumulate=True)
     gram += lam * torch.eye(T, dtype=torch.float64, device=keys.device)
-    alpha = _spd_solve(gram, residuals.to(torch.float64))  # [T, d]
+    alpha = spd_solve(gram, residuals.to(torch.float64))  # [T, d]
     return _update(groups, {j: alpha[rows] for j, rows, _ in groups})
 
 
-def _sweep_order(num_experts: int, passes: int, seed: int) -> list[int]:
+def sweep_order(num_experts: int, passes: int, seed: int) -> list[int]:
     """MoEEdit's order: a fresh random permutation of all experts per pass, from one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     return [int(j) for _ in range(passes) for j in torch.randperm(num_experts, generator=gen)]
@@ -94,50 +95,13 @@ def bcd_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor,
     Y = torch.zeros_like(R)  # [T, d]
     share = {j: R.new_zeros(len(rows), R.shape[1]) for j, (rows, _) in groups.items()}  # Y_j [n_j, d]
     A = {j: R.new_zeros(len(rows), R.shape[1]) for j, (rows, _) in groups.items()}  # [n_j, d]
-    for j in _sweep_order(num_experts, passes, seed):
+    for j in sweep_order(num_experts, passes, seed):
         if j not in groups:
             continue
         rows, _ = groups[j]
         eye = torch.eye(len(rows), dtype=R.dtype, device=R.device)
-        A[j] = _spd_solve(grams[j] + lam * eye, R[rows] - (Y[rows] - share[j]))  # [n_j, d]
+        A[j] = spd_solve(grams[j] + lam * eye, R[rows] - (Y[rows] - share[j]))  # [n_j, d]
         new_share = grams[j] @ A[j]  # [n_j, d]
         Y.index_add_(0, rows, new_share - share[j])
         share[j] = new_share
     return _update([(j, rows, V) for j, (rows, V) in groups.items()], A)
-
-
-def bcd_published(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,
-                  lam: float, num_experts: int, passes: int = 4, seed: int = 42, dtype: torch.dtype = torch.float64,
-                  max_blocks: int | None = None) -> torch.Tensor:
-    """MoEEdit's BCD in the form it was published (reference for tests and speed comparisons only).
-
-    Dense [T, E, h] gated keys, and per block: the other experts' contributions recomputed over all T edits
-    (O(E T d h) per block), an h x h system inverted (MoEEdit computes in float32). `max_blocks` stops after that
-    many block solves (to time a sample of blocks at shapes where all of them take too long). Returns the dense
-    Delta `[E, d, h]` in `dtype`.
-    """
-    T, K, h = keys.shape
-    d = residuals.shape[1]
-    R = residuals.to(dtype)  # [T, d]
-    dense_gates = torch.zeros(T, num_experts, dtype=dtype).scatter_(1, expert_idx, gates.to(dtype))  # [T, E]
-    values = torch.zeros(T, num_experts, h, dtype=dtype)  # [T, E, h]
-    values[torch.arange(T)[:, None], expert_idx] = keys.to(dtype)
-    deltas = torch.zeros(num_experts, d, h, dtype=dtype)  # [E, d, h]
-    eye = torch.eye(h, dtype=dtype)
-    solved = 0
-    for j in _sweep_order(num_experts, passes, seed):
-        active = dense_gates[:, j] > 0  # [T]
-        if not active.any():
-            continue
-        if max_blocks is not None and solved == max_blocks:
-            break
-        solved += 1
-        S = R.clone()  # [T, d] what expert j must still explain
-        for other in range(num_experts):
-            if other != j:
-                S -= dense_gates[:, other : other + 1] * (values[:, other] @ deltas[other].T)
-        g, v = dense_gates[active, j], values[active, j]  # [n_j], [n_j, h]
-        B = S[active].T @ (g[:, None] * v)  # [d, h]
-        M = v.T @ ((g**2)[:, None] * v) + lam * eye  # [h, h]
-        deltas[j] = B @ torch.linalg.inv(M)
-    return deltas
