@@ -370,10 +370,9 @@ def rank_rows(res: dict, cfg: dict) -> dict:
 # The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's
 # core spread at those ranks, the two changes that help together (ranks x4, residual spread), full rank, and the two
 # strongest other solvers.
-HEADLINE = {"MoTE-residual": "MoTE: testbed YAML (real ranks' ratios, residual spread)",
-            "MoTE": "MoTE: same ranks, the paper's core spread", "MoTE-residual x4": "MoTE: ranks x4, residual spread",
-            "MoTE-fullrank": "MoTE: full rank, core spread", "Global-residual": "Global ridge (residual spread)",
-            "MoEEdit-BCD": "MoEEdit-BCD"}
+HEADLINE = {"MoTE-residual": "MoTE, YAML: real ranks' ratios, residual spread", "MoTE": "MoTE, same ranks, core spread",
+            "MoTE-residual x4": "MoTE, ranks x4, residual spread", "MoTE-fullrank": "MoTE, full rank, core spread",
+            "Global-residual": "Global ridge", "MoEEdit-BCD": "MoEEdit-BCD"}
 
 
 def headline(report: dict) -> list[str]:
