@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
              f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
              f"{report['threads']} threads.",
              f"{args.edits} CounterFact edits on the {args.arch} quality build in sequential batches of "
-             f"{args.batch_size} ({edited} edited; the rest left out because their v* did not reach the target), v* "
-             f"computed at each batch, testbed-{args.arch}.yaml settings.", "",
+             f"{args.batch_size} ({edited} edited"
+             + ("; the rest left out because their v* did not reach the target" if edited < args.edits else
+                (", v_keep_failed: those whose v* did not reach the target too" if hp.v_keep_failed else ""))
+             + f"), v* computed at each batch, testbed-{args.arch}.yaml settings.", "",
              "| stage | seconds |", "|---|---|",
              f"| preservation statistics (one-time, before the edits) | {statistics:.1f} |",
              *[f"| {name} | {seconds[key]:.1f} |" for key, name in (
