@@ -459,21 +459,31 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, plt):
-    """quality-ranks.png: per arch, quality against solve + write seconds at each Tucker rank (None: no rank rows)."""
-    curves = {a: rank_rows(r, report["config"]) for a, r in report["archs"].items()}
+    """quality-ranks.png: per arch, the test metrics against the core size r_e * r_out * r_in (top) and the solve +
+    write seconds of all test batches against the same (bottom), one point per rank scale (None: no rank rows)."""
+    order = lambda scale: float("inf") if scale == "full" else float(scale)  # noqa: E731
+    curves = {a: dict(sorted(rank_rows(r, report["config"]).items(), key=lambda kv: order(kv[0])))
+              for a, r in report["archs"].items()}
     curves = {a: c for a, c in curves.items() if c}
     if not curves:
         return None
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
-    for ax, (arch, rows) in zip(axes[0], curves.items()):
-        xs = [r["seconds"]["solve"] + r["seconds"]["writeback"] for r in rows.values()]
+    fig, axes = plt.subplots(2, len(curves), figsize=(4.5 * len(curves), 6.0), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [2, 1]})
+    for col, (arch, rows) in enumerate(curves.items()):
+        xs = [math.prod(r["ranks"]) for r in rows.values()]
+        top, bottom = axes[0][col], axes[1][col]
         for key, marker in zip(METRICS, "os^D"):
-            ax.plot(xs, [r[key] for r in rows.values()], marker=marker, label=key)
+            top.plot(xs, [r[key] for r in rows.values()], marker=marker, label=key)
         for x, (scale, r) in zip(xs, rows.items()):
-            ax.annotate(f"x{scale}" if scale != "full" else "full", (x, r["utility"]), fontsize=7)
-        ax.set_xlabel("solve + write seconds, all test batches")
-        ax.set_title(f"{arch}: quality vs Tucker rank (test split)", fontsize=9)
-        ax.set_ylim(0, 1.02)
+            top.annotate(f"x{scale}" if scale != "full" else "full", (x, r["utility"]), fontsize=7,
+                         textcoords="offset points", xytext=(2, 4))
+        bottom.plot(xs, [r["seconds"]["solve"] + r["seconds"]["writeback"] for r in rows.values()], marker="o",
+                    color="gray")
+        top.set_title(f"{arch}: quality vs Tucker rank (test split)", fontsize=9)
+        top.set_ylim(0, 1.02)
+        bottom.set_xscale("log")
+        bottom.set_xlabel("core size r_e * r_out * r_in")
+        bottom.set_ylabel("solve + write s, all test batches", fontsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
