@@ -28,7 +28,7 @@ import yaml
 
 from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
 from ..mote.editor import MoTEEditor
-from ..mote.hparams import MoTEHyperParams
+from ..mote.hparams import MoTEHyperParams, hparams_path
 from ..mote.mote_main import apply_mote_to_model
 from .host_methods import (
     dense_module_problem,
@@ -95,10 +95,11 @@ class CompareConfig:
 def method_alg(name: str, hp_path: str) -> str:
     """The editing algorithm of the `methods:` row `name`: its YAML's alg_name (a row's name is only its label, so a
     comparison may hold several rows of one algorithm, e.g. MoTE at two rank settings)."""
-    path = Path(hp_path if str(hp_path).endswith(".yaml") else f"{hp_path}.yaml")
-    if not path.is_file():
-        raise ValueError(f"methods: {name}: no hyper-parameter file {path} (relative paths are read from the working "
-                         f"directory, {Path.cwd()})")
+    try:
+        path = hparams_path(hp_path)  # ".yaml" appended when missing, as every loader of a YAML here does
+    except FileNotFoundError as e:
+        raise ValueError(f"methods: {name}: no hyper-parameter file ({e}; relative paths are read from the working "
+                         f"directory, {Path.cwd()})") from None
     alg = (yaml.safe_load(path.read_text()) or {}).get("alg_name")
     if not isinstance(alg, str):
         raise ValueError(f"methods: {name}: {path} has no alg_name")
