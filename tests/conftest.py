@@ -1,11 +1,13 @@
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 import yaml
+from hypothesis import settings
 
 from mote_plugin import host_stubs
 
@@ -13,6 +15,13 @@ from mote_plugin import host_stubs
 # any test imports the host.
 if importlib.util.find_spec("easyeditor") is not None:
     host_stubs.install()
+
+# Property tests (hypothesis) draw the same examples on every run, so a CI failure is a change in the code, never a
+# new draw; no example database is written. HYPOTHESIS_PROFILE=explore draws new examples each run (and keeps the
+# failures it finds in .hypothesis/): use it, with larger max_examples, when changing a solver or its tolerances.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -22,8 +22,12 @@ def _assert_orthonormal(U, atol=1e-5):
 
 
 def _random_cov(gen, n):
+    """[n, n] PSD and exactly symmetric: a float32 A @ A.T is not always (off by 1 ulp for some n), and tucker_factors
+    symmetrises its covariances while the reference's eigh reads one triangle, a 1e-7 difference in S that a small
+    eigen-gap turns into 1e-6 in the subspaces."""
     A = torch.randn(n, n, generator=gen)
-    return A @ A.T / n  # [n, n] PSD
+    C = A @ A.T / n
+    return 0.5 * (C + C.T)
 
 
 shapes = dict(E=st.integers(2, 6), d=st.integers(4, 16), h=st.integers(4, 16), seed=st.integers(0, 2**16))
