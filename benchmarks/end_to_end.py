@@ -15,9 +15,7 @@ relative difference of their targets z. Results: benchmarks/results/end_to_end.{
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import torch
 
 from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.adapters import get_adapter
-from mote_plugin.experiments.results import write_results
+from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.mote.model.stats import preservation_stats
 from mote_plugin.testbed.data import PACKAGE_DATA
@@ -116,18 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(original)
         MoTEEditor(model).reset()
         side = vstar_side_by_side(model, tok, requests[: args.compare], hp, args.batch_size)
-    report = {"command": shlex.join(["python", "benchmarks/end_to_end.py",
-                                     *(argv if argv is not None else sys.argv[1:])]),
-              "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "arch": args.arch, "edits": args.edits,
+    report = run_info(shlex.join(["python", "benchmarks/end_to_end.py", *(argv if argv is not None else sys.argv[1:])]))
+    report |= {"arch": args.arch, "edits": args.edits,
               "batch_size": args.batch_size, "edited": edited, "total_seconds": total, "seconds": seconds,
               "vstar": side,
               "hparams": hp.to_dict()}
     per_edit_single = side["seconds_one_at_a_time"] / side["requests"]
     estimate = total - seconds["vstar"] + per_edit_single * args.edits
     lines = ["# End-to-end editing speed on the fact model", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads.",
+             f"{run_line(report)}.",
              f"{args.edits} CounterFact edits on the {args.arch} quality build in sequential batches of "
              f"{args.batch_size} ({edited} edited"
              + ("; the rest left out because their v* did not reach the target" if edited < args.edits else

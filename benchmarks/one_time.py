@@ -22,9 +22,7 @@ resident set above the level before each call (solver_speed.PeakRSS). Results: b
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mote_plugin.experiments.results import write_results  # noqa: E402
+from mote_plugin.experiments.results import run_info, run_line, write_results  # noqa: E402
 from mote_plugin.mote.algebra import nullspace, tucker  # noqa: E402
 from solver_speed import PeakRSS, fixed_mmap_threshold  # noqa: E402
 
@@ -178,8 +176,7 @@ def bench_shape(name: str, base: dict, n_experts: int, repeats: int, log=print) 
 
 def markdown(report: dict) -> str:
     lines = ["# One-time basis at real MoE layer shapes: null-space projectors and whitened HOSVD", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads; baseline = commit {report['baseline']}. Minimum of {report['repeats']} "
+             f"{run_line(report)}; baseline = commit {report['baseline']}. Minimum of {report['repeats']} "
              "alternating runs; peak = extra resident memory of the call. Projectors timed on a few experts of each "
              "shape (per-expert cost) and scaled to all E in the 'per layer' columns.", ""]
     lines += ["## Projectors", "",
@@ -226,9 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = load_baseline(args.baseline, Path(tmp))
     command = "python benchmarks/one_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = {"command": command.strip(), "date": str(datetime.date.today()), "baseline": args.baseline,
-              "machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "repeats": args.repeats, "shapes": {}}
+    report = run_info(command.strip()) | {"baseline": args.baseline, "repeats": args.repeats, "shapes": {}}
     for name in args.shape:
         report["shapes"][name] = bench_shape(name, base, args.experts, args.repeats)
     write_results(args.out, report, markdown(report), json_default=str)

@@ -31,11 +31,9 @@ written out as quality.md and quality-ranks.png (the methods with a `rank_scale`
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -46,7 +44,7 @@ import yaml
 
 from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.adapters import get_adapter
-from mote_plugin.experiments.results import write_results
+from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote.algebra.solve import predicted_change, project_keys, solve_core
 from mote_plugin.mote.algebra.tucker import resolve_ranks
@@ -399,12 +397,11 @@ def headline(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = ["# MoTE's quality: dev/test protocol on the fact models", "",
-             f"Last command: `{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads. Every setting below was chosen on the dev split; every metric is measured "
-             "on the test split (facts no setting was chosen on), after the last of its sequential batches, with 95% "
-             "bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* does not "
-             "reach its target is left out). Edit seconds: all batches, v* (computed at each batch) and capture "
-             "included.",
+             f"Last command: {run_line(report)}. Every setting below was chosen on the dev split; every metric is "
+             "measured on the test split (facts no setting was chosen on), after the last of its sequential batches, "
+             "with 95% bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* "
+             "does not reach its target is left out). Edit seconds: all batches, v* (computed at each batch) and "
+             "capture included.",
              "",
              "## Headline (test split)", "",
              "Utility [95% interval] · efficacy / generalization / specificity, after the last test batch.", "",
@@ -516,9 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"archs": {}}
     argv_shown = argv if argv is not None else sys.argv[1:]
-    report |= {"command": shlex.join(["python", "benchmarks/quality.py", *argv_shown]),
-               "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-               "torch": torch.__version__, "threads": torch.get_num_threads(), "config": cfg}
+    report |= run_info(shlex.join(["python", "benchmarks/quality.py", *argv_shown])) | {"config": cfg}
     for arch in archs:
         model, tok, facts, build_report = fact_model(arch, cfg)
         session = Session(model, tok, cfg)

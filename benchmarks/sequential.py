@@ -19,17 +19,15 @@ Results: benchmarks/results/sequential.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model
-from mote_plugin.experiments.results import write_results
+from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote.editor import request_key
 from mote_plugin.testbed import BuildOptions, build, load
@@ -124,8 +122,7 @@ def plot(report: dict, plt):
 def markdown(report: dict) -> str:
     keys = ("first_batch_efficacy", "specificity", "retained_facts", "perplexity")
     lines = ["# Sequential editing at scale (Qwen3-MoE fact model)", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads. {report['edits']} edits in batches of {report['batch_size']}; v* "
+             f"{run_line(report)}. {report['edits']} edits in batches of {report['batch_size']}; v* "
              f"precomputed on the unedited model ({report['vstar_seconds']:.0f} s for all). Curves: sequential.png.",
              "",
              "| method | edits | " + " | ".join(keys) + " | edit time (s) | finite |",
@@ -163,9 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     cached = MoTEHyperParams(**(hp.to_dict() | {"vstar_cache_dir": str(ROOT / ".cache" / "mote-vstar")}))
     t = time.perf_counter()
     z, nll = MoTEEditor(model, tok, cached).targets(requests)
-    report = {"command": "python benchmarks/sequential.py" + (f" --edits {args.edits}" if args.edits != 2000 else ""),
-              "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "edits": len(records),
+    report = run_info("python benchmarks/sequential.py" + (f" --edits {args.edits}" if args.edits != 2000 else ""))
+    report |= {"edits": len(records),
               "batch_size": args.batch_size, "vstar_seconds": time.perf_counter() - t,
               "unedited": measure(model, tok, records[: args.batch_size], kept, text), "runs": {}}
     z = {request_key(r): (z[i], float(nll[i])) for i, r in enumerate(requests)}

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
-import platform
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -46,7 +44,7 @@ from torch import nn
 
 from moeedit_bcd import bcd_published
 from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapter
-from mote_plugin.experiments.results import write_results
+from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.mote.algebra.nullspace import nullspace_projectors
 from mote_plugin.mote.algebra.solve import project_keys, uint_p
 from mote_plugin.mote.algebra.solvers import LayerBasis, solve_layer
@@ -453,8 +451,7 @@ def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> di
 
 def markdown(report: dict) -> str:
     lines = ["# Solver speed at real MoE layer shapes", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads. Random bf16 weights, synthetic keys/gates/residuals, statistics "
+             f"{run_line(report)}. Random bf16 weights, synthetic keys/gates/residuals, statistics "
              "precomputed; solve + writeback of every edited layer (v* and captures excluded). Ratios are to MoTE in "
              "the same run.",
              ""]
@@ -495,8 +492,7 @@ def markdown(report: dict) -> str:
 
 def check_markdown(report: dict) -> str:
     lines = ["# Global solver check: the plugin's sparse Global against an independent sparse Woodbury reference", "",
-             f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
-             f"{report['threads']} threads. One layer, random bf16 weights, synthetic edits; median seconds per "
+             f"{run_line(report)}. One layer, random bf16 weights, synthetic edits; median seconds per "
              "layer-batch (solve + update factors + write into the bf16 layer). MoTE solves once per batch for all "
              "layers: its per layer-batch time is solve / layers + factors + write.", "",
              "| shape | T | MoTE | Global (plugin) | reference | Global / MoTE | reference / MoTE | max rel. delta "
@@ -536,9 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     fixed_mmap_threshold()
     command = "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else "")
-    report = {"command": command + (" --growth" if args.growth else ""),
-              "date": str(datetime.date.today()), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": {}}
+    report = run_info(command + (" --growth" if args.growth else "")) | {"shapes": {}}
     if args.global_check:
         report["command"] = "python benchmarks/solver_speed.py --global-check"
         report["global_check"] = [global_check(name, args.edits_per_batch, args.check_batches)

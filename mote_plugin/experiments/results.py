@@ -8,15 +8,32 @@ Used by the editor comparison and by every benchmark under benchmarks/.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import platform
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
 # a figure: draws with the pyplot module it is given and returns the matplotlib Figure (None: nothing to draw)
 Figure = Callable[[object], object]
+
+
+def run_info(command: str) -> dict:
+    """What a report records about its run: the command, the date, the machine, torch's version and thread count."""
+    return {"command": command, "date": str(datetime.date.today()),
+            "machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def run_line(report: dict) -> str:
+    """A Markdown report's provenance, from `run_info`'s keys: "`command`; date, machine, torch X, N threads"."""
+    return (f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+            f"{report['threads']} threads")
 
 
 def write_results(stem: str | Path, report: dict, markdown: str | None = None, figures: dict[str, Figure] | None = None,
