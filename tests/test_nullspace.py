@@ -25,6 +25,14 @@ def _low_rank_keys(gen, E, n, h, r, noise, basis=None):
     return keys.float()
 
 
+def _spectral_moments(gen, spectra):
+    """C_j = Q_j diag(spectra[j]) Q_j^T with random rotations: [E, h, h] float32 (and exactly symmetric)."""
+    E, h = spectra.shape
+    Q = torch.linalg.qr(torch.randn(E, h, h, generator=gen, dtype=torch.float64))[0]
+    C = torch.einsum("eij,ej,ekj->eik", Q, spectra, Q).float()
+    return 0.5 * (C + C.transpose(1, 2))
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     E=st.integers(1, 5),
@@ -36,8 +44,7 @@ def _low_rank_keys(gen, E, n, h, r, noise, basis=None):
 def test_projectors_symmetric_idempotent(E, h, rule, threshold, seed):
     gen = torch.Generator().manual_seed(seed)
     spectrum = torch.rand(E, h, generator=gen, dtype=torch.float64) ** 4  # spread eigenvalues
-    Q = torch.linalg.qr(torch.randn(E, h, h, generator=gen, dtype=torch.float64))[0]
-    moments = torch.einsum("eij,ej,ekj->eik", Q, spectrum, Q).float()  # [E, h, h]
+    moments = _spectral_moments(gen, spectrum)  # [E, h, h]
     P = nullspace_projectors(moments, torch.full((E,), 100), rule=rule, threshold=threshold)
     assert P.shape == (E, h, h) and P.dtype == torch.float32
     torch.testing.assert_close(P, P.transpose(1, 2), atol=1e-6, rtol=0)
@@ -160,14 +167,6 @@ def _cut_gap(evals, rule, threshold):
     if k in (0, evals.numel()):
         return math.inf
     return float((evals[k] - evals[k - 1]) / evals[-1].clamp_min(1e-300))
-
-
-def _spectral_moments(gen, spectra):
-    """C_j = Q_j diag(spectra[j]) Q_j^T with random rotations: [E, h, h] float32 (and exactly symmetric)."""
-    E, h = spectra.shape
-    Q = torch.linalg.qr(torch.randn(E, h, h, generator=gen, dtype=torch.float64))[0]
-    C = torch.einsum("eij,ej,ekj->eik", Q, spectra, Q).float()
-    return 0.5 * (C + C.transpose(1, 2))
 
 
 @settings(max_examples=40, deadline=None)
