@@ -42,11 +42,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_coverage, last_timings
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.mote.algebra.solve import predicted_change, project_keys, solve_core
+from mote_plugin.mote.algebra.coverage import measure_coverage
+from mote_plugin.mote.algebra.solvers import solve_layer
 from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.model.capture import capture, layer_outputs
 from mote_plugin.mote.model.requests import normalise_requests
@@ -200,6 +201,7 @@ class Session:
         self.restore()
         seconds = dict.fromkeys(STAGES, 0.0)
         edited = 0
+        solves = []
         bs = self.cfg["batch_size"]
         for i in range(0, len(records), bs):
             apply_mote_to_model(self.model, self.tok, [request(r) for r in records[i : i + bs]], hp)
@@ -207,8 +209,10 @@ class Session:
             edited += t["edits"]
             for s in STAGES:
                 seconds[s] += t[s]
-        ranks = list(resolve_ranks((hp.r_e, hp.r_out, hp.r_in), self.shape)) if hp.solver == "mote" else None
-        return self.scores(records, intervals) | {"seconds": seconds, "edited": edited, "ranks": ranks}
+            solves += last_coverage(self.model)
+        ranks = list(resolve_ranks(hp.layer_ranks(), self.shape)) if hp.solver == "mote" else None
+        return self.scores(records, intervals) | {"seconds": seconds, "edited": edited, "ranks": ranks,
+                                                  "coverage": coverage_summary(solves)}
 
     def unedited(self, records: list[dict]) -> dict:
         self.restore()
@@ -220,6 +224,20 @@ class Session:
         layers = adapter.moe_layers(self.model)
         reqs = [{"prompt": p, "subject": p.split()[0], "target_new": "x"} for p in prompts]
         return {l: c.expert_idx for l, c in capture(self.model, self.tok, adapter, reqs, layers, "last").items()}
+
+
+def coverage_summary(solves: list[dict]) -> dict:
+    """Every solve of a run (`last_coverage` of each batch) in one: per share the mean of the solves' means and the
+    smallest edit's share; `ranks` the (r_e, r_out, r_in) solved in, from the smallest to the largest."""
+    out = {}
+    for key in COVERAGE:
+        shares = [c[key] for c in solves if c[key] is not None]
+        if shares:
+            out[key] = {"mean": sum(s["mean"] for s in shares) / len(shares), "min": min(s["min"] for s in shares)}
+    ranks = sorted({tuple(c["ranks"]) for c in solves if c["ranks"]})
+    if ranks:
+        out["ranks"] = [list(ranks[0]), list(ranks[-1])]
+    return out
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -281,33 +299,36 @@ def ablations(session: Session, base: MoTEHyperParams, records: list[dict], cfg:
 
 
 def basis(session: Session, base: MoTEHyperParams, records: list[dict], cfg: dict, result: dict, log) -> dict:
-    """How much of the first test batch's edit the Tucker basis can express, at the last edited layer L (unedited
-    model): energy shares of the residuals R in span(U_out), of the null-space-projected keys in span(U_in), of the
-    routed experts' indicator vectors in span(U_e), and mean <U_out G phi_t, r_t> / ||r_t||^2 after the core solve."""
-    model, tok = session.model, session.tok
+    """What each basis holds of the first test batch's edit at the last edited layer (unedited model): the coverage of
+    MoTE's dev-chosen settings and of each of `basis_variants` (`batch_coverage`)."""
     session.restore()
     mote = method_settings(session, base, cfg, result, "MoTE")
-    reqs = normalise_requests([request(r) for r in records[: cfg["batch_size"]]])
-    adapter = get_adapter(model)
-    L = max(mote.layers)
-    z, _ = MoTEEditor(model, tok, mote).targets(reqs, progress=False)  # [T, d]
-    h = layer_outputs(model, tok, reqs, mote.layer_module_tmp.format(L), mote.fact_token, mote.max_length)  # [T, d]
-    R = (z - h).double()
-    cap = capture(model, tok, adapter, reqs, [L], mote.fact_token)[L]
+    variants = {name: settings(mote, name, overrides, session.shape)
+                for name, overrides in {"MoTE's settings": {}, **(cfg.get("basis_variants") or {})}.items()}
+    out = batch_coverage(session.model, session.tok, [request(r) for r in records[: cfg["batch_size"]]], variants)
+    for name, measured in out.items():
+        log(f"  basis {name}: " + ", ".join(f"{k} {v}" for k, v in measured.items()))
+    return out
+
+
+def batch_coverage(model, tok, requests: list[dict], variants: dict[str, MoTEHyperParams]) -> dict[str, dict]:
+    """The coverage (coverage.py) of one batch at the last edited layer L of the first variant, solved as the editor
+    solves it with each variant's basis and the whole residual z - h_L (the core spread's solve). The model is left
+    unchanged; v*, keys and residuals are those of the first variant."""
+    first = next(iter(variants.values()))
+    reqs = normalise_requests(requests)
+    L = max(first.layers)
+    z, _ = MoTEEditor(model, tok, first).targets(reqs, progress=False)  # [T, d]
+    h = layer_outputs(model, tok, reqs, first.layer_module_tmp.format(L), first.fact_token, first.max_length)  # [T, d]
+    R = z - h  # [T, d]
+    cap = capture(model, tok, get_adapter(model), reqs, [L], first.fact_token)[L]
     out = {}
-    for name, overrides in {"MoTE's settings": {}, **(cfg.get("basis_variants") or {})}.items():
-        hp = settings(mote, name, overrides, session.shape)
+    for name, hp in variants.items():
         layer = MoTEEditor(model, tok, hp).layer_bases([L])[L]
-        U_e, U_out, U_in = (u.double() for u in layer.factors)
-        keys = project_keys(cap.keys, cap.expert_idx, layer.P).double()  # [T, K, h]
-        solution = solve_core(keys, cap.gates, cap.expert_idx, R, layer.factors, hp.mote_lambda)
-        change = predicted_change(solution, layer.factors, keys, cap.gates, cap.expert_idx).double()  # [T, d]
-        out[name] = {"ranks": list(layer.factors.ranks),
-                     "residual_in_U_out": float(((R @ U_out) ** 2).sum() / (R**2).sum()),
-                     "keys_in_U_in": float(((keys @ U_in) ** 2).sum() / (keys**2).sum()),
-                     "experts_in_U_e": float((U_e[cap.expert_idx.flatten()] ** 2).sum(1).mean()),
-                     "reproduced": float(((change * R).sum(1) / (R**2).sum(1)).mean())}
-        log(f"  basis {name}: " + ", ".join(f"{k} {v}" for k, v in out[name].items()))
+        solution, _ = solve_layer(hp.solver, L, layer, cap, R, hp.mote_lambda, rule=hp.basis_rule())
+        change = solution.update(layer, L, 1.0).output_change(cap.keys, cap.gates, cap.expert_idx)  # [T, d]
+        out[name] = measure_coverage(L, solution.factors, solution.keys, cap.gates, cap.expert_idx, R, change,
+                                     cap.num_experts).to_dict()
     return out
 
 
@@ -329,6 +350,13 @@ def routing(session: Session, base: MoTEHyperParams, records: list[dict], cfg: d
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+COVERAGE = ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e", "reproduced")
+
+
+def _share(share: dict | None) -> str:
+    return "-" if share is None else f"{share['mean']:.2f} ({share['min']:.2f})"
+
+
 def _cell(row: dict, key: str) -> str:
     if "ci95" not in row:
         return f"{row[key]:.2f}"
@@ -346,13 +374,15 @@ def _settings(chosen_settings: dict) -> str:
 
 
 def _table(rows: dict, extra: dict | None = None) -> list[str]:
-    head = ("| method | " + " | ".join(METRICS) + " | edited | edit s (solve+write s) |"
+    head = ("| method | " + " | ".join(METRICS) + " | edited | edit s (solve+write s) | reproduced (min) |"
             + (" settings chosen on dev |" if extra is not None else ""))
-    lines = [head, "|---" * (len(METRICS) + 3 + (extra is not None)) + "|"]
+    lines = [head, "|---" * (len(METRICS) + 4 + (extra is not None)) + "|"]
     for name, row in rows.items():
-        ranks = f" {tuple(row['ranks'])}" if row.get("ranks") else ""
+        ranks = row.get("coverage", {}).get("ranks") or ([row["ranks"]] * 2 if row.get("ranks") else None)
+        ranks = "" if not ranks else f" {tuple(ranks[0])}" + (f"-{tuple(ranks[1])}" if ranks[1] != ranks[0] else "")
         line = (f"| {name}{ranks} | " + " | ".join(_cell(row, k) for k in METRICS)
-                + f" | {row.get('edited', '-')}/{row['n']} | {_seconds(row)} |")
+                + f" | {row.get('edited', '-')}/{row['n']} | {_seconds(row)} | "
+                + _share(row.get("coverage", {}).get("reproduced")) + " |")
         if extra is not None:
             line += f" {_settings(extra[name])} |" if name in extra else " - |"
         lines.append(line)
@@ -368,9 +398,12 @@ def rank_rows(res: dict, cfg: dict) -> dict:
 # The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's
 # core spread at those ranks, the two changes that help together (ranks x4, residual spread), full rank, and the two
 # strongest other solvers.
-HEADLINE = {"MoTE-residual": "MoTE, YAML: real ranks' ratios, residual spread", "MoTE": "MoTE, same ranks, core spread",
+HEADLINE = {"MoTE-residual": "MoTE, real ranks' ratios, weights' basis, residual spread",
+            "MoTE": "MoTE, same ranks, core spread (the paper's)",
+            "MoTE-edit": "MoTE, same ranks, edit-aware basis (= only r_e truncated), residual spread",
+            "MoTE-auto": "MoTE, ranks `auto` at coverage 0.9, residual spread",
             "MoTE-residual x4": "MoTE, ranks x4, residual spread", "MoTE-fullrank": "MoTE, full rank, core spread",
-            "Global-residual": "Global ridge", "MoEEdit-BCD": "MoEEdit-BCD"}
+            "Global-residual": "Global ridge (= edit-aware at r_e = E)", "MoEEdit-BCD": "MoEEdit-BCD"}
 
 
 def headline(report: dict) -> list[str]:
@@ -432,14 +465,15 @@ def markdown(report: dict) -> str:
                 lines += [f"### Ablation: {group} ({method}'s dev-chosen settings otherwise; test split)", "",
                           *_table(rows), ""]
         if "basis" in res:
-            lines += ["### What the Tucker basis can express (first test batch, last edited layer, unedited model)", "",
-                      "Energy shares in the span of each factor: the v* residuals R in U_out, the null-space-projected "
-                      "keys in U_in, the routed experts' indicators in U_e; `reproduced`: mean <U_out G phi_t, r_t> / "
-                      "||r_t||^2 after the core solve (1 = the layer's output moves exactly to z).", "",
-                      "| basis | (r_e, r_out, r_in) | residual in U_out | keys in U_in | experts in U_e | reproduced |",
+            lines += ["### What the Tucker basis holds (first test batch, last edited layer, unedited model)", "",
+                      "Mean (smallest) share over the batch's edits, in the span of each factor: the v* residuals in "
+                      "U_out, the gated null-space-projected keys in U_in, the gate vectors in U_e; `reproduced`: "
+                      "<c_t, r_t> / ||r_t||^2 for the output change c_t the solved update makes at the layer (1 = "
+                      "the layer's output moves exactly to z). Basis phase of `benchmarks/quality.py`.", "",
+                      "| basis | (r_e, r_out, r_in) | residual in U_out | keys in U_in | gates in U_e | reproduced |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {n} | {tuple(r['ranks'])} | {r['residual_in_U_out']:.2f} | {r['keys_in_U_in']:.2f} | "
-                      f"{r['experts_in_U_e']:.2f} | {r['reproduced']:.2f} |" for n, r in res["basis"].items()]
+            lines += [f"| {n} | {tuple(r['ranks'])} | " + " | ".join(_share(r[k]) for k in COVERAGE) + " |"
+                      for n, r in res["basis"].items()]
             lines.append("")
         if "routing" in res:
             layers = list(next(iter(res["routing"].values())))
@@ -491,8 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "quality.yaml"))
     parser.add_argument("--arch", nargs="*", help="archs of the config to run (default: all)")
     parser.add_argument("--only", nargs="*", choices=PHASES, default=list(PHASES))
-    parser.add_argument("--methods", nargs="*", help="run only these methods of the config (tune, test, routing), "
-                        "merged into the results already written")
+    parser.add_argument("--methods", nargs="*", help="run only these methods of the config (tune, test, ablations of "
+                        "those in `ablate`, routing), merged into the results already written")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -506,9 +540,10 @@ def main(argv: list[str] | None = None) -> None:
         unknown = set(args.methods) - set(cfg["methods"])
         if unknown:
             raise SystemExit(f"--methods {sorted(unknown)}: not in the config's methods")
-        if set(args.only) & {"ablations", "basis"}:
-            raise SystemExit("--methods runs the tune, test and routing phases only (add --only tune test)")
-        run_cfg = cfg | {"methods": {m: o for m, o in cfg["methods"].items() if m in args.methods}}
+        if "basis" in args.only:
+            raise SystemExit("--methods runs the tune, test, ablations and routing phases only (add --only tune test)")
+        run_cfg = cfg | {"methods": {m: o for m, o in cfg["methods"].items() if m in args.methods},
+                         "ablate": [m for m in cfg.get("ablate", ["MoTE"]) if m in args.methods]}
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"archs": {}}
@@ -538,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 result = phases[phase](session, base, split["test"], run_cfg, res, log)
             # a run of some methods adds its rows to those of the others
-            merge = args.methods and phase in ("tune", "test", "routing")
+            merge = args.methods and phase in ("tune", "test", "ablations", "routing")
             res[phase] = res.get(phase, {}) | result if merge else result
             log(f"{phase}: {time.time() - t:.0f} s")
             write_results(out, report)  # after every phase: a long run keeps its parts

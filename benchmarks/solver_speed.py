@@ -6,6 +6,8 @@
                                                    # (~5 min more)
     python benchmarks/solver_speed.py --reduced    # Qwen3-30B-A3B only, 200 edits (~1.5 min)
     python benchmarks/solver_speed.py --shape gpt-oss-20b --edits 200 --method mote global+speedup
+    python benchmarks/solver_speed.py --basis-check    # only MoTE per layer-batch with each basis (weights,
+        # weights+edit, auto) at the three shapes (T = 50, ~5 min; results/solver_speed_basis.{json,md})
     python benchmarks/solver_speed.py --global-check   # only the Global check: per layer-batch seconds of MoTE, the
         # plugin's Global and an independent sparse Woodbury reference, and their numerical difference
         # (Qwen3-30B-A3B, T = 50, ~2 min; results/solver_speed_global_check.{json,md})
@@ -45,10 +47,12 @@ from torch import nn
 from moeedit_bcd import bcd_published
 from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
+from mote_plugin.mote.algebra.batch_basis import BasisRule
+from mote_plugin.mote.algebra.coverage import measure_coverage
 from mote_plugin.mote.algebra.nullspace import nullspace_projectors
 from mote_plugin.mote.algebra.solve import project_keys, uint_p
 from mote_plugin.mote.algebra.solvers import LayerBasis, solve_layer
-from mote_plugin.mote.algebra.tucker import tucker_factors
+from mote_plugin.mote.algebra.tucker import TuckerFactors, tucker_factors
 from mote_plugin.mote.model.capture import LayerCapture
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -444,6 +448,59 @@ def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> di
     return row
 
 
+BASIS_RULES = {"weights (the paper's)": BasisRule(), "weights+edit": BasisRule(basis="weights+edit"),
+               "auto, coverage 0.9": BasisRule(auto=(True, True, True), min_coverage=0.9)}
+
+
+def random_orthonormal(n: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, r, generator=gen))[0]  # [n, r]
+
+
+def basis_check(shape_name: str, per_batch: int, batches: int, log=print) -> dict:
+    """Per layer-batch seconds (median over `batches`) of MoTE at one layer of `shape_name` for each basis of
+    BASIS_RULES: the batch's factors and the solve (solve_layer), the update factors, the write into the bf16 layer
+    and the coverage. Random orthonormal factors and random projectors of rank 7h/8 stand in for the HOSVD and the
+    null space (their values do not change the work); `auto` starts from full-size factors."""
+    shape = SHAPES[shape_name]
+    adapter = ADAPTERS[shape.adapter]()
+    gen = torch.Generator().manual_seed(3)
+    block, W = make_block(shape, adapter, gen)
+    del W
+    P = torch.empty(shape.E, shape.h, shape.h)  # [E, h, h]
+    for j in range(shape.E):
+        Q = random_orthonormal(shape.h, shape.h - shape.h // 8, gen)  # [h, 7h/8]
+        torch.matmul(Q, Q.T, out=P[j])
+    full = TuckerFactors(*(random_orthonormal(n, n, gen) for n in (shape.E, shape.d, shape.h)))
+    fixed = full.truncated(ranks(shape))
+    bases = {"fixed": LayerBasis(P=P, factors=fixed, UinT_P=uint_p(fixed, P)),
+             "full": LayerBasis(P=P, factors=full, UinT_P=None)}
+    caps = [synthetic_capture(shape, per_batch, gen) for _ in range(batches + 1)]  # the first one warms up
+    rows = {}
+    for name, rule in BASIS_RULES.items():
+        basis = bases["full" if any(rule.auto) else "fixed"]
+        steps = {k: [] for k in ("solve", "factors", "write", "coverage")}
+        chosen = set()
+        for cap, R in caps:
+            t0 = time.perf_counter()
+            sol, _ = solve_layer("mote", 0, basis, cap, R, LAMBDA, rule=rule)
+            t1 = time.perf_counter()
+            update = sol.update(basis, 0, 1.0)
+            t2 = time.perf_counter()
+            update.write(adapter, block)
+            t3 = time.perf_counter()
+            change = update.output_change(cap.keys, cap.gates, cap.expert_idx)
+            measure_coverage(0, sol.factors, sol.keys, cap.gates, cap.expert_idx, R, change, shape.E)
+            t4 = time.perf_counter()
+            for key, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                steps[key].append(seconds)
+            chosen.add(sol.factors.ranks)
+        med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in steps.items()}
+        rows[name] = {"median_seconds": med, "per_layer_batch": sum(med.values()), "ranks": sorted(chosen)}
+        log(f"[basis check {shape_name}] {name}: {rows[name]['per_layer_batch']:.3f} s per layer-batch, ranks "
+            f"{sorted(chosen)[0]}..{sorted(chosen)[-1]}")
+    return {"shape": shape_name, "T": per_batch, "batches": batches, "yaml_ranks": ranks(shape), "bases": rows}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------------------------
@@ -509,6 +566,27 @@ def check_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def basis_markdown(report: dict) -> str:
+    lines = ["# MoTE's basis per batch at real MoE layer shapes", "",
+             f"{run_line(report)}. One layer, random bf16 weights, synthetic edits (T per batch), random orthonormal "
+             "factors and projectors in place of the HOSVD and the null space (the work does not depend on their "
+             "values); median seconds per layer-batch of the solve (with the batch's factors), the update factors, "
+             "the write into the bf16 layer and the coverage report. `auto` on random residuals and keys needs "
+             "nearly every factor; on a real model its ranks are what the coverage of its edits asks for.", "",
+             "| shape | T | basis | ranks (r_e, r_out, r_in) | solve | factors | write | coverage | per layer-batch | "
+             "/ paper's |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["basis_check"]:
+        paper = r["bases"]["weights (the paper's)"]["per_layer_batch"]
+        for name, row in r["bases"].items():
+            m = row["median_seconds"]
+            ranks_cell = " .. ".join(str(tuple(x)) for x in dict.fromkeys(map(tuple, (row["ranks"][0],
+                                                                                      row["ranks"][-1]))))
+            lines.append(f"| {r['shape']} | {r['T']} | {name} | {ranks_cell} | {m['solve']:.3f} | {m['factors']:.3f} | "
+                         f"{m['write']:.3f} | {m['coverage']:.3f} | {row['per_layer_batch']:.3f} | "
+                         f"{row['per_layer_batch'] / paper:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="*", choices=list(SHAPES), default=None, help="default: all three")
@@ -522,6 +600,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the Global check (see above) at --shape (default qwen3-30b-a3b), --check-batches "
                              "batches")
     parser.add_argument("--check-batches", type=int, default=10)
+    parser.add_argument("--basis-check", action="store_true",
+                        help="only the per-batch basis timings (weights, weights+edit, auto) at --shape (default: all "
+                             "three), --check-batches batches; results/solver_speed_basis.{json,md}")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(RESULTS / "solver_speed"))
     args = parser.parse_args(argv)
@@ -533,6 +614,13 @@ def main(argv: list[str] | None = None) -> None:
     fixed_mmap_threshold()
     command = "python benchmarks/solver_speed.py" + (" --reduced" if args.reduced else "")
     report = run_info(command + (" --growth" if args.growth else "")) | {"shapes": {}}
+    if args.basis_check:
+        report["command"] = "python benchmarks/solver_speed.py --basis-check"
+        report["basis_check"] = [basis_check(name, args.edits_per_batch, args.check_batches)
+                                 for name in (args.shape or list(SHAPES))]
+        write_results(args.out + "_basis", report, basis_markdown(report), json_default=str)
+        print(basis_markdown(report))
+        return
     if args.global_check:
         report["command"] = "python benchmarks/solver_speed.py --global-check"
         report["global_check"] = [global_check(name, args.edits_per_batch, args.check_batches)

@@ -3,6 +3,7 @@
     MoTEEditor(model, tok, hparams).edit(requests)           the editor (mote_plugin.mote.editor)
     apply_mote_to_model(model, tok, requests, hparams)       the same behind EasyEdit's apply-function contract
     last_timings(model)                                      seconds per stage of the last edit
+    last_coverage(model)                                     what the basis held of the last edit, per solve
     save_edit / apply_edit / revert_edit / inspect_edit      edit patches (docs/patches.md)
     MoTEHyperParams                                          the YAML hyper-parameters
     register()                                               make "MoTE" selectable in an EasyEdit host
@@ -18,6 +19,7 @@ _LAZY = {
     "MoTEHyperParams": "mote_plugin.mote.hparams",
     "apply_mote_to_model": "mote_plugin.mote.mote_main",
     "last_timings": "mote_plugin.mote.mote_main",
+    "last_coverage": "mote_plugin.mote.mote_main",
     "register": "mote_plugin.easyedit",
     "save_edit": "mote_plugin.mote.patches.files",
     "apply_edit": "mote_plugin.mote.patches.files",

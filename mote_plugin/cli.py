@@ -125,7 +125,7 @@ def edit_hparams(path: str, overrides: list[tuple[str, object]]):
 def cmd_edit(args) -> None:
     from transformers import AutoTokenizer
 
-    from .mote.mote_main import apply_mote_to_model
+    from .mote.mote_main import apply_mote_to_model, last_coverage
     from .mote.patches.files import save_edit
 
     hp = edit_hparams(args.hparams, args.set)
@@ -145,6 +145,8 @@ def cmd_edit(args) -> None:
     # batch_size requests per call, one call after another (EasyEdit's batch_edit with sequential_edit=True)
     for start in range(0, len(requests), hp.batch_size):
         model, _ = apply_mote_to_model(model, tok, requests[start : start + hp.batch_size], hp)
+        for c in last_coverage(model):
+            print(format_coverage(start // hp.batch_size + 1, c))
     path = save_edit(model, args.out)
     calls = -(-len(requests) // hp.batch_size)
     print(f"edited {len(requests)} request(s) in {calls} call(s) of up to batch_size {hp.batch_size}; patch written to "
@@ -152,6 +154,15 @@ def cmd_edit(args) -> None:
     if save_to is not None:
         _save_model(model.cpu(), src, save_to)
         print(f"edited model written to {save_to}")
+
+
+def format_coverage(call: int, c: dict) -> str:
+    """One line of `mote edit`'s output per solve: what the basis held and what the update reproduced (mean, min)."""
+    shares = [f"{name} {c[key]['mean']:.2f} (min {c[key]['min']:.2f})" for name, key in
+              (("residual in U_out", "residual_in_U_out"), ("keys in U_in", "keys_in_U_in"),
+               ("gates in U_e", "gates_in_U_e"), ("reproduced", "reproduced")) if c[key] is not None]
+    ranks = f" ranks {tuple(c['ranks'])}" if c["ranks"] else ""
+    return f"call {call}, layer {c['layer']}{ranks}: " + ", ".join(shares)
 
 
 def _cmd_patch(args, forward: bool) -> None:

@@ -31,7 +31,12 @@ def last_error(capsys) -> str:
 def test_edit_with_overrides_in_calls_of_batch_size(setup, tmp_path, capsys):
     assert main([*setup, "--out", str(tmp_path / "p.safetensors"), "--set", "batch_size=2", "--set", "layers=[1]",
                  "--set", "mote_lambda=2e-2"]) == 0
-    assert "edited 3 request(s) in 2 call(s) of up to batch_size 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "edited 3 request(s) in 2 call(s) of up to batch_size 2" in out
+    coverage = [line for line in out.splitlines() if line.startswith("call ")]  # one line per call and solve
+    assert [line.split(":")[0] for line in coverage] == ["call 1, layer 1 ranks (4, 32, 24)",
+                                                         "call 2, layer 1 ranks (4, 32, 24)"]
+    assert all("residual in U_out" in line and "reproduced" in line for line in coverage), coverage
     summary = inspect_edit(tmp_path / "p.safetensors")
     assert summary["calls"] == 2 and list(summary["layers"]) == [1], summary["layers"]
 

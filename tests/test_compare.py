@@ -13,6 +13,7 @@ import yaml
 
 from mote_plugin.experiments.compare import CompareConfig, compare, method_spec, run_method
 from mote_plugin.experiments.host_methods import dense_module_problem, override
+from mote_plugin.mote.hparams import MoTEHyperParams
 
 ROOT = Path(__file__).resolve().parent.parent
 MOTE_YAML = str(ROOT / "hparams/MoTE/testbed-qwen3_moe-fullrank.yaml")  # edits every fact of these small batches
@@ -41,6 +42,11 @@ def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
     assert by_method["unedited"]["metrics"]["efficacy"] == 0.0
     assert by_method["MoTE"]["status"] == "ok" and by_method["MoTE"]["metrics"]["efficacy"] >= 0.8
     assert by_method["MoTE"]["edit_seconds"] > 0
+    hp = MoTEHyperParams.from_hparams(MOTE_YAML)  # per edit call (2 of 3 requests), the coverage of each solve
+    solves = [max(hp.layers)] if hp.spread == "core" else sorted(hp.layers)
+    assert [[c["layer"] for c in call] for call in by_method["MoTE"]["coverage"]] == [solves, solves]
+    assert all(0 <= c["residual_in_U_out"]["min"] <= c["residual_in_U_out"]["mean"] <= 1
+               for call in by_method["MoTE"]["coverage"] for c in call)
     if by_method["MEMIT"]["status"] == "unavailable":  # no host in this environment
         assert "EasyEdit" in by_method["MEMIT"]["reason"]
     table = (tmp_path / "out/results.md").read_text()

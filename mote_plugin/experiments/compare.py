@@ -29,7 +29,7 @@ import yaml
 from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
 from ..mote.editor import MoTEEditor
 from ..mote.hparams import MoTEHyperParams, hparams_path
-from ..mote.mote_main import apply_mote_to_model
+from ..mote.mote_main import apply_mote_to_model, last_coverage
 from .host_methods import (
     dense_module_problem,
     host_quality,
@@ -211,6 +211,7 @@ class MethodResult:
     overrides: dict = field(default_factory=dict)  # the `methods:` entry's changes to it
     effective_hparams: dict = field(default_factory=dict)  # what the method ran with (YAML + overrides + the run's own)
     per_record: list = field(default_factory=list)  # per record: case_id, subject, the plugin's and the host's scores
+    coverage: list = field(default_factory=list)  # MoTE: per edit call, what each solve's basis held (last_coverage)
 
 
 def _as_dict(hp) -> dict:
@@ -272,6 +273,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
     requests = [request_of(r, cfg.dataset) for r in records]
     originals: dict = {}
     seconds = 0.0
+    coverage = []
     try:
         # the host's AlphaEdit saves its projector into the working directory: host methods run in the run's one
         with working_directory(Path(cfg.out)) if alg != "MoTE" else contextlib.nullcontext():
@@ -282,9 +284,11 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
                 seconds += time.time() - start
                 for k, v in weights_copy.items():
                     originals.setdefault(k, v)
+                if alg == "MoTE":
+                    coverage.append(last_coverage(model))
         result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before),
-                              edit_seconds=seconds,
-                              hparams=hp_path, overrides=overrides, effective_hparams=_as_dict(hp))
+                              edit_seconds=seconds, hparams=hp_path, overrides=overrides,
+                              effective_hparams=_as_dict(hp), coverage=coverage)
         host_rows = None
         if host is not None and cfg.host_metrics:
             result.host_metrics, host_rows = host_token_metrics(model, tok, requests, hp, before)
@@ -380,17 +384,26 @@ def markdown(report: dict) -> str:
              f"{report['host']}",
              "",
              "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | edit "
-                                                            "time (s) |",
-             "|---|---|" + "---|" * (len(METRICS) + 4)]
+                                                            "time (s) | reproduced (min) |",
+             "|---|---|" + "---|" * (len(METRICS) + 5)]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {r['status']}: {r['reason']} |" + " |" * (len(METRICS) + 4))
+            lines.append(f"| {r['method']} | {r['status']}: {r['reason']} |" + " |" * (len(METRICS) + 5))
             continue
         m, h = r["metrics"], r["host_metrics"]
         host_cells = [f"{h[k]:.3f}" if k in h else "-" for k in ("rewrite_acc", "rephrase_acc", "locality_acc")]
         lines.append(f"| {r['method']} | ok | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " | "
-                     + " | ".join(host_cells) + f" | {r['edit_seconds']:.1f} |")
+                     + " | ".join(host_cells) + f" | {r['edit_seconds']:.1f} | {_reproduced(r.get('coverage'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _reproduced(coverage: list | None) -> str:
+    """The share of the residuals MoTE's updates reproduced at their solve layers: the mean over every solve of every
+    call, and the smallest single edit's share; "-" for a method without coverage (the host's)."""
+    solves = [c["reproduced"] for call in coverage or [] for c in call]
+    if not solves:
+        return "-"
+    return f"{sum(s['mean'] for s in solves) / len(solves):.2f} ({min(s['min'] for s in solves):.2f})"
 
 
 def bar_chart(report: dict, plt):

@@ -1,8 +1,9 @@
 """MoTE, the editor, in layers; a module imports only from layers above it in this list (tests/test_layout.py):
 
     algebra/            pure tensor maths, no model, no hooks: Tucker factors (tucker, eig), null-space projectors
-                        (nullspace), the core solve (solve), the baseline solvers (baselines) behind one interface
-                        (solvers, with LayerBasis), and the update every solver writes (update)
+                        (nullspace), the basis a batch is solved in (batch_basis) and what it holds (coverage), the core
+                        solve (solve), the baseline solvers (baselines) behind one interface (solvers, with
+                        LayerBasis), and the update every solver writes (update)
     model/              what runs or hooks the model: edit requests (requests), the lookup token (lookup), activation
                         hooks (hooks), key capture and layer outputs (capture), preservation statistics (stats), v*
                         targets (compute_z; host_compute_z: the EasyEdit host's own), accelerate offload (offload)

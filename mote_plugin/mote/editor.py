@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import MoEAdapter, get_adapter
+from .algebra.coverage import Coverage, measure_coverage
 from .algebra.nullspace import nullspace_projectors
 from .algebra.solve import uint_p
 from .algebra.solvers import LayerBasis, solve_layer
@@ -67,6 +68,7 @@ class EditState:
     timings: list[dict] = field(default_factory=list)  # seconds per stage, one dict per successful edit
     edits: int = 0  # requests edited so far (lambda growth)
     last_writes: list = field(default_factory=list)  # (layer, ExpertUpdate) written by the last successful edit
+    last_coverage: list = field(default_factory=list)  # Coverage of each solve of the last successful edit
     history: EditHistory = field(default_factory=EditHistory)  # successful edits, for edit patches (`save_edit`)
     record_history: bool = True  # False: keep no history (e.g. long benchmark runs); `save_edit` then has nothing
 
@@ -96,6 +98,7 @@ class EditResult:
     requests: list[dict]  # the requests edited (those whose v* reached its target, unless `v_keep_failed`)
     timings: dict  # seconds per stage (STAGES) and `edits`, the number of requests edited
     originals: dict[str, torch.Tensor]  # the changed parameters (by name) as they were before the edit
+    coverage: list[Coverage] = field(default_factory=list)  # per solve: what its basis held (coverage.py)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,6 +154,7 @@ class _Edit:
     z: torch.Tensor | None = None  # [T, d] v* targets at the last edited layer
     timings: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     writes: list[tuple[int, ExpertUpdate]] = field(default_factory=list)
+    coverage: list[Coverage] = field(default_factory=list)
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -198,6 +202,12 @@ class MoTEEditor:
     def memory(self) -> dict:
         """Sequential-editing memory per layer (`sequential_memory: true`)."""
         return self.state.memory
+
+    @property
+    def last_coverage(self) -> list[Coverage]:
+        """What each solve's basis held of the last successful edit, and the share of its residuals the update
+        reproduces (coverage.py)."""
+        return self.state.last_coverage
 
     @property
     def last_writes(self) -> list[tuple[int, ExpertUpdate]]:
@@ -257,9 +267,10 @@ class MoTEEditor:
         state.timings.append(edit.timings)
         state.edits += len(edit.requests)
         state.last_writes = edit.writes
+        state.last_coverage = edit.coverage
         log.info("MoTE: %d edits, %s", len(edit.requests),
                  ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items() if k != "edits"))
-        return EditResult(edit.requests, dict(edit.timings), originals)
+        return EditResult(edit.requests, dict(edit.timings), originals, list(edit.coverage))
 
     def _edit(self, edit: _Edit, precomputed: dict | None, progress: bool) -> _Edit:
         """Steps 2-4 of the module docstring, writing into the model (no restore on failure: `edit` does that)."""
@@ -366,15 +377,16 @@ class MoTEEditor:
         model, tok, hp, state = self.model, self.tok, self.hparams, self.state
         layer = step.solve_layer
         with edit.timed("capture"):
-            keys = capture(model, tok, edit.adapter, edit.requests, [layer], hp.fact_token, max_length=hp.max_length)
+            cap = capture(model, tok, edit.adapter, edit.requests, [layer], hp.fact_token,
+                          max_length=hp.max_length)[layer]
             h = layer_outputs(model, tok, edit.requests, hp.layer_module_tmp.format(step.residual_layer),
                               hp.fact_token, hp.max_length)  # [T, d]
         R = (edit.z.to(h.device) - h) * step.residual_times / step.residual_over  # [T, d]
         with edit.timed("solve"):
             memory = state.memory.get(layer) if hp.sequential_memory else None
-            solution, memory = solve_layer(hp.solver, layer, edit.bases[layer], keys[layer], R, lam, memory,
+            solution, memory = solve_layer(hp.solver, layer, edit.bases[layer], cap, R, lam, memory,
                                            keep_memory=hp.sequential_memory, bcd_passes=hp.bcd_passes,
-                                           bcd_seed=hp.bcd_seed)
+                                           bcd_seed=hp.bcd_seed, rule=hp.basis_rule())
             if hp.sequential_memory:
                 state.memory[layer] = memory
         with edit.timed("writeback"):
@@ -382,6 +394,11 @@ class MoTEEditor:
                 update = solution.update(edit.bases[target], target, scale)
                 update.write(edit.adapter, edit.blocks[target])
                 edit.writes.append((target, update))
+                if target == layer:  # every spread writes its solve layer at scale 1
+                    change = update.output_change(cap.keys, cap.gates, cap.expert_idx)  # [T, d]
+        edit.coverage.append(measure_coverage(layer, solution.factors, solution.keys, cap.gates, cap.expert_idx, R,
+                                              change, cap.num_experts))
+        _report(edit.coverage[-1], hp)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,10 +417,33 @@ def layer_basis(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) -> Laye
     P = P.to(W.device)
     if hp.solver != "mote":  # the unstructured solvers need only the projectors
         return LayerBasis(P=P, factors=None, UinT_P=None)
-    factors = tucker_factors(W, (hp.r_e, hp.r_out, hp.r_in), whitening=hp.whitening, cov_in=stats.cov_in,
-                             cov_out=stats.cov_out, eps=hp.eps_whitening, hooi_sweeps=hp.hooi_sweeps)
+    factors = tucker_factors(W, hp.layer_ranks(), whitening=hp.whitening, cov_in=stats.cov_in, cov_out=stats.cov_out,
+                             eps=hp.eps_whitening, hooi_sweeps=hp.hooi_sweeps)
     factors = TuckerFactors(*(u.to(W.device) for u in factors))
-    return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P))
+    fixed = not any(hp.basis_rule().auto)  # with `auto` ranks each batch computes U_in^T P_j at its own rank
+    return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P) if fixed else None)
+
+
+def _report(cov: Coverage, hp: MoTEHyperParams) -> None:
+    """Log one solve's coverage; warn, naming what to change, when its update reproduces under `min_reproduced` of the
+    residual it aimed at."""
+    held = ", ".join(f"{name} {share.mean:.2f} (min {share.min:.2f})" for name in
+                     ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e") if (share := getattr(cov, name)) is not None)
+    ranks = f" at ranks (r_e, r_out, r_in) = {cov.ranks}" if cov.ranks else ""
+    log.info("MoTE coverage, layer %d%s: reproduced %.2f (min %.2f)%s", cov.layer, ranks, cov.reproduced.mean,
+             cov.reproduced.min, f"; basis holds {held}" if held else "")
+    if cov.reproduced.mean >= hp.min_reproduced:
+        return
+    if cov.ranks is None:
+        advice = "lower mote_lambda"
+    elif hp.basis != "weights":  # U_out and U_in hold the batch: only the expert mode and lambda are left
+        advice = (f"the basis{ranks} holds {held}: raise r_e (r_e = E is the Global ridge) or lower mote_lambda")
+    else:
+        advice = (f"the basis{ranks} holds {held}: set `basis: weights+edit` (the batch's residuals and keys join "
+                  "U_out and U_in), raise the ranks or set them `auto`, or lower mote_lambda")
+    log.warning("MoTE: at layer %d the update reproduces %.2f of the %d edits' residuals on average (min %.2f), below "
+                "min_reproduced %.2f, so the edits may not take: %s", cov.layer, cov.reproduced.mean, cov.edits,
+                cov.reproduced.min, hp.min_reproduced, advice)
 
 
 def _sample_context_templates(model, tok, n: int, length: int, seed: int) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from .algebra.batch_basis import BASES, BasisRule
 from .algebra.nullspace import FALLBACKS, RULES
 from .algebra.solvers import SOLVERS
 from .algebra.tucker import WHITENINGS
@@ -49,7 +50,7 @@ BASIS_FIELDS = (
 
 _FLOAT_FIELDS = (
     "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mote_lambda", "eps_whitening", "nullspace_threshold",
-    "lambda_growth",
+    "lambda_growth", "min_coverage", "min_reproduced",
 )  # fmt: skip
 
 
@@ -138,9 +139,18 @@ class MoTEHyperParams(HostHyperParams):
     v_batch_size: int | None = None  # requests optimised together in v* (null: all requests of the call)
     v_keep_failed: bool = False  # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
     mote_lambda: float = 0.1  # ridge lambda of the core solve (> 0)
-    r_e: int | float = 1.0  # expert-mode Tucker rank: int = absolute, float in (0, 1] = fraction (1 != 1.0!)
-    r_out: int | float = 0.5  # output-mode (d_model) Tucker rank, same convention
-    r_in: int | float = 0.5  # input-mode (expert hidden) Tucker rank, same convention
+    # Tucker ranks: int = absolute, float in (0, 1] = fraction (1 != 1.0!), "auto" = the fewest leading factors holding
+    # min_coverage of each batch's edit in that mode (chosen per batch, reported with the coverage)
+    r_e: int | float | str = 1.0  # expert mode (the routed gate vectors)
+    r_out: int | float | str = 0.5  # output mode, d_model (the v* residuals)
+    r_in: int | float | str = 0.5  # input mode, expert hidden (the projected keys)
+    min_coverage: float = 0.9  # `auto` ranks: the share of a mode's edit energy its factors must hold (batch mean)
+    # the factors a batch is solved in: weights (the HOSVD of the weights, the paper's) | weights+edit (plus the
+    # batch's residuals in U_out and its projected keys in U_in; needs a spread that captures keys at every layer) |
+    # weights+edit+gates (and the batch's gate vectors in U_e)
+    basis: str = "weights"
+    # warn when the update at a solve layer reproduces less than this share of the residual it aimed at (batch mean)
+    min_reproduced: float = 0.5
     whitening: str = "in"  # HOSVD whitening: none | in | out | both
     eps_whitening: float = 1e-5  # covariance regulariser of the whitening (>= 0)
     hooi_sweeps: int = 0  # HOOI refinement sweeps after the HOSVD
@@ -207,8 +217,24 @@ class MoTEHyperParams(HostHyperParams):
              f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
         for name in ("r_e", "r_out", "r_in"):
             r = getattr(self, name)
-            ok = (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0)
-            need(ok, f"{name} must be a positive int or a float in (0, 1], got {r!r}")
+            ok = (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0) or r == "auto"
+            need(ok, f"{name} must be a positive int, a float in (0, 1] or 'auto', got {r!r}")
+        need(self.basis in BASES, f"basis must be one of {BASES}, got {self.basis!r}")
+        need(_is_number(self.min_coverage) and 0 < self.min_coverage <= 1,
+             f"min_coverage must be a number in (0, 1], got {self.min_coverage!r}")
+        need(_is_number(self.min_reproduced) and 0 <= self.min_reproduced <= 1,
+             f"min_reproduced must be a number in [0, 1] (0: never warn), got {self.min_reproduced!r}")
+        if not self.basis_rule().fixed:
+            per_batch = (f"basis {self.basis!r}" if self.basis != "weights" else "'auto' ranks")
+            need(self.solver == "mote", f"{per_batch} is for solver 'mote' (the {self.solver!r} solver has no basis)")
+            need(not self.sequential_memory,
+                 f"{per_batch} takes a basis per batch, which the sequential memory (past edits' features in one "
+                 f"fixed basis) cannot follow: set sequential_memory: false, or fixed ranks with basis 'weights'")
+            need(self.hooi_sweeps == 0 or self.basis != "weights",
+                 "'auto' ranks take prefixes of the HOSVD factors; HOOI factors depend on the rank: set hooi_sweeps: 0")
+        need(not (self.basis != "weights" and self.spread == "core"),
+             f"basis {self.basis!r} is built from the keys captured at the layer it writes, and the core spread "
+             "writes layers whose keys it never captures: use spread 'residual' or 'layerwise'")
         for name in ("mote_lambda", "v_lr", "clamp_norm_factor", "nullspace_threshold"):
             v = getattr(self, name)
             need(_is_number(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
@@ -375,6 +401,15 @@ class MoTEHyperParams(HostHyperParams):
         """What a layer's basis depends on: whether it has Tucker factors (solver mote; the other solvers use the
         projectors only) and the BASIS_FIELDS."""
         return (self.solver == "mote", *(getattr(self, name) for name in BASIS_FIELDS))
+
+    def basis_rule(self) -> BasisRule:
+        """How each batch's factors are taken from the layer's (`basis`, `auto` ranks, `min_coverage`)."""
+        auto = tuple(getattr(self, name) == "auto" for name in ("r_e", "r_out", "r_in"))
+        return BasisRule(basis=self.basis, auto=auto, min_coverage=self.min_coverage)
+
+    def layer_ranks(self) -> tuple:
+        """The ranks of the layer's fixed factors: the YAML's, full size (1.0) for an `auto` mode."""
+        return tuple(1.0 if r == "auto" else r for r in (self.r_e, self.r_out, self.r_in))
 
     def vstar_config(self) -> VStarConfig:
         """The v* settings (compute_z.py) of these hyper-parameters."""

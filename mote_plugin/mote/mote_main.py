@@ -1,4 +1,5 @@
-"""MoTE behind EasyEdit's editor contract: `apply_mote_to_model` (the host's `ALG_DICT["MoTE"]`) and `last_timings`.
+"""MoTE behind EasyEdit's editor contract: `apply_mote_to_model` (the host's `ALG_DICT["MoTE"]`), `last_timings` and
+`last_coverage`.
 
 Both are thin: the edit is `MoTEEditor.edit` (editor.py), and what is kept between calls on one model (bases,
 sequential memory, timings, edit history) is that model's `EditState`, so sequential EasyEdit calls build on each other.
@@ -43,3 +44,14 @@ def last_timings(model) -> dict:
     if not timings:
         raise ValueError("no MoTE edit has been applied to this model yet")
     return dict(timings[-1])
+
+
+def last_coverage(model) -> list[dict]:
+    """What each solve of the last successful MoTE edit of `model` could carry, one dict per solve (coverage.py): the
+    solve `layer`, its `edits`, the `ranks` (r_e, r_out, r_in) solved in (None for the unstructured solvers), and the
+    {mean, min} over the edits of `residual_in_U_out`, `keys_in_U_in`, `gates_in_U_e` and `reproduced` (the share of
+    each residual the written update reproduces at that layer)."""
+    state = EditState.of(model)
+    if not state.timings:
+        raise ValueError("no MoTE edit has been applied to this model yet")
+    return [c.to_dict() for c in state.last_coverage]

@@ -148,8 +148,9 @@ def cached(out: Path, opts: BuildOptions) -> tuple[bool, str]:
     return True, "cache reused"
 
 
-def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
-    """Build the fact model into `out` (or reuse a valid cache there). Returns the report."""
+def build(out: str | Path, opts: BuildOptions, log=print, on_epoch=None) -> dict:
+    """Build the fact model into `out` (or reuse a valid cache there). Returns the report. `on_epoch(epoch, model)` is
+    called after each training epoch (`train`), when the model is trained here."""
     out = Path(out)
     ok, reason = cached(out, opts)
     if ok:
@@ -173,7 +174,7 @@ def build(out: str | Path, opts: BuildOptions, log=print) -> dict:
     tok = train_tokenizer(tokenizer_texts(text, facts, all_facts + profiles, opts.subject_tokens), opts.vocab_size)
     torch.manual_seed(opts.seed)
     model = make_model(make_config(opts.arch, len(tok), opts.size, special_ids(tok)))
-    train_log = train(model, tok, all_facts + profiles, text, opts.train, log=log)
+    train_log = train(model, tok, all_facts + profiles, text, opts.train, log=log, on_epoch=on_epoch)
     train_seconds = time.time() - t0
 
     report = {"arch": opts.arch, "n_facts": len(facts), "n_unedited_facts": len(all_facts) - len(facts),

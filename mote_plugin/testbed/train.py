@@ -146,8 +146,10 @@ def _batches(seqs, batch_size: int, pad_id: int):
         yield ids, mask, labels, spans
 
 
-def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print) -> dict:
-    """Train `model` in place; returns a small log (loss curve, tokens/s)."""
+def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print, on_epoch=None) -> dict:
+    """Train `model` in place; returns a small log (loss curve, tokens/s). `on_epoch(epoch, model)`, when given, is
+    called after each epoch (1-based) with the model in eval mode (e.g. to save checkpoints); training goes on
+    unchanged."""
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     text_ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -187,6 +189,11 @@ def train(model, tok, facts: list[Fact], text: str, cfg: TrainConfig, log=print)
             bar.update(1)
         losses.append(sum(epoch_loss) / len(epoch_loss))
         bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
+        if on_epoch is not None:
+            model.eval()
+            with torch.no_grad():
+                on_epoch(epoch + 1, model)
+            model.train()
     bar.close()
     for h in handles:
         h.remove()

@@ -209,7 +209,7 @@ def lowrank_update(
         factors: the same TuckerFactors.
         P: `[E, h, h]` null-space projectors, or None for P_j = I.
         scale: multiplies the update (multi-layer spread: 1 / (L - l + 1)).
-        UinT_P: optional precomputed `[E, r_in, h]` U_in^T P_j (reused across batches).
+        UinT_P: optional precomputed `[E, r_in, h]` U_in^T P_j (reused across batches; `uint_p`).
 
     Returns:
         left `[d, r]`, right `[E, r, h]`.
@@ -218,9 +218,6 @@ def lowrank_update(
     r_e = U_e.shape[1]
     r_in = U_in.shape[1]
     dtype, device = solution.G_flat.dtype, solution.G_flat.device
-    if UinT_P is None:
-        UinT_P = uint_p(factors, P, dtype)  # [E, r_in, h]
-    UinT_P = UinT_P.to(device=device, dtype=dtype)
     U_e, U_out = U_e.to(device=device, dtype=dtype), U_out.to(device=device, dtype=dtype)
 
     T, r_out = solution.R_tilde.shape
@@ -232,8 +229,12 @@ def lowrank_update(
         G = solution.G_flat.reshape(r_out, r_e, r_in)  # [r_out, r_e, r_in]
         B = torch.einsum("ja,oai->joi", U_e, G)  # [E, r_out, r_in]
         left = scale * U_out  # [d, r_out]
-    right = B @ UinT_P  # [E, r, h]
-    return left, right
+    if UinT_P is not None:
+        return left, B @ UinT_P.to(device=device, dtype=dtype)  # [E, r, h]
+    # no U_in^T P_j at hand (a basis taken for one batch): (B_j U_in^T) P_j, E r h (r_in + h) flops instead of the
+    # E r_in h^2 of U_in^T P_j
+    right = B @ U_in.to(device=device, dtype=dtype).T  # [E, r, h]
+    return left, right if P is None else right @ P.to(device=device, dtype=dtype)
 
 
 def dense_update(

@@ -4,7 +4,8 @@
     global  the unstructured ridge over all experts, T x T Woodbury, routed experts only (baselines.py)
     bcd     MoEEdit's block-coordinate descent over experts (baselines.py)
 
-`solve_layer` turns the keys captured at one layer into a `LayerSolution`; `LayerSolution.update(basis, layer, scale)`
+`solve_layer` turns the keys captured at one layer into a `LayerSolution` (MoTE: in the factors `batch_basis.py` takes
+for the batch); `LayerSolution.update(basis, layer, scale)`
 gives the `ExpertUpdate` to write into a layer with that `LayerBasis`: the solve layer itself or, in the `core` spread,
 another layer (MoTE writes its core G with that layer's Tucker factors and projectors; the unstructured solvers
 write their expert-space update through that layer's projectors, Delta_j P_j).
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .baselines import bcd_solve, global_solve
+from .batch_basis import BasisRule, batch_factors
 from .solve import CoreSolution, lowrank_update, project_keys, solve_core, update_memory
 from .tucker import TuckerFactors
 from .update import ExpertUpdate
@@ -29,20 +31,28 @@ class LayerBasis:
     """What the solve needs of one layer, fixed for a model: projectors, factors, U_in^T P_j."""
 
     P: torch.Tensor  # [E, h, h] null-space projectors (identity when the null space is off)
-    factors: TuckerFactors | None  # U_e [E, r_e], U_out [d, r_out], U_in [h, r_in] (None: solver without factors)
-    UinT_P: torch.Tensor | None  # [E, r_in, h]
+    # U_e [E, r_e], U_out [d, r_out], U_in [h, r_in], full size in `auto` modes (None: solver without factors)
+    factors: TuckerFactors | None
+    UinT_P: torch.Tensor | None  # [E, r_in, h] (None with `auto` ranks: each batch's own is computed)
 
 
 @dataclass
 class LayerSolution:
+    keys: torch.Tensor  # [T, K, h] the null-space-projected keys solved on
     core: CoreSolution | None = None  # solver "mote"
+    factors: TuckerFactors | None = None  # solver "mote": the factors the core was solved in (the batch's)
+    UinT_P: torch.Tensor | None = None  # [E, r_in, h] U_in^T P_j of those factors when the layer's (else computed)
     expert_update: ExpertUpdate | None = None  # solvers "global" / "bcd": the update at the solve layer
     solve_layer: int | None = None
 
     def update(self, basis: LayerBasis, layer: int, scale: float) -> ExpertUpdate:
         """The update for `layer` (whose LayerBasis is `basis`), multiplied by `scale`."""
         if self.core is not None:
-            left, right = lowrank_update(self.core, basis.factors, basis.P, scale=scale, UinT_P=basis.UinT_P)
+            factors, UinT_P = self.factors, self.UinT_P
+            if layer != self.solve_layer:  # the core spread: the same core in that layer's factors, at these ranks
+                factors = basis.factors.truncated(self.factors.ranks)
+                UinT_P = basis.UinT_P if basis.factors.ranks == factors.ranks else None
+            left, right = lowrank_update(self.core, factors, basis.P, scale=scale, UinT_P=UinT_P)
             return ExpertUpdate(left=left, right=right)
         update = self.expert_update if layer == self.solve_layer else self.expert_update.projected(basis.P)
         return update.scaled(scale)
@@ -50,15 +60,21 @@ class LayerSolution:
 
 def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torch.Tensor, lam: float,
                 memory: torch.Tensor | None = None, keep_memory: bool = False, bcd_passes: int = 4,
-                bcd_seed: int = 42) -> tuple[LayerSolution, torch.Tensor | None]:
-    """Solve one layer. cap: the layer's LayerCapture (keys [T, K, h], gates, expert_idx); residuals [T, d].
+                bcd_seed: int = 42, rule: BasisRule | None = None) -> tuple[LayerSolution, torch.Tensor | None]:
+    """Solve one layer. cap: the layer's LayerCapture (keys [T, K, h], gates, expert_idx); residuals [T, d]; rule: how
+    solver "mote" takes the batch's factors from the layer's (default: as they are).
 
     Returns the solution and, when `keep_memory`, the sequential memory with this batch added (solver "mote" only).
     """
     keys = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
     if solver == "mote":
-        core = solve_core(keys, cap.gates, cap.expert_idx, residuals, basis.factors, lam, memory=memory)
-        return LayerSolution(core=core, solve_layer=layer), update_memory(memory, core.Phi) if keep_memory else None
+        factors, UinT_P = basis.factors, basis.UinT_P
+        if rule is not None and not rule.fixed:
+            factors = batch_factors(basis.factors, rule, keys, cap.gates, cap.expert_idx, residuals)
+            UinT_P = None
+        core = solve_core(keys, cap.gates, cap.expert_idx, residuals, factors, lam, memory=memory)
+        solution = LayerSolution(keys=keys, core=core, factors=factors, UinT_P=UinT_P, solve_layer=layer)
+        return solution, update_memory(memory, core.Phi) if keep_memory else None
     if solver == "global":
         update = global_solve(keys, cap.gates, cap.expert_idx, residuals, lam)
     elif solver == "bcd":
@@ -66,4 +82,4 @@ def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torc
                            seed=bcd_seed)
     else:
         raise ValueError(f"unknown solver {solver!r}; one of {SOLVERS}")
-    return LayerSolution(expert_update=update, solve_layer=layer), None
+    return LayerSolution(keys=keys, expert_update=update, solve_layer=layer), None

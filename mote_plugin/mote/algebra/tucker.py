@@ -37,6 +37,10 @@ class TuckerFactors(NamedTuple):
     def ranks(self) -> tuple[int, int, int]:
         return self.U_e.shape[1], self.U_out.shape[1], self.U_in.shape[1]
 
+    def truncated(self, ranks: Sequence[int]) -> "TuckerFactors":
+        """The leading `ranks` columns of each factor (HOSVD factors are ordered: a prefix is the lower-rank basis)."""
+        return TuckerFactors(*(U[:, :r] for U, r in zip(self, ranks)))
+
 
 def resolve_ranks(ranks: Sequence[int | float], shape: Sequence[int]) -> tuple[int, int, int]:
     """Turn (r_e, r_out, r_in) into ints for a tensor of shape (E, d, h).

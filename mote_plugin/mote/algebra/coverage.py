@@ -1,0 +1,108 @@
+"""How much of one batch's edit a Tucker basis can carry: energy shares per edit (method.md, "Coverage").
+
+MoTE writes Delta W_j = U_out (sum_a U_e[j, a] G_a) U_in^T P_j, so it can only move the layer's output inside
+span(U_out), read the keys inside span(U_in) and spread the update over experts inside span(U_e). For a batch of T
+edits at one layer, with residuals R [T, d], null-space-projected keys k~ [T, K, h] and gates g [T, K] of the routed
+experts idx [T, K], the shares are per edit t:
+
+    residual in U_out   ||U_out^T r_t||^2 / ||r_t||^2
+    keys in U_in        sum_k ||U_in^T g_tk k~_tk||^2 / sum_k ||g_tk k~_tk||^2
+    gates in U_e        ||U_e^T g_t||^2 / ||g_t||^2,   g_t [E] the dense gate vector (zero off the top-k)
+    reproduced          <c_t, r_t> / ||r_t||^2,   c_t = sum_k g_tk Delta_{idx_tk} k_tk the output change the written
+                        update predicts at the layer (1: the layer's output moves exactly by r_t)
+
+An edit with nothing to cover (a zero residual, or keys the null space removed entirely) counts as covered (share 1):
+whether anything could be written then shows in `reproduced`. Pure tensor functions, float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tucker import TuckerFactors
+
+
+def prefix_shares(X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Share of each edit's energy in the span of U's first r columns, for every r.
+
+    X: `[T, M, n]` M vectors per edit (residuals and gate vectors: M = 1, keys: M = K), U: `[n, R]` orthonormal
+    columns -> `[T, R]` (column r - 1: the share in span(U[:, :r]); non-decreasing along a row).
+    """
+    X = X.to(torch.float64)
+    inside = ((X @ U.to(device=X.device, dtype=torch.float64)) ** 2).sum(1).cumsum(1)  # [T, R]
+    total = (X**2).sum((1, 2))  # [T]
+    return torch.where(total[:, None] > 0, inside / total.clamp_min(1e-300)[:, None], torch.ones_like(inside))
+
+
+def dense_gates(gates: torch.Tensor, expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The gate vectors g_t [E] of the batch (zero for experts outside the top-k). gates, expert_idx: `[T, K]` ->
+    `[T, E]` float64."""
+    out = torch.zeros(gates.shape[0], num_experts, dtype=torch.float64, device=gates.device)  # [T, E]
+    return out.scatter_add_(1, expert_idx.to(gates.device), gates.to(torch.float64))
+
+
+def mode_vectors(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,
+                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What each factor must hold, per edit, as `prefix_shares` reads it: (gate vectors `[T, 1, E]`, residuals
+    `[T, 1, d]`, gated projected keys `[T, K, h]`), in the modes' order (e, out, in)."""
+    gated_keys = gates.to(torch.float64).unsqueeze(-1) * keys.to(torch.float64)  # [T, K, h]
+    return (dense_gates(gates, expert_idx, num_experts).unsqueeze(1), residuals.to(torch.float64).unsqueeze(1),
+            gated_keys)
+
+
+def reproduced_shares(change: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    """<c_t, r_t> / ||r_t||^2 per edit. change, residuals: `[T, d]` -> `[T]` (1 where r_t = 0)."""
+    change, residuals = change.to(torch.float64), residuals.to(torch.float64)
+    total = (residuals**2).sum(1)  # [T]
+    return torch.where(total > 0, (change * residuals).sum(1) / total.clamp_min(1e-300), torch.ones_like(total))
+
+
+@dataclass(frozen=True)
+class Share:
+    """A share over the edits of a batch: its mean and its smallest value."""
+
+    mean: float
+    min: float
+
+    @classmethod
+    def of(cls, shares: torch.Tensor) -> "Share":
+        return cls(float(shares.mean()), float(shares.min()))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What one solve's basis held of its batch, and how much of each residual the written update reproduces."""
+
+    layer: int  # the solve layer (keys captured and residuals measured there)
+    edits: int  # T
+    ranks: tuple[int, int, int] | None  # (r_e, r_out, r_in) solved in; None: an unstructured solver (no basis)
+    residual_in_U_out: Share | None
+    keys_in_U_in: Share | None
+    gates_in_U_e: Share | None
+    reproduced: Share
+
+    def to_dict(self) -> dict:
+        out = {"layer": self.layer, "edits": self.edits, "ranks": list(self.ranks) if self.ranks else None}
+        for name in ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e", "reproduced"):
+            share = getattr(self, name)
+            out[name] = None if share is None else {"mean": share.mean, "min": share.min}
+        return out
+
+
+def measure_coverage(layer: int, factors: TuckerFactors | None, keys: torch.Tensor, gates: torch.Tensor,
+            expert_idx: torch.Tensor, residuals: torch.Tensor, change: torch.Tensor, num_experts: int) -> Coverage:
+    """The coverage of one solve.
+
+    factors: the basis solved in (None for the unstructured solvers), keys: `[T, K, h]` null-space-projected,
+    gates / expert_idx: `[T, K]`, residuals: `[T, d]` what the solve aimed at, change: `[T, d]` the output change the
+    written update predicts (`ExpertUpdate.output_change`).
+    """
+    shares = [None, None, None]
+    if factors is not None:
+        vectors = mode_vectors(keys, gates, expert_idx, residuals, num_experts)
+        shares = [Share.of(prefix_shares(X, U)[:, -1]) for X, U in zip(vectors, factors)]
+    return Coverage(layer=layer, edits=residuals.shape[0], ranks=factors.ranks if factors is not None else None,
+                    residual_in_U_out=shares[1], keys_in_U_in=shares[2], gates_in_U_e=shares[0],
+                    reproduced=Share.of(reproduced_shares(change, residuals)))
