@@ -353,8 +353,11 @@ def routing(session: Session, base: MoTEHyperParams, records: list[dict], cfg: d
 COVERAGE = ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e", "reproduced")
 
 
-def _share(share: dict | None) -> str:
-    return "-" if share is None else f"{share['mean']:.2f} ({share['min']:.2f})"
+def _share(share: dict | float | None) -> str:
+    """A coverage share: mean (smallest); a bare number as it is; "-" when not measured."""
+    if share is None:
+        return "-"
+    return f"{share:.2f}" if isinstance(share, float) else f"{share['mean']:.2f} ({share['min']:.2f})"
 
 
 def _cell(row: dict, key: str) -> str:
@@ -472,7 +475,7 @@ def markdown(report: dict) -> str:
                       "the layer's output moves exactly to z). Basis phase of `benchmarks/quality.py`.", "",
                       "| basis | (r_e, r_out, r_in) | residual in U_out | keys in U_in | gates in U_e | reproduced |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {n} | {tuple(r['ranks'])} | " + " | ".join(_share(r[k]) for k in COVERAGE) + " |"
+            lines += [f"| {n} | {tuple(r['ranks'])} | " + " | ".join(_share(r.get(k)) for k in COVERAGE) + " |"
                       for n, r in res["basis"].items()]
             lines.append("")
         if "routing" in res:

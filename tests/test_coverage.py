@@ -77,6 +77,11 @@ def test_measure_full_basis_holds_everything_and_reproduced_is_the_projection():
     g = dense_gates(gates, idx, E)
     assert torch.allclose(g.sum(1), gates.sum(1).double()) and (g > 0).sum(1).eq(K).all()
     assert torch.allclose(reproduced_shares(-R, R), -torch.ones(T, dtype=torch.float64))
+    R[0] = 1e-3 * R[1] / R[1].norm() * R[1:].norm(dim=1).max()  # almost nothing left to write: left out
+    shares = reproduced_shares(R + 1, R)
+    assert shares[0].isnan() and not shares[1:].isnan().any()
+    cov = measure_coverage(3, None, keys, gates, idx, R, R + 1, E)
+    assert cov.reproduced.mean == pytest.approx(float(shares[1:].mean()))
 
 
 def test_auto_prefix_of_full_factors_is_the_rank_r_hosvd():
@@ -169,6 +174,7 @@ def test_every_edit_reports_its_coverage(tok, tmp_path):  # noqa: F811
     (cov,) = result.coverage
     assert cov.layer == 1 and cov.edits == len(reqs) and cov.ranks == (2, 4, 4)
     shares = reproduced_shares(after.out - before.out, z - h)  # [T]
+    shares = shares[~shares.isnan()]
     assert cov.reproduced.mean == pytest.approx(float(shares.mean()), abs=1e-4)
     assert cov.reproduced.min == pytest.approx(float(shares.min()), abs=1e-4)
     assert last_coverage(model) == [cov.to_dict()]

@@ -1,7 +1,7 @@
 """The testbed YAMLs are rows of the quality protocol (benchmarks/quality.py, benchmarks/results/quality.json) with the
 settings chosen on its dev split: testbed-<arch>.yaml, ranks in the real-model YAML's ratios, is the best MoTE row at
-those ranks on dev (MoTE with the MEMIT-style residual spread); testbed-<arch>-fullrank.yaml is the full-rank row with
-the paper's core spread."""
+those ranks on dev (MoTE-edit: the edit-aware basis, residual spread); testbed-<arch>-fullrank.yaml is the full-rank
+row with the paper's basis and core spread."""
 
 import json
 import math
@@ -15,7 +15,7 @@ from mote_plugin.mote.hparams import MoTEHyperParams
 ROOT = Path(__file__).resolve().parent.parent
 HPARAMS = ROOT / "hparams" / "MoTE"
 QUALITY = ROOT / "benchmarks" / "results" / "quality.json"
-YAML_ROWS = {"": ("MoTE-residual", "residual"), "-fullrank": ("MoTE-fullrank", "core")}
+YAML_ROWS = {"": ("MoTE-edit", "residual", "weights+edit"), "-fullrank": ("MoTE-fullrank", "core", "weights")}
 REAL = {"qwen3_moe": ("qwen3-30b-a3b", (128, 2048, 768)), "gpt_oss": ("gpt-oss-20b", (32, 2880, 2880)),
         "qwen3_5_moe": ("qwen3.6-35b-a3b", (256, 2048, 512))}  # real YAML, (E, d, h) of the real model
 TUNED = ("layers", "v_weight_decay", "mote_lambda", "nullspace_threshold")
@@ -26,9 +26,10 @@ TUNED = ("layers", "v_weight_decay", "mote_lambda", "nullspace_threshold")
 def test_testbed_yamls_hold_the_dev_chosen_settings(arch, suffix):
     report = json.loads(QUALITY.read_text())["archs"]
     assert arch in report, f"benchmarks/results/quality.json has no {arch}: run benchmarks/quality.py --arch {arch}"
-    row, spread = YAML_ROWS[suffix]
+    row, spread, basis = YAML_ROWS[suffix]
     hp = MoTEHyperParams.from_hparams(str(HPARAMS / f"testbed-{arch}{suffix}"))
-    assert {k: getattr(hp, k) for k in TUNED} == report[arch]["tune"][row]["chosen"] and hp.spread == spread
+    assert {k: getattr(hp, k) for k in TUNED} == report[arch]["tune"][row]["chosen"]
+    assert (hp.spread, hp.basis) == (spread, basis)
     assert hp.model_name == f".cache/mote-testbed/{arch}-200-quality/model"
     shape = tuple(report[arch]["shape"])
     ranks = resolve_ranks((hp.r_e, hp.r_out, hp.r_in), shape)

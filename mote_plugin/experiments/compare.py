@@ -383,8 +383,8 @@ def markdown(report: dict) -> str:
     lines = [f"{report['n']} {cfg['dataset']} edits in batches of {cfg['batch_size']} on {cfg['model']}; host: "
              f"{report['host']}",
              "",
-             "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | edit "
-                                                            "time (s) | reproduced (min) |",
+             "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | "
+                                                            "reproduced (min) | edit time (s) |",
              "|---|---|" + "---|" * (len(METRICS) + 5)]
     for r in report["results"]:
         if r["status"] != "ok":
@@ -393,7 +393,7 @@ def markdown(report: dict) -> str:
         m, h = r["metrics"], r["host_metrics"]
         host_cells = [f"{h[k]:.3f}" if k in h else "-" for k in ("rewrite_acc", "rephrase_acc", "locality_acc")]
         lines.append(f"| {r['method']} | ok | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " | "
-                     + " | ".join(host_cells) + f" | {r['edit_seconds']:.1f} | {_reproduced(r.get('coverage'))} |")
+                     + " | ".join(host_cells) + f" | {_reproduced(r.get('coverage'))} | {r['edit_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

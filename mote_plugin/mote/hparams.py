@@ -149,8 +149,9 @@ class MoTEHyperParams(HostHyperParams):
     # batch's residuals in U_out and its projected keys in U_in; needs a spread that captures keys at every layer) |
     # weights+edit+gates (and the batch's gate vectors in U_e)
     basis: str = "weights"
-    # warn when the update at a solve layer reproduces less than this share of the residual it aimed at (batch mean)
-    min_reproduced: float = 0.5
+    # warn when the update at a solve layer reproduces less than this share of the residual it aimed at (batch mean;
+    # docs/method.md says how 0.3 was chosen; 0: never)
+    min_reproduced: float = 0.3
     whitening: str = "in"  # HOSVD whitening: none | in | out | both
     eps_whitening: float = 1e-5  # covariance regulariser of the whitening (>= 0)
     hooi_sweeps: int = 0  # HOOI refinement sweeps after the HOSVD

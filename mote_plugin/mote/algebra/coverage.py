@@ -12,7 +12,9 @@ experts idx [T, K], the shares are per edit t:
                         update predicts at the layer (1: the layer's output moves exactly by r_t)
 
 An edit with nothing to cover (a zero residual, or keys the null space removed entirely) counts as covered (share 1):
-whether anything could be written then shows in `reproduced`. Pure tensor functions, float64.
+whether anything could be written then shows in `reproduced`. `reproduced` leaves out the edits whose residual is
+under 1% of the batch's largest in norm (in the residual spread an edit the layers below already moved to its target
+has almost nothing left, and a share of almost nothing is noise). Pure tensor functions, float64.
 """
 
 from __future__ import annotations
@@ -52,11 +54,15 @@ def mode_vectors(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tens
             gated_keys)
 
 
-def reproduced_shares(change: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-    """<c_t, r_t> / ||r_t||^2 per edit. change, residuals: `[T, d]` -> `[T]` (1 where r_t = 0)."""
+def reproduced_shares(change: torch.Tensor, residuals: torch.Tensor, negligible: float = 1e-2) -> torch.Tensor:
+    """<c_t, r_t> / ||r_t||^2 per edit, NaN where ||r_t|| is under `negligible` times the batch's largest (1 when
+    every residual is zero). change, residuals: `[T, d]` -> `[T]`."""
     change, residuals = change.to(torch.float64), residuals.to(torch.float64)
     total = (residuals**2).sum(1)  # [T]
-    return torch.where(total > 0, (change * residuals).sum(1) / total.clamp_min(1e-300), torch.ones_like(total))
+    if not bool((total > 0).any()):
+        return torch.ones_like(total)
+    shares = (change * residuals).sum(1) / total.clamp_min(1e-300)  # [T]
+    return torch.where(total >= negligible**2 * total.max(), shares, torch.full_like(shares, float("nan")))
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class Share:
 
     @classmethod
     def of(cls, shares: torch.Tensor) -> "Share":
+        """Over the edits with a share (NaN: left out)."""
+        shares = shares[~shares.isnan()]
         return cls(float(shares.mean()), float(shares.min()))
 
 
