@@ -1,7 +1,8 @@
 """Does the weights' Tucker basis carry more of an edit as a model learns, or in a wider model?
 
-    python benchmarks/coverage_trend.py            # ~25 min on 2 CPU cores
-    python benchmarks/coverage_trend.py --epochs 5 15 30 60 --wide-d 256
+    python benchmarks/coverage_trend.py            # both builds, ~40 min on 2 CPU cores
+    python benchmarks/coverage_trend.py --wide-d 0            # the checkpoints only (results are merged per build)
+    python benchmarks/coverage_trend.py --epochs --wide-d 256  # the final d = 128 model and the wider build
 
 One build of the demo recipe (qwen3_moe, facts 201-256 of the shipped data, names in shared word pieces, three profile
 facts per subject, 60 epochs) with its weights kept after the given epochs, and one wider build of the same recipe
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shlex
 import sys
@@ -114,7 +116,7 @@ def markdown(report: dict) -> str:
              "(random) | reproduced | unedited eff / gen / spec | MoTE eff / gen / spec |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, b in report["builds"].items():
-        for epoch, row in b["epochs"].items():
+        for epoch, row in sorted(b["epochs"].items(), key=lambda item: int(item[0])):
             c, rnd = row["coverage"], row["random_subspace"]
             cells = [f"{c[k]['mean']:.2f} ({c[k]['min']:.2f}) ({rnd[k]:.2f})"
                      for k in ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e")]
@@ -135,15 +137,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = run_info(shlex.join(["python", "benchmarks/coverage_trend.py", *(argv or sys.argv[1:])])) | {"builds": {}}
+    out = Path(args.out)
+    report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"builds": {}}
+    report |= run_info(shlex.join(["python", "benchmarks/coverage_trend.py", *(argv or sys.argv[1:])]))
     log = lambda m: print(m, flush=True)  # noqa: E731
     base = BuildOptions.from_dict(RECIPE | {"threads": args.threads})
-    report["builds"]["d128"] = run_build("d128", base, args.epochs, log)
+    builds = {"d128": (base, args.epochs)}
     if args.wide_d:
         wide = copy.deepcopy(base)
         wide.size = ModelSize(d_model=args.wide_d, expert_hidden=args.wide_d)
-        report["builds"][f"d{args.wide_d}"] = run_build(f"d{args.wide_d}", wide, [], log)
-    write_results(Path(args.out), report, markdown(report))
+        builds[f"d{args.wide_d}"] = (wide, [])
+    for name, (opts, epochs) in builds.items():
+        measured = run_build(name, opts, epochs, log)
+        # a build measured again keeps the checkpoints measured before
+        report["builds"][name] = measured | {"epochs": report["builds"].get(name, {}).get("epochs", {})
+                                             | measured["epochs"]}
+        write_results(out, report, markdown(report))  # after every build: a long run keeps its parts
     print(markdown(report))
 
 

@@ -398,14 +398,13 @@ def rank_rows(res: dict, cfg: dict) -> dict:
             if "rank_scale" in (o or {}) and o.get("spread") == "core" and n in res.get("test", {})}
 
 
-# The headline (README.md quotes it): per arch the testbed YAML's row (ranks in the real model's ratios), the paper's
-# core spread at those ranks, the two changes that help together (ranks x4, residual spread), full rank, and the two
-# strongest other solvers.
-HEADLINE = {"MoTE-residual": "MoTE, real ranks' ratios, weights' basis, residual spread",
-            "MoTE": "MoTE, same ranks, core spread (the paper's)",
-            "MoTE-edit": "MoTE, same ranks, edit-aware basis (= only r_e truncated), residual spread",
-            "MoTE-auto": "MoTE, ranks `auto` at coverage 0.9, residual spread",
-            "MoTE-residual x4": "MoTE, ranks x4, residual spread", "MoTE-fullrank": "MoTE, full rank, core spread",
+# The headline (README.md quotes it): per arch, at ranks in the real model's ratios, the paper's basis with the testbed
+# YAML's former (residual) and the paper's (core) spread, the edit-aware basis (the testbed YAML now) and `auto` ranks;
+# then ranks x4, full rank, and the two strongest other solvers. Residual spread unless the label says otherwise.
+HEADLINE = {"MoTE-residual": "MoTE, weights' basis, real ranks' ratios",
+            "MoTE": "MoTE, same, core spread (the paper's)",
+            "MoTE-edit": "MoTE, edit-aware basis, same ranks", "MoTE-auto": "MoTE, `auto` ranks (coverage 0.9)",
+            "MoTE-residual x4": "MoTE, weights' basis, ranks x4", "MoTE-fullrank": "MoTE, full rank, core spread",
             "Global-residual": "Global ridge (= edit-aware at r_e = E)", "MoEEdit-BCD": "MoEEdit-BCD"}
 
 

@@ -231,7 +231,7 @@ class MoTEHyperParams(HostHyperParams):
             need(not self.sequential_memory,
                  f"{per_batch} takes a basis per batch, which the sequential memory (past edits' features in one "
                  f"fixed basis) cannot follow: set sequential_memory: false, or fixed ranks with basis 'weights'")
-            need(self.hooi_sweeps == 0 or self.basis != "weights",
+            need(self.hooi_sweeps == 0 or not any(self.basis_rule().auto),
                  "'auto' ranks take prefixes of the HOSVD factors; HOOI factors depend on the rank: set hooi_sweeps: 0")
         need(not (self.basis != "weights" and self.spread == "core"),
              f"basis {self.basis!r} is built from the keys captured at the layer it writes, and the core spread "
