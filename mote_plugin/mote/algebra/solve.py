@@ -52,18 +52,25 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 class CoreSolution:
     """The solved core and what the low-rank writeback needs.
 
-    G_flat: `[r_out, r_e*r_in]` the core, G_a = G_flat[:, a*r_in:(a+1)*r_in].
+    G_flat: `[r_out, r_e*r_in]` the core, G_a = G_flat[:, a*r_in:(a+1)*r_in]; on the T side formed on demand as
+        R~^T A (the writeback at rank T never needs it, and at large ranks it is the largest tensor of the solve).
     R_tilde: `[T, r_out]` projected residuals R~ = R U_out.
     Phi: `[T, r_e*r_in]` the edit features (feed them to `update_memory` after the edit).
     A: `[T, r_e*r_in]` (Phi Phi^T + lam I)^{-1} Phi when the T side was solved (G_flat = R~^T A), else None.
     side: "T" or "feature", the side that was solved.
     """
 
-    G_flat: torch.Tensor  # [r_out, r_e*r_in]
     R_tilde: torch.Tensor  # [T, r_out]
     Phi: torch.Tensor  # [T, r_e*r_in]
     A: torch.Tensor | None  # [T, r_e*r_in] or None
     side: str
+    G: torch.Tensor | None = None  # [r_out, r_e*r_in] the feature side's core (None on the T side)
+
+    @property
+    def G_flat(self) -> torch.Tensor:
+        if self.G is not None:
+            return self.G
+        return (self.R_tilde.to(torch.float64).T @ self.A.to(torch.float64)).to(self.A.dtype)  # [r_out, r_e*r_in]
 
 
 def project_keys(keys: torch.Tensor, expert_idx: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
@@ -143,11 +150,10 @@ def solve_core(
 
     if side == "auto":
         side = "T" if memory is None and T <= n else "feature"
-    A = None
+    A = G_flat = None
     if side == "T":
         gram_T = Phi @ Phi.T + lam * torch.eye(T, dtype=Phi.dtype, device=Phi.device)  # [T, T]
-        A = spd_solve(gram_T, Phi)  # [T, n]
-        G_flat = R_tilde.T @ A  # [r_out, n]
+        A = spd_solve(gram_T, Phi)  # [T, n]; G_flat = R~^T A, formed only when asked for
     else:
         gram_n = Phi.T @ Phi + lam * torch.eye(n, dtype=Phi.dtype, device=Phi.device)  # [n, n]
         if memory is not None:
@@ -155,11 +161,11 @@ def solve_core(
         G_flat = spd_solve(gram_n, Phi.T @ R_tilde).T  # [r_out, n]
 
     return CoreSolution(
-        G_flat=G_flat.to(dtype),
         R_tilde=R_tilde.to(dtype),
         Phi=Phi.to(dtype),
         A=None if A is None else A.to(dtype),
         side=side,
+        G=None if G_flat is None else G_flat.to(dtype),
     )
 
 
@@ -217,7 +223,7 @@ def lowrank_update(
     U_e, U_out, U_in = factors
     r_e = U_e.shape[1]
     r_in = U_in.shape[1]
-    dtype, device = solution.G_flat.dtype, solution.G_flat.device
+    dtype, device = solution.R_tilde.dtype, solution.R_tilde.device
     U_e, U_out = U_e.to(device=device, dtype=dtype), U_out.to(device=device, dtype=dtype)
 
     T, r_out = solution.R_tilde.shape
