@@ -7,8 +7,8 @@
 One build of the demo recipe (qwen3_moe, facts 201-256 of the shipped data, names in shared word pieces, three profile
 facts per subject, 60 epochs) with its weights kept after the given epochs, and one wider build of the same recipe
 (d_model and expert hidden both `--wide-d`). For every model: the first batch of (at most) 50 facts the final build
-knows, edited at the final build's edit band with the testbed YAML's settings and ranks in the real model's ratios
-(`hparams/MoTE/testbed-qwen3_moe.yaml`, ranks scaled with the shape for the wider build):
+knows, edited at the final build's edit band as the quality protocol's MoTE-residual row edits (the paper's basis at
+Qwen3-30B-A3B's ranks in the same ratios to the model's shape, residual spread, that row's dev-chosen settings):
 
   coverage   the basis phase of benchmarks/quality.py at the last edited layer: the shares of the residuals in U_out,
              of the gated projected keys in U_in, of the gate vectors in U_e, and the share of each residual the solved
@@ -17,7 +17,7 @@ knows, edited at the final build's edit band with the testbed YAML's settings an
   quality    MoTE's efficacy / generalization / specificity after editing the batch (and the unedited model's)
 
 Results: benchmarks/results/coverage_trend.{json,md}. No setting is chosen here: the YAML's were chosen on the quality
-protocol's dev split (other facts, other builds).
+protocol's dev split (other facts, another build).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -36,10 +35,9 @@ from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.testbed import BuildOptions, build, load
 from mote_plugin.testbed.model import ModelSize
-from quality import batch_coverage, request
+from quality import batch_coverage, load_config, ratio_ranks, request
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -47,17 +45,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "coverage_trend"
 RECIPE = {"arch": "qwen3_moe", "facts": 56, "skip_facts": 200, "subject_tokens": False, "profile_facts": 3,
           "probe_facts": 10, "train": {"epochs": 60, "length_grouped": True}}
 YAML = ROOT / "hparams" / "MoTE" / "testbed-qwen3_moe"
+QUALITY = ROOT / "benchmarks" / "results" / "quality.json"
 METRICS = ("efficacy", "generalization", "specificity")
 
 
 def settings(report: dict, shape: tuple[int, int, int]) -> MoTEHyperParams:
-    """The testbed YAML at the build's edit band and lookup token, its ranks scaled to `shape` (E, d, h)."""
+    """The quality protocol's MoTE-residual row at the build's edit band and lookup token: the testbed YAML with the
+    paper's basis at Qwen3-30B-A3B's ranks in the same ratios to `shape` (E, d, h), the residual spread and the
+    settings that row chose on the quality dev split."""
+    cfg = load_config(ROOT / "benchmarks" / "configs" / "quality.yaml")
+    chosen = json.loads(QUALITY.read_text())["archs"]["qwen3_moe"]["tune"]["MoTE-residual"]["chosen"]
+    r_e, r_out, r_in = ratio_ranks(cfg["real_ranks"]["qwen3_moe"], shape)
     hp = MoTEHyperParams.from_hparams(YAML)
-    yaml_shape = (8, 128, 128)  # the shape the YAML's ranks were set for
-    ranks = resolve_ranks(hp.layer_ranks(), yaml_shape)
-    scaled = [min(n, math.ceil(r * n / n0)) for r, n, n0 in zip(ranks, shape, yaml_shape)]
-    return hp.updated("coverage_trend", layers=report["edit_layers"], fact_token=report["lookup_token"],
-                      r_e=scaled[0], r_out=scaled[1], r_in=scaled[2], stats_dir=str(CACHE / "mote-stats"))
+    return hp.updated("coverage_trend", **{k: v for k, v in chosen.items() if k != "layers"}, basis="weights",
+                      spread="residual", layers=report["edit_layers"], fact_token=report["lookup_token"], r_e=r_e,
+                      r_out=r_out, r_in=r_in, stats_dir=str(CACHE / "mote-stats"))
 
 
 def measure(model, tok, records: list[dict], hp: MoTEHyperParams, shape: tuple[int, int, int]) -> dict:
@@ -110,8 +112,9 @@ def run_build(name: str, opts: BuildOptions, epochs: list[int], log) -> dict:
 def markdown(report: dict) -> str:
     lines = ["# Coverage of the weights' basis across training and width", "",
              f"{run_line(report)}. Demo recipe (qwen3_moe, facts 201-256); the first <= 50 facts the final build "
-             "knows, one batch, the testbed YAML's settings at ranks in the real model's ratios. Shares: mean over the "
-             "batch (smallest); `random` is what a random subspace of the same rank holds on average (r / n).", "",
+             "knows, one batch, edited as quality.md's MoTE-residual row (the paper's basis at the real ranks' "
+             "ratios). Shares: mean over the batch (smallest); `random` is what a random subspace of the same rank "
+             "holds on average (r / n).", "",
              "| build | epoch | (E, d, h), ranks | residual in U_out (random) | keys in U_in (random) | gates in U_e "
              "(random) | reproduced | unedited eff / gen / spec | MoTE eff / gen / spec |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -60,14 +60,14 @@ PHASES = ("tune", "test", "ablations", "basis", "routing")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("vstar", "capture", "solve", "writeback")
 CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants",
-               "bootstrap",
-               "seed"}
+               "bootstrap", "seed", "real_ranks"}
 
 
 def load_config(path: str | Path) -> dict:
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    unknown, missing = set(cfg) - CONFIG_KEYS, {"builds", "dev", "test", "batch_size", "methods"} - set(cfg)
+    unknown, missing = set(cfg) - CONFIG_KEYS, {"builds", "dev", "test", "batch_size", "methods",
+                                                                  "real_ranks"} - set(cfg)
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     if "MoTE" not in cfg["methods"]:
@@ -116,11 +116,19 @@ def splits(facts: list[dict], cfg: dict) -> dict[str, list[dict]]:
     return {"dev": dev, "test": test}
 
 
-def base_hparams(arch: str, report: dict) -> MoTEHyperParams:
-    """The arch's testbed YAML at the build's traced band and lookup token, with the benchmark's caches."""
+def base_hparams(arch: str, report: dict, cfg: dict, shape: tuple[int, int, int]) -> MoTEHyperParams:
+    """The arch's testbed YAML at the build's traced band and lookup token, with the benchmark's caches, at the
+    protocol's fixed ranks (`ratio_ranks`)."""
     hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / f"testbed-{arch}")
+    r_e, r_out, r_in = ratio_ranks(cfg["real_ranks"][arch], shape)
     return hp.updated("the build", layers=report["edit_layers"], fact_token=report["lookup_token"],
-                      stats_dir=str(CACHE / "mote-stats"), vstar_cache_dir=str(CACHE / "mote-vstar"))
+                      stats_dir=str(CACHE / "mote-stats"), vstar_cache_dir=str(CACHE / "mote-vstar"), r_e=r_e,
+                      r_out=r_out, r_in=r_in)
+
+
+def ratio_ranks(real: dict, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The real model's Tucker ranks in the same ratios to the fact model's (E, d, h): rounded up, at least 2."""
+    return tuple(max(2, math.ceil(r * n / size)) for r, n, size in zip(real["ranks"], shape, real["shape"]))
 
 
 def grid(tune: dict, report: dict, n_layers: int) -> list[dict]:
@@ -399,23 +407,26 @@ def rank_rows(res: dict, cfg: dict) -> dict:
 
 
 # The headline (README.md quotes it): per arch, at ranks in the real model's ratios, the paper's basis with the testbed
-# YAML's former (residual) and the paper's (core) spread, the edit-aware basis (the testbed YAML now) and `auto` ranks;
-# then ranks x4, full rank, and the two strongest other solvers. Residual spread unless the label says otherwise.
+# YAML's former (residual) and the paper's (core) spread, the edit-aware basis (and U_e, where it ran) and `auto` ranks
+# (the testbed YAMLs now); then the two strongest other solvers. Residual spread unless the label says otherwise.
 HEADLINE = {"MoTE-residual": "MoTE, weights' basis, real ranks' ratios",
             "MoTE": "MoTE, same, core spread (the paper's)",
-            "MoTE-edit": "MoTE, edit-aware basis, same ranks", "MoTE-auto": "MoTE, `auto` ranks (coverage 0.9)",
-            "MoTE-residual x4": "MoTE, weights' basis, ranks x4", "MoTE-fullrank": "MoTE, full rank, core spread",
+            "MoTE-edit": "MoTE, edit-aware basis, same ranks",
+            "MoTE-edit+gates": "MoTE, edit-aware basis and U_e, same ranks",
+            "MoTE-auto": "MoTE, `auto` ranks (coverage 0.9)",
             "Global-residual": "Global ridge (= edit-aware at r_e = E)", "MoEEdit-BCD": "MoEEdit-BCD"}
 
 
 def headline(report: dict) -> list[str]:
     """The unedited model and the HEADLINE rows on every arch's test split, one column per arch: utility [95% interval],
-    then efficacy / generalization / specificity."""
+    then efficacy / generalization / specificity (the HEADLINE rows that ran on some arch)."""
     archs = {a: r for a, r in report["archs"].items() if "test" in r}
     head = "| method | " + " | ".join(
         f"{a} (N = {r['splits']['test'][1] - r['splits']['test'][0] + 1})" for a, r in archs.items()) + " |"
     lines = [head, "|---" * (len(archs) + 1) + "|"]
     for method, label in {"unedited": "unedited", **HEADLINE}.items():
+        if not any(method in res["test"] for res in archs.values()):
+            continue  # a method this report never ran
         cells = []
         for res in archs.values():
             row = res["test"].get(method)
@@ -555,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tok, facts, build_report = fact_model(arch, cfg)
         session = Session(model, tok, cfg)
         split = splits(facts, cfg)
-        base = base_hparams(arch, build_report)
+        base = base_hparams(arch, build_report, cfg, session.shape)
         res = report["archs"].setdefault(arch, {})
         n_dev, n_test = len(split["dev"]), len(split["test"])
         res |= {"build": json.dumps(cfg["builds"][arch]), "traced_layers": build_report["edit_layers"],
