@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
@@ -71,12 +71,13 @@ def measure(model, tok, records: list[dict], hp: MoTEHyperParams, shape: tuple[i
     unedited = counterfact_metrics(model, tok, records)
     try:
         apply_mote_to_model(model, tok, [request(r) for r in records], hp)
+        written = last_timings(model)["edits"]  # requests whose v* reached its target
         edited = counterfact_metrics(model, tok, records)
     finally:
         model.load_state_dict(before)
         MoTEEditor(model).reset()
     return {"coverage": cov, "random_subspace": random, "unedited": {k: unedited[k] for k in METRICS},
-            "MoTE": {k: edited[k] for k in METRICS}}
+            "MoTE": {k: edited[k] for k in METRICS} | {"edited": written}}
 
 
 def run_build(name: str, opts: BuildOptions, epochs: list[int], log) -> dict:
@@ -116,7 +117,7 @@ def markdown(report: dict) -> str:
              "ratios). Shares: mean over the batch (smallest); `random` is what a random subspace of the same rank "
              "holds on average (r / n).", "",
              "| build | epoch | (E, d, h), ranks | residual in U_out (random) | keys in U_in (random) | gates in U_e "
-             "(random) | reproduced | unedited eff / gen / spec | MoTE eff / gen / spec |",
+             "(random) | reproduced | unedited eff / gen / spec | MoTE eff / gen / spec (edited) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, b in report["builds"].items():
         for epoch, row in sorted(b["epochs"].items(), key=lambda item: int(item[0])):
@@ -126,7 +127,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {epoch} | {tuple(b['shape'])}, {tuple(b['ranks'])} | " + " | ".join(cells)
                          + f" | {c['reproduced']['mean']:.2f} | "
                          + " / ".join(f"{row['unedited'][k]:.2f}" for k in METRICS) + " | "
-                         + " / ".join(f"{row['MoTE'][k]:.2f}" for k in METRICS) + " |")
+                         + " / ".join(f"{row['MoTE'][k]:.2f}" for k in METRICS)
+                         + f" ({row['MoTE'].get('edited', '-')}/{b['facts']}) |")
     return "\n".join(lines) + "\n"
 
 
