@@ -78,6 +78,21 @@ def reduced_fact_model():
     return get
 
 
+# A smaller qwen3_moe build for the EasyEdit-host checks that need a model that knows its facts, not the demo's
+# (about 2 min on 2 cores): 24 facts with names of their own tokens, no profile facts.
+SMALL_BUILD = dict(arch="qwen3_moe", facts=24, skip_facts=200, probe_facts=10,
+                   train=dict(epochs=60, length_grouped=True))
+
+
+@pytest.fixture(scope="session")
+def small_fact_model():
+    """(build directory, report) of SMALL_BUILD, cached under .cache/test-fact-models."""
+    from mote_plugin.testbed import BuildOptions, build
+
+    out = ROOT / ".cache" / "test-fact-models" / f"qwen3_moe-small-24-transformers{transformers.__version__}"
+    return out, build(out, BuildOptions.from_dict(SMALL_BUILD), log=lambda m: None)
+
+
 @pytest.fixture(scope="session")
 def easyedit_host():
     """The current EasyEdit (`easyeditor` package) with MoTE registered; skipped when none is importable."""
