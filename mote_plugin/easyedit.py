@@ -1,22 +1,24 @@
 """MoTE in an EasyEdit host (`easyeditor`): selected by its YAML like ROME or MEMIT.
 
-    from mote_plugin.easyedit import hparams_class
-    hparams = hparams_class("MoTE").from_hparams("hparams/MoTE/qwen3-30b-a3b")    # MoTEHyperParams
+    from easyeditor import BaseEditor
+    from mote_plugin import MoTEHyperParams
+    hparams = MoTEHyperParams.from_hparams("hparams/MoTE/qwen3-30b-a3b")    # registers MoTE with the host
     editor = BaseEditor.from_hparams(hparams)
 
-Registration happens in `register()` only (`mote_plugin.register`), which `hparams_class` and the comparison call:
-importing the plugin never imports or changes a host. It is idempotent and never raises (it returns a `HostStatus`
-saying what happened; `strict=True` raises instead).
+Registration is `register()` (`mote_plugin.register`), which constructing or loading `MoTEHyperParams`
+(`register_with_host`), `hparams_class` and the comparison call: importing the plugin never imports or changes a host.
+It is idempotent and never raises (it returns a `HostStatus` saying what happened; `strict=True` raises instead).
 
-EasyEdit has no registration API (docs/easyedit-contract): `BaseEditor` looks the algorithm up in the module-level dict
-`easyeditor.util.alg_dict.ALG_DICT`, `batch_edit` asserts `BatchEditor.is_batchable_method(alg_name)` against a
-hard-coded list, and `BaseEditor.__init__` loads `model_name` by substring ('qwen3', 'llama', 'gpt', ...), raising a
-bare NotImplementedError for other names. `register` adds the dict entry, wraps that check, and wraps
-`BaseEditor.__init__` for MoTE only: a `model_name` the host would not load with the generic
-AutoModelForCausalLM / AutoTokenizer classes (OLMoE, DeepSeek-V3, GPT-OSS, Mixtral without "mistral" in the name...) is
-loaded by the plugin, and the name (or a `(model, tok)` pair's model name) is what the editor and hyper-parameters keep,
-as the host's evaluators need a string. Every other algorithm keeps the host's behaviour. Last, `MoTEHyperParams`
-becomes a subclass of the host's `HyperParams`, as EasyEdit's own hyper-parameter classes are.
+EasyEdit has no registration API (its easyeditor/util/alg_dict.py and editors/editor.py): `BaseEditor` looks the
+algorithm up in the module-level dict `easyeditor.util.alg_dict.ALG_DICT`, `batch_edit` asserts
+`BatchEditor.is_batchable_method(alg_name)` against a hard-coded list, `BaseEditor.__init__` loads `model_name` by
+substring ('qwen3', 'llama', 'gpt', ...) in float16 or float32 only, raising a bare NotImplementedError for other
+names, and `edit()` asserts `batch_size == 1`. `register` adds the dict entry, wraps that check, and wraps
+`BaseEditor` for MoTE only: `__init__` loads a MoTE `model_name` with the plugin's loader (`load_model`: the YAML's
+`dtype`, every MoE family), and the name (or a `(model, tok)` pair's model name) is what the editor and
+hyper-parameters keep, as the host's evaluators need a string; `edit()` reads `batch_size` as 1, so the YAML's
+batch size serves `batch_edit`. Every other algorithm keeps the host's behaviour. Last, `MoTEHyperParams` becomes a
+subclass of the host's `HyperParams`, as EasyEdit's own hyper-parameter classes are.
 
 The stale PyPI release (easyeditor 0.0.1.dev0, 2023) hard-codes CUDA devices and cannot run MEMIT's v* on
 transformers 5; it is recognised (no AlphaEdit in its ALG_DICT) and refused with a message.

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from .._hooks import HPARAMS_CREATED
 from .algebra.nullspace import FALLBACKS, RULES
 from .algebra.solvers import SOLVERS
 from .algebra.tucker import WHITENINGS
@@ -198,9 +199,8 @@ class MoTEHyperParams(HostHyperParams):
         errors = self._validate()
         if errors:
             raise ValueError("invalid MoTE hyper-parameters: " + "; ".join(errors))
-        from ..easyedit import register_with_host
-
-        register_with_host()  # an importable EasyEdit host can then select MoTE by this object's alg_name
+        for hook in HPARAMS_CREATED:  # the package root's: registers MoTE with an importable EasyEdit host
+            hook()
 
     def _validate(self) -> list[str]:
         e: list[str] = []
