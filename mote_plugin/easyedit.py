@@ -256,9 +256,11 @@ def register_with_host() -> None:
     if is_registered():
         return
     if "easyeditor" not in sys.modules:
-        if _IMPORT_TRIED or importlib.util.find_spec("easyeditor") is None:
+        if _IMPORT_TRIED:
             return
-        _IMPORT_TRIED = True
+        _IMPORT_TRIED = True  # one look (and import) per process: hyper-parameters are constructed often
+        if importlib.util.find_spec("easyeditor") is None:
+            return
     register()
 
 
