@@ -102,7 +102,7 @@ def test_base_editor_edit_sequential_and_batch(easyedit_host, reduced_fact_model
 
 
 def test_yaml_selected_model_by_name(easyedit_host, reduced_fact_model, tmp_path):
-    """The plain EasyEdit path: the YAML's model_name is a directory the host loads itself (its name contains qwen3)."""
+    """The plain EasyEdit path: the YAML names the model directory, which the plugin loads inside BaseEditor."""
     out, _ = reduced_fact_model("qwen3_moe")
     _, _, facts, _ = load(out)
     records = [f for f in facts if f["known"] and f["neighbours"]][:2]
@@ -112,17 +112,18 @@ def test_yaml_selected_model_by_name(easyedit_host, reduced_fact_model, tmp_path
 
 
 @pytest.mark.parametrize("mode", ["edit", "sequential", "batch"])
-def test_easyedit_style_script(easyedit_host, reduced_fact_model, tmp_path, monkeypatch, capsys, mode):
-    """examples/easyedit_edit.py: an EasyEdit-style script selecting MoTE only through its YAML."""
+def test_easyedit_style_script(easyedit_host, small_fact_model, tmp_path, monkeypatch, capsys, mode):
+    """examples/easyedit_edit.py: an EasyEdit-style script selecting MoTE by an elif of its if/elif chain, with one
+    YAML (batch_size 50) for edit(), sequential edit() and batch_edit()."""
     import runpy
 
-    out, _ = reduced_fact_model("qwen3_moe")
+    out, _ = small_fact_model
     cfg = yaml.safe_load((HPARAMS / "testbed-qwen3_moe-fullrank.yaml").read_text())
-    cfg.update(model_name=str(out / "model"), stats_dir=str(tmp_path / "stats"))  # batch_size as shipped: 1
+    cfg.update(model_name=str(out / "model"), stats_dir=str(tmp_path / "stats"), batch_size=50)
     (tmp_path / "mote.yaml").write_text(yaml.safe_dump(cfg))
     script = Path(__file__).resolve().parent.parent / "examples" / "easyedit_edit.py"
-    monkeypatch.setattr(sys, "argv",
-                        [str(script), "--hparams", str(tmp_path / "mote.yaml"), "--mode", mode, "--n", "3"])
+    monkeypatch.setattr(sys, "argv", [str(script), "--editing_method", "MoTE", "--hparams_dir",
+                                      str(tmp_path / "mote.yaml"), "--mode", mode, "--n", "3"])
     runpy.run_path(str(script), run_name="__main__")
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"3 edits, mode {mode}: rewrite_acc")
