@@ -78,19 +78,21 @@ def reduced_fact_model():
     return get
 
 
-# A smaller qwen3_moe build for the EasyEdit-host checks that need a model that knows its facts, not the demo's
-# (about 2 min on 2 cores): 24 facts with names of their own tokens, no profile facts.
-SMALL_BUILD = dict(arch="qwen3_moe", facts=24, skip_facts=200, probe_facts=10,
-                   train=dict(epochs=60, length_grouped=True))
+QUALITY_CONFIG = ROOT / "benchmarks" / "configs" / "quality.yaml"
 
 
 @pytest.fixture(scope="session")
-def small_fact_model():
-    """(build directory, report) of SMALL_BUILD, cached under .cache/test-fact-models."""
+def yaml_fact_model():
+    """(build directory, report) of the qwen3_moe fact model that hparams/MoTE/testbed-qwen3_moe*.yaml name
+    (`../../.cache/mote-testbed/qwen3_moe-200-quality/model`): benchmarks/quality.py's build, built here when missing
+    (about 30 min on one core; shared with the quality benchmark). The EasyEdit-host tests run the shipped YAMLs on
+    it."""
     from mote_plugin.testbed import BuildOptions, build
 
-    out = ROOT / ".cache" / "test-fact-models" / f"qwen3_moe-small-24-transformers{transformers.__version__}"
-    return out, build(out, BuildOptions.from_dict(SMALL_BUILD), log=lambda m: None)
+    spec = yaml.safe_load(QUALITY_CONFIG.read_text())["builds"]["qwen3_moe"] | {"arch": "qwen3_moe"}
+    opts = BuildOptions.from_dict(spec)
+    out = ROOT / ".cache" / "mote-testbed" / f"qwen3_moe-{opts.facts}-quality"
+    return out, build(out, opts, log=lambda m: None)
 
 
 @pytest.fixture(scope="session")
