@@ -103,14 +103,16 @@ def vstar_bytes_per_token(arch: str, E: int, d: int, h: int, top_k: int, heads: 
     return sum(saved.values()) / (rows * tokens) + (E - E_sub) * 4
 
 
+def load_yaml(name: str) -> MoTEHyperParams:
+    return MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / name)
+
+
 def measure(name: str, tokens: int, fraction: int) -> dict:
-    hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / name)
+    hp = load_yaml(name)
     arch, E, d, h, top_k, heads, n_layers, vocab, params = MODELS[name]
     n_edit, L = len(hp.layers), max(hp.layers)
     kept, working = basis_memory(E, d, h, hp, fraction)
     per_token = vstar_bytes_per_token(arch, E, d, h, top_k, heads, fraction)
-    v_requests = min(hp.v_batch_size or hp.batch_size, hp.batch_size)  # requests whose v* is optimised together
-    rows = v_requests * (TEMPLATES + 2)  # "{}" + templates, and the KL prompt
     above = (hp.v_loss_layer if hp.v_loss_layer >= 0 else n_layers - 1) - L
     terms = {
         "weights": params * 2,
@@ -118,20 +120,28 @@ def measure(name: str, tokens: int, fraction: int) -> dict:
         "statistics": n_edit * (E * h * h + d * d) * 8,
         "basis kept": n_edit * kept,
         "basis working (one layer)": max(working - kept, 0),
-        "v* activations": per_token * rows * tokens * above,
-        "v* log-probabilities": rows * 2 * vocab * 4 * 2,
     }
+    raw = {"yaml": name, "shape": [E, d, h], "layers": hp.layers, "tokens": tokens, "layers_above": above,
+           "vocab": vocab, "vstar_bytes_per_token_layer": per_token, "terms": terms}
+    return finish(raw, hp)
+
+
+def finish(r: dict, hp: MoTEHyperParams) -> dict:
+    """`r` with the v* terms for the YAML's batch_size / v_batch_size, the peak and the GPUs it fits."""
+    terms = {k: v for k, v in r["terms"].items() if not k.startswith("v*")}
+    v_requests = min(hp.v_batch_size or hp.batch_size, hp.batch_size)  # requests whose v* is optimised together
+    rows = v_requests * (TEMPLATES + 2)  # "{}" + templates, and the KL prompt
+    terms["v* activations"] = r["vstar_bytes_per_token_layer"] * rows * r["tokens"] * r["layers_above"]
+    terms["v* log-probabilities"] = rows * 2 * MODELS[r["yaml"]][7] * 4 * 2  # [n, V] float32, and its log-softmax
     vstar = terms["v* activations"] + terms["v* log-probabilities"]
     basis = terms["basis kept"]
     extra = max(terms["statistics"], basis + terms["basis working (one layer)"], basis + vstar)
     peak = terms["weights"] + terms["originals"] + extra
     per_request = vstar / v_requests
     room = GPUS[0][1] - terms["weights"] - terms["originals"] - basis
-    return {"yaml": name, "shape": [E, d, h], "layers": hp.layers, "batch_size": hp.batch_size,
-            "v_batch_size": hp.v_batch_size, "v_requests": v_requests, "rows": rows,
-            "vstar_per_request": per_request, "largest_v_batch_size_80gb": int(room // per_request),
-            "tokens": tokens, "layers_above": above, "vstar_bytes_per_token_layer": per_token, "terms": terms,
-            "peak": peak, "fits": [gpu for gpu, cap in GPUS if peak <= cap]}
+    return r | {"batch_size": hp.batch_size, "v_batch_size": hp.v_batch_size, "v_requests": v_requests,
+                "rows": rows, "vstar_per_request": per_request, "largest_v_batch_size_80gb": int(room // per_request),
+                "terms": terms, "peak": peak, "fits": [gpu for gpu, cap in GPUS if peak <= cap]}
 
 
 def markdown(results: list[dict], info: dict) -> str:
@@ -156,7 +166,16 @@ def main() -> None:
     parser.add_argument("--yaml", action="append", choices=sorted(MODELS), help="default: all three")
     parser.add_argument("--tokens", type=int, default=32, help="padded tokens per v* row")
     parser.add_argument("--fraction", type=int, default=8, help="measure on E / FRACTION experts and scale (1: all)")
+    parser.add_argument("--render", action="store_true",
+                        help="recompute the v* terms of edit_memory.json for the YAMLs' batch sizes as they are now")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "edit_memory.json").read_text())
+        results = [finish(r, load_yaml(r["yaml"])) for r in saved["results"]]
+        (RESULTS / "edit_memory.json").write_text(json.dumps(saved | {"results": results}, indent=1))
+        (RESULTS / "edit_memory.md").write_text(markdown(results, saved["info"]))
+        print(markdown(results, saved["info"]))
+        return
     info = run_info("python benchmarks/edit_memory.py" + "".join(f" --yaml {y}" for y in args.yaml or ())
                     + f" --fraction {args.fraction}")
     results = []
