@@ -166,14 +166,16 @@ def main() -> None:
     parser.add_argument("--yaml", action="append", choices=sorted(MODELS), help="default: all three")
     parser.add_argument("--tokens", type=int, default=32, help="padded tokens per v* row")
     parser.add_argument("--fraction", type=int, default=8, help="measure on E / FRACTION experts and scale (1: all)")
+    parser.add_argument("--out", default=str(RESULTS / "edit_memory"), help="results: OUT.json and OUT.md")
     parser.add_argument("--render", action="store_true",
                         help="recompute the v* terms of edit_memory.json for the YAMLs' batch sizes as they are now")
     args = parser.parse_args()
+    out = Path(args.out)
     if args.render:
-        saved = json.loads((RESULTS / "edit_memory.json").read_text())
+        saved = json.loads(Path(f"{out}.json").read_text())
         results = [finish(r, load_yaml(r["yaml"])) for r in saved["results"]]
-        (RESULTS / "edit_memory.json").write_text(json.dumps(saved | {"results": results}, indent=1))
-        (RESULTS / "edit_memory.md").write_text(markdown(results, saved["info"]))
+        Path(f"{out}.json").write_text(json.dumps(saved | {"results": results}, indent=1))
+        Path(f"{out}.md").write_text(markdown(results, saved["info"]))
         print(markdown(results, saved["info"]))
         return
     info = run_info("python benchmarks/edit_memory.py" + "".join(f" --yaml {y}" for y in args.yaml or ())
@@ -182,9 +184,9 @@ def main() -> None:
     for name in args.yaml or list(MODELS):
         results.append(measure(name, args.tokens, args.fraction))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "terms"}), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "edit_memory.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
-    (RESULTS / "edit_memory.md").write_text(markdown(results, info))
+    out.parent.mkdir(exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
+    Path(f"{out}.md").write_text(markdown(results, info))
     print(markdown(results, info))
 
 
