@@ -182,9 +182,9 @@ def test_base_editor_loads_every_family_for_mote(fake_host, saved_models):
     assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")
     hp.model_name = str(saved_models / "qwen3-moe-tiny")  # a name the host would load, in float16 / float32 only
     hp.fp16, hp.dtype = False, "bfloat16"
-    editor = editor_cls.from_hparams(hp)
-    assert type(editor.model).__name__ == "Qwen3MoeForCausalLM" and editor.model.dtype == torch.bfloat16
-    assert editor.tok.pad_token == "<|endoftext|>" and editor.tok.padding_side == "left"  # the host's Qwen tokens
+    qwen = editor_cls.from_hparams(hp)
+    assert type(qwen.model).__name__ == "Qwen3MoeForCausalLM" and qwen.model.dtype == torch.bfloat16
+    assert qwen.tok.pad_token == "<|endoftext|>" and qwen.tok.padding_side == "left"  # the host's Qwen tokens
     hp.model_name = (editor.model, editor.tok)
     editor = editor_cls.from_hparams(hp)
     assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")  # the model's own name
