@@ -8,11 +8,21 @@
     MoTEHyperParams                                          the YAML hyper-parameters
     register()                                               make "MoTE" selectable in an EasyEdit host
 
-Importing the package does nothing else: it never imports or registers with an EasyEdit host; `register()` does
-(see `mote_plugin.easyedit`).
+Importing the package does nothing else: it never imports or registers with an EasyEdit host; `register()` does, and
+constructing or loading `MoTEHyperParams` calls it when a host is importable (see `mote_plugin.easyedit`).
 """
 
+from . import _hooks
 from ._version import __version__
+
+
+def _register_with_host() -> None:
+    from .easyedit import register_with_host
+
+    register_with_host()
+
+
+_hooks.HPARAMS_CREATED.append(_register_with_host)
 
 _LAZY = {
     "MoTEEditor": "mote_plugin.mote.editor",

@@ -42,12 +42,13 @@ def _model_dir(path: str) -> Path:
     return p
 
 
-def _load_model(path: Path, device_map=None, offload_folder: str | None = None):
-    """The model in its saved dtype, in eval mode: on the CPU, or dispatched by accelerate over `device_map`."""
+def _load_model(path: Path, device_map=None, offload_folder: str | None = None, dtype=None):
+    """The model in `dtype` (default: its saved dtype), in eval mode: on the CPU, or dispatched by accelerate over
+    `device_map`."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", local_files_only=True, **kwargs).eval()
 
 
 def _device_map(text: str | None):
@@ -138,7 +139,7 @@ def cmd_edit(args) -> None:
                        "`mote apply` it where the model fits")
     # a device this torch cannot use: before the weights load
     device = hp.torch_device() if device_map is None else None
-    model = _load_model(src, device_map, args.offload_folder)
+    model = _load_model(src, device_map, args.offload_folder, hp.torch_dtype() if hp.dtype else None)
     if device is not None:
         model = model.to(device)
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)

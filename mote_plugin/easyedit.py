@@ -1,22 +1,24 @@
 """MoTE in an EasyEdit host (`easyeditor`): selected by its YAML like ROME or MEMIT.
 
-    from mote_plugin.easyedit import hparams_class
-    hparams = hparams_class("MoTE").from_hparams("hparams/MoTE/qwen3-30b-a3b")    # MoTEHyperParams
+    from easyeditor import BaseEditor
+    from mote_plugin import MoTEHyperParams
+    hparams = MoTEHyperParams.from_hparams("hparams/MoTE/qwen3-30b-a3b")    # registers MoTE with the host
     editor = BaseEditor.from_hparams(hparams)
 
-Registration happens in `register()` only (`mote_plugin.register`), which `hparams_class` and the comparison call:
-importing the plugin never imports or changes a host. It is idempotent and never raises (it returns a `HostStatus`
-saying what happened; `strict=True` raises instead).
+Registration is `register()` (`mote_plugin.register`), which constructing or loading `MoTEHyperParams`
+(`register_with_host`), `hparams_class` and the comparison call: importing the plugin never imports or changes a host.
+It is idempotent and never raises (it returns a `HostStatus` saying what happened; `strict=True` raises instead).
 
-EasyEdit has no registration API (docs/easyedit-contract): `BaseEditor` looks the algorithm up in the module-level dict
-`easyeditor.util.alg_dict.ALG_DICT`, `batch_edit` asserts `BatchEditor.is_batchable_method(alg_name)` against a
-hard-coded list, and `BaseEditor.__init__` loads `model_name` by substring ('qwen3', 'llama', 'gpt', ...), raising a
-bare NotImplementedError for other names. `register` adds the dict entry, wraps that check, and wraps
-`BaseEditor.__init__` for MoTE only: a `model_name` the host would not load with the generic
-AutoModelForCausalLM / AutoTokenizer classes (OLMoE, DeepSeek-V3, GPT-OSS, Mixtral without "mistral" in the name...) is
-loaded by the plugin, and the name (or a `(model, tok)` pair's model name) is what the editor and hyper-parameters keep,
-as the host's evaluators need a string. Every other algorithm keeps the host's behaviour. Last, `MoTEHyperParams`
-becomes a subclass of the host's `HyperParams`, as EasyEdit's own hyper-parameter classes are.
+EasyEdit has no registration API (its easyeditor/util/alg_dict.py and editors/editor.py): `BaseEditor` looks the
+algorithm up in the module-level dict `easyeditor.util.alg_dict.ALG_DICT`, `batch_edit` asserts
+`BatchEditor.is_batchable_method(alg_name)` against a hard-coded list, `BaseEditor.__init__` loads `model_name` by
+substring ('qwen3', 'llama', 'gpt', ...) in float16 or float32 only, raising a bare NotImplementedError for other
+names, and `edit()` asserts `batch_size == 1`. `register` adds the dict entry, wraps that check, and wraps
+`BaseEditor` for MoTE only: `__init__` loads a MoTE `model_name` with the plugin's loader (`load_model`: the YAML's
+`dtype`, every MoE family), and the name (or a `(model, tok)` pair's model name) is what the editor and
+hyper-parameters keep, as the host's evaluators need a string; `edit()` reads `batch_size` as 1, so the YAML's
+batch size serves `batch_edit`. Every other algorithm keeps the host's behaviour. Last, `MoTEHyperParams` becomes a
+subclass of the host's `HyperParams`, as EasyEdit's own hyper-parameter classes are.
 
 The stale PyPI release (easyeditor 0.0.1.dev0, 2023) hard-codes CUDA devices and cannot run MEMIT's v* on
 transformers 5; it is recognised (no AlphaEdit in its ALG_DICT) and refused with a message.
@@ -41,11 +43,13 @@ HOST_HINT = ("clone https://github.com/zjunlp/EasyEdit and put the checkout on P
              "(the PyPI release easyeditor 0.0.1.dev0 is too old to run on CPU or with transformers 5)")
 
 # BaseEditor.__init__ (EasyEdit 14cea82) picks a loader by the first of these substrings found in model_name.lower();
-# the generic ones load any Hugging Face causal LM with AutoModelForCausalLM / AutoTokenizer. The others load other
-# classes (T5, GPT2Tokenizer, AutoModel, remote code), and a name without any raises NotImplementedError.
+# the generic ones (llama, qwen2, qwen3, mistral) load any Hugging Face causal LM with AutoModelForCausalLM /
+# AutoTokenizer. The others load other classes (T5, GPT2Tokenizer, AutoModel, remote code), and a name without any
+# raises NotImplementedError.
 HOST_NAME_ORDER = ("t5", "chatglm-api", "gpt-3.5", "gpt", "llama", "baichuan", "chatglm", "internlm", "qwen2", "qwen3",
                    "qwen", "mistral")
-HOST_GENERIC = ("llama", "qwen2", "qwen3", "mistral")
+# the tokenizer arguments of its qwen2 / qwen3 branch
+HOST_QWEN_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
 
 
 class HostError(RuntimeError):
@@ -110,34 +114,36 @@ def _admit_to_batch_edit(batch_editor) -> None:
     cls.is_batchable_method = staticmethod(is_batchable_method)
 
 
-def host_loads_by_name(model_name: str) -> bool:
-    """Whether EasyEdit's BaseEditor loads `model_name` with the generic Auto classes (its first matching substring is
-    one of HOST_GENERIC); otherwise the plugin loads it for MoTE."""
+def host_branch(model_name: str) -> str | None:
+    """The substring of HOST_NAME_ORDER by which BaseEditor would pick its loader for `model_name` (None: it raises)."""
     lower = model_name.lower()
-    first = next((s for s in HOST_NAME_ORDER if s in lower), None)  # the host tests them in this order
-    return first in HOST_GENERIC
+    return next((s for s in HOST_NAME_ORDER if s in lower), None)  # the host tests them in this order
 
 
 def load_model(model_name: str, hparams):
-    """(model, tok) for a `model_name` the host would not load: the host's generic loader (AutoModelForCausalLM in
-    float16 when `fp16`, else float32; device_map="auto" when `model_parallel`; pad token = EOS when missing; left
-    padding, which the host gives every autoregressive tokenizer for MoTE)."""
-    import torch
+    """(model, tok) of a MoTE `model_name`, the one loader of every path that loads by name (BaseEditor for MoTE, the
+    CLI, the comparison): AutoModelForCausalLM in `hparams.torch_dtype()` (the YAML's `dtype`; without it EasyEdit's
+    rule, float16 when `fp16`, else float32), device_map="auto" when `model_parallel`; the tokenizer as EasyEdit's
+    generic branches load it (Qwen names with its "<|endoftext|>" special tokens; pad token = EOS where missing, or
+    always for Llama / Mistral names), left padding, which the host gives every autoregressive tokenizer for MoTE.
+    The host itself loads only in float16 or float32, and every family but its generic ones not at all (GPT-OSS would
+    get GPT2Tokenizer, OLMoE and DeepSeek-V3 a NotImplementedError)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.float16 if getattr(hparams, "fp16", False) else torch.float32
     device_map = "auto" if getattr(hparams, "model_parallel", False) else None
+    branch = host_branch(model_name)
+    tok_kwargs = HOST_QWEN_TOKENS if branch in ("qwen2", "qwen3") else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, device_map=device_map)
-        tok = AutoTokenizer.from_pretrained(model_name)
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=hparams.torch_dtype(), device_map=device_map)
+        tok = AutoTokenizer.from_pretrained(model_name, **tok_kwargs)
     except Exception as e:
         raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load "
                          "the model yourself and set `hparams.model_name = (model, tok)` before "
                          "BaseEditor.from_hparams") from e
-    if tok.pad_token_id is None:
+    if tok.pad_token_id is None or branch in ("llama", "mistral"):
         tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "left"
-    return model, tok
+    return model.eval(), tok
 
 
 def _name_of(model) -> str:
@@ -156,7 +162,7 @@ def _wrap_base_editor(editor_module) -> None:
         if getattr(hparams, "alg_name", None) != ALG_NAME:
             return init(self, hparams, *args, **kwargs)
         given = hparams.model_name
-        if isinstance(given, str) and not host_loads_by_name(given):
+        if isinstance(given, str):
             hparams.model_name = load_model(given, hparams)
         try:
             init(self, hparams, *args, **kwargs)
@@ -167,6 +173,34 @@ def _wrap_base_editor(editor_module) -> None:
 
     __init__._loads_mote = True
     cls.__init__ = __init__
+    for name in SINGLE_EDIT_METHODS:
+        if callable(method := getattr(cls, name, None)) and not getattr(method, "_single_for_mote", False):
+            setattr(cls, name, _one_request_per_call(method))
+
+
+# BaseEditor methods that edit one request per apply call and assert `hparams.batch_size == 1` (edit() calls
+# edit_requests); batch_edit chunks the requests by batch_size
+SINGLE_EDIT_METHODS = ("edit_requests", "generate_edit")
+
+
+def _one_request_per_call(method):
+    """`method` run for MoTE with `hparams.batch_size` read as 1 (and given back afterwards), so that one YAML serves
+    both edit() (one request per call, which the host asserts) and batch_edit() (the YAML's batch_size per call)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        hp = getattr(self, "hparams", None)
+        size = getattr(hp, "batch_size", 1)
+        if getattr(hp, "alg_name", None) != ALG_NAME or size == 1:
+            return method(self, *args, **kwargs)
+        hp.batch_size = 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            hp.batch_size = size
+
+    wrapper._single_for_mote = True
+    return wrapper
 
 
 def _bind_hyperparams(host_base: type) -> None:
@@ -206,6 +240,28 @@ def register(strict: bool = False) -> HostStatus:
     _wrap_base_editor(editor)
     _bind_hyperparams(getattr(host_hparams, "HyperParams", object))
     return HostStatus(True, f"MoTE registered in {alg_dict.__name__}.ALG_DICT ({len(alg_dict.ALG_DICT)} algorithms)")
+
+
+_IMPORT_TRIED = False
+
+
+def register_with_host() -> None:
+    """Register MoTE with an importable host, quietly: what constructing or loading `MoTEHyperParams` does, so that an
+    EasyEdit script that only names the class selects MoTE by its YAML. A host already imported (EasyEdit's scripts
+    import it first) is registered with at once; one not yet imported is imported once per process. Never raises: a
+    host that cannot import or host MoTE is left alone (`register()` says why)."""
+    global _IMPORT_TRIED
+    import sys
+
+    if is_registered():
+        return
+    if "easyeditor" not in sys.modules:
+        if _IMPORT_TRIED:
+            return
+        _IMPORT_TRIED = True  # one look (and import) per process: hyper-parameters are constructed often
+        if importlib.util.find_spec("easyeditor") is None:
+            return
+    register()
 
 
 def is_registered() -> bool:

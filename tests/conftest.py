@@ -78,6 +78,23 @@ def reduced_fact_model():
     return get
 
 
+QUALITY_CONFIG = ROOT / "benchmarks" / "configs" / "quality.yaml"
+
+
+@pytest.fixture(scope="session")
+def yaml_fact_model():
+    """(build directory, report) of the qwen3_moe fact model that hparams/MoTE/testbed-qwen3_moe*.yaml name
+    (`../../.cache/mote-testbed/qwen3_moe-200-quality/model`): benchmarks/quality.py's build, built here when missing
+    (about 30 min on one core; shared with the quality benchmark). The EasyEdit-host tests run the shipped YAMLs on
+    it."""
+    from mote_plugin.testbed import BuildOptions, build
+
+    spec = yaml.safe_load(QUALITY_CONFIG.read_text())["builds"]["qwen3_moe"] | {"arch": "qwen3_moe"}
+    opts = BuildOptions.from_dict(spec)
+    out = ROOT / ".cache" / "mote-testbed" / f"qwen3_moe-{opts.facts}-quality"
+    return out, build(out, opts, log=lambda m: None)
+
+
 @pytest.fixture(scope="session")
 def easyedit_host():
     """The current EasyEdit (`easyeditor` package) with MoTE registered; skipped when none is importable."""

@@ -80,7 +80,8 @@ def test_speedup_and_per_layer_batches_write_every_layer(speed):
 
 def test_quality_config_is_checked_before_any_work(quality, tmp_path):
     bad = tmp_path / "bad.yaml"
-    head = "builds: {qwen3_moe: {facts: 20}}\ndev: 4\ntest: 8\nbatch_size: 4\n"
+    ranks = "real_ranks: {qwen3_moe: {ranks: [16, 256, 128], shape: [128, 2048, 768]}}\n"
+    head = "builds: {qwen3_moe: {facts: 20}}\ndev: 4\ntest: 8\nbatch_size: 4\n" + ranks
     bad.write_text(head + "methods: {MoTE: {}}\nwhat: 1\n")
     with pytest.raises(ValueError, match=r"unknown keys \['what'\]"):
         quality.load_config(bad)
@@ -90,7 +91,8 @@ def test_quality_config_is_checked_before_any_work(quality, tmp_path):
     bad.write_text(head + "methods: {MoTE: {}}\ntune: {mote_lambda: [0.1, -1]}\n")
     with pytest.raises(ValueError, match="mote_lambda must be a number > 0"):
         quality.load_config(bad)
-    bad.write_text("builds: {qwen3_moe: {facts: 20, epochs: 3}}\ndev: 4\ntest: 8\nbatch_size: 4\nmethods: {MoTE: {}}\n")
+    bad.write_text("builds: {qwen3_moe: {facts: 20, epochs: 3}}\ndev: 4\ntest: 8\nbatch_size: 4\nmethods: {MoTE: {}}\n"
+                   + ranks)
     with pytest.raises(TypeError, match="epochs"):
         quality.load_config(bad)
     good = quality.load_config(BENCHMARKS / "configs" / "quality.yaml")

@@ -4,6 +4,7 @@ and the checks against a model (module names, v_loss_layer, loading flags)."""
 from dataclasses import fields
 
 import pytest
+import torch
 
 from mote_plugin.mote.hparams import MoTEHyperParams
 from mote_plugin.mote.mote_main import apply_mote_to_model
@@ -235,3 +236,30 @@ def test_an_edit_that_does_not_fit_is_refused_before_any_change(tok, tmp_path):
             apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path, **kw))
         assert same(model, before)
     assert not (tmp_path / "stats").exists(), "refused before the preservation statistics"
+
+
+def test_dtype_key():
+    base = dict(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
+    assert MoTEHyperParams(**base).torch_dtype() is torch.float32  # EasyEdit's rule without `dtype`
+    assert MoTEHyperParams(**base, fp16=True).torch_dtype() is torch.float16
+    assert MoTEHyperParams(**base, dtype="bfloat16").torch_dtype() is torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be null or one of"):
+        MoTEHyperParams(**base, dtype="bf16")
+    with pytest.raises(ValueError, match="fp16: true loads float16, but dtype is 'bfloat16'"):
+        MoTEHyperParams(**base, fp16=True, dtype="bfloat16")
+
+
+def test_relative_paths_are_read_from_the_yaml_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "hparams" / "MoTE"
+    folder.mkdir(parents=True)
+    (tmp_path / "models" / "local").mkdir(parents=True)
+    (folder / "a.yaml").write_text("alg_name: MoTE\nmodel_name: ../../models/local\nlayers: [0]\ndevice: cpu\n"
+                                   "stats_dir: .cache/stats\npreservation_corpus: wikitext\n")
+    (folder / "b.yaml").write_text("alg_name: MoTE\nmodel_name: Qwen/Qwen3-30B-A3B\nlayers: [0]\ndevice: cpu\n")
+    monkeypatch.chdir(tmp_path / "models")  # anywhere else
+    hp = MoTEHyperParams.from_hparams(folder / "a")
+    assert hp.model_name == str(tmp_path / "models" / "local") and hp.stats_dir == str(folder / ".cache" / "stats")
+    assert hp.preservation_corpus == "wikitext"  # a `datasets` name, nothing of that name next to the YAML
+    hp = MoTEHyperParams.from_hparams(folder / "b")
+    assert hp.model_name == "Qwen/Qwen3-30B-A3B" and hp.stats_dir == "./.cache/mote-stats"  # Hub name; default
+    assert hp.updated(mote_lambda=1.0).model_name == "Qwen/Qwen3-30B-A3B"

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mote_plugin.mote.hparams import MoTEHyperParams
@@ -22,7 +23,11 @@ def test_yaml_loads(path):
     hp = MoTEHyperParams.from_hparams(str(path.with_suffix("")))  # '.yaml' is optional
     assert hp.alg_name == "MoTE" and hp.layers
     assert isinstance(hp.eps_whitening, float)
-    assert hp.batch_size == 1, "EasyEdit's edit() asserts batch_size == 1; batch_edit's size is set by its caller"
+    # edit() reads 1 for MoTE whatever the YAML says (mote_plugin.easyedit); the real YAMLs batch 50, as the paper
+    assert hp.batch_size == (50 if hp.model_name.startswith(("Qwen/", "openai/")) or "demo" in path.name else 1)
+    if hp.model_name.startswith(("Qwen/", "openai/")):
+        assert hp.dtype == "bfloat16" and hp.torch_dtype() is torch.bfloat16
+    assert Path(hp.stats_dir).is_absolute(), "relative paths are read from the YAML's directory"
 
 
 @pytest.mark.parametrize("path", HOST_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -15,6 +15,7 @@ PACKAGE = ROOT / "mote_plugin"
 # each module may import modules of a lower layer, or of its own package
 LAYERS = {
     "mote_plugin._version": 0,
+    "mote_plugin._hooks": 0,
     "mote_plugin.adapters": 0,
     "mote_plugin.mote.algebra": 0,
     "mote_plugin.mote.model": 1,

@@ -101,6 +101,30 @@ def test_importing_registers_nothing_register_does():
     assert run.returncode == 0 and run.stdout.strip() == "registered", run.stderr[-2000:]
 
 
+def test_constructing_hparams_registers(fake_host):
+    """An EasyEdit script that only names MoTEHyperParams in its if/elif chain gets MoTE registered: loading or
+    constructing the class registers it with an importable host (idempotent); without a host nothing happens."""
+    fake_host("current")
+    importlib.import_module("easyeditor")  # EasyEdit's scripts import the host first
+    assert not is_registered()
+    MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
+    assert is_registered()
+    alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
+    MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
+    assert list(alg_dict) == ["ROME", "MEMIT", "AlphaEdit", "MoTE"]
+
+
+def test_constructing_hparams_imports_a_host_once(fake_host, monkeypatch):
+    """A host not imported yet is imported (once per process) when the class is constructed."""
+    from mote_plugin import easyedit
+
+    fake_host("current")
+    monkeypatch.setattr(easyedit, "_IMPORT_TRIED", False)
+    assert "easyeditor" not in sys.modules
+    MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu")
+    assert is_registered() and easyedit._IMPORT_TRIED
+
+
 def test_hparams_class_registers(fake_host):
     """Asking for a hyper-parameter class is meeting the host: EasyEdit's scripts then run MoTE by its YAML."""
     fake_host("current")
@@ -156,8 +180,11 @@ def test_base_editor_loads_every_family_for_mote(fake_host, saved_models):
     assert type(editor.model).__name__ == "OlmoeForCausalLM" and editor.model.dtype == torch.float16  # fp16 read
     assert editor.tok.padding_side == "left" and editor.tok.pad_token_id is not None
     assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")
-    hp.model_name = str(saved_models / "qwen3-moe-tiny")  # a name the host loads itself
-    assert editor_cls.from_hparams(hp).model == "host-loaded model"
+    hp.model_name = str(saved_models / "qwen3-moe-tiny")  # a name the host would load, in float16 / float32 only
+    hp.fp16, hp.dtype = False, "bfloat16"
+    qwen = editor_cls.from_hparams(hp)
+    assert type(qwen.model).__name__ == "Qwen3MoeForCausalLM" and qwen.model.dtype == torch.bfloat16
+    assert qwen.tok.pad_token == "<|endoftext|>" and qwen.tok.padding_side == "left"  # the host's Qwen tokens
     hp.model_name = (editor.model, editor.tok)
     editor = editor_cls.from_hparams(hp)
     assert editor.model_name == hp.model_name == str(saved_models / "OLMoE-tiny")  # the model's own name

@@ -31,7 +31,7 @@ def test_testbed_yamls_hold_the_dev_chosen_settings(arch, suffix):
     hp = MoTEHyperParams.from_hparams(str(HPARAMS / f"testbed-{arch}{suffix}"))
     assert {k: getattr(hp, k) for k in TUNED} == report[arch]["tune"][row]["chosen"]
     assert (hp.spread, hp.basis) == (spread, basis)
-    assert hp.model_name == f".cache/mote-testbed/{arch}-200-quality/model"
+    assert hp.model_name == str(ROOT / ".cache" / "mote-testbed" / f"{arch}-200-quality" / "model")  # from any cwd
     shape = tuple(report[arch]["shape"])
     if suffix == "-fullrank":
         assert resolve_ranks((hp.r_e, hp.r_out, hp.r_in), shape) == shape

@@ -28,7 +28,7 @@ import yaml
 
 from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
 from ..mote.editor import MoTEEditor
-from ..mote.hparams import MoTEHyperParams, hparams_path
+from ..mote.hparams import DTYPES, MoTEHyperParams, hparams_path
 from ..mote.mote_main import apply_mote_to_model, last_coverage
 from .host_methods import (
     dense_module_problem,
@@ -58,6 +58,7 @@ class CompareConfig:
     build: dict | None = None  # fact-model BuildOptions (arch, facts, ...) to build `model` first when missing
     covariance_texts: int = 2000  # corpus lines behind a dense baseline's key covariance
     host_metrics: bool = True  # also report the host's token accuracies when a host is importable
+    dtype: str = "float32"  # the weights' dtype of the model every method edits: bfloat16 | float16 | float32
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "CompareConfig":
@@ -72,6 +73,8 @@ class CompareConfig:
             raise ValueError(f"{path}: dataset must be counterfact or zsre, got {cfg.dataset!r}")
         if not cfg.methods:
             raise ValueError(f"{path}: no methods")
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"{path}: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
         for name, entry in cfg.methods.items():
             hp_path, overrides = method_spec(name, entry)
             if "batch_size" in overrides:
@@ -132,13 +135,14 @@ def load_model(cfg: CompareConfig):
     if (path / "facts.json").exists():
         from ..testbed import load
 
-        return load(path)[:3]
+        model, tok, facts = load(path)[:3]
+        return model.to(getattr(torch, cfg.dtype)), tok, facts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model "
                                 "directory)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).eval()
     return model, AutoTokenizer.from_pretrained(path), None
 
 

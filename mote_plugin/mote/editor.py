@@ -46,7 +46,7 @@ from .model.capture import capture, input_device, layer_outputs, moe_blocks
 from .model.compute_z import FAILED_NLL, VStarCache, compute_targets
 from .model.requests import normalise_requests
 from .model.stats import LayerStats, preservation_stats
-from .patches.history import EditHistory, copy_into, down_param_names, record_call
+from .patches.history import EditHistory, copy_into, digest, down_param_names, record_call
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class EditState:
     last_coverage: list = field(default_factory=list)  # Coverage of each solve of the last successful edit
     history: EditHistory = field(default_factory=EditHistory)  # successful edits, for edit patches (`save_edit`)
     record_history: bool = True  # False: keep no history (e.g. long benchmark runs); `save_edit` then has nothing
+    # which weights the above describes (`follow_weights`): parameter name -> `digest` of its value
+    origin: dict = field(default_factory=dict)  # before MoTE first wrote it
+    written: dict = field(default_factory=dict)  # after MoTE's last successful write
+    on_edited: set = field(default_factory=set)  # basis keys (and "templates") computed on weights MoTE had changed
 
     ATTRIBUTE = "_mote_edit_state"  # where it is kept on the model
 
@@ -91,6 +95,36 @@ class EditState:
     @classmethod
     def forget(cls, model: nn.Module) -> None:
         vars(model).pop(cls.ATTRIBUTE, None)
+
+    def follow_weights(self, model: nn.Module) -> None:
+        """Before an edit: when the weights MoTE last wrote are no longer what it wrote (EasyEdit's edit() restores them
+        after every request, a user may `load_state_dict`), drop the sequential memory, edit count, timings and history
+        built on them, with one log line. Bases and context templates are kept when the weights are back to those they
+        were computed from (a restore), dropped otherwise."""
+        if not self.written or _digests(model, self.written) == self.written:
+            return
+        restored = _digests(model, self.origin) == self.origin
+        bases = {k: b for k, b in self.bases.items() if k not in self.on_edited} if restored else {}
+        templates = self.context_templates if restored and "templates" not in self.on_edited else None
+        log.info("MoTE: the weights it last wrote were changed outside it (%s): the sequential memory, edit history "
+                 "and timings of its %d edit(s) are dropped%s", "restored" if restored else "other values", self.edits,
+                 "" if restored else ", and the bases")
+        vars(self).update(vars(EditState(bases=bases, context_templates=templates, record_history=self.record_history)))
+
+    def wrote(self, model: nn.Module, originals: dict[str, torch.Tensor], derived: set) -> None:
+        """After a successful edit that changed `originals` (name -> value before it): which weights the state now
+        describes. `derived`: basis keys (and "templates") this edit computed, on weights MoTE had changed if any of
+        its earlier writes was live."""
+        if self.origin:
+            self.on_edited |= derived
+        for name, value in originals.items():
+            self.origin.setdefault(name, digest({name: value}))
+        self.written = _digests(model, self.origin)
+
+
+def _digests(model: nn.Module, names) -> dict[str, str]:
+    """{name: `digest` of the parameter's current value} (read from accelerate's weights map where offloaded)."""
+    return {name: digest({name: value}) for name, value in offload.values(model, names).items()}
 
 
 @dataclass
@@ -248,6 +282,8 @@ class MoTEEditor:
         _check_materialised(adapter, blocks)
         hp.check_against_model(self.model)
         state = self.state
+        state.follow_weights(self.model)
+        known = set(state.bases) | ({"templates"} if state.context_templates is not None else set())
         memory = dict(state.memory)
         with offload.resident(blocks.values()):  # offloaded edited blocks: weights loaded for the whole call
             names = down_param_names(self.model, adapter, blocks)
@@ -268,6 +304,9 @@ class MoTEEditor:
         state.edits += len(edit.requests)
         state.last_writes = edit.writes
         state.last_coverage = edit.coverage
+        if edit.writes:
+            derived = set(state.bases) | ({"templates"} if state.context_templates is not None else set())
+            state.wrote(self.model, originals, derived - known)
         log.info("MoTE: %d edits, %s", len(edit.requests),
                  ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items() if k != "edits"))
         return EditResult(edit.requests, dict(edit.timings), originals, list(edit.coverage))

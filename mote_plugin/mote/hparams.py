@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import yaml
 
+from .._hooks import HPARAMS_CREATED
 from .algebra.batch_basis import BASES, BasisRule
 from .algebra.nullspace import FALLBACKS, RULES
 from .algebra.solvers import SOLVERS
@@ -38,6 +40,7 @@ from .model.lookup import FACT_TOKENS
 log = logging.getLogger(__name__)
 
 SPREADS = ("core", "residual", "layerwise")
+DTYPES = ("bfloat16", "float16", "float32")  # what `dtype` may name (the weights' dtype when model_name is loaded)
 V_OBJECTIVES = (*OBJECTIVES, "memit_host")
 
 # the keys a layer's basis (null-space projectors, Tucker factors) is computed from: the editor keeps one basis per
@@ -99,6 +102,27 @@ def hparams_path(hparams_name_or_path: str | Path) -> Path:
         tried = path if path == str(hparams_name_or_path) else f"{hparams_name_or_path} (tried {path})"
         raise FileNotFoundError(f"no such hparams file: {tried}")
     return Path(path)
+
+
+# keys naming a file or directory: a relative path in a YAML is read from the YAML's own directory (`resolve_paths`)
+PATH_FIELDS = ("model_name", "stats_dir", "vstar_cache_dir", "preservation_corpus")
+
+
+def resolve_paths(config: dict, base: Path) -> dict:
+    """`config` with the relative paths of PATH_FIELDS made absolute against `base` (the YAML's directory), so a YAML
+    means the same from any working directory. `stats_dir` and `vstar_cache_dir` are always paths; `model_name` and
+    `preservation_corpus` may also be a Hugging Face / `datasets` name ("Qwen/Qwen3-30B-A3B"): they are read as paths
+    when they start with "." ("./model", "../../.cache/...") or name something that exists under `base`, and are
+    left as they are otherwise."""
+    out = dict(config)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        local = base / value
+        if key in ("stats_dir", "vstar_cache_dir") or value.startswith(".") or local.exists():
+            out[key] = os.path.normpath(local.resolve())
+    return out
 
 
 class HostHyperParams:
@@ -176,6 +200,8 @@ class MoTEHyperParams(HostHyperParams):
     max_length: int = 128  # token limit of prompts and of statistics windows
     model_parallel: bool = False  # loading flag: EasyEdit's BaseEditor loads model_name with device_map="auto"
     fp16: bool = False  # loading flag: EasyEdit's BaseEditor loads model_name in float16
+    # loading dtype of model_name: bfloat16 | float16 | float32; null = EasyEdit's rule (float16 if fp16 else float32)
+    dtype: str | None = None
 
     def __post_init__(self):
         for name in _FLOAT_FIELDS:  # YAML "lambda: 1" is an int: store floats as floats
@@ -184,6 +210,8 @@ class MoTEHyperParams(HostHyperParams):
         errors = self._validate()
         if errors:
             raise ValueError("invalid MoTE hyper-parameters: " + "; ".join(errors))
+        for hook in HPARAMS_CREATED:  # the package root's: registers MoTE with an importable EasyEdit host
+            hook()
 
     def _validate(self) -> list[str]:
         e: list[str] = []
@@ -256,6 +284,10 @@ class MoTEHyperParams(HostHyperParams):
             need(self.v_loss_layer >= max(layers),
                  f"v_loss_layer must be -1 (the last layer) or a layer at or above the last edited one, "
                  f"max(layers) = {max(layers)}; got {self.v_loss_layer}")
+        need(self.dtype is None or self.dtype in DTYPES,
+             f"dtype must be null or one of {DTYPES}, got {self.dtype!r}")
+        need(not (self.fp16 and self.dtype not in (None, "float16")),
+             f"fp16: true loads float16, but dtype is {self.dtype!r}: set one of them (fp16: false, or dtype: float16)")
         for name in ("nullspace", "sequential_memory", "model_parallel", "fp16", "v_keep_failed"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "ln_f_module", "lm_head_module",
@@ -280,7 +312,7 @@ class MoTEHyperParams(HostHyperParams):
             config = yaml.safe_load(f)
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of hyper-parameters, got {type(config).__name__}")
-        return cls._from_mapping(config, str(path))
+        return cls._from_mapping(resolve_paths(config, path.parent), str(path))
 
     def updated(self, source: str = "overrides", **changes) -> "MoTEHyperParams":
         """A copy with `changes` applied, read as a YAML would be (e.g. `updated(v_weight_decay="1e-1")`): unknown
@@ -322,6 +354,13 @@ class MoTEHyperParams(HostHyperParams):
         if dev.type == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"device {self.device!r}: MPS is not available here; set `device: cpu`")
         return dev
+
+    def torch_dtype(self):
+        """The dtype `model_name` is loaded in: `dtype` when set, else EasyEdit's rule (float16 when `fp16`, else
+        float32). Statistics and solves run in float32 whatever it is; updates are written in the weights' dtype."""
+        import torch
+
+        return getattr(torch, self.dtype or ("float16" if self.fp16 else "float32"))
 
     def check_against_model(self, model) -> None:
         """What these settings say about `model`, checked before an edit changes anything (`apply_mote_to_model` calls
@@ -382,6 +421,8 @@ class MoTEHyperParams(HostHyperParams):
         how = "the model was loaded by the caller; the key applies where EasyEdit's BaseEditor loads model_name"
         if self.fp16 and param is not None and param.dtype != torch.float16:
             _warn_once("fp16", f"fp16: true has no effect here: the model is {param.dtype} ({how})")
+        if self.dtype is not None and param is not None and param.dtype != self.torch_dtype():
+            _warn_once("dtype", f"dtype: {self.dtype} has no effect here: the model is {param.dtype} ({how})")
         if self.model_parallel and not dispatched:
             _warn_once("model_parallel", f"model_parallel: true has no effect here: the model is not dispatched over "
                                          f"devices ({how})")

@@ -21,7 +21,7 @@ def _compute_z_module():
         return None, "easyeditor is not installed"
     try:
         module = importlib.import_module("easyeditor.models.memit.compute_z")
-    except Exception as e:  # a stale or broken host (see docs/easyedit-contract): treat as absent
+    except Exception as e:  # a stale or broken host (docs/easyedit.md, "Getting a host"): treat as absent
         return None, f"easyeditor is installed but its MEMIT compute_z does not import ({type(e).__name__}: {e})"
     return module, "easyeditor MEMIT compute_z"
 

@@ -1,0 +1,8 @@
+"""Callbacks that the package root installs into the core without the core importing the glue they call.
+
+`HPARAMS_CREATED`: run, without arguments, after every `MoTEHyperParams` is constructed or loaded; `mote_plugin`
+installs the EasyEdit glue's `register_with_host` there, so that a script naming only the class selects MoTE in an
+importable host.
+"""
+
+HPARAMS_CREATED: list = []
