@@ -152,6 +152,7 @@ def test_quality_protocol_end_to_end(quality, reduced_fact_model, tmp_path, monk
     cfg = tmp_path / "q.yaml"
     cfg.write_text(yaml.safe_dump({
         "builds": {"gpt_oss": {"facts": 24}}, "dev": 4, "test": 8, "batch_size": 4,
+        "real_ranks": {"gpt_oss": {"ranks": [8, 256, 256], "shape": [32, 2880, 2880]}},
         "methods": {"MoTE": {"spread": "core", "rank_scale": 1}, "MoTE-fullrank": {"rank_scale": "full"},
                     "Global+speedup": {"solver": "global", "spread": "core"}},
         "tune": {"mote_lambda": [0.1, 1.0]}, "ablations": {"whitening": {"none": {"whitening": "none"}}},
@@ -164,7 +165,9 @@ def test_quality_protocol_end_to_end(quality, reduced_fact_model, tmp_path, monk
     assert set(res["test"]) == {"unedited", "MoTE", "MoTE-fullrank", "Global+speedup"} and res["test"]["MoTE"]["n"] == 8
     assert res["test"]["MoTE-fullrank"]["ranks"] == [8, 128, 128] and res["test"]["Global+speedup"]["ranks"] is None
     assert set(res["ablations"]) == {"MoTE"} and set(res["ablations"]["MoTE"]["whitening"]) == {"none"}
-    assert res["basis"]["full"]["reproduced"] > res["basis"]["MoTE's settings"]["reproduced"] - 1e-6
+    assert res["yaml_ranks"] == [2, 12, 12] and res["test"]["MoTE"]["ranks"] == [2, 12, 12]  # the real ranks' ratios
+    reproduced = {name: row["reproduced"]["mean"] for name, row in res["basis"].items()}
+    assert reproduced["full"] > reproduced["MoTE's settings"] - 1e-6
     assert set(res["routing"]) == {"MoTE", "MoTE-fullrank", "Global+speedup"}
     md = (tmp_path / "quality.md").read_text()
     assert "test = known facts 5-12 (N = 8, 2 sequential batches of at most 4)" in md and "mote_lambda" in md

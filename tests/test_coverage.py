@@ -205,7 +205,6 @@ def test_low_reproduced_share_warns_naming_what_to_change(tok, tmp_path, caplog)
     ({"basis": "weights+edit", "spread": "residual", "sequential_memory": True}, "sequential_memory: false"),
     ({"r_out": "auto", "sequential_memory": True}, "sequential_memory: false"),
     ({"r_out": "auto", "hooi_sweeps": 1}, "hooi_sweeps: 0"),
-    ({"basis": "weights+edit", "spread": "residual", "solver": "global"}, "for solver 'mote'"),
     ({"basis": "edit"}, "basis must be one of"),
     ({"r_in": "full"}, "'auto'"),
     ({"min_coverage": 0}, "min_coverage"),

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def setup(reduced_fact_model, arch, tmp_path, n, yaml="fullrank", **overrides):
-    """The build's model, its first `n` known facts and the testbed YAML (`yaml`: "fullrank" or "ratio" ranks)."""
+    """The build's model, its first `n` known facts and the testbed YAML (`yaml`: "fullrank" or "auto" ranks)."""
     out, report = reduced_fact_model(arch)
     model, tok, facts, _ = load(out)
     hp = MoTEHyperParams.from_hparams(str(HPARAMS / f"testbed-{arch}{'-fullrank' if yaml == 'fullrank' else ''}"))
@@ -85,13 +85,14 @@ def test_nullspace_protects_preservation_keys(reduced_fact_model, arch, tmp_path
 # The 50-edit gate on the demo's build (README command 1), facts 201-256 of the shipped data: no setting of the YAMLs
 # was chosen on them (they were chosen on facts 1-50 of the quality protocol's 200-fact build), so these are test
 # numbers.
-# Measured (one batch of 50, unedited 0.00 / 0.22 / 1.00), efficacy / generalisation / specificity:
-#   testbed-qwen3_moe-fullrank.yaml  0.84 / 0.70 / 0.75   (full Tucker rank: the Global ridge in the Tucker basis)
-#   testbed-qwen3_moe.yaml           0.50 / 0.46 / 0.68   (ranks (2, 16, 22): the real model's ratios)
-# The gate holds each YAML to its measured numbers less a margin: on this build MoTE at the real model's rank ratios
-# rewrites half the facts, at full rank most; both cost specificity (benchmarks/results/quality.md says why).
+# Measured (one batch of 50, unedited 0.00 / 0.22 / 1.00), efficacy / generalisation / specificity (requests edited):
+#   testbed-qwen3_moe-fullrank.yaml  0.84 / 0.70 / 0.75 (50)  (full Tucker rank: the Global ridge in the Tucker basis)
+#   testbed-qwen3_moe.yaml           0.68 / 0.62 / 0.84 (39)  (`auto` ranks at layers 1-3: 11 v* miss their target at
+#                                                             layer 3 and are left out; benchmarks/results/demo.md)
+# The gate holds each YAML to its measured numbers less a margin (benchmarks/results/quality.md says what each costs).
 FIFTY_EDIT_GATE = {"fullrank": {"efficacy": 0.75, "generalization": 0.55, "specificity": 0.65},
-                   "ratio": {"efficacy": 0.4, "generalization": 0.35, "specificity": 0.58}}
+                   "auto": {"efficacy": 0.6, "generalization": 0.5, "specificity": 0.75}}
+EDITED = {"fullrank": 50, "auto": 39}
 
 
 @pytest.mark.parametrize("yaml", sorted(FIFTY_EDIT_GATE))
@@ -103,7 +104,7 @@ def test_fifty_edits_in_one_batch(reduced_fact_model, tmp_path, yaml):
     after = counterfact_metrics(model, tok, records)
     print(yaml, {k: (round(before[k], 3), round(after[k], 3))
                  for k in ("efficacy", "generalization", "specificity", "utility")})
-    assert before["efficacy"] == 0.0 and last_timings(model)["edits"] == 50
+    assert before["efficacy"] == 0.0 and last_timings(model)["edits"] == EDITED[yaml]
     assert all(after[k] >= v for k, v in FIFTY_EDIT_GATE[yaml].items()), (after, FIFTY_EDIT_GATE[yaml])
     assert after["generalization"] > before["generalization"] + 0.1
 

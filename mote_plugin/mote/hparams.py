@@ -172,7 +172,7 @@ class MoTEHyperParams(HostHyperParams):
     # the factors a batch is solved in: weights (the HOSVD of the weights, the paper's) | weights+edit (plus the
     # batch's residuals in U_out and its projected keys in U_in; needs a spread that captures keys at every layer) |
     # weights+edit+gates (and the batch's gate vectors in U_e)
-    basis: str = "weights"
+    basis: str = "weights"  # (solver mote; the unstructured solvers have no basis and ignore it and the ranks)
     # warn when the update at a solve layer reproduces less than this share of the residual it aimed at (batch mean;
     # docs/method.md says how 0.3 was chosen; 0: never)
     min_reproduced: float = 0.3
@@ -255,7 +255,6 @@ class MoTEHyperParams(HostHyperParams):
              f"min_reproduced must be a number in [0, 1] (0: never warn), got {self.min_reproduced!r}")
         if not self.basis_rule().fixed:
             per_batch = (f"basis {self.basis!r}" if self.basis != "weights" else "'auto' ranks")
-            need(self.solver == "mote", f"{per_batch} is for solver 'mote' (the {self.solver!r} solver has no basis)")
             need(not self.sequential_memory,
                  f"{per_batch} takes a basis per batch, which the sequential memory (past edits' features in one "
                  f"fixed basis) cannot follow: set sequential_memory: false, or fixed ranks with basis 'weights'")
