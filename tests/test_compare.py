@@ -45,7 +45,7 @@ def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
     hp = MoTEHyperParams.from_hparams(MOTE_YAML)  # per edit call (2 of 3 requests), the coverage of each solve
     solves = [max(hp.layers)] if hp.spread == "core" else sorted(hp.layers)
     assert [[c["layer"] for c in call] for call in by_method["MoTE"]["coverage"]] == [solves, solves]
-    assert all(0 <= c["residual_in_U_out"]["min"] <= c["residual_in_U_out"]["mean"] <= 1
+    assert all(0 <= c["residual_in_U_out"]["min"] <= c["residual_in_U_out"]["mean"] <= 1 + 1e-6  # full rank: 1
                for call in by_method["MoTE"]["coverage"] for c in call)
     if by_method["MEMIT"]["status"] == "unavailable":  # no host in this environment
         assert "EasyEdit" in by_method["MEMIT"]["reason"]
