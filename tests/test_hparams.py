@@ -119,7 +119,7 @@ def test_quoted_numbers_are_read_as_easyedit_reads_them(tmp_path):
     assert hp.v_num_grad_steps == 25 and isinstance(hp.v_num_grad_steps, int) and hp.preservation_tokens == 20000
     assert hp.v_loss_layer == 7 and isinstance(hp.v_loss_layer, int)
     assert hp.r_in == 1.0 and isinstance(hp.r_in, float)  # a quoted "1" is EasyEdit's 1.0: a fraction (full rank)
-    assert hp.stats_dir == "1234"  # string keys stay strings
+    assert hp.stats_dir == str(tmp_path / "1234")  # string keys stay strings (a relative path: from the YAML's folder)
     assert MoTEHyperParams.from_hparams(write(tmp_path, YAML.replace("device: 0", 'device: "1"'))).device == 1
     for line, match in (('v_num_grad_steps: "2.5"', "v_num_grad_steps must be an int >= 0, got 2.5"),
                         ('mote_lambda: "inf"', "mote_lambda must be a number > 0, got inf"),
