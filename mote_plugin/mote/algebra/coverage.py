@@ -38,11 +38,12 @@ def prefix_shares(X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     return torch.where(total[:, None] > 0, inside / total.clamp_min(1e-300)[:, None], torch.ones_like(inside))
 
 
-def dense_gates(gates: torch.Tensor, expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+def dense_gates(gates: torch.Tensor, expert_idx: torch.Tensor, num_experts: int,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The gate vectors g_t [E] of the batch (zero for experts outside the top-k). gates, expert_idx: `[T, K]` ->
-    `[T, E]` float64."""
-    out = torch.zeros(gates.shape[0], num_experts, dtype=torch.float64, device=gates.device)  # [T, E]
-    return out.scatter_add_(1, expert_idx.to(gates.device), gates.to(torch.float64))
+    `[T, E]` in `dtype`."""
+    out = torch.zeros(gates.shape[0], num_experts, dtype=dtype, device=gates.device)  # [T, E]
+    return out.scatter_add_(1, expert_idx.to(gates.device), gates.to(dtype))
 
 
 def mode_vectors(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,

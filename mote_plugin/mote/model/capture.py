@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..algebra.coverage import dense_gates
 from .hooks import recorded
 from .lookup import encode_with_lookup
 from .offload import device_of
@@ -34,8 +35,7 @@ class LayerCapture:
 
     def dense_gates(self) -> torch.Tensor:
         """Gates as a dense [T, E] matrix (zero for experts outside the top-k)."""
-        dense = self.gates.new_zeros(self.gates.shape[0], self.num_experts)  # [T, E]
-        return dense.scatter_(1, self.expert_idx, self.gates)
+        return dense_gates(self.gates, self.expert_idx, self.num_experts, dtype=self.gates.dtype)  # [T, E]
 
 
 class _StopForward(Exception):
