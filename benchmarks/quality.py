@@ -334,9 +334,8 @@ def batch_coverage(model, tok, requests: list[dict], variants: dict[str, MoTEHyp
     for name, hp in variants.items():
         layer = MoTEEditor(model, tok, hp).layer_bases([L])[L]
         solution, _ = solve_layer(hp.solver, L, layer, cap, R, hp.mote_lambda, rule=hp.basis_rule())
-        change = solution.update(layer, L, 1.0).output_change(cap.keys, cap.gates, cap.expert_idx)  # [T, d]
-        out[name] = measure_coverage(L, solution.factors, solution.keys, cap.gates, cap.expert_idx, R, change,
-                                     cap.num_experts).to_dict()
+        change = solution.update(layer, L, 1.0).output_change(cap)  # [T, d]
+        out[name] = measure_coverage(L, solution.factors, solution.routed, R, change).to_dict()
     return out
 
 

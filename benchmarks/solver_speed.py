@@ -50,10 +50,10 @@ from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.mote.algebra.batch_basis import BasisRule
 from mote_plugin.mote.algebra.coverage import measure_coverage
 from mote_plugin.mote.algebra.nullspace import nullspace_projectors
-from mote_plugin.mote.algebra.solve import project_keys, uint_p
+from mote_plugin.mote.algebra.routed_keys import RoutedKeys
+from mote_plugin.mote.algebra.solve import uint_p
 from mote_plugin.mote.algebra.solvers import LayerBasis, solve_layer
 from mote_plugin.mote.algebra.tucker import TuckerFactors, tucker_factors
-from mote_plugin.mote.model.capture import LayerCapture
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -201,15 +201,13 @@ def make_basis(shape: Shape, W: torch.Tensor, gen: torch.Generator) -> tuple[Lay
     return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P)), one_time
 
 
-def synthetic_capture(shape: Shape, T: int, gen: torch.Generator) -> tuple[LayerCapture, torch.Tensor]:
+def synthetic_capture(shape: Shape, T: int, gen: torch.Generator) -> tuple[RoutedKeys, torch.Tensor]:
     """Keys/gates/experts of T edits at one layer (top-k of random router scores) and residuals [T, d]."""
     idx = torch.rand(T, shape.E, generator=gen).topk(shape.k, dim=1).indices  # [T, k]
     gates = torch.softmax(torch.randn(T, shape.k, generator=gen), dim=1)  # [T, k]
     keys = torch.randn(T, shape.k, shape.h, generator=gen)  # [T, k, h]
     residuals = torch.randn(T, shape.d, generator=gen)  # [T, d]
-    cap = LayerCapture(x=torch.empty(0), expert_idx=idx, gates=gates, keys=keys, out=torch.empty(0),
-                       num_experts=shape.E)
-    return cap, residuals
+    return RoutedKeys(idx, gates, keys, shape.E), residuals
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,11 +239,11 @@ def run_batch(method: str, adapter, blocks: list[Block], bases: list[LayerBasis]
         timed("write", update.write, adapter, blocks[l])
 
 
-def published_batch_seconds(shape: Shape, adapter, block: Block, basis: LayerBasis, cap: LayerCapture, R: torch.Tensor,
+def published_batch_seconds(shape: Shape, adapter, block: Block, basis: LayerBasis, cap: RoutedKeys, R: torch.Tensor,
                             sample_blocks: int) -> dict:
     """MoEEdit's published BCD at one layer: seconds per block (timed on `sample_blocks`), number of blocks, and the
     writeback (dense delta @ P_j for every expert, then added), timed once."""
-    k = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
+    k = cap.projected(basis.P).keys  # [T, K, h]
     t = time.perf_counter()
     deltas = bcd_published(k, cap.gates, cap.expert_idx, R, LAMBDA, shape.E, passes=PASSES, dtype=torch.float32,
                            max_blocks=sample_blocks)  # [E, d, h]
@@ -344,7 +342,7 @@ def growth(shape_name: str, Ts: list[int], Es: list[int], log=print) -> dict:
     return out
 
 
-def sparse_woodbury(adapter, block, P: torch.Tensor, cap: LayerCapture, R: torch.Tensor, lam: float) -> list:
+def sparse_woodbury(adapter, block, P: torch.Tensor, cap: RoutedKeys, R: torch.Tensor, lam: float) -> list:
     """An independent sparse Global solve and write (none of `baselines.global_solve`'s code), the reference it is
     checked against:
 
@@ -488,8 +486,7 @@ def basis_check(shape_name: str, per_batch: int, batches: int, log=print) -> dic
             t2 = time.perf_counter()
             update.write(adapter, block)
             t3 = time.perf_counter()
-            change = update.output_change(cap.keys, cap.gates, cap.expert_idx)
-            measure_coverage(0, sol.factors, sol.keys, cap.gates, cap.expert_idx, R, change, shape.E)
+            measure_coverage(0, sol.factors, sol.routed, R, update.output_change(cap))
             t4 = time.perf_counter()
             for key, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 steps[key].append(seconds)

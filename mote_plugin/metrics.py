@@ -184,9 +184,9 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
 
     def outputs() -> tuple[torch.Tensor, torch.Tensor]:  # [N, d] on preserved tokens, [T, d] at the edit keys
         with torch.no_grad():
-            idx, gates = adapter.route(block, x)
-            preserved = adapter.experts_output(block, x, idx, gates).float()
-        return preserved, capture(model, tok, adapter, reqs, [layer], fact_token)[layer].out.float()
+            preserved = adapter.experts_output(block, adapter.route_keys(block, x)).float()
+            at_edits = adapter.experts_output(block, capture(model, tok, adapter, reqs, [layer], fact_token)[layer])
+        return preserved, at_edits.float()
 
     preserved0, edit0 = outputs()
     edit()

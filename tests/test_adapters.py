@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from mote_plugin.adapters import ADAPTERS, MoEAdapter, get_adapter
+from mote_plugin.mote.algebra.routed_keys import RoutedKeys
 from tiny import spread_routing
 
 torch.set_num_threads(1)
@@ -162,7 +163,8 @@ def test_route_and_experts_output_match_model(family, input_ids, implementation)
         assert torch.equal(ours[0], theirs[0]), f"layer {layer}: different experts selected"
         assert_close(ours[1], theirs[1], 1e-5)
         # 2. expert math: sum_j g_j (W_j k_j + b_j) equals the experts module's output
-        out = adapter.experts_output(block, rec["hidden"], rec["index"], rec["weights"])
+        keys = adapter.keys(block, rec["hidden"], rec["index"])  # [N, K, d_hidden]
+        out = adapter.experts_output(block, RoutedKeys(rec["index"], rec["weights"], keys, adapter.num_experts(block)))
         assert_close(out, rec["experts_out"], 1e-5)
         # ... and with the shared expert (if any) it is the whole block output
         shared = adapter.shared_output(block, rec["x"])

@@ -9,7 +9,6 @@ import torch
 from mote_plugin.adapters import get_adapter
 from mote_plugin.mote import editor, mote_main
 from mote_plugin.mote.algebra import solvers
-from mote_plugin.mote.algebra.solve import predicted_change
 from mote_plugin.mote.editor import MoTEEditor, request_key
 from mote_plugin.mote.hparams import MoTEHyperParams
 from mote_plugin.mote.model.capture import capture, layer_outputs
@@ -18,6 +17,7 @@ from mote_plugin.mote.model.stats import corpus_texts
 from mote_plugin.mote.mote_main import apply_mote_to_model
 from mote_plugin.testbed.model import ModelSize, make_config, make_model
 from mote_plugin.testbed.tokenizer import special_ids, train_tokenizer
+from reference import predicted_change
 
 REQUESTS = [
     {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
@@ -64,7 +64,9 @@ def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch, monke
     hp = hparams(tmp_path, layers=[1], whitening="none")
     reqs = normalise_requests(REQUESTS)
     adapter = get_adapter(model)
+    block = adapter.moe_block(model, 1)
     before = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
+    out_before = adapter.experts_output(block, before)  # [T, d]
     solved = {}
     real_solve = solvers.solve_core
 
@@ -76,10 +78,11 @@ def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch, monke
     monkeypatch.setattr(solvers, "solve_core", spy)
     apply_mote_to_model(model, tok, reqs, hp)
     after = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
-    keys, gates, idx, _, factors = solved["args"][:5]
-    expected = predicted_change(solved["sol"], factors, keys, gates, idx)
+    routed, _, factors = solved["args"][:3]
+    expected = predicted_change(solved["sol"], factors, routed.keys, routed.gates, routed.expert_idx)
     assert torch.equal(after.expert_idx, before.expert_idx)
-    torch.testing.assert_close(after.out - before.out, expected.float(), rtol=1e-4, atol=1e-4)
+    change = adapter.experts_output(block, after) - out_before  # [T, d]
+    torch.testing.assert_close(change, expected.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_full_rank_small_lambda_reproduces_the_residual(tok, tmp_path):
@@ -250,7 +253,7 @@ def test_lambda_grows_with_edits_when_asked(tok, tmp_path, monkeypatch):
     model = tiny_model(tok)
     seen = []
     real = solvers.global_solve
-    monkeypatch.setattr(solvers, "global_solve", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    monkeypatch.setattr(solvers, "global_solve", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
     hp = hparams(tmp_path, layers=[1], solver="global", mote_lambda=0.5, lambda_growth=1e-3)
     apply_mote_to_model(model, tok, REQUESTS[:2], hp)
     apply_mote_to_model(model, tok, REQUESTS[2:], hp)
@@ -323,9 +326,9 @@ def test_preservation_change_against_a_known_edit(tok):
     handle.remove()
     x = grabbed["x"][batch["attention_mask"].bool()]  # [N, d]
     with torch.no_grad():
-        idx, gates = adapter.route(block, x)
-        y_text = adapter.experts_output(block, x, idx, gates)  # [N, d]
-    y_keys = capture(model, tok, adapter, normalise_requests(REQUESTS), [1], "subject_last")[1].out  # [T, d]
+        y_text = adapter.experts_output(block, adapter.route_keys(block, x))  # [N, d]
+        y_keys = adapter.experts_output(block, capture(model, tok, adapter, normalise_requests(REQUESTS), [1],
+                                                       "subject_last")[1])  # [T, d]
 
     def scale():
         with torch.no_grad():

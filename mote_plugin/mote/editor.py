@@ -416,14 +416,14 @@ class MoTEEditor:
         model, tok, hp, state = self.model, self.tok, self.hparams, self.state
         layer = step.solve_layer
         with edit.timed("capture"):
-            cap = capture(model, tok, edit.adapter, edit.requests, [layer], hp.fact_token,
-                          max_length=hp.max_length)[layer]
+            routed = capture(model, tok, edit.adapter, edit.requests, [layer], hp.fact_token,
+                             max_length=hp.max_length)[layer]  # keys [T, K, h]
             h = layer_outputs(model, tok, edit.requests, hp.layer_module_tmp.format(step.residual_layer),
                               hp.fact_token, hp.max_length)  # [T, d]
         R = (edit.z.to(h.device) - h) * step.residual_times / step.residual_over  # [T, d]
         with edit.timed("solve"):
             memory = state.memory.get(layer) if hp.sequential_memory else None
-            solution, memory = solve_layer(hp.solver, layer, edit.bases[layer], cap, R, lam, memory,
+            solution, memory = solve_layer(hp.solver, layer, edit.bases[layer], routed, R, lam, memory,
                                            keep_memory=hp.sequential_memory, bcd_passes=hp.bcd_passes,
                                            bcd_seed=hp.bcd_seed, rule=hp.basis_rule())
             if hp.sequential_memory:
@@ -434,9 +434,8 @@ class MoTEEditor:
                 update.write(edit.adapter, edit.blocks[target])
                 edit.writes.append((target, update))
                 if target == layer:  # every spread writes its solve layer at scale 1
-                    change = update.output_change(cap.keys, cap.gates, cap.expert_idx)  # [T, d]
-        edit.coverage.append(measure_coverage(layer, solution.factors, solution.keys, cap.gates, cap.expert_idx, R,
-                                              change, cap.num_experts))
+                    change = update.output_change(routed)  # [T, d]
+        edit.coverage.append(measure_coverage(layer, solution.factors, solution.routed, R, change))
         _report(edit.coverage[-1], hp)
 
 

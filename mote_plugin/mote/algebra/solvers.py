@@ -19,7 +19,8 @@ import torch
 
 from .baselines import bcd_solve, global_solve
 from .batch_basis import BasisRule, batch_factors
-from .solve import CoreSolution, lowrank_update, project_keys, solve_core, update_memory
+from .routed_keys import RoutedKeys
+from .solve import CoreSolution, lowrank_update, solve_core, update_memory
 from .tucker import TuckerFactors
 from .update import ExpertUpdate
 
@@ -38,7 +39,7 @@ class LayerBasis:
 
 @dataclass
 class LayerSolution:
-    keys: torch.Tensor  # [T, K, h] the null-space-projected keys solved on
+    routed: RoutedKeys  # the batch's null-space-projected keys [T, K, h], solved on
     core: CoreSolution | None = None  # solver "mote"
     factors: TuckerFactors | None = None  # solver "mote": the factors the core was solved in (the batch's)
     UinT_P: torch.Tensor | None = None  # [E, r_in, h] U_in^T P_j of those factors when the layer's (else computed)
@@ -58,28 +59,27 @@ class LayerSolution:
         return update.scaled(scale)
 
 
-def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torch.Tensor, lam: float,
+def solve_layer(solver: str, layer: int, basis: LayerBasis, routed: RoutedKeys, residuals: torch.Tensor, lam: float,
                 memory: torch.Tensor | None = None, keep_memory: bool = False, bcd_passes: int = 4,
                 bcd_seed: int = 42, rule: BasisRule | None = None) -> tuple[LayerSolution, torch.Tensor | None]:
-    """Solve one layer. cap: the layer's LayerCapture (keys [T, K, h], gates, expert_idx); residuals [T, d]; rule: how
+    """Solve one layer. routed: the batch's keys [T, K, h] as captured at the layer; residuals [T, d]; rule: how
     solver "mote" takes the batch's factors from the layer's (default: as they are).
 
     Returns the solution and, when `keep_memory`, the sequential memory with this batch added (solver "mote" only).
     """
-    keys = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
+    routed = routed.projected(basis.P)  # [T, K, h]
     if solver == "mote":
         factors, UinT_P = basis.factors, basis.UinT_P
         if rule is not None and not rule.fixed:
-            factors = batch_factors(basis.factors, rule, keys, cap.gates, cap.expert_idx, residuals)
+            factors = batch_factors(basis.factors, rule, routed, residuals)
             UinT_P = None
-        core = solve_core(keys, cap.gates, cap.expert_idx, residuals, factors, lam, memory=memory)
-        solution = LayerSolution(keys=keys, core=core, factors=factors, UinT_P=UinT_P, solve_layer=layer)
+        core = solve_core(routed, residuals, factors, lam, memory=memory)
+        solution = LayerSolution(routed=routed, core=core, factors=factors, UinT_P=UinT_P, solve_layer=layer)
         return solution, update_memory(memory, core.Phi) if keep_memory else None
     if solver == "global":
-        update = global_solve(keys, cap.gates, cap.expert_idx, residuals, lam)
+        update = global_solve(routed, residuals, lam)
     elif solver == "bcd":
-        update = bcd_solve(keys, cap.gates, cap.expert_idx, residuals, lam, cap.num_experts, passes=bcd_passes,
-                           seed=bcd_seed)
+        update = bcd_solve(routed, residuals, lam, passes=bcd_passes, seed=bcd_seed)
     else:
         raise ValueError(f"unknown solver {solver!r}; one of {SOLVERS}")
-    return LayerSolution(keys=keys, expert_update=update, solve_layer=layer), None
+    return LayerSolution(routed=routed, expert_update=update, solve_layer=layer), None

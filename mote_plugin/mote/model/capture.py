@@ -1,41 +1,25 @@
-"""Key capture at the lookup token (method.md section 1), and the layer outputs the residuals are measured at.
+"""Key capture at the lookup token (docs/method.md, "Experts as memories"), and the layer outputs the residuals are
+measured at.
 
-For every edit request and every edited layer: the MoE block input x at the request's lookup token, the router's
-choice (top-k experts and gates) and the keys k_j = act(W_gate_j x) * (W_up_j x) of the selected experts, plus the
-routed experts' output sum_j g_j (W_j k_j + b_j). One batched forward per chunk of requests; a forward pre-hook on
-each edited MoE block records its input, and the forward stops after the last edited layer. `layer_outputs`: a decoder
+For every edit request and every edited layer: the router's choice at the request's lookup token (top-k experts and
+gates) and the keys k_j = act(W_gate_j x) * (W_up_j x) of the selected experts, as `RoutedKeys`. One batched forward
+per chunk of requests; a forward pre-hook on each edited MoE block records its input x, and the forward stops after
+the last edited layer. `layer_outputs`: a decoder
 layer's output at the lookup tokens (what v* targets are compared with).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..algebra.coverage import dense_gates
+from ..algebra.routed_keys import RoutedKeys
 from .hooks import recorded
 from .lookup import encode_with_lookup
 from .offload import device_of
 from .requests import normalise_requests
-
-
-@dataclass
-class LayerCapture:
-    """What one edited layer sees at the lookup tokens of T requests (T rows, in request order)."""
-
-    x: torch.Tensor  # [T, d] float32, MoE block input
-    expert_idx: torch.Tensor  # [T, K] long, selected experts
-    gates: torch.Tensor  # [T, K] float32, their weights g_j
-    keys: torch.Tensor  # [T, K, h] float32, keys of the selected experts
-    out: torch.Tensor  # [T, d] float32, routed experts' output (shared experts excluded)
-    num_experts: int  # E
-
-    def dense_gates(self) -> torch.Tensor:
-        """Gates as a dense [T, E] matrix (zero for experts outside the top-k)."""
-        return dense_gates(self.gates, self.expert_idx, self.num_experts, dtype=self.gates.dtype)  # [T, E]
 
 
 class _StopForward(Exception):
@@ -108,8 +92,8 @@ def capture(
     fact_token: str,
     batch_size: int = 16,
     max_length: int | None = None,
-) -> dict[int, LayerCapture]:
-    """Block inputs, routing, keys and routed output at each request's lookup token, for every layer in `layers`.
+) -> dict[int, RoutedKeys]:
+    """The routing and keys at each request's lookup token (T rows, in request order), for every layer in `layers`.
 
     Requests are EasyEdit dicts (`prompt` containing `subject`, or a "{}" template). The tokenizer's padding side is
     irrelevant (prompts are padded on the right here). Runs on the model's device in eval mode (the previous mode is
@@ -140,15 +124,8 @@ def capture(
 
     captures = {}
     for layer, block in blocks.items():
-        x = torch.cat(xs[layer])  # [T, d]
         with torch.no_grad():
-            expert_idx, gates = adapter.route(block, x)  # [T, K], [T, K]
-            keys = adapter.keys(block, x, expert_idx)  # [T, K, h]
-            out = adapter.experts_output(block, x, expert_idx, gates)  # [T, d]
-        captures[layer] = LayerCapture(
-            x=x, expert_idx=expert_idx.long(), gates=gates.float(), keys=keys.float(), out=out.float(),
-            num_experts=adapter.num_experts(block),
-        )  # fmt: skip
+            captures[layer] = adapter.route_keys(block, torch.cat(xs[layer]))  # x [T, d] -> keys [T, K, h]
     return captures
 
 

@@ -157,15 +157,13 @@ class _Accumulator:
 
     def add(self, adapter, block: nn.Module, x: torch.Tensor) -> None:
         """x [N, d]: block inputs of the batch's real (non-padding) tokens."""
-        expert_idx, gates = adapter.route(block, x)  # [N, K], [N, K]
-        keys = adapter.keys(block, x, expert_idx)  # [N, K, h]
-        y = adapter.experts_output(block, x, expert_idx, gates).double()  # [N, d]
+        routed = adapter.route_keys(block, x)  # keys [N, K, h]
+        y = adapter.experts_output(block, routed).double()  # [N, d]
         self.out_sum += y.T @ y
-        for expert in expert_idx.unique().tolist():
-            token, slot = torch.where(expert_idx == expert)
-            k = keys[token, slot].double()  # [M, h]
+        for expert, rows, slots in routed.groups():
+            k = routed.keys[rows, slots].double()  # [M, h]
             self.moment_sum[expert] += k.T @ k
-            self.counts[expert] += token.numel()
+            self.counts[expert] += rows.numel()
         self.n_tokens += x.shape[0]
 
     def finish(self) -> LayerStats:
