@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_edited, last_timings
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.mote.model.requests import normalise_requests
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(0, args.edits, args.batch_size):
             apply_mote_to_model(model, tok, requests[i : i + args.batch_size], hp)
             timings = last_timings(model)
-            edited += timings["edits"]
+            edited += last_edited(model)
             seconds["basis"] += timings["statistics"]  # projectors and factors from the cached statistics
             for s in STAGES:
                 seconds[s] += timings[s]

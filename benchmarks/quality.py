@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_coverage, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_coverage, last_edited, last_timings
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote.algebra.coverage import measure_coverage
-from mote_plugin.mote.algebra.solvers import solve_layer
+from mote_plugin.mote.algebra.solvers import solve_batch
 from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.model.capture import capture, layer_outputs
 from mote_plugin.mote.model.requests import normalise_requests
@@ -214,7 +214,7 @@ class Session:
         for i in range(0, len(records), bs):
             apply_mote_to_model(self.model, self.tok, [request(r) for r in records[i : i + bs]], hp)
             t = last_timings(self.model)
-            edited += t["edits"]
+            edited += last_edited(self.model)
             for s in STAGES:
                 seconds[s] += t[s]
             solves += last_coverage(self.model)
@@ -332,8 +332,8 @@ def batch_coverage(model, tok, requests: list[dict], variants: dict[str, MoTEHyp
     cap = capture(model, tok, get_adapter(model), reqs, [L], first.fact_token)[L]
     out = {}
     for name, hp in variants.items():
-        layer = MoTEEditor(model, tok, hp).layer_bases([L])[L]
-        solution, _ = solve_layer(hp.solver, L, layer, cap, R, hp.mote_lambda, rule=hp.basis_rule())
+        layer = MoTEEditor(model, tok, hp).bases([L])[L]
+        solution, _ = solve_batch(hp.solver, L, layer, cap, R, hp.mote_lambda, rule=hp.basis_rule())
         change = solution.update(layer, L, 1.0).output_change(cap)  # [T, d]
         out[name] = measure_coverage(L, solution.factors, solution.routed, R, change).to_dict()
     return out

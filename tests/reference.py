@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from mote_plugin.mote.algebra.core_solve import CoreSolution, core_features, lowrank_update
 from mote_plugin.mote.algebra.routed_keys import RoutedKeys
-from mote_plugin.mote.algebra.solve import CoreSolution, core_features, lowrank_update
 from mote_plugin.mote.algebra.tucker import TuckerFactors
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -64,7 +64,7 @@ def predicted_change(solution: CoreSolution, factors: TuckerFactors, keys: torch
 
 
 def dense_update(solution: CoreSolution, factors: TuckerFactors, P: torch.Tensor | None, scale: float = 1.0,
-                 UinT_P: torch.Tensor | None = None) -> torch.Tensor:
+                 key_maps: torch.Tensor | None = None) -> torch.Tensor:
     """The explicit update Delta W `[E, d, h]` of a solved core: left @ right[j] of `lowrank_update`."""
-    left, right = lowrank_update(solution, factors, P, scale=scale, UinT_P=UinT_P)  # [d, r], [E, r, h]
+    left, right = lowrank_update(solution, factors, P, scale=scale, key_maps=key_maps)  # [d, r], [E, r, h]
     return torch.einsum("dr,erh->edh", left, right)  # [E, d, h]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mote_plugin.adapters import get_adapter
-from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.core_solve import solve_core
 from mote_plugin.mote.algebra.tucker import TuckerFactors
 from mote_plugin.mote.editor import MoTEEditor, request_key
 from mote_plugin.mote.model.capture import layer_outputs

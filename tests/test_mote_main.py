@@ -356,12 +356,12 @@ def test_a_request_whose_vstar_failed_changes_no_weight(tok, tmp_path, caplog):
     apply_mote_to_model(reference, tok, [reqs[i] for i in (0, 1, 3)], hp, precomputed_targets=given)
     with caplog.at_level("WARNING"):
         apply_mote_to_model(model, tok, reqs, hp, precomputed_targets=given)
-    assert same(model, reference.state_dict()) and mote_main.last_timings(model)["edits"] == 3
+    assert same(model, reference.state_dict()) and mote_main.last_edited(model) == 3
     assert caplog.text.count("did not reach") == 1 and "Autonomous University of Madrid" in caplog.text
     nothing = tiny_model(tok)
     before = state(nothing)
     apply_mote_to_model(nothing, tok, reqs, hp, precomputed_targets={k: (v[0], 5.0) for k, v in given.items()})
-    assert same(nothing, before) and mote_main.last_timings(nothing)["edits"] == 0
+    assert same(nothing, before) and mote_main.last_edited(nothing) == 0
     kept = tiny_model(tok)
     apply_mote_to_model(kept, tok, reqs, hp.updated(v_keep_failed=True), precomputed_targets=given)
-    assert not same(kept, reference.state_dict()) and mote_main.last_timings(kept)["edits"] == 4
+    assert not same(kept, reference.state_dict()) and mote_main.last_edited(kept) == 4

@@ -3,7 +3,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mote_plugin.mote.algebra.solve import core_features, lowrank_update, solve_core, uint_p, update_memory
+from mote_plugin.mote.algebra.core_solve import core_features, key_maps_of, lowrank_update, solve_core, update_memory
 from mote_plugin.mote.algebra.tucker import TuckerFactors
 from reference import dense_update, direct_ridge, predicted_change, routed
 
@@ -69,7 +69,7 @@ def test_lowrank_and_dense_writeback(problem, scale):
     for side in ("T", "feature"):
         sol = solve_core(routed(keys, gates, idx), R, factors, 0.1, side=side)
         dW = dense_update(sol, factors, P, scale=scale)  # [E, d, h]
-        left, right = lowrank_update(sol, factors, P, scale=scale, UinT_P=uint_p(factors, P, f64))
+        left, right = lowrank_update(sol, factors, P, scale=scale, key_maps=key_maps_of(factors, P, f64))
         assert left.shape[1] == (T if side == "T" and T <= r_out else r_out) == right.shape[1]
         G = sol.G_flat.reshape(r_out, r_e, r_in)
         for j in range(E):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mote_plugin.mote.algebra.baselines import bcd_solve, global_solve
-from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.core_solve import solve_core
 from mote_plugin.mote.algebra.tucker import TuckerFactors
 from reference import direct_ridge, routed
 

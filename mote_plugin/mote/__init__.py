@@ -1,9 +1,10 @@
 """MoTE, the editor, in layers; a module imports only from layers above it in this list (tests/test_layout.py):
 
-    algebra/            pure tensor maths, no model, no hooks: keys routed to experts (routed_keys, the type every
-                        step below passes keys in), Tucker factors (tucker, eig), null-space projectors (nullspace), the basis a batch is solved in (batch_basis) and what it holds (coverage), the core
-                        solve (solve), the baseline solvers (baselines) behind one interface (solvers, with
-                        LayerBasis), and the update every solver writes (update)
+    algebra/            pure tensor maths, no model, no hooks: keys routed to experts (routed_keys, the type the
+                        steps below pass keys in), Tucker factors (tucker, eig), null-space projectors (nullspace), the
+                        basis a batch is solved in (batch_basis) and what it holds (coverage), the core solve
+                        (core_solve), the baseline solvers (baselines) behind one interface (solvers, with LayerBasis),
+                        and the update every solver writes (update)
     model/              what runs or hooks the model: edit requests (requests), the lookup token (lookup), activation
                         hooks (hooks), key capture and layer outputs (capture), preservation statistics (stats), v*
                         targets (compute_z; host_compute_z: the EasyEdit host's own), accelerate offload (offload)
@@ -14,7 +15,7 @@
     mote_main.py        apply_mote_to_model / last_timings: EasyEdit's apply-function contract around the editor
     patches/files.py    edit patch files (save_edit / apply_edit / revert_edit / inspect_edit), from the editor's record
 
-The family adapters (`mote_plugin.adapters`) sit beside `model/`: they compute `RoutedKeys` (algebra), and the editor
-uses them. Nothing here
-imports `mote_plugin.metrics`, the experiments, the EasyEdit glue (`mote_plugin.easyedit`) or the package root.
+The family adapters (`mote_plugin.adapters`) sit beside `model/`: they compute `RoutedKeys`, and `model/` and the editor
+use them. Nothing here imports `mote_plugin.metrics`, the experiments, the EasyEdit glue (`mote_plugin.easyedit`) or
+the package root.
 """

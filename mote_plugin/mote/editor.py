@@ -34,10 +34,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import MoEAdapter, get_adapter
+from .algebra.core_solve import key_maps_of
 from .algebra.coverage import Coverage, measure_coverage
 from .algebra.nullspace import nullspace_projectors
-from .algebra.solve import uint_p
-from .algebra.solvers import LayerBasis, solve_layer
+from .algebra.solvers import LayerBasis, solve_batch
 from .algebra.tucker import TuckerFactors, tucker_factors
 from .algebra.update import ExpertUpdate
 from .hparams import MoTEHyperParams
@@ -67,6 +67,7 @@ class EditState:
     context_templates: list[str] | None = None  # MEMIT's, generated once per model
     timings: list[dict] = field(default_factory=list)  # seconds per stage, one dict per successful edit
     edits: int = 0  # requests edited so far (lambda growth)
+    last_edited: int = 0  # requests the last successful edit edited
     last_writes: list = field(default_factory=list)  # (layer, ExpertUpdate) written by the last successful edit
     last_coverage: list = field(default_factory=list)  # Coverage of each solve of the last successful edit
     history: EditHistory = field(default_factory=EditHistory)  # successful edits, for edit patches (`save_edit`)
@@ -130,7 +131,7 @@ def _digests(model: nn.Module, names) -> dict[str, str]:
 @dataclass
 class EditResult:
     requests: list[dict]  # the requests edited (those whose v* reached its target, unless `v_keep_failed`)
-    timings: dict  # seconds per stage (STAGES) and `edits`, the number of requests edited
+    timings: dict  # seconds per stage (STAGES)
     originals: dict[str, torch.Tensor]  # the changed parameters (by name) as they were before the edit
     coverage: list[Coverage] = field(default_factory=list)  # per solve: what its basis held (coverage.py)
 
@@ -144,7 +145,7 @@ class EditResult:
 class SpreadStep:
     """One solve of the multi-layer schedule."""
 
-    solve_layer: int  # keys are captured and the layer is solved here
+    solve_at: int  # keys are captured and the layer is solved here
     residual_layer: int  # the residual z - h is measured at this layer's output...
     residual_times: float  # ... multiplied by this
     residual_over: float  # ... and divided by this (kept apart so that each spread computes what it always has)
@@ -302,20 +303,21 @@ class MoTEEditor:
                 raise
         state.timings.append(edit.timings)
         state.edits += len(edit.requests)
+        state.last_edited = len(edit.requests)
         state.last_writes = edit.writes
         state.last_coverage = edit.coverage
         if edit.writes:
             derived = set(state.bases) | ({"templates"} if state.context_templates is not None else set())
             state.wrote(self.model, originals, derived - known)
         log.info("MoTE: %d edits, %s", len(edit.requests),
-                 ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items() if k != "edits"))
+                 ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items()))
         return EditResult(edit.requests, dict(edit.timings), originals, list(edit.coverage))
 
     def _edit(self, edit: _Edit, precomputed: dict | None, progress: bool) -> _Edit:
         """Steps 2-4 of the module docstring, writing into the model (no restore on failure: `edit` does that)."""
         hp = self.hparams
         with edit.timed("statistics"):
-            edit.bases = self._layer_bases(edit.adapter, edit.blocks)
+            edit.bases = self._bases_of(edit.adapter, edit.blocks)
         with edit.timed("vstar"):
             z, nll = self.targets(edit.requests, progress, precomputed)  # [T, d], [T]
         edit.requests, edit.z = drop_failed_targets(edit.requests, z, nll, max(hp.layers), hp.v_keep_failed)
@@ -323,19 +325,18 @@ class MoTEEditor:
             lam = hp.mote_lambda * (1.0 + hp.lambda_growth * self.state.edits)  # MoEEdit's lambda growth
             for step in spread_steps(hp.spread, hp.layers):
                 self._solve_and_write(edit, step, lam)
-        edit.timings["edits"] = len(edit.requests)
         return edit
 
     # -----------------------------------------------------------------------------------------------------
     # step 2: bases
 
-    def layer_bases(self, layers: list[int] | None = None) -> dict[int, LayerBasis]:
+    def bases(self, layers: list[int] | None = None) -> dict[int, LayerBasis]:
         """The basis of each of `layers` (default: the edited ones), computed and kept on first use."""
         hp = self._ready()
         adapter = get_adapter(self.model)
-        return self._layer_bases(adapter, moe_blocks(self.model, adapter, layers or hp.layers))
+        return self._bases_of(adapter, moe_blocks(self.model, adapter, layers or hp.layers))
 
-    def _layer_bases(self, adapter: MoEAdapter, blocks: dict[int, nn.Module]) -> dict[int, LayerBasis]:
+    def _bases_of(self, adapter: MoEAdapter, blocks: dict[int, nn.Module]) -> dict[int, LayerBasis]:
         hp, bases = self.hparams, self.state.bases
         settings = hp.basis_settings()
         todo = [l for l in blocks if (l, settings) not in bases]
@@ -345,7 +346,7 @@ class MoTEEditor:
                                        stats_dir=hp.stats_dir)
             for l in todo:
                 W = adapter.down_weight(blocks[l], dtype=None)  # [E, d, h] view, the model's dtype
-                bases[(l, settings)] = layer_basis(W, stats[l], hp)
+                bases[(l, settings)] = basis_from_weights(W, stats[l], hp)
         return {l: bases[(l, settings)] for l in blocks}
 
     # -----------------------------------------------------------------------------------------------------
@@ -414,7 +415,7 @@ class MoTEEditor:
     def _solve_and_write(self, edit: _Edit, step: SpreadStep, lam: float) -> None:
         """One solve of the spread: keys at its layer, the residual, the solve, the writes into its target layers."""
         model, tok, hp, state = self.model, self.tok, self.hparams, self.state
-        layer = step.solve_layer
+        layer = step.solve_at
         with edit.timed("capture"):
             routed = capture(model, tok, edit.adapter, edit.requests, [layer], hp.fact_token,
                              max_length=hp.max_length)[layer]  # keys [T, K, h]
@@ -423,7 +424,7 @@ class MoTEEditor:
         R = (edit.z.to(h.device) - h) * step.residual_times / step.residual_over  # [T, d]
         with edit.timed("solve"):
             memory = state.memory.get(layer) if hp.sequential_memory else None
-            solution, memory = solve_layer(hp.solver, layer, edit.bases[layer], routed, R, lam, memory,
+            solution, memory = solve_batch(hp.solver, layer, edit.bases[layer], routed, R, lam, memory,
                                            keep_memory=hp.sequential_memory, bcd_passes=hp.bcd_passes,
                                            bcd_seed=hp.bcd_seed, rule=hp.basis_rule())
             if hp.sequential_memory:
@@ -444,7 +445,7 @@ class MoTEEditor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def layer_basis(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) -> LayerBasis:
+def basis_from_weights(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) -> LayerBasis:
     """One layer's basis from its down-projections W [E, d, h] and preservation statistics: the null-space projectors
     (identity when `nullspace` is off) and, for solver `mote`, the Tucker factors and U_in^T P_j."""
     if hp.nullspace:
@@ -454,12 +455,12 @@ def layer_basis(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) -> Laye
         P = torch.eye(W.shape[2]).expand(W.shape[0], -1, -1).clone()
     P = P.to(W.device)
     if hp.solver != "mote":  # the unstructured solvers need only the projectors
-        return LayerBasis(P=P, factors=None, UinT_P=None)
+        return LayerBasis(P=P, factors=None, key_maps=None)
     factors = tucker_factors(W, hp.layer_ranks(), whitening=hp.whitening, cov_in=stats.cov_in, cov_out=stats.cov_out,
                              eps=hp.eps_whitening, hooi_sweeps=hp.hooi_sweeps)
     factors = TuckerFactors(*(u.to(W.device) for u in factors))
     fixed = not any(hp.basis_rule().auto)  # with `auto` ranks each batch computes U_in^T P_j at its own rank
-    return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P) if fixed else None)
+    return LayerBasis(P=P, factors=factors, key_maps=key_maps_of(factors, P) if fixed else None)
 
 
 def _report(cov: Coverage, hp: MoTEHyperParams) -> None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .core_solve import spd_solve
 from .routed_keys import RoutedKeys
-from .solve import spd_solve
 from .update import ExpertUpdate
 
 

@@ -1,4 +1,4 @@
-"""The MoTE core solve (method.md section 5): a ridge regression for the Tucker core, plus the writeback.
+"""The MoTE core solve (docs/method.md, "Core solve"): a ridge regression for the Tucker core, plus the writeback.
 
 For edit t with selected experts idx_tk, gates g_tk and null-space-projected keys k~_tk = P_j k_tk:
 
@@ -158,10 +158,11 @@ def update_memory(memory: torch.Tensor | None, Phi: torch.Tensor) -> torch.Tenso
     return update if memory is None else memory.to(torch.float64) + update
 
 
-def uint_p(factors: TuckerFactors, P: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """U_in^T P_j for every expert, computed once per layer: `[E, r_in, h]` (P None: P_j = I).
+def key_maps_of(factors: TuckerFactors, P: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The key maps U_in^T P_j of every expert, computed once per layer: `[E, r_in, h]` (P None: P_j = I). Expert j's
+    map takes a raw key to the core's input coordinates (projection, then U_in).
 
-    Computed in float64, returned in `dtype`. Pass the result as `UinT_P` to `lowrank_update`.
+    Computed in float64, returned in `dtype`. Pass the result as `key_maps` to `lowrank_update`.
     """
     U_in = factors.U_in.to(torch.float64)  # [h, r_in]
     if P is None:
@@ -176,7 +177,7 @@ def lowrank_update(
     factors: TuckerFactors,
     P: torch.Tensor | None,
     scale: float = 1.0,
-    UinT_P: torch.Tensor | None = None,
+    key_maps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The writeback in low-rank form: Delta W_j = left @ right[j].
 
@@ -194,7 +195,7 @@ def lowrank_update(
         factors: the same TuckerFactors.
         P: `[E, h, h]` null-space projectors, or None for P_j = I.
         scale: multiplies the update (multi-layer spread: 1 / (L - l + 1)).
-        UinT_P: optional precomputed `[E, r_in, h]` U_in^T P_j (reused across batches; `uint_p`).
+        key_maps: optional precomputed `[E, r_in, h]` U_in^T P_j (reused across batches; `key_maps_of`).
 
     Returns:
         left `[d, r]`, right `[E, r, h]`.
@@ -214,21 +215,9 @@ def lowrank_update(
         G = solution.G_flat.reshape(r_out, r_e, r_in)  # [r_out, r_e, r_in]
         B = torch.einsum("ja,oai->joi", U_e, G)  # [E, r_out, r_in]
         left = scale * U_out  # [d, r_out]
-    if UinT_P is not None:
-        return left, B @ UinT_P.to(device=device, dtype=dtype)  # [E, r, h]
+    if key_maps is not None:
+        return left, B @ key_maps.to(device=device, dtype=dtype)  # [E, r, h]
     # no U_in^T P_j at hand (a basis taken for one batch): (B_j U_in^T) P_j, E r h (r_in + h) flops instead of the
     # E r_in h^2 of U_in^T P_j
     right = B @ U_in.to(device=device, dtype=dtype).T  # [E, r, h]
     return left, right if P is None else right @ P.to(device=device, dtype=dtype)
-
-
-def dense_update(
-    solution: CoreSolution,
-    factors: TuckerFactors,
-    P: torch.Tensor | None,
-    scale: float = 1.0,
-    UinT_P: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The explicit update Delta W `[E, d, h]` (tests and small models only), = left @ right[j]."""
-    left, right = lowrank_update(solution, factors, P, scale=scale, UinT_P=UinT_P)  # [d, r], [E, r, h]
-    return torch.einsum("dr,erh->edh", left, right)  # [E, d, h]
