@@ -86,6 +86,8 @@ def test_updated_copy_is_read_like_a_yaml(tmp_path):
         ("r_out", 0, "r_out"),
         ("r_e", True, "r_e"),
         ("device", "gpu", "device"),
+        ("v_objective", "adam", "v_objective must be one of \\('memit', 'memit_host'\\), got 'adam'"),
+        ("v_objective", "squared", "v_objective 'squared' was removed: use 'memit'"),
         ("v_loss_layer", 1.0, "v_loss_layer"),
         ("v_loss_layer", 1, "v_loss_layer must be -1 .* max\\(layers\\) = 2; got 1"),
         ("v_loss_layer", -2, "v_loss_layer must be -1"),

@@ -379,7 +379,8 @@ class MoTEEditor:
         templates = self.context_templates()
         cache = None
         if hp.vstar_cache_dir is not None:
-            cache = VStarCache(hp.vstar_cache_dir, model, L, vars(hp.vstar_config()) | {"templates": templates})
+            settings = vars(hp.vstar_config()) | {"objective": hp.v_objective, "templates": templates}
+            cache = VStarCache(hp.vstar_cache_dir, model, L, settings)
         z: list = [None] * len(requests)
         nll = torch.full((len(requests),), float("nan"))
         for i, r in enumerate(requests):

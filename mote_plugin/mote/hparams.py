@@ -34,14 +34,14 @@ from .algebra.batch_basis import BASES, BasisRule
 from .algebra.nullspace import FALLBACKS, RULES
 from .algebra.solvers import SOLVERS
 from .algebra.tucker import WHITENINGS
-from .model.compute_z import OBJECTIVES, VStarConfig
+from .model.compute_z import VStarConfig
 from .model.lookup import FACT_TOKENS
 
 log = logging.getLogger(__name__)
 
 SPREADS = ("core", "residual", "layerwise")
 DTYPES = ("bfloat16", "float16", "float32")  # what `dtype` may name (the weights' dtype when model_name is loaded)
-V_OBJECTIVES = (*OBJECTIVES, "memit_host")
+V_OBJECTIVES = ("memit", "memit_host")  # the plugin's batched v* | the EasyEdit host's own compute_z
 
 # the keys a layer's basis (null-space projectors, Tucker factors) is computed from: the editor keeps one basis per
 # layer and combination of these (`MoTEHyperParams.basis_settings`), so sequential batches share it
@@ -155,10 +155,10 @@ class MoTEHyperParams(HostHyperParams):
     v_num_grad_steps: int = 25  # Adam steps of the v* optimisation
     v_lr: float = 0.5  # v* learning rate
     v_loss_layer: int = -1  # layer whose output feeds the v* loss: -1 = last layer, else in [max(layers), n_layers - 1]
-    v_weight_decay: float = 0.5  # v* penalty weight: on ||delta|| / ||h||^2 (memit) or ||delta||^2 / ||h||^2 (squared)
+    v_weight_decay: float = 0.5  # v* penalty weight, on ||delta|| / ||h||^2
     clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor * ||h||
     kl_factor: float = 0.0625  # weight of the KL term keeping "{subject} is a" stable
-    # memit (EasyEdit's compute_z) | squared (earlier plugin form) | memit_host (the host's own code)
+    # memit (EasyEdit's compute_z objective, computed by the plugin) | memit_host (the host's own compute_z)
     v_objective: str = "memit"
     v_batch_size: int | None = None  # requests optimised together in v* (null: all requests of the call)
     v_keep_failed: bool = False  # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
@@ -235,7 +235,10 @@ class MoTEHyperParams(HostHyperParams):
         need(self.fact_token in FACT_TOKENS, f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         need(self.whitening in WHITENINGS, f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
         need(self.spread in SPREADS, f"spread must be one of {SPREADS}, got {self.spread!r}")
-        need(self.v_objective in V_OBJECTIVES, f"v_objective must be one of {V_OBJECTIVES}, got {self.v_objective!r}")
+        need(self.v_objective != "squared", "v_objective 'squared' was removed: use 'memit' (EasyEdit's compute_z "
+             "objective; its penalty is v_weight_decay * ||delta|| / ||h||^2, so retune v_weight_decay)")
+        need(self.v_objective in V_OBJECTIVES or self.v_objective == "squared",
+             f"v_objective must be one of {V_OBJECTIVES}, got {self.v_objective!r}")
         need(self.v_batch_size is None or (_is_int(self.v_batch_size) and self.v_batch_size >= 1),
              f"v_batch_size must be null or an int >= 1, got {self.v_batch_size!r}")
         need(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
@@ -458,4 +461,4 @@ class MoTEHyperParams(HostHyperParams):
                            v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
                            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
                            v_loss_layer=self.v_loss_layer, ln_f_module=self.ln_f_module,
-                           lm_head_module=self.lm_head_module, objective=self.v_objective, max_length=self.max_length)
+                           lm_head_module=self.lm_head_module, max_length=self.max_length)

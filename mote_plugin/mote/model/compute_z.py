@@ -3,14 +3,11 @@
 MEMIT's compute_z (EasyEdit `easyeditor/models/memit/compute_z.py`) with one delta per request, optimised together.
 Request t gets a vector delta_t [d] added to the output of decoder layer `layer` at the lookup token of each of its
 rows: the rewrite prompt behind each context template followed by the target's first tokens, and the KL prompt
-"{subject} is a". Adam minimises, per request,
+"{subject} is a". Adam minimises, per request, EasyEdit's compute_z objective term for term:
 
-  objective "memit" (the default; EasyEdit's compute_z term for term):
     loss_t = NLL_t + kl_factor * KL(P_delta || P_0)  +  v_weight_decay * ||delta_t|| / ||h_t||^2
-    KL at the lookup token of "{subject} is a"; the request stops when loss_t < 5e-2
-  objective "squared" (the plugin's earlier form, scale-free penalty):
-    loss_t = NLL_t + kl_factor * KL(P_0 || P_delta)  +  v_weight_decay * ||delta_t||^2 / ||h_t||^2
-    KL at the last token of "{subject} is a"; the request stops when NLL_t < 5e-2
+
+with the KL at the lookup token of "{subject} is a"; the request stops when loss_t < 5e-2.
 
 NLL_t: the mean over the request's rewrite rows of the target's summed token NLL over its length, read from the
 output of layer `loss_layer` (v_loss_layer; -1 = the last) through the final norm and the output head. At most
@@ -43,7 +40,6 @@ from .capture import input_device
 from .hooks import hidden_states, recorded
 from .lookup import encode_with_lookup, pad_right, target_token_ids
 
-OBJECTIVES = ("memit", "squared")
 STOP_LOSS = 5e-2  # MEMIT's early stop
 FAILED_NLL = math.log(2)  # a v* whose final target NLL per token is above this left P(target token) below 1/2
 
@@ -60,7 +56,6 @@ class VStarConfig:
     v_loss_layer: int = -1  # -1: the last decoder layer
     ln_f_module: str = "model.norm"
     lm_head_module: str = "lm_head"  # a module with `.weight` [V, d] (a tied head: the input embeddings)
-    objective: str = "memit"
     max_length: int | None = None
 
 
@@ -234,7 +229,7 @@ def _rows(tok, requests: list[dict], templates: list[str], cfg: VStarConfig):
             else:
                 rows.append(prompt)
                 kl_rows.append(i)
-                kl_pos.append(int(lookup[i]) if cfg.objective == "memit" else lengths[i] - 1)
+                kl_pos.append(int(lookup[i]))
     owner = torch.arange(len(requests)).repeat_interleave(n + 1)
     reads = {k: torch.tensor(v, dtype=torch.float32 if k == "weight" else torch.long) for k, v in reads.items()}
     return rows, lookup.tolist(), owner, reads, torch.tensor(kl_rows), torch.tensor(kl_pos)
@@ -244,8 +239,6 @@ def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConf
                     progress: bool = False, suffix: bool = True) -> VStarBatch:
     """v* for a batch of EasyEdit requests (`prompt` containing `subject`, `target_new`), optimised together.
     `suffix=False` replays whole rows instead of the suffixes from the lookup tokens on (the same z; see `_Replay`)."""
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"v* objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     T, n = len(requests), len(context_templates)
     last = model.config.get_text_config().num_hidden_layers - 1
     loss_layer = last if cfg.v_loss_layer < 0 else max(cfg.v_loss_layer, layer)
@@ -295,16 +288,13 @@ def compute_targets(model, tok, requests: list[dict], layer: int, cfg: VStarConf
                 kl_lp = logprobs(at_last, kl_rows, kl_pos).to(dev)  # [T, V]
                 if kl_init is None:  # delta = 0 at the first evaluation
                     kl_init = kl_lp.detach()
-                if cfg.objective == "memit":  # MEMIT's kl_div(kl_init, kl_lp, log_target=True): KL(P_delta || P_0)
-                    kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
-                else:  # KL(P_0 || P_delta)
-                    kl = (kl_init.exp() * (kl_init - kl_lp)).sum(-1)
+                # MEMIT's kl_div(kl_init, kl_lp, log_target=True): KL(P_delta || P_0)
+                kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
                 loss = loss + cfg.kl_factor * kl
-            power = 1 if cfg.objective == "memit" else 2
-            loss = loss + cfg.v_weight_decay * delta.norm(dim=1) ** power / h_norm**2  # [T]
+            loss = loss + cfg.v_weight_decay * delta.norm(dim=1) / h_norm**2  # [T]
             with torch.no_grad():
                 nll[active] = nll_t[active]
-                active &= (loss if cfg.objective == "memit" else nll_t) >= STOP_LOSS
+                active &= loss >= STOP_LOSS
             bar.set_postfix(active=int(active.sum()), nll=f"{float(nll.mean()):.3f}")
             if it == cfg.v_num_grad_steps - 1 or not active.any():
                 break
