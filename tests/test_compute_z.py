@@ -1,4 +1,5 @@
-"""v* (compute_z.py): MEMIT's objective term for term, a batch equal to one request at a time, per-request stops."""
+"""v* (vstar_objective.py): MEMIT's objective term for term, a batch equal to one request at a time, per-request
+stops."""
 
 import math
 
@@ -6,10 +7,10 @@ import pytest
 import torch
 
 from mote_plugin.metrics import target_token_ids
-from mote_plugin.mote.model import compute_z as cz
-from mote_plugin.mote.model.compute_z import VStarConfig, compute_targets
+from mote_plugin.mote.model import vstar_objective
 from mote_plugin.mote.model.lookup import encode_with_lookup, pad_right
 from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.mote.model.vstar_objective import VStarConfig, compute_targets
 from test_mote_main import REQUESTS, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Because it rained, {}"]
@@ -90,7 +91,8 @@ def test_batch_equals_one_request_at_a_time_with_early_stops(tok, monkeypatch):
     reqs = normalise_requests(REQUESTS)
     cfg = config(v_num_grad_steps=12, kl_factor=0.0, v_weight_decay=0.0)
     free = compute_targets(model, tok, reqs, 1, cfg, TEMPLATES)
-    monkeypatch.setattr(cz, "STOP_LOSS", float(free.nll.median()))  # about half of them stop before the last step
+    # about half of them stop before the last step
+    monkeypatch.setattr(vstar_objective, "STOP_LOSS", float(free.nll.median()))
     batch = compute_targets(model, tok, reqs, 1, cfg, TEMPLATES)
     alone = [compute_targets(model, tok, [r], 1, cfg, TEMPLATES) for r in reqs]
     assert len(set(batch.steps.tolist())) > 1 and int(batch.steps.min()) < cfg.v_num_grad_steps - 1

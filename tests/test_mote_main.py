@@ -277,7 +277,7 @@ def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypa
 def test_host_targets_that_require_grad(tok, tmp_path, monkeypatch):
     """EasyEdit's MEMIT compute_z returns target_init + delta with the optimised delta still requiring grad: MoTE edits
     with it (and caches it) exactly as with the same target detached."""
-    from mote_plugin.mote.model.compute_z import compute_z
+    from mote_plugin.mote.model.vstar_objective import compute_z
 
     def host_like(model, tok, request, hp, layer, templates):
         z = compute_z(model, tok, request, layer, hp.updated(v_objective="memit").vstar_config(), templates[0]).z

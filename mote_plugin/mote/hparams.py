@@ -34,8 +34,8 @@ from .algebra.batch_basis import BASES, BasisRule
 from .algebra.nullspace import FALLBACKS, RULES
 from .algebra.solvers import SOLVERS
 from .algebra.tucker import WHITENINGS
-from .model.compute_z import VStarConfig
 from .model.lookup import FACT_TOKENS
+from .model.vstar_objective import VStarConfig
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ class MoTEHyperParams(HostHyperParams):
         return tuple(1.0 if r == "auto" else r for r in (self.r_e, self.r_out, self.r_in))
 
     def vstar_config(self) -> VStarConfig:
-        """The v* settings (compute_z.py) of these hyper-parameters."""
+        """The v* settings (vstar_objective.py) of these hyper-parameters."""
         return VStarConfig(layer_module_tmp=self.layer_module_tmp, fact_token=self.fact_token,
                            v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
                            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,

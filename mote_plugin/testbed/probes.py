@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..metrics import target_scores
-from ..mote.model.compute_z import VStarConfig, add_vector_hook, compute_z
-from ..mote.model.hooks import recorded
+from ..mote.model.hooks import hidden_states, recorded
 from ..mote.model.lookup import encode_with_lookup
+from ..mote.model.vstar_objective import VStarConfig, compute_z
 from .data import Fact
 
 
@@ -161,6 +161,20 @@ def edit_band(recovery: list[float], threshold: float = 0.5, width: int = 3) -> 
             return run[:width]
         run = []
     return []
+
+
+def add_vector_hook(model, layer_module_tmp: str, layer: int, positions: torch.Tensor, vector: torch.Tensor):
+    """Install a forward hook adding `vector` [d] to a layer's output at `positions` [B] (one per row); returns the
+    remover."""
+
+    def hook(module, args, output):
+        hidden = hidden_states(output).clone()  # [B, S, d]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        hidden[rows, positions.to(hidden.device)] += vector.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.get_submodule(layer_module_tmp.format(layer)).register_forward_hook(hook)
+    return handle.remove
 
 
 def editability(model, tok, facts: list[Fact], layer: int, fact_token: str, cfg: VStarConfig | None = None) -> dict:
