@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mote_plugin.metrics import target_token_ids
+from mote_plugin.mote.hparams import MoTEHyperParams
 from mote_plugin.mote.model import vstar_objective
 from mote_plugin.mote.model.lookup import encode_with_lookup, pad_right
 from mote_plugin.mote.model.requests import normalise_requests
@@ -19,7 +20,7 @@ TEMPLATES = ["{}", "The cat sat on the mat. {}", "Because it rained, {}"]
 def config(**kw) -> VStarConfig:
     base = dict(v_num_grad_steps=8, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625,
                 lm_head_module="model.embed_tokens", max_length=64)
-    return VStarConfig(**(base | kw))
+    return MoTEHyperParams.default_vstar_config(**(base | kw))
 
 
 def memit_reference(model, tok, request: dict, layer: int, cfg: VStarConfig, templates: list[str]) -> torch.Tensor:

@@ -456,9 +456,11 @@ class MoTEHyperParams(HostHyperParams):
         return tuple(1.0 if r == "auto" else r for r in (self.r_e, self.r_out, self.r_in))
 
     def vstar_config(self) -> VStarConfig:
-        """The v* settings (vstar_objective.py) of these hyper-parameters."""
-        return VStarConfig(layer_module_tmp=self.layer_module_tmp, fact_token=self.fact_token,
-                           v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
-                           clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                           v_loss_layer=self.v_loss_layer, ln_f_module=self.ln_f_module,
-                           lm_head_module=self.lm_head_module, max_length=self.max_length)
+        """The v* settings of these hyper-parameters (each field of VStarConfig is the key of the same name)."""
+        return VStarConfig(**{f.name: getattr(self, f.name) for f in fields(VStarConfig)})
+
+    @classmethod
+    def default_vstar_config(cls, **changes) -> VStarConfig:
+        """The v* settings at these keys' defaults, with `changes` (v* outside an edit, e.g. the testbed's probe)."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        return VStarConfig(**{f.name: defaults[f.name] for f in fields(VStarConfig)} | changes)

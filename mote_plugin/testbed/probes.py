@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
 from ..metrics import target_scores
+from ..mote.hparams import MoTEHyperParams
 from ..mote.model.hooks import hidden_states, recorded
 from ..mote.model.lookup import encode_with_lookup
 from ..mote.model.vstar_objective import VStarConfig, compute_z
@@ -179,8 +181,7 @@ def add_vector_hook(model, layer_module_tmp: str, layer: int, positions: torch.T
 
 def editability(model, tok, facts: list[Fact], layer: int, fact_token: str, cfg: VStarConfig | None = None) -> dict:
     """v* at `layer` for each fact; share flipped to target_new on the rewrite prompt, and on the held-out phrasing."""
-    cfg = cfg or VStarConfig()
-    cfg = VStarConfig(**{**cfg.__dict__, "fact_token": fact_token})
+    cfg = replace(cfg or MoTEHyperParams.default_vstar_config(max_length=None), fact_token=fact_token)
     flipped, carried, norms = [], [], []
     for fact in tqdm(facts, desc=f"v* probe ({fact_token}, layer {layer})", leave=False):
         v = compute_z(model, tok, {"prompt": fact.prompt, "subject": fact.subject, "target_new": fact.target_new},

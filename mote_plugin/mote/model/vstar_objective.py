@@ -41,17 +41,20 @@ FAILED_NLL = math.log(2)  # a v* whose final target NLL per token is above this 
 
 @dataclass
 class VStarConfig:
-    layer_module_tmp: str = "model.layers.{}"
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    v_loss_layer: int = -1  # -1: the last decoder layer
-    ln_f_module: str = "model.norm"
-    lm_head_module: str = "lm_head"  # a module with `.weight` [V, d] (a tied head: the input embeddings)
-    max_length: int | None = None
+    """What v* reads. Each field is the hyper-parameter of the same name, declared (default, check, meaning) in
+    `MoTEHyperParams`, which fills this by name (`vstar_config()`; `default_vstar_config()` for the defaults)."""
+
+    layer_module_tmp: str
+    fact_token: str
+    v_num_grad_steps: int
+    v_lr: float
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    v_loss_layer: int  # -1: the last decoder layer
+    ln_f_module: str
+    lm_head_module: str  # a module with `.weight` [V, d] (a tied head: the input embeddings)
+    max_length: int | None  # None: prompts are not truncated
 
 
 @dataclass
