@@ -9,7 +9,9 @@ construction (also when built directly), with messages naming the key; what depe
 
 Read like EasyEdit's own YAMLs: a quoted number of a numeric key is read with Python's `float()`, as EasyEdit's
 `HyperParams.construct_float_from_scientific_notation` reads every quoted number ("1e-5", "0.5", " 2 ", "1_000"); an
-integer key then needs a whole number ("25" -> 25, "2.5" refused), and r_e / r_out / r_in get a float (a fraction).
+integer key then needs a whole number ("25" -> 25, "2.5" refused). The ranks r_e / r_out / r_in are the exception: a
+rank is an int (8), a share of the mode's size strictly between 0 and 1 (0.5), `full` or `auto`; a form that could
+mean either a rank or a share (1.0, "1", 8.0, any quoted number) is refused, naming the form to write.
 
     alg_name: MoTE
     model_name: Qwen/Qwen3-30B-A3B
@@ -17,11 +19,13 @@ integer key then needs a whole number ("25" -> 25, "2.5" refused), and r_e / r_o
     device: 0
     mote_lambda: 0.1
     eps_whitening: 1e-5
+    r_e: auto
 
 Keys that say how the model is found or placed rather than how it is edited, kept so that a YAML reads as EasyEdit's
 do and fails loudly where it does not fit:
-- `device`: where EasyEdit's BaseEditor puts `model_name` (the host reads it). MoTE edits a model where it is; an edit
-  refuses a device this torch cannot use and logs once when the model sits elsewhere.
+- `device`: where a model loaded from `model_name` runs (EasyEdit's BaseEditor and `mote edit` move it there). A model
+  handed over loaded is edited where it is (logged once when that is elsewhere); a device this torch cannot use is
+  refused before any weight is touched.
 - `mlp_module_tmp`, `experts_module_tmp` (as `layer_module_tmp`): the MoE block and packed experts of each edited layer,
   as the YAML's author names them. MoTE reaches them through the family's adapter; these keys state which modules the
   YAML means, and an edit is refused when they name others, so a YAML written for another layout never edits modules
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 SPREADS = ("core", "residual", "layerwise")
 DTYPES = ("bfloat16", "float16", "float32")  # what `dtype` may name (the weights' dtype when model_name is loaded)
 V_OBJECTIVES = ("memit", "memit_host")  # the plugin's batched v* | the EasyEdit host's own compute_z
+RANK_WORDS = ("full", "auto")
 
 # the keys a layer's basis (null-space projectors, Tucker factors) is computed from: the editor keeps one basis per
 # layer and combination of these (`MoTEHyperParams.basis_settings`), so sequential batches share it
@@ -75,7 +80,8 @@ def _read_number(kind: str, value):
     """A YAML value of a field annotated `kind`, read as EasyEdit reads hyper-parameters: a string that `float()`
     accepts is a number (EasyEdit converts every such string; here only numeric fields, so a `model_name` or
     `stats_dir` made of digits stays a string). Fields typed `int` (and `device`, whose int N means cuda:N) take the
-    whole number; a fraction is left for validation to refuse. Anything else comes back unchanged."""
+    whole number; a fraction is left for validation to refuse. Anything else (the ranks, typed `Rank`, included) comes
+    back unchanged."""
     kinds = {k.strip() for k in kind.split("|")}
     if not isinstance(value, str) or not kinds & {"int", "float"}:
         return value
@@ -150,14 +156,44 @@ def _check_v_objective(name: str, value) -> str | None:
     return _one_of(V_OBJECTIVES)(name, value)
 
 
+def _is_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_rank(r) -> bool:
+    if isinstance(r, str):
+        return r in RANK_WORDS
+    return (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r < 1.0)
+
+
 def _check_rank(name: str, r) -> str | None:
-    ok = (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0) or r == "auto"
-    return None if ok else f"{name} must be a positive int, a float in (0, 1] or 'auto', got {r!r}"
+    """A Tucker rank: an int >= 1 (that many factors), a float strictly between 0 and 1 (that share of the mode's size,
+    rounded up), `full` (the mode's size) or `auto` (from each batch's coverage). A float >= 1 or a quoted number could
+    be read either way, so it is refused with the form to write."""
+    if _is_rank(r):
+        return None
+    forms = "an int rank >= 1, a share of the mode's size in (0, 1), 'full' or 'auto'"
+    hint = ""
+    if isinstance(r, float) and r == 1.0:
+        hint = f": write `{name}: full` for the mode's full size or `{name}: 1` for rank 1"
+    elif isinstance(r, float) and r > 1.0 and r.is_integer():
+        hint = f": write `{name}: {int(r)}` for rank {int(r)}"
+    elif isinstance(r, str) and _is_numeric(r):
+        hint = ": a number in quotes is ambiguous (a rank or a share?): write it unquoted, or full"
+    return f"{name} must be {forms}, got {r!r}{hint}"
 
 
 def setting(default=MISSING, check: Check | None = None):
     """A hyper-parameter's declaration: its default (none: the key is required) and the check of its value."""
     return field(default=default, metadata={"check": check})
+
+
+# a rank's type (`_check_rank`), a name of its own so that a quoted number stays a string for the check to refuse
+Rank = int | float | str
 
 
 def hparams_path(hparams_name_or_path: str | Path) -> Path:
@@ -235,11 +271,12 @@ class MoTEHyperParams(HostHyperParams):
     # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
     v_keep_failed: bool = setting(False, _FLAG)
     mote_lambda: float = setting(0.1, _POSITIVE)  # ridge lambda of the core solve
-    # Tucker ranks: int = absolute, float in (0, 1] = fraction (1 != 1.0!), "auto" = the fewest leading factors holding
-    # min_coverage of each batch's edit in that mode (chosen per batch, reported with the coverage)
-    r_e: int | float | str = setting(1.0, _check_rank)  # expert mode (the routed gate vectors)
-    r_out: int | float | str = setting(0.5, _check_rank)  # output mode, d_model (the v* residuals)
-    r_in: int | float | str = setting(0.5, _check_rank)  # input mode, expert hidden (the projected keys)
+    # Tucker ranks (`_check_rank`): an int = that many factors, a float in (0, 1) = that share of the mode's size,
+    # full = the mode's size, auto = the fewest leading factors holding min_coverage of each batch's edit in that mode
+    # (chosen per batch, reported with the coverage)
+    r_e: Rank = setting("full", _check_rank)  # expert mode (the routed gate vectors)
+    r_out: Rank = setting(0.5, _check_rank)  # output mode, d_model (the v* residuals)
+    r_in: Rank = setting(0.5, _check_rank)  # input mode, expert hidden (the projected keys)
     # `auto` ranks: the share of a mode's edit energy its factors must hold (batch mean)
     min_coverage: float = setting(0.9, _check(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"))
     # the factors a batch is solved in: weights (the HOSVD of the weights, the paper's) | weights+edit (plus the
@@ -473,8 +510,10 @@ class MoTEHyperParams(HostHyperParams):
         return BasisRule(basis=self.basis, auto=auto, min_coverage=self.min_coverage)
 
     def layer_ranks(self) -> tuple:
-        """The ranks of the layer's fixed factors: the YAML's, full size (1.0) for an `auto` mode."""
-        return tuple(1.0 if r == "auto" else r for r in (self.r_e, self.r_out, self.r_in))
+        """The ranks of the layer's fixed factors in the form `tucker.resolve_ranks` reads (an int, or a share of the
+        mode's size in (0, 1] with 1.0 the full size): the YAML's, 1.0 for `full` and for an `auto` mode (the layer
+        keeps the full factor; each batch takes a prefix of it)."""
+        return tuple(1.0 if r in RANK_WORDS else r for r in (self.r_e, self.r_out, self.r_in))
 
     def vstar_config(self) -> VStarConfig:
         """The v* settings of these hyper-parameters (each field of VStarConfig is the key of the same name)."""
