@@ -145,8 +145,8 @@ def grid(tune: dict, report: dict, n_layers: int) -> list[dict]:
 def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int, int]) -> dict:
     """The YAML's ranks times `scale` (rounded up, at most the mode size); "full": every mode at full size."""
     if scale == "full":
-        return {"r_e": 1.0, "r_out": 1.0, "r_in": 1.0}
-    ranks = resolve_ranks((hp.r_e, hp.r_out, hp.r_in), shape)
+        return {"r_e": "full", "r_out": "full", "r_in": "full"}
+    ranks = resolve_ranks(hp.layer_ranks(), shape)
     return dict(zip(("r_e", "r_out", "r_in"), (min(size, math.ceil(r * scale)) for r, size in zip(ranks, shape))))
 
 
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         n_dev, n_test = len(split["dev"]), len(split["test"])
         res |= {"build": json.dumps(cfg["builds"][arch]), "traced_layers": build_report["edit_layers"],
                 "lookup_token": build_report["lookup_token"], "shape": list(session.shape),
-                "yaml_ranks": list(resolve_ranks((base.r_e, base.r_out, base.r_in), session.shape)),
+                "yaml_ranks": list(resolve_ranks(base.layer_ranks(), session.shape)),
                 "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test],
                            "batches": -(-n_test // cfg["batch_size"]),
                            "known": sum(f["known"] for f in facts)}}

@@ -127,7 +127,7 @@ def test_quality_splits_grid_and_ranks(quality):
     hp = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu", r_e=2, r_out=16, r_in=22)
     assert quality.rank_variant(hp, 2, (8, 128, 128)) == {"r_e": 4, "r_out": 32, "r_in": 44}
     assert quality.rank_variant(hp, 8, (8, 128, 128)) == {"r_e": 8, "r_out": 128, "r_in": 128}
-    assert quality.rank_variant(hp, "full", (8, 128, 128)) == {"r_e": 1.0, "r_out": 1.0, "r_in": 1.0}
+    assert quality.rank_variant(hp, "full", (8, 128, 128)) == {"r_e": "full", "r_out": "full", "r_in": "full"}
 
 
 def test_bootstrap_and_jaccard(quality):

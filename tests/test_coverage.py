@@ -148,9 +148,9 @@ def test_edit_aware_basis_is_the_expert_mode_alone(tok, tmp_path):  # noqa: F811
     ridge (same lambda, projectors and spread)."""
     common = dict(spread="residual", nullspace_threshold=0.5, mote_lambda=1e-2)
     edit, _ = edited(tok, tmp_path, r_e=2, r_out=3, r_in=3, basis="weights+edit", **common)
-    only_e, _ = edited(tok, tmp_path, r_e=2, r_out=1.0, r_in=1.0, **common)
+    only_e, _ = edited(tok, tmp_path, r_e=2, r_out="full", r_in="full", **common)
     paper, _ = edited(tok, tmp_path, r_e=2, r_out=3, r_in=3, **common)
-    edit_all, _ = edited(tok, tmp_path, r_e=1.0, r_out=3, r_in=3, basis="weights+edit", **common)
+    edit_all, _ = edited(tok, tmp_path, r_e="full", r_out=3, r_in=3, basis="weights+edit", **common)
     ridge, _ = edited(tok, tmp_path, solver="global", **common)
     W = {name: down_weights(m) for name, m in
          {"edit": edit, "only_e": only_e, "paper": paper, "edit_all": edit_all, "ridge": ridge}.items()}
@@ -212,7 +212,7 @@ def test_low_reproduced_share_warns_naming_what_to_change(tok, tmp_path, caplog)
     ({"r_out": "auto", "sequential_memory": True}, "sequential_memory: false"),
     ({"r_out": "auto", "hooi_sweeps": 1}, "hooi_sweeps: 0"),
     ({"basis": "edit"}, "basis must be one of"),
-    ({"r_in": "full"}, "'auto'"),
+    ({"r_in": "most"}, "'full' or 'auto'"),
     ({"min_coverage": 0}, "min_coverage"),
     ({"min_reproduced": 1.5}, "min_reproduced"),
 ])

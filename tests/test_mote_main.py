@@ -43,7 +43,7 @@ def tiny_model(tok, arch="qwen3_moe", layers=3, seed=0):
 def hparams(tmp_path, **kw):
     base = dict(alg_name="MoTE", model_name="tiny", layers=[0, 1], device="cpu", fact_token="subject_last",
                 v_num_grad_steps=5, preservation_tokens=3000, max_length=64, stats_dir=str(tmp_path / "stats"),
-                r_e=1.0, r_out=1.0, r_in=1.0, mote_lambda=1e-2, nullspace_min_tokens=1,
+                r_e="full", r_out="full", r_in="full", mote_lambda=1e-2, nullspace_min_tokens=1,
                 v_keep_failed=True)  # 5 v* steps on a random model rarely reach a target: the solve is what is tested
     base.update(kw)
     return MoTEHyperParams(**base)
@@ -280,7 +280,7 @@ def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypa
 def test_host_targets_that_require_grad(tok, tmp_path, monkeypatch):
     """EasyEdit's MEMIT compute_z returns target_init + delta with the optimised delta still requiring grad: MoTE edits
     with it (and caches it) exactly as with the same target detached."""
-    from mote_plugin.mote.model.compute_z import compute_z
+    from mote_plugin.mote.model.vstar_objective import compute_z
 
     def host_like(model, tok, request, hp, layer, templates):
         z = compute_z(model, tok, request, layer, hp.updated(v_objective="memit").vstar_config(), templates[0]).z

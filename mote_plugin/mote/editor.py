@@ -8,9 +8,9 @@ One `edit`, in the order of this file:
      hyper-parameters against the model;
   2. bases: per edited layer, once per model and basis settings, preservation statistics -> null-space projectors P_j
      and Tucker factors (`LayerBasis`, kept in the model's `EditState`, so sequential batches share one basis);
-  3. v* targets: the target z of every request at the last edited layer L (compute_z.py: MEMIT's objective, the whole
-     batch at once; `v_objective: memit_host` asks the EasyEdit host's own compute_z); a request whose v* fails is
-     warned about and left out;
+  3. v* targets: the target z of every request at the last edited layer L (model/vstar_objective.py: MEMIT's
+     objective, the whole batch at once; `v_objective: memit_host` asks the EasyEdit host's own compute_z); a request
+     whose v* fails is warned about and left out;
   4. keys, solve, write: for each solve of the spread (`spread_steps`), capture the keys at its layer, measure the
      residual z - h, solve (solvers.py) and write the update into its target layers;
   5. all-or-nothing: any failure (KeyboardInterrupt included) restores every written parameter bit-exactly.
@@ -43,9 +43,10 @@ from .algebra.update import ExpertUpdate
 from .hparams import MoTEHyperParams
 from .model import host_compute_z, offload
 from .model.capture import capture, input_device, layer_outputs, moe_blocks
-from .model.compute_z import FAILED_NLL, VStarCache, compute_targets
 from .model.requests import normalise_requests
 from .model.stats import LayerStats, preservation_stats
+from .model.vstar_cache import VStarCache
+from .model.vstar_objective import FAILED_NLL, compute_targets
 from .patches.history import EditHistory, copy_into, digest, down_param_names, record_call
 
 log = logging.getLogger(__name__)
@@ -369,8 +370,7 @@ class MoTEEditor:
         requests at a time (all together by default), and then cached. `v_objective: memit_host` computes them one at
         a time with the EasyEdit host's own compute_z, which reports no NLL.
         """
-        model, tok, hp = self.model, self.tok, self._ready()
-        L = max(hp.layers)
+        hp = self._ready()
         if hp.v_objective == "memit_host" and host_compute_z.compute_z_fn() is None:
             raise ValueError(f"v_objective 'memit_host' needs an importable EasyEdit host "
                              f"({host_compute_z.host_status()}); use v_objective 'memit', the same objective computed "
@@ -378,36 +378,42 @@ class MoTEEditor:
         # MEMIT's context templates, generated once per model; also given to the host's compute_z (its own
         # get_context_templates keeps one list per process, from whichever model asked first)
         templates = self.context_templates()
-        cache = None
-        if hp.vstar_cache_dir is not None:
-            cache = VStarCache(hp.vstar_cache_dir, model, L, vars(hp.vstar_config()) | {"templates": templates})
-        z: list = [None] * len(requests)
-        nll = torch.full((len(requests),), float("nan"))
-        for i, r in enumerate(requests):
-            given = (precomputed or {}).get(request_key(r))
-            if given is None and cache is not None:
-                given = cache.load(r)
-            if given is not None:
-                z[i], nll[i] = given if isinstance(given, tuple) else (given, float("nan"))
+        cache = self._vstar_cache(templates)
+        z, nll = _given_targets(requests, precomputed or {}, cache)
         todo = [i for i in range(len(requests)) if z[i] is None]
         chunk = hp.v_batch_size or max(len(todo), 1)
         show = None if progress and len(todo) > chunk else True  # tqdm: None shows a bar on a terminal only
         for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=show, leave=False):
             part = todo[start : start + chunk]
-            if hp.v_objective == "memit_host":
-                compute_z = host_compute_z.compute_z_fn()
-                found = [(compute_z(model, tok, requests[i], hp, L, [templates]), float("nan")) for i in part]
-            else:
-                v = compute_targets(model, tok, [requests[i] for i in part], L, hp.vstar_config(), templates,
-                                    progress=progress)
-                found = list(zip(v.z, v.nll.tolist()))
+            found = self._compute_targets([requests[i] for i in part], templates, progress)
             for i, (zi, nli) in zip(part, found):
                 z[i], nll[i] = zi, nli
                 if cache is not None:
                     cache.save(requests[i], zi, nli)
         # detached: the host's MEMIT returns target_init + delta still attached to its graph, and precomputed targets
         # may be
-        return torch.stack([zi.detach().float().to(input_device(model)) for zi in z]), nll
+        return torch.stack([zi.detach().float().to(input_device(self.model)) for zi in z]), nll
+
+    def _vstar_cache(self, templates: list[str]) -> VStarCache | None:
+        """The v* cache at the last edited layer (None without `vstar_cache_dir`). An entry is keyed by the v* settings,
+        `v_objective` (the plugin's and the host's targets are kept apart) and the context templates."""
+        hp = self.hparams
+        if hp.vstar_cache_dir is None:
+            return None
+        settings = vars(hp.vstar_config()) | {"objective": hp.v_objective, "templates": templates}
+        return VStarCache(hp.vstar_cache_dir, self.model, max(hp.layers), settings)
+
+    def _compute_targets(self, requests: list[dict], templates: list[str],
+                         progress: bool) -> list[tuple[torch.Tensor, float]]:
+        """(z [d], final target NLL per token) of each request: the plugin's v*, the requests together, or with
+        `v_objective: memit_host` the host's compute_z one request at a time (NLL not reported: NaN)."""
+        model, tok, hp = self.model, self.tok, self.hparams
+        L = max(hp.layers)
+        if hp.v_objective == "memit_host":
+            compute_z = host_compute_z.compute_z_fn()
+            return [(compute_z(model, tok, r, hp, L, [templates]), float("nan")) for r in requests]
+        v = compute_targets(model, tok, requests, L, hp.vstar_config(), templates, progress=progress)
+        return list(zip(v.z, v.nll.tolist()))
 
     # -----------------------------------------------------------------------------------------------------
     # step 4: keys, solve, write
@@ -505,6 +511,20 @@ def _sample_context_templates(model, tok, n: int, length: int, seed: int) -> lis
 def request_key(r: dict) -> tuple[str, str, str]:
     """What identifies a request's v* target: (prompt, subject, target_new)."""
     return r["prompt"], r["subject"], r["target_new"]
+
+
+def _given_targets(requests: list[dict], precomputed: dict, cache: VStarCache | None) -> tuple[list, torch.Tensor]:
+    """The targets known before v* runs, from `precomputed` ({request_key(r): z or (z, nll)}), else from `cache`:
+    z per request (None where unknown) and the final target NLL per token [T] (NaN where unknown or not reported)."""
+    z: list = [None] * len(requests)
+    nll = torch.full((len(requests),), float("nan"))
+    for i, r in enumerate(requests):
+        given = precomputed.get(request_key(r))
+        if given is None and cache is not None:
+            given = cache.load(r)
+        if given is not None:
+            z[i], nll[i] = given if isinstance(given, tuple) else (given, float("nan"))
+    return z, nll
 
 
 def drop_failed_targets(requests: list[dict], z: torch.Tensor, nll: torch.Tensor, L: int, keep: bool):

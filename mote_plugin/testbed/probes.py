@@ -14,14 +14,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
 from ..metrics import target_scores
-from ..mote.model.compute_z import VStarConfig, add_vector_hook, compute_z
-from ..mote.model.hooks import recorded
+from ..mote.hparams import MoTEHyperParams
+from ..mote.model.hooks import hidden_states, recorded
 from ..mote.model.lookup import encode_with_lookup
+from ..mote.model.vstar_objective import VStarConfig, compute_z
 from .data import Fact
 
 
@@ -163,10 +165,23 @@ def edit_band(recovery: list[float], threshold: float = 0.5, width: int = 3) -> 
     return []
 
 
+def add_vector_hook(model, layer_module_tmp: str, layer: int, positions: torch.Tensor, vector: torch.Tensor):
+    """Install a forward hook adding `vector` [d] to a layer's output at `positions` [B] (one per row); returns the
+    remover."""
+
+    def hook(module, args, output):
+        hidden = hidden_states(output).clone()  # [B, S, d]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        hidden[rows, positions.to(hidden.device)] += vector.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.get_submodule(layer_module_tmp.format(layer)).register_forward_hook(hook)
+    return handle.remove
+
+
 def editability(model, tok, facts: list[Fact], layer: int, fact_token: str, cfg: VStarConfig | None = None) -> dict:
     """v* at `layer` for each fact; share flipped to target_new on the rewrite prompt, and on the held-out phrasing."""
-    cfg = cfg or VStarConfig()
-    cfg = VStarConfig(**{**cfg.__dict__, "fact_token": fact_token})
+    cfg = replace(cfg or MoTEHyperParams.default_vstar_config(max_length=None), fact_token=fact_token)
     flipped, carried, norms = [], [], []
     for fact in tqdm(facts, desc=f"v* probe ({fact_token}, layer {layer})", leave=False):
         v = compute_z(model, tok, {"prompt": fact.prompt, "subject": fact.subject, "target_new": fact.target_new},
