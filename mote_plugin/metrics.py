@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mote.model.capture import input_device
+from .mote.model.blocks import input_device
 from .mote.model.lookup import pad_right, target_token_ids
 
 
@@ -170,7 +170,8 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     (the mean ||dy_t||) and "tokens" (preserved tokens measured).
     """
     from .adapters import get_adapter
-    from .mote.model.capture import capture, forward_block_inputs, moe_blocks
+    from .mote.model.blocks import forward_block_inputs, moe_blocks
+    from .mote.model.capture import capture
     from .mote.model.requests import normalise_requests
 
     adapter = get_adapter(model)

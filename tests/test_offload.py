@@ -13,7 +13,7 @@ from mote_plugin import apply_edit, revert_edit, save_edit  # noqa: E402
 from mote_plugin.mote import editor  # noqa: E402
 from mote_plugin.mote.algebra.update import ExpertUpdate  # noqa: E402
 from mote_plugin.mote.model import offload  # noqa: E402
-from mote_plugin.mote.model.stats import model_fingerprint  # noqa: E402
+from mote_plugin.mote.model.fingerprint import model_fingerprint  # noqa: E402
 from mote_plugin.mote.mote_main import apply_mote_to_model  # noqa: E402
 from test_all_or_nothing import Injected, failing_after  # noqa: E402
 from test_mote_main import REQUESTS, hparams, tiny_model, tok  # noqa: E402, F401 (tok: the fixture)

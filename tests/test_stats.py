@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from mote_plugin.mote.model import stats as S
-from mote_plugin.mote.model.stats import StatsCache, corpus_texts, layer_statistics, model_fingerprint
+from mote_plugin.mote.model.fingerprint import model_fingerprint
+from mote_plugin.mote.model.stats import StatsCache, corpus_texts, layer_statistics
 from mote_plugin.testbed.tokenizer import train_tokenizer
 from tiny import spread_routing
 

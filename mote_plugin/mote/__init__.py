@@ -5,11 +5,13 @@
                         basis a batch is solved in (batch_basis) and what it holds (coverage), the core solve
                         (core_solve), the baseline solvers (baselines) behind one interface (solvers, with LayerBasis),
                         and the update every solver writes (update)
-    model/              what runs or hooks the model: edit requests (requests), the lookup token (lookup), activation
-                        hooks (hooks), key capture and layer outputs (capture), preservation statistics (stats), v*
+    model/              what runs or hooks the model: edit requests (requests), the lookup token (lookup), the edited
+                        MoE blocks and a forward that stops after them (blocks), activation hooks (hooks), key capture
+                        and layer outputs (capture), preservation statistics (stats), v*
                         targets (vstar_objective, on a batch's rows from vstar_rows with the upper layers replayed
                         by vstar_replay, kept on disk by vstar_cache; host_compute_z: the EasyEdit host's own),
-                        accelerate offload (offload)
+                        accelerate offload (offload), weight fingerprints (fingerprint), atomic file writes
+                        (storage)
     hparams.py          MoTEHyperParams: the YAML keys, validated (a plain dataclass; `mote_plugin.register()` binds
                         it to the host's HyperParams)
     patches/history.py  what each edit changed, recorded per model for the patch files

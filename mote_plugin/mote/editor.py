@@ -42,7 +42,8 @@ from .algebra.tucker import TuckerFactors, tucker_factors
 from .algebra.update import ExpertUpdate
 from .hparams import MoTEHyperParams
 from .model import host_compute_z, offload
-from .model.capture import capture, input_device, layer_outputs, moe_blocks
+from .model.blocks import input_device, moe_blocks
+from .model.capture import capture, layer_outputs
 from .model.requests import normalise_requests
 from .model.stats import LayerStats, preservation_stats
 from .model.vstar_cache import VStarCache

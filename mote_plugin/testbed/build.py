@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .._version import __version__
+from ..loading import load_model, load_tokenizer
 from . import probes
 from .data import (
     PACKAGE_DATA,
@@ -240,8 +240,8 @@ def _write_cache(out: Path, opts: BuildOptions, model, tok, facts, known, report
 def load(out: str | Path, device: str = "cpu"):
     """(model, tokenizer, facts rows, report) from a built cache."""
     out = Path(out)
-    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = load_model(out / "model", torch.float32).to(device)
+    tok = load_tokenizer(out / "model")
     facts = json.loads((out / "facts.json").read_text())
     report = json.loads((out / "report.json").read_text())
     return model, tok, facts, report

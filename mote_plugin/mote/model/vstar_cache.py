@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .stats import atomic_save_file, model_fingerprint
+from .fingerprint import model_fingerprint
+from .storage import atomic_save_file
 
 
 class VStarCache:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .capture import input_device
+from .blocks import input_device
 from .vstar_replay import Replay, suffix_replay_applies
 from .vstar_rows import vstar_rows
 
