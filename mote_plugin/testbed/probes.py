@@ -19,10 +19,11 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import get_adapter
 from ..metrics import target_scores
 from ..mote.hparams import MoTEHyperParams
 from ..mote.model.hooks import hidden_states, recorded
-from ..mote.model.lookup import encode_with_lookup
+from ..mote.model.lookup import encode_with_lookup, target_token_ids
 from ..mote.model.vstar_objective import VStarConfig, compute_z
 from .data import Fact
 
@@ -78,10 +79,6 @@ def known_facts(model, tok, facts: list[Fact]) -> list[bool]:
     return (true.top1 & (true.mean_logprob > new.mean_logprob)).tolist()
 
 
-def _decoder_layers(model):
-    return model.get_submodule("model.layers")
-
-
 @torch.no_grad()
 def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: float = 3.0, seed: int = 0) -> dict:
     """Recovery (share of the clean-corrupt gap in P(true)) per layer, for two tokens.
@@ -90,12 +87,12 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
     Layer l means the output of decoder layer l. Noise: N(0, (noise_scale * sigma)^2) with sigma the
     std of the embedding matrix, as ROME sets it from the embeddings of subjects.
     """
-    layers = _decoder_layers(model)
+    layers = get_adapter(model).decoder_layers(model)
     n_layers = len(layers)
     embed = model.get_input_embeddings()
     sigma = embed.weight.float().std().item()
     gen = torch.Generator().manual_seed(seed)
-    first_ids = [tok(" " + f.target_true.strip(), add_special_tokens=False)["input_ids"][0] for f in facts]
+    first_ids = [target_token_ids(tok, f.target_true)[0] for f in facts]
     sums = {"subject_last": torch.zeros(n_layers), "last": torch.zeros(n_layers)}
     clean_sum = corrupt_sum = 0.0
     for fact, answer in zip(tqdm(facts, desc="causal tracing", leave=False), first_ids):
@@ -118,7 +115,7 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
 
         def restore(l):
             def hook(m, a, o):
-                h = (o[0] if isinstance(o, tuple) else o).clone()
+                h = hidden_states(o).clone()
                 for k, (tkn, layer_idx) in enumerate(plan):
                     if layer_idx == l:
                         h[k * n_noise : (k + 1) * n_noise, positions[tkn]] = clean_states[l][0, positions[tkn]]
