@@ -1,7 +1,8 @@
 """Reference implementations the tests check the library against (written out directly, slow, for small inputs):
 `direct_ridge` (the core solve), `predicted_change` and `dense_update` (what a solved core does to the outputs and
-weights), and `bcd_published` (MoEEdit's BCD as published, benchmarks/moeedit_bcd.py: the speed benchmark times it
-too); `routed` wraps test tensors as `RoutedKeys`."""
+weights), `tucker_core` and `reconstruction_error` (what a basis keeps of W), and `bcd_published` (MoEEdit's BCD as
+published, benchmarks/moeedit_bcd.py: the speed benchmark times it too); `routed` wraps test tensors as
+`RoutedKeys`."""
 
 import sys
 from pathlib import Path
@@ -68,3 +69,24 @@ def dense_update(solution: CoreSolution, factors: TuckerFactors, P: torch.Tensor
     """The explicit update Delta W `[E, d, h]` of a solved core: left @ right[j] of `lowrank_update`."""
     left, right = lowrank_update(solution, factors, P, scale=scale, key_maps=key_maps)  # [d, r], [E, r, h]
     return torch.einsum("dr,erh->edh", left, right)  # [E, d, h]
+
+
+def tucker_core(W: torch.Tensor, factors: TuckerFactors) -> torch.Tensor:
+    """Core of W in the given (orthonormal) basis, G = W x_e U_e^T x_out U_out^T x_in U_in^T.
+
+    W: `[E, d, h]` -> `[r_e, r_out, r_in]` (float64).
+    """
+    U_e, U_out, U_in = (U.to(device=W.device, dtype=torch.float64) for U in factors)
+    return torch.einsum("jdh,ja,do,hi->aoi", W.to(torch.float64), U_e, U_out, U_in)
+
+
+def reconstruction_error(W: torch.Tensor, factors: TuckerFactors) -> float:
+    """Relative Frobenius error of the Tucker projection of W onto the factors' spans.
+
+        W_hat = G x_e U_e x_out U_out x_in U_in,  G = tucker_core(W, factors);   ||W - W_hat||_F / ||W||_F
+    """
+    U_e, U_out, U_in = (U.to(device=W.device, dtype=torch.float64) for U in factors)
+    G = tucker_core(W, factors)  # [r_e, r_out, r_in]
+    W64 = W.to(torch.float64)  # [E, d, h]
+    W_hat = torch.einsum("ja,aoi,do,hi->jdh", U_e, G, U_out, U_in)  # [E, d, h]
+    return float(torch.linalg.vector_norm(W64 - W_hat) / torch.linalg.vector_norm(W64).clamp_min(1e-300))

@@ -120,9 +120,6 @@ class MoEAdapter(ABC):
     def num_experts(self, block: nn.Module) -> int:
         return self.down_param(block).shape[0]
 
-    def top_k(self, block: nn.Module) -> int:
-        return self.router(block).top_k
-
     def d_hidden(self, block: nn.Module) -> int:
         down_proj = self.down_param(block)  # [E, d_model, d_hidden], or [E, d_hidden, d_model] when transposed
         return down_proj.shape[1] if self.is_transposed else down_proj.shape[2]
@@ -218,17 +215,6 @@ class MoEAdapter(ABC):
     # ------------------------------------------------------------------------------------------------------------
     # Writing edits back
     # ------------------------------------------------------------------------------------------------------------
-
-    def add_delta(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | None = None) -> None:
-        """Add a canonical-layout update to the packed down-projection in place.
-
-        delta: [E, d_model, d_hidden] (all experts) or, when `experts` [M] (long) is given, [M, d_model, d_hidden]
-        where delta[i] is added to expert experts[i]. The update is transposed to the parameter's layout and cast to
-        its dtype once, then added in place.
-        """
-        if self.is_transposed:
-            delta = delta.transpose(1, 2)  # [*, d_model, d_hidden] -> [*, d_hidden, d_model]
-        self._add_to_down_param(block, delta, experts)
 
     def add_lowrank(
         self, block: nn.Module, left: torch.Tensor, right: torch.Tensor, experts: torch.Tensor | None = None
