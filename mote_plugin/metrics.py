@@ -2,7 +2,7 @@
 
 `target_scores` teacher-forces ` target` after each prompt and returns, per example, the summed
 log-probability of the target tokens and whether every target token is the argmax (greedy decoding
-reproduces the target). CounterFact's probability metrics (method.md section 8) compare two such
+reproduces the target). CounterFact's probability metrics (the paper's Appendix A) compare two such
 log-probabilities; zsRE's and EasyEdit's token metrics use the argmax.
 """
 
@@ -82,7 +82,7 @@ def _record_prompts(r: dict) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def counterfact_metrics(model, tok, records: list[dict], batch_size: int = 64) -> dict:
-    """The paper's CounterFact metrics (probability based, method.md section 8), as shares in [0, 1]:
+    """The paper's CounterFact metrics (probability based, the paper's Appendix A), as shares in [0, 1]:
 
     efficacy        P(new | prompt) > P(true | prompt) on the rewrite prompt
     generalization  the same on the paraphrases
@@ -135,7 +135,7 @@ def zsre_locality_predictions(model, tok, records: list[dict], batch_size: int =
 
 
 def zsre_metrics(model, tok, records: list[dict], locality_before: list[torch.Tensor], batch_size: int = 64) -> dict:
-    """MEMIT-style zsRE metrics (argmax based, method.md section 8), as shares in [0, 1]:
+    """MEMIT-style zsRE metrics (argmax based, the paper's Appendix A), as shares in [0, 1]:
 
     efficacy        token-level accuracy of greedy decoding of the new answer after `src`
     generalization  the same after `rephrase`

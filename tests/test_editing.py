@@ -64,7 +64,7 @@ def preservation_run(reduced_fact_model, arch, tmp_path, **overrides) -> tuple[f
 # projection -> at 1e-4 (efficacy):
 #   gpt_oss 1.31 (8.7%) -> 6.7e-3 (4.3%, 0.00), qwen3_5_moe 1.86 (17.7%) -> 3.7e-4 (23%, 0.00),
 #   qwen3_moe 1.86 (11.5%) -> 6.9e-3 (3.8%, 0.00): cuts of 200x to 5000x; without projection efficacy 0.70 / 0.85 / 1.00
-# The 1% relative leak of issue 3 was reached, with facts still edited, only on the first builds, whose subject names
+# A 1% relative leak was reached, with facts still edited, only on the first builds, whose subject names
 # were tokens of their own (benchmarks/results/nullspace.md).
 NULLSPACE_CUT = 0.02
 

@@ -1,4 +1,4 @@
-"""Baseline solvers on the same (null-space-projected) keys as MoTE (method.md section 2).
+"""Baseline solvers on the same (null-space-projected) keys as MoTE (docs/method.md, "Solvers").
 
 The unstructured editing objective at one layer, with v_tj = g_tj k~_tj the gated projected key of edit t at
 expert j and R [T, d] the residuals (target minus current output):

@@ -1,4 +1,4 @@
-"""Tucker basis of the stacked expert down-projections (method.md section 4).
+"""Tucker basis of the stacked expert down-projections (docs/method.md, "Tucker basis").
 
 The down-projections of one MoE layer form a tensor W in R^{E x d x h} (canonical layout: expert,
 out = d_model, in = expert hidden). MoTE writes its update in a fixed Tucker basis,

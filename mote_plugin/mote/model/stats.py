@@ -1,4 +1,5 @@
-"""Preservation statistics per edited layer and expert (method.md sections 3 and 4), streamed and cached.
+"""Preservation statistics per edited layer and expert (docs/method.md, "Null space" and "Tucker basis"), streamed
+and cached.
 
 Over `n_tokens` non-padding tokens of a text corpus, for each requested layer:
 
@@ -86,7 +87,11 @@ def corpus_texts(spec: str | None) -> Iterable[str]:
     name, config = spec.rsplit(":", 1) if ":" in spec else (spec, None)
     try:
         import datasets
-
+    except ImportError as e:
+        raise RuntimeError(f"preservation corpus {spec!r} is not a file; a `datasets` name needs the `datasets` "
+                           "package: pip install 'mote-plugin[corpora]' (or set preservation_corpus to a local text "
+                           "file, or to null for the shipped text)") from e
+    try:
         dataset = datasets.load_dataset(name, config, split="train")
     except Exception as e:
         raise RuntimeError(
