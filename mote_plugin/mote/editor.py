@@ -383,8 +383,9 @@ class MoTEEditor:
         z, nll = _given_targets(requests, precomputed or {}, cache)
         todo = [i for i in range(len(requests)) if z[i] is None]
         chunk = hp.v_batch_size or max(len(todo), 1)
-        show = None if progress and len(todo) > chunk else True  # tqdm: None shows a bar on a terminal only
-        for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=show, leave=False):
+        # tqdm's `disable`: None draws the bar on a terminal only, True never (one chunk needs none)
+        disable = None if progress and len(todo) > chunk else True
+        for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=disable, leave=False):
             part = todo[start : start + chunk]
             found = self._compute_targets([requests[i] for i in part], templates, progress)
             for i, (zi, nli) in zip(part, found):
