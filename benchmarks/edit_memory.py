@@ -44,11 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = 2**30
 
-# YAML -> (testbed arch, E, d, h, top-k, attention heads, decoder layers, vocabulary, published parameters)
+# YAML -> (testbed arch, E, d, h, top-k, attention (query heads, key/value heads, head dim), decoder layers, vocabulary,
+# published parameters), from the models' published configs (Qwen3.6-35B-A3B's linear-attention layers are measured
+# as full attention)
 MODELS = {
-    "qwen3-30b-a3b": ("qwen3_moe", 128, 2048, 768, 8, 32, 48, 151_936, 30.5e9),
-    "gpt-oss-20b": ("gpt_oss", 32, 2880, 2880, 4, 64, 24, 201_088, 20.9e9),
-    "qwen3.6-35b-a3b": ("qwen3_5_moe", 256, 2048, 512, 8, 16, 40, 248_320, 35.0e9),
+    "qwen3-30b-a3b": ("qwen3_moe", 128, 2048, 768, 8, (32, 4, 128), 48, 151_936, 30.5e9),
+    "gpt-oss-20b": ("gpt_oss", 32, 2880, 2880, 4, (64, 8, 64), 24, 201_088, 20.9e9),
+    "qwen3.6-35b-a3b": ("qwen3_5_moe", 256, 2048, 512, 8, (16, 2, 256), 40, 248_320, 35.0e9),
 }
 TEMPLATES = 5  # MEMIT's context templates besides "{}" (editor.context_templates), each a row, plus one KL row
 GPUS = (("one 80 GB H100", 78 * 2**30), ("one 141 GB H200", 139 * 2**30))  # what their drivers leave usable
@@ -77,14 +79,19 @@ def basis_memory(E: int, d: int, h: int, hp: MoTEHyperParams, fraction: int) -> 
     return int(kept * E_full / E), int(peak.peak * E_full / E)
 
 
-def vstar_bytes_per_token(arch: str, E: int, d: int, h: int, top_k: int, heads: int, fraction: int) -> float:
-    """Bytes saved for backward per token by one decoder layer at the real width (bf16, random weights), with
-    max(top-k, E / fraction) experts: a token's saved activations are those of its top-k experts, whatever E, but for
-    its router logits [E] (float32), added for the real E."""
+def vstar_bytes_per_token(arch: str, E: int, d: int, h: int, top_k: int, attention: tuple[int, int, int],
+                          fraction: int) -> float:
+    """Bytes saved for backward per token by one decoder layer at the real width and attention shape (bf16, random
+    weights), with max(top-k, E / fraction) experts: a token's saved activations are those of its top-k experts,
+    whatever E, but for its router logits [E] (float32), added for the real E."""
     E_sub = max(top_k, E // fraction)
     torch.manual_seed(0)
-    size = ModelSize(d_model=d, layers=1, heads=heads, experts=E_sub, top_k=top_k, expert_hidden=h, max_positions=256)
-    model = make_model(make_config(arch, 256, size, {})).to(torch.bfloat16)
+    heads, kv_heads, head_dim = attention
+    size = ModelSize(d_model=d, layers=1, heads=d // head_dim, experts=E_sub, top_k=top_k, expert_hidden=h,
+                     max_positions=256)
+    config = make_config(arch, 256, size, {})
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads, kv_heads, head_dim
+    model = make_model(config).to(torch.bfloat16)
     model.requires_grad_(False)
     rows, tokens = 8, 32
     x = torch.randn(rows, tokens, d, dtype=torch.bfloat16, requires_grad=True)  # [rows, S, d] v*'s delta enters here
@@ -109,10 +116,10 @@ def load_yaml(name: str) -> MoTEHyperParams:
 
 def measure(name: str, tokens: int, fraction: int) -> dict:
     hp = load_yaml(name)
-    arch, E, d, h, top_k, heads, n_layers, vocab, params = MODELS[name]
+    arch, E, d, h, top_k, attention, n_layers, vocab, params = MODELS[name]
     n_edit, L = len(hp.layers), max(hp.layers)
     kept, working = basis_memory(E, d, h, hp, fraction)
-    per_token = vstar_bytes_per_token(arch, E, d, h, top_k, heads, fraction)
+    per_token = vstar_bytes_per_token(arch, E, d, h, top_k, attention, fraction)
     above = (hp.v_loss_layer if hp.v_loss_layer >= 0 else n_layers - 1) - L
     terms = {
         "weights": params * 2,

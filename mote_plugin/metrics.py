@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .mote.model.blocks import input_device
-from .mote.model.lookup import pad_right, target_token_ids
+from .mote.model.lookup import pad_id_in_vocab, pad_right, target_token_ids
 
 
 @dataclass
@@ -31,12 +31,13 @@ def target_scores(model, tok, prompts: list[str], targets: list[str], batch_size
     """Score each target after its prompt. `edit_hook(batch, prompt_lengths)` may install temporary
     hooks for the batch (used by probes that add a vector to a hidden state); it returns a remover."""
     device = input_device(model)
+    pad = pad_id_in_vocab(tok, model.get_input_embeddings().num_embeddings)
     out = {k: [] for k in ("logprob", "mean_logprob", "top1", "token_acc")}
     predicted = []
     for i in range(0, len(prompts), batch_size):
         p_ids = tok(prompts[i : i + batch_size])["input_ids"]
         t_ids = [target_token_ids(tok, t) for t in targets[i : i + batch_size]]
-        batch = pad_right([p + t for p, t in zip(p_ids, t_ids)], tok.pad_token_id)
+        batch = pad_right([p + t for p, t in zip(p_ids, t_ids)], pad)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         remove = edit_hook(ids, [len(p) for p in p_ids]) if edit_hook else None
         try:

@@ -365,3 +365,20 @@ def test_a_request_whose_vstar_failed_changes_no_weight(tok, tmp_path, caplog):
     kept = tiny_model(tok)
     apply_mote_to_model(kept, tok, reqs, hp.updated(v_keep_failed=True), precomputed_targets=given)
     assert not same(kept, reference.state_dict()) and mote_main.last_edited(kept) == 4
+
+
+def test_metrics_pad_with_an_id_the_model_can_embed(tok):
+    """EasyEdit gives Qwen tokenizers the pad token "<|endoftext|>", appended past the embeddings of a model whose
+    vocabulary lacks it: the metrics pad with an id the model can embed (masked), and score as before."""
+    from mote_plugin.metrics import target_scores
+
+    model = tiny_model(tok)
+    prompts, targets = [r["prompt"] for r in REQUESTS], [r["target_new"] for r in REQUESTS]
+    expected = target_scores(model, tok, prompts, targets)
+    vocab = model.get_input_embeddings().num_embeddings
+    padding = copy.deepcopy(tok)
+    padding.add_special_tokens({"pad_token": "<|endoftext|>"})
+    assert padding.pad_token_id >= vocab
+    got = target_scores(model, padding, prompts, targets)
+    torch.testing.assert_close(got.logprob, expected.logprob)
+    assert torch.equal(got.top1, expected.top1)

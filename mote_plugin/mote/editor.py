@@ -44,6 +44,7 @@ from .hparams import MoTEHyperParams
 from .model import host_compute_z, offload
 from .model.blocks import input_device, moe_blocks
 from .model.capture import capture, layer_outputs
+from .model.lookup import pad_id_in_vocab
 from .model.requests import normalise_requests
 from .model.stats import LayerStats, preservation_stats
 from .model.vstar_cache import VStarCache
@@ -560,16 +561,12 @@ def _check_materialised(adapter: MoEAdapter, blocks: dict[int, nn.Module]) -> No
 def _right_padding(model: nn.Module, tok) -> Iterator[None]:
     """The tokenizer pads on the right with an id inside the vocabulary during the edit, and is given back unchanged.
 
-    MoTE's lookups assume right padding (EasyEdit sets left padding for algorithms outside its list), and EasyEdit sets
-    Qwen tokenizers' pad token to "<|endoftext|>", which a tokenizer without it appends as a new id past the embeddings:
-    pad with EOS (or id 0) then (padded positions are masked)."""
+    MoTE's lookups assume right padding (EasyEdit sets left padding for algorithms outside its list); the pad id is one
+    the model can embed (`pad_id_in_vocab`)."""
     padding_side, pad_token = getattr(tok, "padding_side", None), getattr(tok, "pad_token", None)
     try:
         tok.padding_side = "right"
-        vocab = model.get_input_embeddings().num_embeddings
-        if tok.pad_token_id is None or not 0 <= tok.pad_token_id < vocab:
-            eos = tok.eos_token_id
-            tok.pad_token_id = eos if isinstance(eos, int) and 0 <= eos < vocab else 0
+        tok.pad_token_id = pad_id_in_vocab(tok, model.get_input_embeddings().num_embeddings)
         yield
     finally:
         if padding_side is not None:

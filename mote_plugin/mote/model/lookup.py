@@ -42,6 +42,16 @@ def target_token_ids(tok, target: str) -> list[int]:
     return ids
 
 
+def pad_id_in_vocab(tok, vocab_size: int) -> int:
+    """An id to pad with that the model can embed (padded positions are masked, so which one does not matter): the
+    tokenizer's pad id when it lies inside the vocabulary, else its EOS id, else 0. EasyEdit sets Qwen tokenizers' pad
+    token to "<|endoftext|>", which a tokenizer without it appends as a new id past the embeddings."""
+    for candidate in (tok.pad_token_id, tok.eos_token_id):
+        if isinstance(candidate, int) and 0 <= candidate < vocab_size:
+            return candidate
+    return 0
+
+
 def pad_right(rows: list[list[int]], pad_id: int | None) -> dict[str, torch.Tensor]:
     """Token-id rows -> {"input_ids" [B, S], "attention_mask" [B, S]}, padded on the right."""
     width = max(len(r) for r in rows)
