@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_edited
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
@@ -71,7 +71,7 @@ def measure(model, tok, records: list[dict], hp: MoTEHyperParams, shape: tuple[i
     unedited = counterfact_metrics(model, tok, records)
     try:
         apply_mote_to_model(model, tok, [request(r) for r in records], hp)
-        written = last_timings(model)["edits"]  # requests whose v* reached its target
+        written = last_edited(model)  # requests whose v* reached its target
         edited = counterfact_metrics(model, tok, records)
     finally:
         model.load_state_dict(before)

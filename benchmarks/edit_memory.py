@@ -11,7 +11,7 @@ What an edit holds on the model's device besides the weights (bf16, `dtype: bflo
     statistics  float64 running sums per edited layer, all layers at once: key moments [E, h, h], output moment [d, d]
     basis       per edited layer, kept: projectors P [E, h, h], U_in^T P [E, r_in, h], Tucker factors (float32);
                 while one layer's basis is computed, also that computation's working memory (measured: peak resident
-                memory of `layer_basis` on one real-shape layer, random bf16 weights, random key moments)
+                memory of `basis_from_weights` on one real-shape layer, random bf16 weights, random key moments)
     v*          autograd activations of the layers above the last edited one, for batch_size requests x (context
                 templates + 1 KL prompt) rows of `--tokens` tokens (measured: bytes saved for backward per token by one
                 real-width decoder layer, times the tokens, times the layers above), and the float32 log-probabilities
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mote_plugin.experiments.results import run_info, run_line  # noqa: E402
-from mote_plugin.mote.editor import layer_basis  # noqa: E402
+from mote_plugin.mote.editor import basis_from_weights  # noqa: E402
 from mote_plugin.mote.hparams import MoTEHyperParams  # noqa: E402
 from mote_plugin.mote.model.stats import LayerStats  # noqa: E402
 from mote_plugin.testbed.model import ModelSize, make_config, make_model  # noqa: E402
@@ -74,8 +74,8 @@ def basis_memory(E: int, d: int, h: int, hp: MoTEHyperParams, fraction: int) -> 
     stats = LayerStats(moments=moments, counts=counts, cov_out=torch.eye(d), n_tokens=50_000)
     gc.collect()
     with PeakRSS() as peak:
-        basis = layer_basis(W, stats, hp)
-    kept = nbytes(basis.P, basis.UinT_P, *(basis.factors or ()))
+        basis = basis_from_weights(W, stats, hp)
+    kept = nbytes(basis.P, basis.key_maps, *(basis.factors or ()))
     return int(kept * E_full / E), int(peak.peak * E_full / E)
 
 

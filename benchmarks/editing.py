@@ -119,8 +119,8 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/editing.py", *sys.argv[1:]])
     lines = ["# One batch of CounterFact edits on the fact models", "",
              f"`{command}`; {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Metrics: unedited -> edited (method.md "
-             "section 8).", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Metrics: unedited -> edited "
+             "(mote_plugin/metrics.py, the paper's Appendix A).", "",
              "| model | edits | YAML layers / token | changes | " + " | ".join(METRICS) + " | "
              + " | ".join(f"{s} (s)" for s in STAGES) + " |"
              + " preserved / edit change: mean | p90 | p99 |" * args.preservation,

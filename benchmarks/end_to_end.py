@@ -15,7 +15,6 @@ relative difference of their targets z. Results: benchmarks/results/end_to_end.{
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -24,36 +23,20 @@ from pathlib import Path
 
 import torch
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_edited, last_timings
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.mote.model.stats import preservation_stats
-from mote_plugin.testbed.data import PACKAGE_DATA
+from mote_plugin.testbed.data import edit_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from editing import key_value  # noqa: E402  (KEY=VALUE read as YAML)
-from quality import fact_model, load_config  # noqa: E402  (the protocol's builds)
+from quality import fact_model, load_config, request  # noqa: E402  (the protocol's builds)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "end_to_end"
 STAGES = ("vstar", "capture", "solve", "writeback")
-
-
-def edit_records(facts: list[dict], n: int) -> list[dict]:
-    """n requests: the known facts, then shipped CounterFact records on other subjects (one per subject)."""
-    requests = [{"prompt": f["prompt"], "subject": f["subject"], "target_new": f["target_new"]}
-                for f in facts if f["known"]]
-    seen = {f["subject"] for f in facts}
-    for r in json.loads((Path(PACKAGE_DATA) / "counterfact" / "counterfact-subset.json").read_text()):
-        if len(requests) >= n:
-            break
-        if r["subject"] not in seen and r["subject"] in r["prompt"]:
-            seen.add(r["subject"])
-            requests.append({"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]})
-    if len(requests) < n:
-        raise SystemExit(f"{n} edits asked; the build and the shipped CounterFact subset give {len(requests)}")
-    return requests[:n]
 
 
 def vstar_side_by_side(model, tok, requests: list[dict], hp: MoTEHyperParams, batch_size: int) -> dict:
@@ -90,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok, facts, _ = fact_model(args.arch, load_config(args.config))
-    requests = edit_records(facts, max(args.edits, args.compare))
+    requests = [request(r) for r in edit_records(facts, max(args.edits, args.compare))]
     hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / f"testbed-{args.arch}")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as stats_dir:
@@ -105,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(0, args.edits, args.batch_size):
             apply_mote_to_model(model, tok, requests[i : i + args.batch_size], hp)
             timings = last_timings(model)
-            edited += timings["edits"]
+            edited += last_edited(model)
             seconds["basis"] += timings["statistics"]  # projectors and factors from the cached statistics
             for s in STAGES:
                 seconds[s] += timings[s]

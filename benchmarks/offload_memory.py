@@ -171,7 +171,7 @@ class StagePeaks:
 def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from mote_plugin import apply_mote_to_model, last_timings
+    from mote_plugin import apply_mote_to_model, last_edited, last_timings
     from mote_plugin.mote import editor
     from mote_plugin.mote.algebra.update import ExpertUpdate
     from mote_plugin.mote.editor import MoTEEditor
@@ -207,7 +207,7 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
     for owner, name, label in [(editor, "preservation_stats", "statistics"),
                                (editor, "nullspace_projectors", "projectors"),
                                (editor, "tucker_factors", "Tucker basis"), (MoTEEditor, "targets", "v*"),
-                               (editor, "capture", "capture"), (editor, "solve_layer", "solve"),
+                               (editor, "capture", "capture"), (editor, "solve_batch", "solve"),
                                (ExpertUpdate, "write", "writeback"), (editor, "record_call", "history"),
                                (offload, "store", "store")]:
         peaks.stage(owner, name, label)
@@ -229,6 +229,7 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
             "file_rss_after_load": file_after_load,
             "peak_above_load": {k: max(0, v - after_load) for k, v in peaks.peaks.items()},
             "edit_peak_above_load": max(peaks.peaks.values()) - after_load, "timings": last_timings(model),
+            "edited": last_edited(model),
             "relative_change": relative_change, "revert_fixup_fraction": fixup_fraction}
 
 

@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_coverage, last_timings
+from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_coverage, last_edited, last_timings
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote.algebra.coverage import measure_coverage
-from mote_plugin.mote.algebra.solvers import solve_layer
+from mote_plugin.mote.algebra.solvers import solve_batch
 from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.model.capture import capture, layer_outputs
 from mote_plugin.mote.model.requests import normalise_requests
@@ -145,8 +145,8 @@ def grid(tune: dict, report: dict, n_layers: int) -> list[dict]:
 def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int, int]) -> dict:
     """The YAML's ranks times `scale` (rounded up, at most the mode size); "full": every mode at full size."""
     if scale == "full":
-        return {"r_e": 1.0, "r_out": 1.0, "r_in": 1.0}
-    ranks = resolve_ranks((hp.r_e, hp.r_out, hp.r_in), shape)
+        return {"r_e": "full", "r_out": "full", "r_in": "full"}
+    ranks = resolve_ranks(hp.layer_ranks(), shape)
     return dict(zip(("r_e", "r_out", "r_in"), (min(size, math.ceil(r * scale)) for r, size in zip(ranks, shape))))
 
 
@@ -214,7 +214,7 @@ class Session:
         for i in range(0, len(records), bs):
             apply_mote_to_model(self.model, self.tok, [request(r) for r in records[i : i + bs]], hp)
             t = last_timings(self.model)
-            edited += t["edits"]
+            edited += last_edited(self.model)
             for s in STAGES:
                 seconds[s] += t[s]
             solves += last_coverage(self.model)
@@ -332,11 +332,10 @@ def batch_coverage(model, tok, requests: list[dict], variants: dict[str, MoTEHyp
     cap = capture(model, tok, get_adapter(model), reqs, [L], first.fact_token)[L]
     out = {}
     for name, hp in variants.items():
-        layer = MoTEEditor(model, tok, hp).layer_bases([L])[L]
-        solution, _ = solve_layer(hp.solver, L, layer, cap, R, hp.mote_lambda, rule=hp.basis_rule())
-        change = solution.update(layer, L, 1.0).output_change(cap.keys, cap.gates, cap.expert_idx)  # [T, d]
-        out[name] = measure_coverage(L, solution.factors, solution.keys, cap.gates, cap.expert_idx, R, change,
-                                     cap.num_experts).to_dict()
+        layer = MoTEEditor(model, tok, hp).bases([L])[L]
+        solution, _ = solve_batch(hp.solver, L, layer, cap, R, hp.mote_lambda, rule=hp.basis_rule())
+        change = solution.update(layer, L, 1.0).output_change(cap)  # [T, d]
+        out[name] = measure_coverage(L, solution.factors, solution.routed, R, change).to_dict()
     return out
 
 
@@ -571,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         n_dev, n_test = len(split["dev"]), len(split["test"])
         res |= {"build": json.dumps(cfg["builds"][arch]), "traced_layers": build_report["edit_layers"],
                 "lookup_token": build_report["lookup_token"], "shape": list(session.shape),
-                "yaml_ranks": list(resolve_ranks((base.r_e, base.r_out, base.r_in), session.shape)),
+                "yaml_ranks": list(resolve_ranks(base.layer_ranks(), session.shape)),
                 "splits": {"dev": [1, n_dev], "test": [n_dev + 1, n_dev + n_test],
                            "batches": -(-n_test // cfg["batch_size"]),
                            "known": sum(f["known"] for f in facts)}}

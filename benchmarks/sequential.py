@@ -19,7 +19,6 @@ Results: benchmarks/results/sequential.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote.editor import request_key
 from mote_plugin.testbed import BuildOptions, build, load
 from mote_plugin.testbed.__main__ import DEFAULT_OUT
+from mote_plugin.testbed.data import edit_records
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,19 +43,13 @@ METHODS = {
 }
 
 
-def edit_records(facts: list[dict], counterfact: Path, n: int, first: int) -> tuple[list[dict], list[dict]]:
+def records_and_kept(facts: list[dict], counterfact: Path, n: int, first: int) -> tuple[list[dict], list[dict]]:
     """(n edit records: `first` known facts, then CounterFact records on other subjects; 100 known facts kept aside)."""
     known = [f for f in facts if f["known"]]
     if first + 100 > len(known):
         raise ValueError(f"the fact model knows {len(known)} facts; need {first} for the first batch and 100 kept "
                          "aside")
-    with open(counterfact) as f:
-        pool = json.load(f)
-    seen = {f["subject"] for f in facts}
-    others = [r for r in pool if r["subject"] not in seen and r["subject"] in r["prompt"]]
-    if n - first > len(others):
-        raise ValueError(f"{n} edits asked, {counterfact} has {len(others)} usable records besides the known facts")
-    return known[:first] + others[: n - first], known[first : first + 100]
+    return edit_records(facts, n, first, counterfact, one_per_subject=False), known[first : first + 100]
 
 
 def perplexity(model, tok, text: str, window: int = 128) -> float:
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = DEFAULT_OUT.format(arch="qwen3_moe", facts=opts.facts)
     build(out_dir, opts)
     model, tok, facts, _ = load(out_dir)
-    records, kept = edit_records(facts, Path(args.counterfact), args.edits, args.batch_size)
+    records, kept = records_and_kept(facts, Path(args.counterfact), args.edits, args.batch_size)
     text = Path(args.heldout_text).read_text()[-30000:]  # the end of the file: never in the preservation statistics
     hp = MoTEHyperParams.from_hparams(ROOT / "hparams" / "MoTE" / "testbed-qwen3_moe")
     requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]} for r in records]

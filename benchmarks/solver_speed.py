@@ -13,7 +13,7 @@
         # (Qwen3-30B-A3B, T = 50, ~2 min; results/solver_speed_global_check.{json,md})
 
 What is timed, per batch of T edits: the solve from captured keys/gates/residuals and the writeback into bf16
-down-projections of every edited layer, through the plugin's own code (`solve_layer`, `ExpertUpdate.write`).
+down-projections of every edited layer, through the plugin's own code (`solve_batch`, `ExpertUpdate.write`).
 Captures, v* and the preservation statistics are not part of it (v* precomputed, as the paper's Table 2); the
 one-time cost (null-space projectors from key moments, whitened HOSVD) is timed separately, for one layer.
 
@@ -48,12 +48,12 @@ from moeedit_bcd import bcd_published
 from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.mote.algebra.batch_basis import BasisRule
+from mote_plugin.mote.algebra.core_solve import key_maps_of
 from mote_plugin.mote.algebra.coverage import measure_coverage
 from mote_plugin.mote.algebra.nullspace import nullspace_projectors
-from mote_plugin.mote.algebra.solve import project_keys, uint_p
-from mote_plugin.mote.algebra.solvers import LayerBasis, solve_layer
+from mote_plugin.mote.algebra.routed_keys import RoutedKeys
+from mote_plugin.mote.algebra.solvers import LayerBasis, solve_batch
 from mote_plugin.mote.algebra.tucker import TuckerFactors, tucker_factors
-from mote_plugin.mote.model.capture import LayerCapture
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -198,18 +198,16 @@ def make_basis(shape: Shape, W: torch.Tensor, gen: torch.Generator) -> tuple[Lay
     t = time.perf_counter()
     factors = tucker_factors(W, ranks(shape), whitening="in", cov_in=cov_in, eps=1e-5)
     one_time["hosvd_whitened"] = time.perf_counter() - t
-    return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P)), one_time
+    return LayerBasis(P=P, factors=factors, key_maps=key_maps_of(factors, P)), one_time
 
 
-def synthetic_capture(shape: Shape, T: int, gen: torch.Generator) -> tuple[LayerCapture, torch.Tensor]:
+def synthetic_capture(shape: Shape, T: int, gen: torch.Generator) -> tuple[RoutedKeys, torch.Tensor]:
     """Keys/gates/experts of T edits at one layer (top-k of random router scores) and residuals [T, d]."""
     idx = torch.rand(T, shape.E, generator=gen).topk(shape.k, dim=1).indices  # [T, k]
     gates = torch.softmax(torch.randn(T, shape.k, generator=gen), dim=1)  # [T, k]
     keys = torch.randn(T, shape.k, shape.h, generator=gen)  # [T, k, h]
     residuals = torch.randn(T, shape.d, generator=gen)  # [T, d]
-    cap = LayerCapture(x=torch.empty(0), expert_idx=idx, gates=gates, keys=keys, out=torch.empty(0),
-                       num_experts=shape.E)
-    return cap, residuals
+    return RoutedKeys(idx, gates, keys, shape.E), residuals
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,17 +233,17 @@ def run_batch(method: str, adapter, blocks: list[Block], bases: list[LayerBasis]
     for l in range(len(blocks)):
         if sol is None or not speedup:
             layer = L if speedup else l
-            sol, _ = timed("solve", solve_layer, method.removesuffix("+speedup"), layer, bases[layer], *batch[layer],
+            sol, _ = timed("solve", solve_batch, method.removesuffix("+speedup"), layer, bases[layer], *batch[layer],
                            LAMBDA, bcd_passes=PASSES)
         update = timed("factors", sol.update, bases[l], l, 1.0 / (L - l + 1) if speedup else 1.0)
         timed("write", update.write, adapter, blocks[l])
 
 
-def published_batch_seconds(shape: Shape, adapter, block: Block, basis: LayerBasis, cap: LayerCapture, R: torch.Tensor,
+def published_batch_seconds(shape: Shape, adapter, block: Block, basis: LayerBasis, cap: RoutedKeys, R: torch.Tensor,
                             sample_blocks: int) -> dict:
     """MoEEdit's published BCD at one layer: seconds per block (timed on `sample_blocks`), number of blocks, and the
     writeback (dense delta @ P_j for every expert, then added), timed once."""
-    k = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
+    k = cap.projected(basis.P).keys  # [T, K, h]
     t = time.perf_counter()
     deltas = bcd_published(k, cap.gates, cap.expert_idx, R, LAMBDA, shape.E, passes=PASSES, dtype=torch.float32,
                            max_blocks=sample_blocks)  # [E, d, h]
@@ -344,7 +342,7 @@ def growth(shape_name: str, Ts: list[int], Es: list[int], log=print) -> dict:
     return out
 
 
-def sparse_woodbury(adapter, block, P: torch.Tensor, cap: LayerCapture, R: torch.Tensor, lam: float) -> list:
+def sparse_woodbury(adapter, block, P: torch.Tensor, cap: RoutedKeys, R: torch.Tensor, lam: float) -> list:
     """An independent sparse Global solve and write (none of `baselines.global_solve`'s code), the reference it is
     checked against:
 
@@ -388,7 +386,7 @@ def sparse_woodbury(adapter, block, P: torch.Tensor, cap: LayerCapture, R: torch
 def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> dict:
     """Per layer-batch seconds (median over `batches`) at one layer of `shape_name`: MoTE's solve, factors and write
     (MoTE solves once per batch, so its per layer-batch time is solve / layers + factors + write), the plugin's
-    sparse Global (solve_layer + write) and the independent `sparse_woodbury`; and how far the two Global updates
+    sparse Global (solve_batch + write) and the independent `sparse_woodbury`; and how far the two Global updates
     are apart (float64 deltas of the routed experts, and the bf16 weights each wrote from the same start)."""
     shape = SHAPES[shape_name]
     adapter = ADAPTERS[shape.adapter]()
@@ -407,10 +405,10 @@ def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> di
         return out
 
     for cap, R in caps:
-        sol, _ = clock("mote_solve", solve_layer, "mote", 0, basis, cap, R, LAMBDA)
+        sol, _ = clock("mote_solve", solve_batch, "mote", 0, basis, cap, R, LAMBDA)
         update = clock("mote_factors", sol.update, basis, 0, 1.0)
         clock("mote_write", update.write, adapter, block)
-        sol, _ = clock("global_solve", solve_layer, "global", 0, basis, cap, R, LAMBDA)
+        sol, _ = clock("global_solve", solve_batch, "global", 0, basis, cap, R, LAMBDA)
         update = clock("global_factors", sol.update, basis, 0, 1.0)
         clock("global_write", update.write, adapter, block)
         clock("reference", sparse_woodbury, adapter, block, basis.P, cap, R, LAMBDA)
@@ -421,7 +419,7 @@ def global_check(shape_name: str, per_batch: int, batches: int, log=print) -> di
     # numerics on the last batch: the plugin's update and the reference's, applied to the same weights
     cap, R = caps[-1]
     start = adapter.down_param(block).detach().clone()
-    sol, _ = solve_layer("global", 0, basis, cap, R, LAMBDA)
+    sol, _ = solve_batch("global", 0, basis, cap, R, LAMBDA)
     update = sol.update(basis, 0, 1.0)
     update.write(adapter, block)
     written_plugin = adapter.down_param(block).detach().clone()
@@ -458,7 +456,7 @@ def random_orthonormal(n: int, r: int, gen: torch.Generator) -> torch.Tensor:
 
 def basis_check(shape_name: str, per_batch: int, batches: int, log=print) -> dict:
     """Per layer-batch seconds (median over `batches`) of MoTE at one layer of `shape_name` for each basis of
-    BASIS_RULES: the batch's factors and the solve (solve_layer), the update factors, the write into the bf16 layer
+    BASIS_RULES: the batch's factors and the solve (solve_batch), the update factors, the write into the bf16 layer
     and the coverage. Random orthonormal factors and random projectors of rank 7h/8 stand in for the HOSVD and the
     null space (their values do not change the work); `auto` starts from full-size factors."""
     shape = SHAPES[shape_name]
@@ -472,8 +470,8 @@ def basis_check(shape_name: str, per_batch: int, batches: int, log=print) -> dic
         torch.matmul(Q, Q.T, out=P[j])
     full = TuckerFactors(*(random_orthonormal(n, n, gen) for n in (shape.E, shape.d, shape.h)))
     fixed = full.truncated(ranks(shape))
-    bases = {"fixed": LayerBasis(P=P, factors=fixed, UinT_P=uint_p(fixed, P)),
-             "full": LayerBasis(P=P, factors=full, UinT_P=None)}
+    bases = {"fixed": LayerBasis(P=P, factors=fixed, key_maps=key_maps_of(fixed, P)),
+             "full": LayerBasis(P=P, factors=full, key_maps=None)}
     caps = [synthetic_capture(shape, per_batch, gen) for _ in range(batches + 1)]  # the first one warms up
     rows = {}
     for name, rule in BASIS_RULES.items():
@@ -482,14 +480,13 @@ def basis_check(shape_name: str, per_batch: int, batches: int, log=print) -> dic
         chosen = set()
         for cap, R in caps:
             t0 = time.perf_counter()
-            sol, _ = solve_layer("mote", 0, basis, cap, R, LAMBDA, rule=rule)
+            sol, _ = solve_batch("mote", 0, basis, cap, R, LAMBDA, rule=rule)
             t1 = time.perf_counter()
             update = sol.update(basis, 0, 1.0)
             t2 = time.perf_counter()
             update.write(adapter, block)
             t3 = time.perf_counter()
-            change = update.output_change(cap.keys, cap.gates, cap.expert_idx)
-            measure_coverage(0, sol.factors, sol.keys, cap.gates, cap.expert_idx, R, change, shape.E)
+            measure_coverage(0, sol.factors, sol.routed, R, update.output_change(cap))
             t4 = time.perf_counter()
             for key, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 steps[key].append(seconds)

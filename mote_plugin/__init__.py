@@ -29,6 +29,7 @@ _LAZY = {
     "MoTEHyperParams": "mote_plugin.mote.hparams",
     "apply_mote_to_model": "mote_plugin.mote.mote_main",
     "last_timings": "mote_plugin.mote.mote_main",
+    "last_edited": "mote_plugin.mote.mote_main",
     "last_coverage": "mote_plugin.mote.mote_main",
     "register": "mote_plugin.easyedit",
     "save_edit": "mote_plugin.mote.patches.files",

@@ -42,15 +42,6 @@ def _model_dir(path: str) -> Path:
     return p
 
 
-def _load_model(path: Path, device_map=None, offload_folder: str | None = None, dtype=None):
-    """The model in `dtype` (default: its saved dtype), in eval mode: on the CPU, or dispatched by accelerate over
-    `device_map`."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", local_files_only=True, **kwargs).eval()
-
-
 def _device_map(text: str | None):
     """--device-map: None, a strategy name ("auto", "balanced", ...), or a JSON object {module: device}."""
     if text is None or not text.lstrip().startswith("{"):
@@ -124,8 +115,7 @@ def edit_hparams(path: str, overrides: list[tuple[str, object]]):
 
 
 def cmd_edit(args) -> None:
-    from transformers import AutoTokenizer
-
+    from .loading import load_model, load_tokenizer
     from .mote.mote_main import apply_mote_to_model, last_coverage
     from .mote.patches.files import save_edit
 
@@ -139,10 +129,11 @@ def cmd_edit(args) -> None:
                        "`mote apply` it where the model fits")
     # a device this torch cannot use: before the weights load
     device = hp.torch_device() if device_map is None else None
-    model = _load_model(src, device_map, args.offload_folder, hp.torch_dtype() if hp.dtype else None)
+    model = load_model(src, hp.torch_dtype() if hp.dtype else None, device_map, args.offload_folder,
+                       local_files_only=True)
     if device is not None:
         model = model.to(device)
-    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    tok = load_tokenizer(src, local_files_only=True)
     # batch_size requests per call, one call after another (EasyEdit's batch_edit with sequential_edit=True)
     for start in range(0, len(requests), hp.batch_size):
         model, _ = apply_mote_to_model(model, tok, requests[start : start + hp.batch_size], hp)
@@ -167,12 +158,12 @@ def format_coverage(call: int, c: dict) -> str:
 
 
 def _cmd_patch(args, forward: bool) -> None:
+    from .loading import load_model
     from .mote.patches.files import apply_edit, load_patch, revert_edit
-
     src = _model_dir(args.model)
     out = _free_out(args.out, src)
     load_patch(args.patch)  # a missing or damaged patch is reported before the model is loaded
-    model = _load_model(src)
+    model = load_model(src, local_files_only=True)
     result = (apply_edit if forward else revert_edit)(model, args.patch, exact=not args.approximate)
     _save_model(model, src, out)
     how = "bit-exactly" if result["exact"] else "within the rounding tolerance (not bit-exact)"

@@ -121,21 +121,22 @@ def host_branch(model_name: str) -> str | None:
 
 
 def load_model(model_name: str, hparams):
-    """(model, tok) of a MoTE `model_name`, the one loader of every path that loads by name (BaseEditor for MoTE, the
-    CLI, the comparison): AutoModelForCausalLM in `hparams.torch_dtype()` (the YAML's `dtype`; without it EasyEdit's
+    """(model, tok) of a MoTE `model_name` for BaseEditor (through `mote_plugin.loading`, the loader of the CLI and the
+    comparison too): AutoModelForCausalLM in `hparams.torch_dtype()` (the YAML's `dtype`; without it EasyEdit's
     rule, float16 when `fp16`, else float32), device_map="auto" when `model_parallel`; the tokenizer as EasyEdit's
     generic branches load it (Qwen names with its "<|endoftext|>" special tokens; pad token = EOS where missing, or
     always for Llama / Mistral names), left padding, which the host gives every autoregressive tokenizer for MoTE.
     The host itself loads only in float16 or float32, and every family but its generic ones not at all (GPT-OSS would
     get GPT2Tokenizer, OLMoE and DeepSeek-V3 a NotImplementedError)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .loading import load_model as load
+    from .loading import load_tokenizer
 
     device_map = "auto" if getattr(hparams, "model_parallel", False) else None
     branch = host_branch(model_name)
     tok_kwargs = HOST_QWEN_TOKENS if branch in ("qwen2", "qwen3") else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=hparams.torch_dtype(), device_map=device_map)
-        tok = AutoTokenizer.from_pretrained(model_name, **tok_kwargs)
+        model = load(model_name, hparams.torch_dtype(), device_map)
+        tok = load_tokenizer(model_name, **tok_kwargs)
     except Exception as e:
         raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load "
                          "the model yourself and set `hparams.model_name = (model, tok)` before "
@@ -143,7 +144,7 @@ def load_model(model_name: str, hparams):
     if tok.pad_token_id is None or branch in ("llama", "mistral"):
         tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "left"
-    return model.eval(), tok
+    return model, tok
 
 
 def _name_of(model) -> str:

@@ -2,7 +2,7 @@
 
 `target_scores` teacher-forces ` target` after each prompt and returns, per example, the summed
 log-probability of the target tokens and whether every target token is the argmax (greedy decoding
-reproduces the target). CounterFact's probability metrics (method.md section 8) compare two such
+reproduces the target). CounterFact's probability metrics (the paper's Appendix A) compare two such
 log-probabilities; zsRE's and EasyEdit's token metrics use the argmax.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mote.model.capture import input_device
+from .mote.model.blocks import input_device
 from .mote.model.lookup import pad_id_in_vocab, pad_right, target_token_ids
 
 
@@ -83,7 +83,7 @@ def _record_prompts(r: dict) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def counterfact_metrics(model, tok, records: list[dict], batch_size: int = 64) -> dict:
-    """The paper's CounterFact metrics (probability based, method.md section 8), as shares in [0, 1]:
+    """The paper's CounterFact metrics (probability based, the paper's Appendix A), as shares in [0, 1]:
 
     efficacy        P(new | prompt) > P(true | prompt) on the rewrite prompt
     generalization  the same on the paraphrases
@@ -136,7 +136,7 @@ def zsre_locality_predictions(model, tok, records: list[dict], batch_size: int =
 
 
 def zsre_metrics(model, tok, records: list[dict], locality_before: list[torch.Tensor], batch_size: int = 64) -> dict:
-    """MEMIT-style zsRE metrics (argmax based, method.md section 8), as shares in [0, 1]:
+    """MEMIT-style zsRE metrics (argmax based, the paper's Appendix A), as shares in [0, 1]:
 
     efficacy        token-level accuracy of greedy decoding of the new answer after `src`
     generalization  the same after `rephrase`
@@ -171,7 +171,8 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
     (the mean ||dy_t||) and "tokens" (preserved tokens measured).
     """
     from .adapters import get_adapter
-    from .mote.model.capture import capture, forward_block_inputs, moe_blocks
+    from .mote.model.blocks import forward_block_inputs, moe_blocks
+    from .mote.model.capture import capture
     from .mote.model.requests import normalise_requests
 
     adapter = get_adapter(model)
@@ -185,9 +186,9 @@ def preservation_change(model, tok, layer: int, requests: list[dict], fact_token
 
     def outputs() -> tuple[torch.Tensor, torch.Tensor]:  # [N, d] on preserved tokens, [T, d] at the edit keys
         with torch.no_grad():
-            idx, gates = adapter.route(block, x)
-            preserved = adapter.experts_output(block, x, idx, gates).float()
-        return preserved, capture(model, tok, adapter, reqs, [layer], fact_token)[layer].out.float()
+            preserved = adapter.experts_output(block, adapter.route_keys(block, x)).float()
+            at_edits = adapter.experts_output(block, capture(model, tok, adapter, reqs, [layer], fact_token)[layer])
+        return preserved, at_edits.float()
 
     preserved0, edit0 = outputs()
     edit()

@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from mote_plugin.adapters import ADAPTERS, MoEAdapter, get_adapter
+from mote_plugin.mote.algebra.routed_keys import RoutedKeys
 from tiny import spread_routing
 
 torch.set_num_threads(1)
@@ -157,12 +158,13 @@ def test_route_and_experts_output_match_model(family, input_ids, implementation)
         # 1. routing: same experts (as sets) and weights as the model used
         index, weights = adapter.route(block, rec["x"])
         assert index.dtype == torch.long and weights.dtype == torch.float32
-        assert index.shape == rec["index"].shape == (input_ids.numel(), adapter.top_k(block))
+        assert index.shape == rec["index"].shape == (input_ids.numel(), adapter.router(block).top_k)
         ours, theirs = sort_by_expert(index, weights), sort_by_expert(rec["index"], rec["weights"])
         assert torch.equal(ours[0], theirs[0]), f"layer {layer}: different experts selected"
         assert_close(ours[1], theirs[1], 1e-5)
         # 2. expert math: sum_j g_j (W_j k_j + b_j) equals the experts module's output
-        out = adapter.experts_output(block, rec["hidden"], rec["index"], rec["weights"])
+        keys = adapter.keys(block, rec["hidden"], rec["index"])  # [N, K, d_hidden]
+        out = adapter.experts_output(block, RoutedKeys(rec["index"], rec["weights"], keys, adapter.num_experts(block)))
         assert_close(out, rec["experts_out"], 1e-5)
         # ... and with the shared expert (if any) it is the whole block output
         shared = adapter.shared_output(block, rec["x"])
@@ -194,7 +196,7 @@ def test_dense_layers_have_no_moe_block():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_add_delta_and_lowrank_change_the_forward_pass(family, input_ids, dtype):
+def test_full_listed_and_lowrank_writes_change_the_forward_pass(family, input_ids, dtype):
     model, adapter = family
     model = copy.deepcopy(model).to(dtype)
     model.set_experts_implementation("grouped_mm")
@@ -212,7 +214,7 @@ def test_add_delta_and_lowrank_change_the_forward_pass(family, input_ids, dtype)
 
     # full delta on all experts
     delta = torch.randn(E, d_model, d_hidden, generator=gen) * 0.1
-    adapter.add_delta(block, delta)
+    adapter.add_lowrank(block, torch.eye(d_model), delta)  # I @ delta[e]: the full delta
     assert adapter.down_param(block).dtype == dtype
     after = capture(model, adapter, input_ids)[layer]
     assert torch.equal(after["index"], before["index"])
@@ -222,7 +224,7 @@ def test_add_delta_and_lowrank_change_the_forward_pass(family, input_ids, dtype)
     # delta on a subset of experts: delta[i] goes to experts[i]
     experts = torch.tensor([E - 1, 0])
     sub_delta = torch.randn(2, d_model, d_hidden, generator=gen) * 0.1
-    adapter.add_delta(block, sub_delta, experts)
+    adapter.add_lowrank(block, torch.eye(d_model), sub_delta, experts)
     full = torch.zeros(E, d_model, d_hidden)
     full[experts] = sub_delta
     again = capture(model, adapter, input_ids)[layer]
@@ -238,7 +240,7 @@ def test_add_delta_and_lowrank_change_the_forward_pass(family, input_ids, dtype)
     assert_close(last["experts_out"].float() - again["experts_out"].float(), change, tol)
 
 
-def test_add_delta_respects_parameter_layout(family):
+def test_writes_respect_parameter_layout(family):
     model, adapter = family
     block = adapter.moe_block(model, adapter.moe_layers(model)[0])
     param = adapter.down_param(block)
@@ -246,7 +248,7 @@ def test_add_delta_respects_parameter_layout(family):
     try:
         delta = torch.zeros(adapter.num_experts(block), model.config.hidden_size, adapter.d_hidden(block))
         delta[1, 2, 3] = 1.0  # expert 1, output row 2, hidden column 3
-        adapter.add_delta(block, delta)
+        adapter.add_lowrank(block, torch.eye(model.config.hidden_size), delta)
         changed = (param.detach() - backup).nonzero().tolist()
         assert changed == ([[1, 3, 2]] if adapter.is_transposed else [[1, 2, 3]])
         expected = backup[1, 3, 2] if adapter.is_transposed else backup[1, 2, 3]

@@ -8,7 +8,7 @@ from mote_plugin.mote import editor
 from mote_plugin.mote.algebra import solvers
 from mote_plugin.mote.algebra.update import ExpertUpdate
 from mote_plugin.mote.editor import MoTEEditor
-from mote_plugin.mote.model import stats
+from mote_plugin.mote.model import stats, storage
 from mote_plugin.mote.mote_main import apply_mote_to_model
 from test_mote_main import REQUESTS, hparams, same, state, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
@@ -33,7 +33,7 @@ def failing_after(real, calls_before_failure: int, error: type[BaseException]):
 # (stage, module, attribute, calls that succeed before the failure)
 STAGES = [
     ("statistics", stats, "layer_statistics", 0),
-    ("statistics cache write", stats, "save_file", 0),
+    ("statistics cache write", storage, "save_file", 0),
     ("capture", editor, "capture", 0),
     ("v*", editor, "compute_targets", 0),
     ("solve", solvers, "solve_core", 0),
@@ -81,11 +81,11 @@ def test_each_solver_fails_cleanly(tok, tmp_path, monkeypatch):
 
 def test_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch):
     """The atomic writer: a failure inside safetensors' save leaves neither the target nor a temporary file."""
-    monkeypatch.setattr(stats, "save_file", failing_after(stats.save_file, 0, KeyboardInterrupt))
+    monkeypatch.setattr(storage, "save_file", failing_after(storage.save_file, 0, KeyboardInterrupt))
     target = tmp_path / "cache" / "layer0.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        stats.atomic_save_file({"x": torch.ones(3)}, target, {"key": "k"})
+        storage.atomic_save_file({"x": torch.ones(3)}, target, {"key": "k"})
     assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.undo()
-    stats.atomic_save_file({"x": torch.ones(3)}, target, {"key": "k"})
+    storage.atomic_save_file({"x": torch.ones(3)}, target, {"key": "k"})
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["layer0.safetensors"]

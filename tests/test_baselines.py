@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from mote_plugin.mote.algebra.baselines import bcd_solve, expert_groups, global_solve
+from mote_plugin.mote.algebra.baselines import bcd_solve, global_solve
 from mote_plugin.mote.algebra.update import ExpertUpdate
 from mote_plugin.mote.hparams import MoTEHyperParams
-from reference import bcd_published
+from reference import bcd_published, routed
 
 
 def problem(T=7, E=5, K=2, d=6, h=4, seed=0):
@@ -40,7 +40,7 @@ def test_global_solve_is_the_primal_ridge_minimiser():
     # [d, E*h]
     primal = torch.linalg.solve(psi.T @ psi + lam * torch.eye(psi.shape[1], dtype=torch.float64), psi.T @ R).T
     expected = primal.reshape(R.shape[1], E, -1).permute(1, 0, 2)  # [E, d, h]
-    update = global_solve(keys, gates, idx, R, lam)
+    update = global_solve(routed(keys, gates, idx), R, lam)
     torch.testing.assert_close(update.dense(E).double(), expected, rtol=1e-5, atol=1e-6)
     # only routed experts are touched
     assert set(update.experts.tolist()) == set(idx.unique().tolist())
@@ -49,7 +49,7 @@ def test_global_solve_is_the_primal_ridge_minimiser():
 def test_bcd_iterates_are_moeedits():
     keys, gates, idx, R, E = problem(T=9, E=6)
     for passes in (1, 2, 3):
-        ours = bcd_solve(keys, gates, idx, R, 0.2, E, passes=passes, seed=42).dense(E).double()
+        ours = bcd_solve(routed(keys, gates, idx, E), R, 0.2, passes=passes, seed=42).dense(E).double()
         published = bcd_published(keys, gates, idx, R, 0.2, E, passes=passes, seed=42)
         torch.testing.assert_close(ours, published, rtol=1e-5, atol=1e-6)
 
@@ -57,16 +57,17 @@ def test_bcd_iterates_are_moeedits():
 def test_bcd_descends_to_the_global_optimum():
     keys, gates, idx, R, E = problem()
     lam = 0.5
-    optimum = global_solve(keys, gates, idx, R, lam).dense(E).double()
-    values = [objective(bcd_solve(keys, gates, idx, R, lam, E, passes=p).dense(E).double(), keys, gates, idx, R, lam)
+    optimum = global_solve(routed(keys, gates, idx), R, lam).dense(E).double()
+    values = [objective(bcd_solve(routed(keys, gates, idx, E), R, lam, passes=p).dense(E).double(), keys, gates, idx, R,
+                        lam)
               for p in (1, 2, 4, 8, 200)]
     assert all(b <= a + 1e-9 for a, b in zip(values, values[1:])), values  # exact block minimisation never ascends
     assert values[-1] == pytest.approx(objective(optimum, keys, gates, idx, R, lam), rel=1e-6)
 
 
-def test_expert_groups_cover_every_selection_once():
+def test_gated_groups_cover_every_selection_once():
     keys, gates, idx, _, _ = problem()
-    groups = expert_groups(keys, gates, idx)
+    groups = routed(keys, gates, idx).gated_by_expert()
     assert sum(len(rows) for _, rows, _ in groups) == idx.numel()
     for j, rows, V in groups:
         slot = (idx[rows] == j).nonzero()[:, 1]
@@ -101,4 +102,5 @@ def test_bad_solver_settings_are_refused():
     with pytest.raises(ValueError, match="lambda_growth"):
         MoTEHyperParams(**base, lambda_growth=-1)
     with pytest.raises(ValueError, match="lam must be > 0"):
-        global_solve(*problem()[:4], 0.0)
+        keys, gates, idx, R, _ = problem()
+        global_solve(routed(keys, gates, idx), R, 0.0)

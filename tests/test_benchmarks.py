@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from mote_plugin.testbed.data import edit_records
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -127,7 +129,7 @@ def test_quality_splits_grid_and_ranks(quality):
     hp = MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu", r_e=2, r_out=16, r_in=22)
     assert quality.rank_variant(hp, 2, (8, 128, 128)) == {"r_e": 4, "r_out": 32, "r_in": 44}
     assert quality.rank_variant(hp, 8, (8, 128, 128)) == {"r_e": 8, "r_out": 128, "r_in": 128}
-    assert quality.rank_variant(hp, "full", (8, 128, 128)) == {"r_e": 1.0, "r_out": 1.0, "r_in": 1.0}
+    assert quality.rank_variant(hp, "full", (8, 128, 128)) == {"r_e": "full", "r_out": "full", "r_in": "full"}
 
 
 def test_bootstrap_and_jaccard(quality):
@@ -182,14 +184,23 @@ def test_sequential_records(tmp_path):
     pool.append({"subject": "Z", "prompt": "nothing of it", "target_new": "x"})  # subject not in the prompt: skipped
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(pool))
-    records, kept = seq.edit_records(facts, path, 40, 10)
+    records, kept = seq.records_and_kept(facts, path, 40, 10)
     assert [r["subject"] for r in records[:10]] == [f"S{i}" for i in range(10)]
     assert [r["subject"] for r in records[10:]] == [f"T{i}" for i in range(30)]
     assert len(kept) == 100 and kept[0]["subject"] == "S10"
-    with pytest.raises(ValueError, match="30 usable records"):
-        seq.edit_records(facts, path, 41, 10)
+    with pytest.raises(ValueError, match="give 40"):
+        seq.records_and_kept(facts, path, 41, 10)
     with pytest.raises(ValueError, match="knows 120 facts"):
-        seq.edit_records(facts, path, 40, 21)
+        seq.records_and_kept(facts, path, 40, 21)
+    # one per subject, from the shipped subset by default (end_to_end's records)
+    pool.append({"subject": "T0", "prompt": "T0 again", "target_new": "y"})
+    path.write_text(json.dumps(pool))
+    chosen = edit_records(facts[:5], 35, counterfact=path)  # 5 known facts, T0..T29
+    assert [r["prompt"] for r in chosen].count("T0 again") == 0
+    with pytest.raises(ValueError, match="give 35"):
+        edit_records(facts[:5], 36, counterfact=path)
+    assert edit_records(facts[:5], 36, counterfact=path, one_per_subject=False)[-1]["prompt"] == "T0 again"
+    assert all(r["subject"] in r["prompt"] for r in edit_records(facts[:0], 20))  # the shipped subset
 
 
 def test_offload_memory_measures_both_modes_on_a_small_shape(tmp_path):
@@ -202,7 +213,7 @@ def test_offload_memory_measures_both_modes_on_a_small_shape(tmp_path):
     for r in runs.values():
         stages = {"statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback"}
         assert stages <= r["peak_above_load"].keys()
-        assert r["edit_peak_above_load"] > 0 and r["timings"]["edits"] == report["edits"] == 3
+        assert r["edit_peak_above_load"] > 0 and r["edited"] == report["edits"] == 3
     # the edited weights went back into accelerate's weights map
     assert "store" in runs["disk, 3 layers"]["peak_above_load"]
     assert "| **edit: peak above that** |" in (tmp_path / "offload_memory-reduced.md").read_text()

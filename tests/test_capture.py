@@ -81,18 +81,21 @@ def test_capture_matches_model(request, tok, family, fact_token):
     assert sorted(caps) == sorted(layers)
     for layer, cap in caps.items():
         T, K = len(REQUESTS), 2
-        E, h = adapter.num_experts(adapter.moe_block(model, layer)), cap.keys.shape[-1]
-        assert cap.x.shape == (T, 32) and cap.out.shape == (T, 32) and cap.keys.shape == (T, K, h)
+        block = adapter.moe_block(model, layer)
+        E, h = adapter.num_experts(block), cap.keys.shape[-1]
+        routed_out = adapter.experts_output(block, cap)  # [T, d]
+        assert cap.keys.shape == (T, K, h) and routed_out.shape == (T, 32) and cap.num_experts == E
         assert cap.expert_idx.dtype == torch.long and cap.gates.dtype == cap.keys.dtype == torch.float32
         for t, req in enumerate(REQUESTS):
             x, out, index, weights = reference(model, adapter, tok, req, layer, fact_token)
-            torch.testing.assert_close(cap.x[t], x, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(cap.out[t], out, atol=1e-5, rtol=1e-5)
+            keys = adapter.keys(block, x[None], cap.expert_idx[t : t + 1])[0]  # [K, h] at the reference's input
+            torch.testing.assert_close(cap.keys[t], keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(routed_out[t], out, atol=1e-5, rtol=1e-5)
             ours, order = cap.expert_idx[t].sort()
             theirs, order2 = index.sort()
             assert torch.equal(ours, theirs)
             torch.testing.assert_close(cap.gates[t][order], weights.float()[order2], atol=1e-5, rtol=1e-5)
-        dense = cap.dense_gates()  # [T, E]
+        dense = cap.dense_gates(cap.gates.dtype)  # [T, E]
         assert dense.shape == (T, E) and torch.equal(dense.gather(1, cap.expert_idx), cap.gates)
         assert int((dense != 0).sum()) == T * K
 
@@ -109,7 +112,7 @@ def test_chunking_padding_side_and_mode(qwen3, tok):
         tok.padding_side = "right"
         model.eval()
     for layer in (1, 2):
-        for name in ("x", "gates", "keys", "out"):
+        for name in ("gates", "keys"):
             torch.testing.assert_close(getattr(chunked[layer], name), getattr(full[layer], name), atol=1e-5, rtol=1e-5)
         assert torch.equal(chunked[layer].expert_idx, full[layer].expert_idx)
 

@@ -55,11 +55,11 @@ def test_bad_overrides_end_with_one_line(setup, tmp_path, capsys, argv, match):
 def test_device_is_checked_before_the_weights_load(setup, tmp_path, capsys, monkeypatch):
     import torch
 
-    from mote_plugin import cli
+    from mote_plugin import loading
 
     if torch.cuda.is_available():
         pytest.skip("this torch can use CUDA")
-    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
     assert main([*setup, "--out", str(tmp_path / "p"), "--set", "device=0"]) == 2
     assert "device 0 needs CUDA" in last_error(capsys)
 

@@ -9,13 +9,14 @@ import torch
 from mote_plugin import last_coverage
 from mote_plugin.adapters import get_adapter
 from mote_plugin.mote.algebra.batch_basis import BasisRule, batch_factors, extend, leading_rank
-from mote_plugin.mote.algebra.coverage import dense_gates, measure_coverage, prefix_shares, reproduced_shares
+from mote_plugin.mote.algebra.coverage import measure_coverage, prefix_shares, reproduced_shares
 from mote_plugin.mote.algebra.tucker import TuckerFactors, tucker_factors
 from mote_plugin.mote.editor import MoTEEditor, request_key
 from mote_plugin.mote.hparams import MoTEHyperParams
 from mote_plugin.mote.model.capture import capture, layer_outputs
 from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.mote.mote_main import apply_mote_to_model
+from reference import routed
 from test_mote_main import REQUESTS, hparams, tiny_model, tok  # noqa: F401  (tok: a fixture)
 
 
@@ -68,19 +69,20 @@ def test_measure_full_basis_holds_everything_and_reproduced_is_the_projection():
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     R = torch.randn(T, d)
     full = TuckerFactors(torch.eye(E), torch.eye(d), torch.eye(h))
-    cov = measure_coverage(3, full, keys, gates, idx, R, change=0.5 * R, num_experts=E)
+    cov = measure_coverage(3, full, routed(keys, gates, idx, E), R, change=0.5 * R)
     assert cov.layer == 3 and cov.edits == T and cov.ranks == (E, d, h)
     for share in (cov.residual_in_U_out, cov.keys_in_U_in, cov.gates_in_U_e):
         assert share.mean == pytest.approx(1) and share.min == pytest.approx(1)
     assert cov.reproduced.mean == pytest.approx(0.5) and cov.reproduced.min == pytest.approx(0.5)
-    assert measure_coverage(3, None, keys, gates, idx, R, R, E).residual_in_U_out is None  # no basis: reproduced only
-    g = dense_gates(gates, idx, E)
+    no_basis = measure_coverage(3, None, routed(keys, gates, idx, E), R, R)
+    assert no_basis.residual_in_U_out is None  # no basis: reproduced only
+    g = routed(keys, gates, idx, E).dense_gates()
     assert torch.allclose(g.sum(1), gates.sum(1).double()) and (g > 0).sum(1).eq(K).all()
     assert torch.allclose(reproduced_shares(-R, R), -torch.ones(T, dtype=torch.float64))
     R[0] = 1e-3 * R[1] / R[1].norm() * R[1:].norm(dim=1).max()  # almost nothing left to write: left out
     shares = reproduced_shares(R + 1, R)
     assert shares[0].isnan() and not shares[1:].isnan().any()
-    cov = measure_coverage(3, None, keys, gates, idx, R, R + 1, E)
+    cov = measure_coverage(3, None, routed(keys, gates, idx, E), R, R + 1)
     assert cov.reproduced.mean == pytest.approx(float(shares[1:].mean()))
 
 
@@ -104,21 +106,22 @@ def test_batch_factors_auto_and_edit_aware():
     idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
     R = torch.randn(T, d, generator=gen)
     full = TuckerFactors(*(orthonormal(n, n, seed=n).float() for n in (E, d, h)))
-    auto = batch_factors(full, BasisRule(auto=(True, True, False), min_coverage=0.7), keys, gates, idx, R)
+    auto = batch_factors(full, BasisRule(auto=(True, True, False), min_coverage=0.7), routed(keys, gates, idx, E),
+                         R)
     assert auto.ranks[2] == h  # a fixed mode keeps the layer's factor
-    for mode, (U, X) in enumerate(zip(auto[:2], (dense_gates(gates, idx, E)[:, None], R[:, None]))):
+    for mode, (U, X) in enumerate(zip(auto[:2], (routed(keys, gates, idx, E).dense_gates()[:, None], R[:, None]))):
         r = U.shape[1]
         assert prefix_shares(X, U)[:, -1].mean() >= 0.7  # reaches the target...
         assert r == 1 or prefix_shares(X, full[mode][:, : r - 1])[:, -1].mean() < 0.7  # ...with the fewest columns
     small = full.truncated((2, 3, 3))
-    edit = batch_factors(small, BasisRule(basis="weights+edit"), keys, gates, idx, R)
+    edit = batch_factors(small, BasisRule(basis="weights+edit"), routed(keys, gates, idx, E), R)
     assert torch.equal(edit.U_e, small.U_e) and edit.ranks[1] == 3 + T and edit.ranks[2] == h
-    cov = measure_coverage(0, edit, keys, gates, idx, R, R, E)
+    cov = measure_coverage(0, edit, routed(keys, gates, idx, E), R, R)
     assert cov.residual_in_U_out.min == pytest.approx(1) and cov.keys_in_U_in.min == pytest.approx(1)
     assert cov.gates_in_U_e.min < 0.99  # the weights' U_e, not the batch's gates
-    gated = batch_factors(small, BasisRule(basis="weights+edit+gates"), keys, gates, idx, R)
+    gated = batch_factors(small, BasisRule(basis="weights+edit+gates"), routed(keys, gates, idx, E), R)
     assert torch.equal(gated.U_out, edit.U_out) and torch.equal(gated.U_e[:, :2], small.U_e) and gated.ranks[0] == E
-    assert measure_coverage(0, gated, keys, gates, idx, R, R, E).gates_in_U_e.min == pytest.approx(1)
+    assert measure_coverage(0, gated, routed(keys, gates, idx, E), R, R).gates_in_U_e.min == pytest.approx(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,9 +148,9 @@ def test_edit_aware_basis_is_the_expert_mode_alone(tok, tmp_path):  # noqa: F811
     ridge (same lambda, projectors and spread)."""
     common = dict(spread="residual", nullspace_threshold=0.5, mote_lambda=1e-2)
     edit, _ = edited(tok, tmp_path, r_e=2, r_out=3, r_in=3, basis="weights+edit", **common)
-    only_e, _ = edited(tok, tmp_path, r_e=2, r_out=1.0, r_in=1.0, **common)
+    only_e, _ = edited(tok, tmp_path, r_e=2, r_out="full", r_in="full", **common)
     paper, _ = edited(tok, tmp_path, r_e=2, r_out=3, r_in=3, **common)
-    edit_all, _ = edited(tok, tmp_path, r_e=1.0, r_out=3, r_in=3, basis="weights+edit", **common)
+    edit_all, _ = edited(tok, tmp_path, r_e="full", r_out=3, r_in=3, basis="weights+edit", **common)
     ridge, _ = edited(tok, tmp_path, solver="global", **common)
     W = {name: down_weights(m) for name, m in
          {"edit": edit, "only_e": only_e, "paper": paper, "edit_all": edit_all, "ridge": ridge}.items()}
@@ -167,13 +170,16 @@ def test_every_edit_reports_its_coverage(tok, tmp_path):  # noqa: F811
     editor = MoTEEditor(model, tok, hp)
     z, _ = editor.targets(reqs, progress=False)  # [T, d]
     h = layer_outputs(model, tok, reqs, "model.layers.1", hp.fact_token, hp.max_length)  # [T, d]
+    block = adapter.moe_block(model, 1)
     before = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
+    out_before = adapter.experts_output(block, before)  # [T, d]
     result = editor.edit(reqs, precomputed_targets={request_key(r): zi for r, zi in zip(reqs, z)}, progress=False)
     after = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
     assert torch.equal(after.expert_idx, before.expert_idx)
     (cov,) = result.coverage
     assert cov.layer == 1 and cov.edits == len(reqs) and cov.ranks == (2, 4, 4)
-    shares = reproduced_shares(after.out - before.out, z - h)  # [T]
+    change = adapter.experts_output(block, after) - out_before  # [T, d]
+    shares = reproduced_shares(change, z - h)  # [T]
     shares = shares[~shares.isnan()]
     assert cov.reproduced.mean == pytest.approx(float(shares.mean()), abs=1e-4)
     assert cov.reproduced.min == pytest.approx(float(shares.min()), abs=1e-4)
@@ -206,7 +212,7 @@ def test_low_reproduced_share_warns_naming_what_to_change(tok, tmp_path, caplog)
     ({"r_out": "auto", "sequential_memory": True}, "sequential_memory: false"),
     ({"r_out": "auto", "hooi_sweeps": 1}, "hooi_sweeps: 0"),
     ({"basis": "edit"}, "basis must be one of"),
-    ({"r_in": "full"}, "'auto'"),
+    ({"r_in": "most"}, "'full' or 'auto'"),
     ({"min_coverage": 0}, "min_coverage"),
     ({"min_reproduced": 1.5}, "min_reproduced"),
 ])

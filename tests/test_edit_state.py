@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mote_plugin.mote.editor import MoTEEditor
-from mote_plugin.mote.mote_main import apply_mote_to_model, last_timings
+from mote_plugin.mote.mote_main import apply_mote_to_model, last_edited
 from test_mote_main import REQUESTS, hparams, state, tiny_model, tok  # noqa: F401  (tok: a fixture)
 
 A, B = REQUESTS[:2], REQUESTS[2:]
@@ -45,7 +45,7 @@ def test_edit_after_a_restore_is_the_edit_of_a_fresh_model(tok, tmp_path, memory
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
     state_ = MoTEEditor(model).state
     assert state_.edits == 2 and len(state_.timings) == 1 and len(state_.history.calls) == 1
-    assert last_timings(model)["edits"] == 2
+    assert last_edited(model) == 2
 
 
 def test_sequential_edits_still_accumulate(tok, tmp_path, caplog):

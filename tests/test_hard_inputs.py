@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from mote_plugin.adapters import get_adapter
-from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.core_solve import solve_core
 from mote_plugin.mote.algebra.tucker import TuckerFactors
 from mote_plugin.mote.editor import MoTEEditor, request_key
 from mote_plugin.mote.model.capture import layer_outputs
 from mote_plugin.mote.model.lookup import encode_with_lookup
 from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.mote.mote_main import apply_mote_to_model
-from reference import direct_ridge
+from reference import direct_ridge, routed
 from test_mote_main import REQUESTS, hparams, same, state, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 
@@ -74,11 +74,11 @@ def test_feature_side_and_identical_keys_agree_with_the_direct_solve():
     for keys in (torch.randn(T, K, h, generator=gen, dtype=torch.float64),
                  torch.randn(1, K, h, generator=gen, dtype=torch.float64).expand(T, K, h)):  # identical keys: rank 1
         same_idx = idx if keys.stride(0) else idx[:1].expand(T, K)
-        sol = solve_core(keys, gates, same_idx, R, factors, lam=0.1)
+        sol = solve_core(routed(keys, gates, same_idx), R, factors, lam=0.1)
         assert sol.side == "feature" and torch.isfinite(sol.G_flat).all()
         torch.testing.assert_close(sol.G_flat, direct_ridge(keys, gates, same_idx, R, factors, 0.1), rtol=1e-8,
                                    atol=1e-10)
-        forced = solve_core(keys, gates, same_idx, R, factors, lam=0.1, side="T")
+        forced = solve_core(routed(keys, gates, same_idx), R, factors, lam=0.1, side="T")
         torch.testing.assert_close(forced.G_flat, sol.G_flat, rtol=1e-6, atol=1e-9)
 
 

@@ -7,8 +7,8 @@ import io
 import pytest
 
 from mote_plugin.mote.model import host_compute_z
-from mote_plugin.mote.model.compute_z import compute_targets
 from mote_plugin.mote.model.requests import normalise_requests
+from mote_plugin.mote.model.vstar_objective import compute_targets
 from test_mote_main import REQUESTS, hparams, tiny_model, tok  # noqa: F401 (tok: the fixture)
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Because it rained, {}"]

@@ -86,6 +86,8 @@ def test_updated_copy_is_read_like_a_yaml(tmp_path):
         ("r_out", 0, "r_out"),
         ("r_e", True, "r_e"),
         ("device", "gpu", "device"),
+        ("v_objective", "adam", "v_objective must be one of \\('memit', 'memit_host'\\), got 'adam'"),
+        ("v_objective", "squared", "v_objective 'squared' was removed: use 'memit'"),
         ("v_loss_layer", 1.0, "v_loss_layer"),
         ("v_loss_layer", 1, "v_loss_layer must be -1 .* max\\(layers\\) = 2; got 1"),
         ("v_loss_layer", -2, "v_loss_layer must be -1"),
@@ -113,12 +115,11 @@ def test_quoted_numbers_are_read_as_easyedit_reads_them(tmp_path):
     """EasyEdit's HyperParams.construct_float_from_scientific_notation turns every string `float()` accepts into a
     float; MoTE does the same for its numeric keys, keeps whole numbers whole for integer keys, and refuses the rest."""
     text = YAML + 'v_lr: "0.5"\nclamp_norm_factor: " 4 "\nv_num_grad_steps: "25"\npreservation_tokens: "20_000"\n'
-    text += 'v_loss_layer: "7"\nr_in: "1"\nstats_dir: "1234"\nv_weight_decay: "6E-1"\n'
+    text += 'v_loss_layer: "7"\nstats_dir: "1234"\nv_weight_decay: "6E-1"\n'
     hp = MoTEHyperParams.from_hparams(write(tmp_path, text))
     assert hp.v_lr == 0.5 and hp.clamp_norm_factor == 4.0 and hp.v_weight_decay == 0.6
     assert hp.v_num_grad_steps == 25 and isinstance(hp.v_num_grad_steps, int) and hp.preservation_tokens == 20000
     assert hp.v_loss_layer == 7 and isinstance(hp.v_loss_layer, int)
-    assert hp.r_in == 1.0 and isinstance(hp.r_in, float)  # a quoted "1" is EasyEdit's 1.0: a fraction (full rank)
     assert hp.stats_dir == str(tmp_path / "1234")  # string keys stay strings (a relative path: from the YAML's folder)
     assert MoTEHyperParams.from_hparams(write(tmp_path, YAML.replace("device: 0", 'device: "1"'))).device == 1
     for line, match in (('v_num_grad_steps: "2.5"', "v_num_grad_steps must be an int >= 0, got 2.5"),
@@ -127,6 +128,30 @@ def test_quoted_numbers_are_read_as_easyedit_reads_them(tmp_path):
                         ('nullspace: "true"', "nullspace must be true or false")):
         with pytest.raises(ValueError, match=match):
             MoTEHyperParams.from_hparams(write(tmp_path, YAML + line + "\n"))
+
+
+def test_rank_forms(tmp_path):
+    """A rank is an int (that many factors), a share of the mode's size in (0, 1), `full` or `auto`."""
+    text = YAML.replace("r_e: 4\nr_out: 0.25\n", "r_e: 1\nr_out: full\nr_in: 0.25\n")
+    hp = MoTEHyperParams.from_hparams(write(tmp_path, text))
+    assert (hp.r_e, hp.r_out, hp.r_in) == (1, "full", 0.25) and hp.layer_ranks() == (1, 1.0, 0.25)
+    assert hp.updated(r_e="auto").layer_ranks() == (1.0, 1.0, 0.25)  # an auto mode keeps the full factor
+    assert MoTEHyperParams(alg_name="MoTE", model_name="m", layers=[0], device="cpu").r_e == "full"  # the default
+
+
+@pytest.mark.parametrize("line, match", [
+    ("r_e: 1.0", "r_e must be an int rank >= 1, a share of the mode's size in \\(0, 1\\), 'full' or 'auto', got 1.0: "
+                 "write `r_e: full` for the mode's full size or `r_e: 1` for rank 1"),
+    ("r_out: 16.0", "r_out must be .*, got 16.0: write `r_out: 16` for rank 16"),
+    ('r_in: "1"', "r_in must be .*, got '1': a number in quotes is ambiguous"),
+    ('r_in: "0.5"', "r_in must be .*, got '0.5': a number in quotes is ambiguous"),
+    ("r_e: 1.5", "r_e must be .*, got 1.5$"),
+    ("r_e: 0", "r_e must be .*, got 0$"),
+    ("r_e: half", "r_e must be .*, got 'half'$"),
+])
+def test_rank_forms_that_could_be_misread_are_refused(tmp_path, line, match):
+    with pytest.raises(ValueError, match=match):
+        MoTEHyperParams.from_hparams(write(tmp_path, YAML.replace("r_e: 4\nr_out: 0.25\n", "") + line + "\n"))
 
 
 def test_easyedit_reads_the_same_strings():

@@ -57,7 +57,7 @@ def test_real_model_yaml_module_names(name):
     """The module templates of each real-model YAML resolve on a tiny model of the same transformers class with the
     checkpoint's layer count; every edited layer is an MoE layer and v* reads the last layer."""
     from mote_plugin.adapters import get_adapter
-    from mote_plugin.mote.model.capture import moe_blocks
+    from mote_plugin.mote.model.blocks import moe_blocks
     from mote_plugin.testbed.model import ModelSize, make_config, make_model
 
     arch, n_layers = REAL_MODELS[name]

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "mote_plugin"
 LAYERS = {
     "mote_plugin._version": 0,
     "mote_plugin._hooks": 0,
-    "mote_plugin.adapters": 0,
+    "mote_plugin.adapters": 1,
     "mote_plugin.mote.algebra": 0,
     "mote_plugin.mote.model": 1,
     "mote_plugin.mote.hparams": 2,

@@ -9,7 +9,6 @@ import torch
 from mote_plugin.adapters import get_adapter
 from mote_plugin.mote import editor, mote_main
 from mote_plugin.mote.algebra import solvers
-from mote_plugin.mote.algebra.solve import predicted_change
 from mote_plugin.mote.editor import MoTEEditor, request_key
 from mote_plugin.mote.hparams import MoTEHyperParams
 from mote_plugin.mote.model.capture import capture, layer_outputs
@@ -18,6 +17,7 @@ from mote_plugin.mote.model.stats import corpus_texts
 from mote_plugin.mote.mote_main import apply_mote_to_model
 from mote_plugin.testbed.model import ModelSize, make_config, make_model
 from mote_plugin.testbed.tokenizer import special_ids, train_tokenizer
+from reference import predicted_change
 
 REQUESTS = [
     {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
@@ -43,7 +43,7 @@ def tiny_model(tok, arch="qwen3_moe", layers=3, seed=0):
 def hparams(tmp_path, **kw):
     base = dict(alg_name="MoTE", model_name="tiny", layers=[0, 1], device="cpu", fact_token="subject_last",
                 v_num_grad_steps=5, preservation_tokens=3000, max_length=64, stats_dir=str(tmp_path / "stats"),
-                r_e=1.0, r_out=1.0, r_in=1.0, mote_lambda=1e-2, nullspace_min_tokens=1,
+                r_e="full", r_out="full", r_in="full", mote_lambda=1e-2, nullspace_min_tokens=1,
                 v_keep_failed=True)  # 5 v* steps on a random model rarely reach a target: the solve is what is tested
     base.update(kw)
     return MoTEHyperParams(**base)
@@ -64,7 +64,9 @@ def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch, monke
     hp = hparams(tmp_path, layers=[1], whitening="none")
     reqs = normalise_requests(REQUESTS)
     adapter = get_adapter(model)
+    block = adapter.moe_block(model, 1)
     before = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
+    out_before = adapter.experts_output(block, before)  # [T, d]
     solved = {}
     real_solve = solvers.solve_core
 
@@ -76,10 +78,11 @@ def test_output_change_at_edit_keys_is_the_solved_one(tok, tmp_path, arch, monke
     monkeypatch.setattr(solvers, "solve_core", spy)
     apply_mote_to_model(model, tok, reqs, hp)
     after = capture(model, tok, adapter, reqs, [1], hp.fact_token)[1]
-    keys, gates, idx, _, factors = solved["args"][:5]
-    expected = predicted_change(solved["sol"], factors, keys, gates, idx)
+    routed, _, factors = solved["args"][:3]
+    expected = predicted_change(solved["sol"], factors, routed.keys, routed.gates, routed.expert_idx)
     assert torch.equal(after.expert_idx, before.expert_idx)
-    torch.testing.assert_close(after.out - before.out, expected.float(), rtol=1e-4, atol=1e-4)
+    change = adapter.experts_output(block, after) - out_before  # [T, d]
+    torch.testing.assert_close(change, expected.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_full_rank_small_lambda_reproduces_the_residual(tok, tmp_path):
@@ -250,7 +253,7 @@ def test_lambda_grows_with_edits_when_asked(tok, tmp_path, monkeypatch):
     model = tiny_model(tok)
     seen = []
     real = solvers.global_solve
-    monkeypatch.setattr(solvers, "global_solve", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    monkeypatch.setattr(solvers, "global_solve", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
     hp = hparams(tmp_path, layers=[1], solver="global", mote_lambda=0.5, lambda_growth=1e-3)
     apply_mote_to_model(model, tok, REQUESTS[:2], hp)
     apply_mote_to_model(model, tok, REQUESTS[2:], hp)
@@ -277,7 +280,7 @@ def test_vstar_cache_is_reused_only_for_the_same_weights(tok, tmp_path, monkeypa
 def test_host_targets_that_require_grad(tok, tmp_path, monkeypatch):
     """EasyEdit's MEMIT compute_z returns target_init + delta with the optimised delta still requiring grad: MoTE edits
     with it (and caches it) exactly as with the same target detached."""
-    from mote_plugin.mote.model.compute_z import compute_z
+    from mote_plugin.mote.model.vstar_objective import compute_z
 
     def host_like(model, tok, request, hp, layer, templates):
         z = compute_z(model, tok, request, layer, hp.updated(v_objective="memit").vstar_config(), templates[0]).z
@@ -323,9 +326,9 @@ def test_preservation_change_against_a_known_edit(tok):
     handle.remove()
     x = grabbed["x"][batch["attention_mask"].bool()]  # [N, d]
     with torch.no_grad():
-        idx, gates = adapter.route(block, x)
-        y_text = adapter.experts_output(block, x, idx, gates)  # [N, d]
-    y_keys = capture(model, tok, adapter, normalise_requests(REQUESTS), [1], "subject_last")[1].out  # [T, d]
+        y_text = adapter.experts_output(block, adapter.route_keys(block, x))  # [N, d]
+        y_keys = adapter.experts_output(block, capture(model, tok, adapter, normalise_requests(REQUESTS), [1],
+                                                       "subject_last")[1])  # [T, d]
 
     def scale():
         with torch.no_grad():
@@ -353,15 +356,15 @@ def test_a_request_whose_vstar_failed_changes_no_weight(tok, tmp_path, caplog):
     apply_mote_to_model(reference, tok, [reqs[i] for i in (0, 1, 3)], hp, precomputed_targets=given)
     with caplog.at_level("WARNING"):
         apply_mote_to_model(model, tok, reqs, hp, precomputed_targets=given)
-    assert same(model, reference.state_dict()) and mote_main.last_timings(model)["edits"] == 3
+    assert same(model, reference.state_dict()) and mote_main.last_edited(model) == 3
     assert caplog.text.count("did not reach") == 1 and "Autonomous University of Madrid" in caplog.text
     nothing = tiny_model(tok)
     before = state(nothing)
     apply_mote_to_model(nothing, tok, reqs, hp, precomputed_targets={k: (v[0], 5.0) for k, v in given.items()})
-    assert same(nothing, before) and mote_main.last_timings(nothing)["edits"] == 0
+    assert same(nothing, before) and mote_main.last_edited(nothing) == 0
     kept = tiny_model(tok)
     apply_mote_to_model(kept, tok, reqs, hp.updated(v_keep_failed=True), precomputed_targets=given)
-    assert not same(kept, reference.state_dict()) and mote_main.last_timings(kept)["edits"] == 4
+    assert not same(kept, reference.state_dict()) and mote_main.last_edited(kept) == 4
 
 
 def test_metrics_pad_with_an_id_the_model_can_embed(tok):

@@ -13,7 +13,7 @@ from mote_plugin import apply_edit, revert_edit, save_edit  # noqa: E402
 from mote_plugin.mote import editor  # noqa: E402
 from mote_plugin.mote.algebra.update import ExpertUpdate  # noqa: E402
 from mote_plugin.mote.model import offload  # noqa: E402
-from mote_plugin.mote.model.stats import model_fingerprint  # noqa: E402
+from mote_plugin.mote.model.fingerprint import model_fingerprint  # noqa: E402
 from mote_plugin.mote.mote_main import apply_mote_to_model  # noqa: E402
 from test_all_or_nothing import Injected, failing_after  # noqa: E402
 from test_mote_main import REQUESTS, hparams, tiny_model, tok  # noqa: E402, F401 (tok: the fixture)
@@ -69,7 +69,7 @@ def test_disk_offloaded_edit_equals_the_edit_in_memory(tok, tmp_path, arch):
 def test_only_the_edited_blocks_are_loaded(tok, tmp_path, monkeypatch):
     model = disk_offloaded(tok, tmp_path / "offload")
     seen = {}
-    real = editor.solve_layer
+    real = editor.solve_batch
 
     def spy(*args, **kwargs):
         seen.update({name: model.get_parameter(name).device.type for name in
@@ -77,7 +77,7 @@ def test_only_the_edited_blocks_are_loaded(tok, tmp_path, monkeypatch):
                       "model.layers.1.self_attn.q_proj.weight")})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(editor, "solve_layer", spy)
+    monkeypatch.setattr(editor, "solve_batch", spy)
     apply_mote_to_model(model, tok, REQUESTS, hparams(tmp_path))
     assert seen == {EDITED: "cpu", "model.layers.1.mlp.gate.weight": "cpu",
                     "model.layers.2.mlp.experts.down_proj": "meta", "model.layers.1.self_attn.q_proj.weight": "meta"}

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mote_plugin.mote.algebra.baselines import bcd_solve, global_solve
-from mote_plugin.mote.algebra.solve import solve_core
+from mote_plugin.mote.algebra.core_solve import solve_core
 from mote_plugin.mote.algebra.tucker import TuckerFactors
-from reference import direct_ridge
+from reference import direct_ridge, routed
 
 
 @st.composite
@@ -49,7 +49,7 @@ def test_core_solve_is_finite_and_both_sides_agree_with_the_direct_solve(problem
     cond = 1 + float(((gates * keys.norm(dim=-1)).sum(1) ** 2).sum()) / lam  # keys [T, K, h], gates [T, K]
     rel = max(1e-6, 1e-15 * cond)
     for side in ("T", "feature"):
-        G = solve_core(keys, gates, idx, R, factors, lam, side=side).G_flat
+        G = solve_core(routed(keys, gates, idx), R, factors, lam, side=side).G_flat
         assert torch.isfinite(G).all()
         assert float((G - direct).abs().max()) <= rel * scale + 1e-12, side
 
@@ -59,9 +59,9 @@ def test_core_solve_is_finite_and_both_sides_agree_with_the_direct_solve(problem
 def test_zero_residual_gives_zero_update(problem):
     keys, gates, idx, R, factors, lam, E = problem
     zero = torch.zeros_like(R)
-    assert torch.count_nonzero(solve_core(keys, gates, idx, zero, factors, lam).G_flat) == 0
-    assert torch.count_nonzero(global_solve(keys, gates, idx, zero, lam).dense(E)) == 0
-    assert torch.count_nonzero(bcd_solve(keys, gates, idx, zero, lam, E, passes=2).dense(E)) == 0
+    assert torch.count_nonzero(solve_core(routed(keys, gates, idx), zero, factors, lam).G_flat) == 0
+    assert torch.count_nonzero(global_solve(routed(keys, gates, idx), zero, lam).dense(E)) == 0
+    assert torch.count_nonzero(bcd_solve(routed(keys, gates, idx, E), zero, lam, passes=2).dense(E)) == 0
 
 
 @SETTINGS
@@ -75,8 +75,8 @@ def test_unstructured_solvers_are_finite_and_never_worse_than_no_edit(problem):
         return float(((R - pred) ** 2).sum() + lam * (delta**2).sum())
 
     base = objective(torch.zeros(E, R.shape[1], keys.shape[2], dtype=torch.float64))
-    g = global_solve(keys, gates, idx, R, lam).dense(E).double()
-    b = bcd_solve(keys, gates, idx, R, lam, E, passes=3).dense(E).double()
+    g = global_solve(routed(keys, gates, idx), R, lam).dense(E).double()
+    b = bcd_solve(routed(keys, gates, idx, E), R, lam, passes=3).dense(E).double()
     assert torch.isfinite(g).all() and torch.isfinite(b).all()
     tol = 1e-5 * base + 1e-9  # float32 storage of the updates
     assert objective(g) <= objective(b) + tol and objective(b) <= base + tol

@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from mote_plugin.mote.model import stats as S
-from mote_plugin.mote.model.stats import StatsCache, corpus_texts, layer_statistics, model_fingerprint
+from mote_plugin.mote.model.fingerprint import model_fingerprint
+from mote_plugin.mote.model.stats import StatsCache, corpus_texts, layer_statistics
 from mote_plugin.testbed.tokenizer import train_tokenizer
 from tiny import spread_routing
 
@@ -185,6 +186,10 @@ def test_corpus_texts(tmp_path, monkeypatch):
     assert list(corpus_texts("local/wiki:raw")) == ["a", "b"]
     with pytest.raises(RuntimeError, match="Offline, set preservation_corpus"):
         corpus_texts("nosuch/dataset")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: files and the shipped text still work
+    with pytest.raises(RuntimeError, match=r"pip install 'mote-plugin\[corpora\]'"):
+        corpus_texts("local/wiki:raw")
+    assert list(corpus_texts(str(path))) == ["first line", "= heading =", "last"]
 
 
 def test_layer_stats_dense_layer(qwen3, tok, texts):

@@ -1,6 +1,7 @@
 """The fact model builder: determinism, cache reuse and repair, save/load round trip, all three
 architectures, the CLI, and (reduced size) the knowledge gates."""
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -9,7 +10,6 @@ import torch
 
 from mote_plugin.testbed import ARCHS, BuildOptions, ModelSize, TrainConfig, build, load
 from mote_plugin.testbed.__main__ import main
-from mote_plugin.testbed.build import weights_hash
 from mote_plugin.testbed.data import facts_from_json
 from mote_plugin.testbed.model import make_config
 from mote_plugin.testbed.probes import knowledge_report
@@ -19,6 +19,15 @@ TINY = BuildOptions(
     size=ModelSize(d_model=32, layers=2, heads=2, experts=4, top_k=2, expert_hidden=32, max_positions=128),
     train=TrainConfig(epochs=2, batch_size=32, warmup_steps=2),
 )
+
+
+def weights_hash(model) -> str:
+    """sha256 of every weight's bytes, by name."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ def test_testbed_yamls_hold_the_dev_chosen_settings(arch, suffix):
     assert hp.model_name == str(ROOT / ".cache" / "mote-testbed" / f"{arch}-200-quality" / "model")  # from any cwd
     shape = tuple(report[arch]["shape"])
     if suffix == "-fullrank":
-        assert resolve_ranks((hp.r_e, hp.r_out, hp.r_in), shape) == shape
+        assert (hp.r_e, hp.r_out, hp.r_in) == ("full", "full", "full")
+        assert resolve_ranks(hp.layer_ranks(), shape) == shape
         return
     assert (hp.r_e, hp.r_out, hp.r_in, hp.min_coverage) == ("auto", "auto", "auto", 0.9)
     real = yaml.safe_load(CONFIG.read_text())["real_ranks"][arch]

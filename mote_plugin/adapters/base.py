@@ -23,11 +23,12 @@ Subclasses override only what differs (routing, activation, layout).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..mote.algebra.routed_keys import RoutedKeys, expert_groups
 
 
 class MoEAdapter(ABC):
@@ -119,9 +120,6 @@ class MoEAdapter(ABC):
     def num_experts(self, block: nn.Module) -> int:
         return self.down_param(block).shape[0]
 
-    def top_k(self, block: nn.Module) -> int:
-        return self.router(block).top_k
-
     def d_hidden(self, block: nn.Module) -> int:
         down_proj = self.down_param(block)  # [E, d_model, d_hidden], or [E, d_hidden, d_model] when transposed
         return down_proj.shape[1] if self.is_transposed else down_proj.shape[2]
@@ -154,13 +152,6 @@ class MoEAdapter(ABC):
     # Expert math
     # ------------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _expert_groups(expert_idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """For every expert present in expert_idx [N, K], yield (expert, token positions [M], top-k slots [M])."""
-        for expert in expert_idx.unique().tolist():
-            token_idx, slot = torch.where(expert_idx == expert)
-            yield expert, token_idx, slot
-
     def expert_keys(self, block: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Down-projection input of one expert for tokens x [M, d_model] (float32): act(gate x) * up x [M, d_hidden]."""
         experts = self.experts(block)
@@ -176,9 +167,16 @@ class MoEAdapter(ABC):
         x = x.reshape(-1, x.shape[-1]).float()  # [N, d_model]
         keys = x.new_zeros(*expert_idx.shape, self.d_hidden(block))  # [N, K, d_hidden]
         with torch.no_grad():
-            for expert, token_idx, slot in self._expert_groups(expert_idx):
-                keys[token_idx, slot] = self.expert_keys(block, x[token_idx], expert)
+            for expert, rows, slots in expert_groups(expert_idx):
+                keys[rows, slots] = self.expert_keys(block, x[rows], expert)
         return keys
+
+    def route_keys(self, block: nn.Module, x: torch.Tensor) -> RoutedKeys:
+        """Route x [N, d_model] and compute the selected experts' keys, once: RoutedKeys with expert_idx [N, K],
+        gates [N, K] and keys [N, K, d_hidden], float32."""
+        expert_idx, gates = self.route(block, x)  # [N, K], [N, K]
+        keys = self.keys(block, x, expert_idx)  # [N, K, d_hidden]
+        return RoutedKeys(expert_idx.long(), gates.float(), keys, self.num_experts(block))
 
     def down_param(self, block: nn.Module) -> nn.Parameter:
         """The packed down-projection parameter itself, in its own layout and dtype."""
@@ -199,39 +197,24 @@ class MoEAdapter(ABC):
         """Down-projection bias [E, d_model] float32, or None."""
         return None
 
-    def experts_output(
-        self, block: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """sum_j g_j (W_j k_j + b_j) for x [N, d_model], computed from keys/down_weight/down_bias -> [N, d_model]
-        float32."""
-        x = x.reshape(-1, x.shape[-1])
-        keys = self.keys(block, x, top_k_index)  # [N, K, d_hidden]
+    def experts_output(self, block: nn.Module, routed: RoutedKeys) -> torch.Tensor:
+        """The routed experts' output sum_j g_j (W_j k_j + b_j) of every token of `routed` (`route_keys`), from
+        down_weight / down_bias -> [N, d_model] float32 (shared experts excluded)."""
         down_weight = self.down_weight(block)  # [E, d_model, d_hidden]
         down_bias = self.down_bias(block)  # [E, d_model] or None
-        top_k_weights = top_k_weights.float()  # [N, K]
-        output = keys.new_zeros(x.shape[0], down_weight.shape[1])  # [N, d_model]
+        gates = routed.gates.float()  # [N, K]
+        output = routed.keys.new_zeros(routed.keys.shape[0], down_weight.shape[1])  # [N, d_model]
         with torch.no_grad():
-            for expert, token_idx, slot in self._expert_groups(top_k_index):
-                values = F.linear(keys[token_idx, slot], down_weight[expert])  # [M, d_model]
+            for expert, rows, slots in routed.groups():
+                values = F.linear(routed.keys[rows, slots], down_weight[expert])  # [M, d_model]
                 if down_bias is not None:
                     values = values + down_bias[expert]
-                output.index_add_(0, token_idx, values * top_k_weights[token_idx, slot, None])
+                output.index_add_(0, rows, values * gates[rows, slots, None])
         return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Writing edits back
     # ------------------------------------------------------------------------------------------------------------
-
-    def add_delta(self, block: nn.Module, delta: torch.Tensor, experts: torch.Tensor | None = None) -> None:
-        """Add a canonical-layout update to the packed down-projection in place.
-
-        delta: [E, d_model, d_hidden] (all experts) or, when `experts` [M] (long) is given, [M, d_model, d_hidden]
-        where delta[i] is added to expert experts[i]. The update is transposed to the parameter's layout and cast to
-        its dtype once, then added in place.
-        """
-        if self.is_transposed:
-            delta = delta.transpose(1, 2)  # [*, d_model, d_hidden] -> [*, d_hidden, d_model]
-        self._add_to_down_param(block, delta, experts)
 
     def add_lowrank(
         self, block: nn.Module, left: torch.Tensor, right: torch.Tensor, experts: torch.Tensor | None = None

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..loading import load_model, load_tokenizer
 from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
 from ..mote.editor import MoTEEditor
 from ..mote.hparams import DTYPES, MoTEHyperParams, hparams_path
@@ -125,7 +126,7 @@ def method_spec(name: str, entry) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_model(cfg: CompareConfig):
+def compared_model(cfg: CompareConfig):
     """(model, tok, fact rows or None)."""
     path = Path(cfg.model)
     if cfg.build is not None:
@@ -137,13 +138,10 @@ def load_model(cfg: CompareConfig):
 
         model, tok, facts = load(path)[:3]
         return model.to(getattr(torch, cfg.dtype)), tok, facts
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model "
                                 "directory)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).eval()
-    return model, AutoTokenizer.from_pretrained(path), None
+    return load_model(path, getattr(torch, cfg.dtype)), load_tokenizer(path), None
 
 
 def _flat_counterfact(r: dict) -> dict:
@@ -344,7 +342,7 @@ def record_rows(records: list[dict], cfg: CompareConfig, metrics: dict, host_row
 def compare(cfg: CompareConfig, log=print) -> dict:
     host, host_reason = import_host()
     log(f"EasyEdit host: {host_reason}")
-    model, tok, facts = load_model(cfg)
+    model, tok, facts = compared_model(cfg)
     records = load_records(cfg, facts, host)
     before = reference(model, tok, records, cfg, host)
     unedited = MethodResult("unedited", "ok", metrics=plugin_metrics(model, tok, records, cfg, before))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..mote.hparams import MoTEHyperParams
-from ..mote.model.capture import input_device
+from ..mote.model.blocks import input_device
 from ..mote.model.hooks import recorded
 from ..mote.model.stats import corpus_texts
 

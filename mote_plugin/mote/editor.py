@@ -8,9 +8,9 @@ One `edit`, in the order of this file:
      hyper-parameters against the model;
   2. bases: per edited layer, once per model and basis settings, preservation statistics -> null-space projectors P_j
      and Tucker factors (`LayerBasis`, kept in the model's `EditState`, so sequential batches share one basis);
-  3. v* targets: the target z of every request at the last edited layer L (compute_z.py: MEMIT's objective, the whole
-     batch at once; `v_objective: memit_host` asks the EasyEdit host's own compute_z); a request whose v* fails is
-     warned about and left out;
+  3. v* targets: the target z of every request at the last edited layer L (model/vstar_objective.py: MEMIT's
+     objective, the whole batch at once; `v_objective: memit_host` asks the EasyEdit host's own compute_z); a request
+     whose v* fails is warned about and left out;
   4. keys, solve, write: for each solve of the spread (`spread_steps`), capture the keys at its layer, measure the
      residual z - h, solve (solvers.py) and write the update into its target layers;
   5. all-or-nothing: any failure (KeyboardInterrupt included) restores every written parameter bit-exactly.
@@ -34,19 +34,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import MoEAdapter, get_adapter
+from .algebra.core_solve import key_maps_of
 from .algebra.coverage import Coverage, measure_coverage
 from .algebra.nullspace import nullspace_projectors
-from .algebra.solve import uint_p
-from .algebra.solvers import LayerBasis, solve_layer
+from .algebra.solvers import LayerBasis, solve_batch
 from .algebra.tucker import TuckerFactors, tucker_factors
 from .algebra.update import ExpertUpdate
 from .hparams import MoTEHyperParams
 from .model import host_compute_z, offload
-from .model.capture import capture, input_device, layer_outputs, moe_blocks
-from .model.compute_z import FAILED_NLL, VStarCache, compute_targets
+from .model.blocks import input_device, moe_blocks
+from .model.capture import capture, layer_outputs
 from .model.lookup import pad_id_in_vocab
 from .model.requests import normalise_requests
 from .model.stats import LayerStats, preservation_stats
+from .model.vstar_cache import VStarCache
+from .model.vstar_objective import FAILED_NLL, compute_targets
 from .patches.history import EditHistory, copy_into, digest, down_param_names, record_call
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class EditState:
     context_templates: list[str] | None = None  # MEMIT's, generated once per model
     timings: list[dict] = field(default_factory=list)  # seconds per stage, one dict per successful edit
     edits: int = 0  # requests edited so far (lambda growth)
+    last_edited: int = 0  # requests the last successful edit edited
     last_writes: list = field(default_factory=list)  # (layer, ExpertUpdate) written by the last successful edit
     last_coverage: list = field(default_factory=list)  # Coverage of each solve of the last successful edit
     history: EditHistory = field(default_factory=EditHistory)  # successful edits, for edit patches (`save_edit`)
@@ -131,7 +134,7 @@ def _digests(model: nn.Module, names) -> dict[str, str]:
 @dataclass
 class EditResult:
     requests: list[dict]  # the requests edited (those whose v* reached its target, unless `v_keep_failed`)
-    timings: dict  # seconds per stage (STAGES) and `edits`, the number of requests edited
+    timings: dict  # seconds per stage (STAGES)
     originals: dict[str, torch.Tensor]  # the changed parameters (by name) as they were before the edit
     coverage: list[Coverage] = field(default_factory=list)  # per solve: what its basis held (coverage.py)
 
@@ -145,7 +148,7 @@ class EditResult:
 class SpreadStep:
     """One solve of the multi-layer schedule."""
 
-    solve_layer: int  # keys are captured and the layer is solved here
+    solve_at: int  # keys are captured and the layer is solved here
     residual_layer: int  # the residual z - h is measured at this layer's output...
     residual_times: float  # ... multiplied by this
     residual_over: float  # ... and divided by this (kept apart so that each spread computes what it always has)
@@ -303,20 +306,21 @@ class MoTEEditor:
                 raise
         state.timings.append(edit.timings)
         state.edits += len(edit.requests)
+        state.last_edited = len(edit.requests)
         state.last_writes = edit.writes
         state.last_coverage = edit.coverage
         if edit.writes:
             derived = set(state.bases) | ({"templates"} if state.context_templates is not None else set())
             state.wrote(self.model, originals, derived - known)
         log.info("MoTE: %d edits, %s", len(edit.requests),
-                 ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items() if k != "edits"))
+                 ", ".join(f"{k} {v:.2f} s" for k, v in edit.timings.items()))
         return EditResult(edit.requests, dict(edit.timings), originals, list(edit.coverage))
 
     def _edit(self, edit: _Edit, precomputed: dict | None, progress: bool) -> _Edit:
         """Steps 2-4 of the module docstring, writing into the model (no restore on failure: `edit` does that)."""
         hp = self.hparams
         with edit.timed("statistics"):
-            edit.bases = self._layer_bases(edit.adapter, edit.blocks)
+            edit.bases = self._bases_of(edit.adapter, edit.blocks)
         with edit.timed("vstar"):
             z, nll = self.targets(edit.requests, progress, precomputed)  # [T, d], [T]
         edit.requests, edit.z = drop_failed_targets(edit.requests, z, nll, max(hp.layers), hp.v_keep_failed)
@@ -324,19 +328,18 @@ class MoTEEditor:
             lam = hp.mote_lambda * (1.0 + hp.lambda_growth * self.state.edits)  # MoEEdit's lambda growth
             for step in spread_steps(hp.spread, hp.layers):
                 self._solve_and_write(edit, step, lam)
-        edit.timings["edits"] = len(edit.requests)
         return edit
 
     # -----------------------------------------------------------------------------------------------------
     # step 2: bases
 
-    def layer_bases(self, layers: list[int] | None = None) -> dict[int, LayerBasis]:
+    def bases(self, layers: list[int] | None = None) -> dict[int, LayerBasis]:
         """The basis of each of `layers` (default: the edited ones), computed and kept on first use."""
         hp = self._ready()
         adapter = get_adapter(self.model)
-        return self._layer_bases(adapter, moe_blocks(self.model, adapter, layers or hp.layers))
+        return self._bases_of(adapter, moe_blocks(self.model, adapter, layers or hp.layers))
 
-    def _layer_bases(self, adapter: MoEAdapter, blocks: dict[int, nn.Module]) -> dict[int, LayerBasis]:
+    def _bases_of(self, adapter: MoEAdapter, blocks: dict[int, nn.Module]) -> dict[int, LayerBasis]:
         hp, bases = self.hparams, self.state.bases
         settings = hp.basis_settings()
         todo = [l for l in blocks if (l, settings) not in bases]
@@ -346,7 +349,7 @@ class MoTEEditor:
                                        stats_dir=hp.stats_dir)
             for l in todo:
                 W = adapter.down_weight(blocks[l], dtype=None)  # [E, d, h] view, the model's dtype
-                bases[(l, settings)] = layer_basis(W, stats[l], hp)
+                bases[(l, settings)] = basis_from_weights(W, stats[l], hp)
         return {l: bases[(l, settings)] for l in blocks}
 
     # -----------------------------------------------------------------------------------------------------
@@ -369,8 +372,7 @@ class MoTEEditor:
         requests at a time (all together by default), and then cached. `v_objective: memit_host` computes them one at
         a time with the EasyEdit host's own compute_z, which reports no NLL.
         """
-        model, tok, hp = self.model, self.tok, self._ready()
-        L = max(hp.layers)
+        hp = self._ready()
         if hp.v_objective == "memit_host" and host_compute_z.compute_z_fn() is None:
             raise ValueError(f"v_objective 'memit_host' needs an importable EasyEdit host "
                              f"({host_compute_z.host_status()}); use v_objective 'memit', the same objective computed "
@@ -378,36 +380,43 @@ class MoTEEditor:
         # MEMIT's context templates, generated once per model; also given to the host's compute_z (its own
         # get_context_templates keeps one list per process, from whichever model asked first)
         templates = self.context_templates()
-        cache = None
-        if hp.vstar_cache_dir is not None:
-            cache = VStarCache(hp.vstar_cache_dir, model, L, vars(hp.vstar_config()) | {"templates": templates})
-        z: list = [None] * len(requests)
-        nll = torch.full((len(requests),), float("nan"))
-        for i, r in enumerate(requests):
-            given = (precomputed or {}).get(request_key(r))
-            if given is None and cache is not None:
-                given = cache.load(r)
-            if given is not None:
-                z[i], nll[i] = given if isinstance(given, tuple) else (given, float("nan"))
+        cache = self._vstar_cache(templates)
+        z, nll = _given_targets(requests, precomputed or {}, cache)
         todo = [i for i in range(len(requests)) if z[i] is None]
         chunk = hp.v_batch_size or max(len(todo), 1)
-        show = None if progress and len(todo) > chunk else True  # tqdm: None shows a bar on a terminal only
-        for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=show, leave=False):
+        # tqdm's `disable`: None draws the bar on a terminal only, True never (one chunk needs none)
+        disable = None if progress and len(todo) > chunk else True
+        for start in tqdm(range(0, len(todo), chunk), desc="v* batches", disable=disable, leave=False):
             part = todo[start : start + chunk]
-            if hp.v_objective == "memit_host":
-                compute_z = host_compute_z.compute_z_fn()
-                found = [(compute_z(model, tok, requests[i], hp, L, [templates]), float("nan")) for i in part]
-            else:
-                v = compute_targets(model, tok, [requests[i] for i in part], L, hp.vstar_config(), templates,
-                                    progress=progress)
-                found = list(zip(v.z, v.nll.tolist()))
+            found = self._compute_targets([requests[i] for i in part], templates, progress)
             for i, (zi, nli) in zip(part, found):
                 z[i], nll[i] = zi, nli
                 if cache is not None:
                     cache.save(requests[i], zi, nli)
         # detached: the host's MEMIT returns target_init + delta still attached to its graph, and precomputed targets
         # may be
-        return torch.stack([zi.detach().float().to(input_device(model)) for zi in z]), nll
+        return torch.stack([zi.detach().float().to(input_device(self.model)) for zi in z]), nll
+
+    def _vstar_cache(self, templates: list[str]) -> VStarCache | None:
+        """The v* cache at the last edited layer (None without `vstar_cache_dir`). An entry is keyed by the v* settings,
+        `v_objective` (the plugin's and the host's targets are kept apart) and the context templates."""
+        hp = self.hparams
+        if hp.vstar_cache_dir is None:
+            return None
+        settings = vars(hp.vstar_config()) | {"objective": hp.v_objective, "templates": templates}
+        return VStarCache(hp.vstar_cache_dir, self.model, max(hp.layers), settings)
+
+    def _compute_targets(self, requests: list[dict], templates: list[str],
+                         progress: bool) -> list[tuple[torch.Tensor, float]]:
+        """(z [d], final target NLL per token) of each request: the plugin's v*, the requests together, or with
+        `v_objective: memit_host` the host's compute_z one request at a time (NLL not reported: NaN)."""
+        model, tok, hp = self.model, self.tok, self.hparams
+        L = max(hp.layers)
+        if hp.v_objective == "memit_host":
+            compute_z = host_compute_z.compute_z_fn()
+            return [(compute_z(model, tok, r, hp, L, [templates]), float("nan")) for r in requests]
+        v = compute_targets(model, tok, requests, L, hp.vstar_config(), templates, progress=progress)
+        return list(zip(v.z, v.nll.tolist()))
 
     # -----------------------------------------------------------------------------------------------------
     # step 4: keys, solve, write
@@ -415,16 +424,16 @@ class MoTEEditor:
     def _solve_and_write(self, edit: _Edit, step: SpreadStep, lam: float) -> None:
         """One solve of the spread: keys at its layer, the residual, the solve, the writes into its target layers."""
         model, tok, hp, state = self.model, self.tok, self.hparams, self.state
-        layer = step.solve_layer
+        layer = step.solve_at
         with edit.timed("capture"):
-            cap = capture(model, tok, edit.adapter, edit.requests, [layer], hp.fact_token,
-                          max_length=hp.max_length)[layer]
+            routed = capture(model, tok, edit.adapter, edit.requests, [layer], hp.fact_token,
+                             max_length=hp.max_length)[layer]  # keys [T, K, h]
             h = layer_outputs(model, tok, edit.requests, hp.layer_module_tmp.format(step.residual_layer),
                               hp.fact_token, hp.max_length)  # [T, d]
         R = (edit.z.to(h.device) - h) * step.residual_times / step.residual_over  # [T, d]
         with edit.timed("solve"):
             memory = state.memory.get(layer) if hp.sequential_memory else None
-            solution, memory = solve_layer(hp.solver, layer, edit.bases[layer], cap, R, lam, memory,
+            solution, memory = solve_batch(hp.solver, layer, edit.bases[layer], routed, R, lam, memory,
                                            keep_memory=hp.sequential_memory, bcd_passes=hp.bcd_passes,
                                            bcd_seed=hp.bcd_seed, rule=hp.basis_rule())
             if hp.sequential_memory:
@@ -435,9 +444,8 @@ class MoTEEditor:
                 update.write(edit.adapter, edit.blocks[target])
                 edit.writes.append((target, update))
                 if target == layer:  # every spread writes its solve layer at scale 1
-                    change = update.output_change(cap.keys, cap.gates, cap.expert_idx)  # [T, d]
-        edit.coverage.append(measure_coverage(layer, solution.factors, solution.keys, cap.gates, cap.expert_idx, R,
-                                              change, cap.num_experts))
+                    change = update.output_change(routed)  # [T, d]
+        edit.coverage.append(measure_coverage(layer, solution.factors, solution.routed, R, change))
         _report(edit.coverage[-1], hp)
 
 
@@ -446,7 +454,7 @@ class MoTEEditor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def layer_basis(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) -> LayerBasis:
+def basis_from_weights(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) -> LayerBasis:
     """One layer's basis from its down-projections W [E, d, h] and preservation statistics: the null-space projectors
     (identity when `nullspace` is off) and, for solver `mote`, the Tucker factors and U_in^T P_j."""
     if hp.nullspace:
@@ -456,12 +464,12 @@ def layer_basis(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) -> Laye
         P = torch.eye(W.shape[2]).expand(W.shape[0], -1, -1).clone()
     P = P.to(W.device)
     if hp.solver != "mote":  # the unstructured solvers need only the projectors
-        return LayerBasis(P=P, factors=None, UinT_P=None)
+        return LayerBasis(P=P, factors=None, key_maps=None)
     factors = tucker_factors(W, hp.layer_ranks(), whitening=hp.whitening, cov_in=stats.cov_in, cov_out=stats.cov_out,
                              eps=hp.eps_whitening, hooi_sweeps=hp.hooi_sweeps)
     factors = TuckerFactors(*(u.to(W.device) for u in factors))
     fixed = not any(hp.basis_rule().auto)  # with `auto` ranks each batch computes U_in^T P_j at its own rank
-    return LayerBasis(P=P, factors=factors, UinT_P=uint_p(factors, P) if fixed else None)
+    return LayerBasis(P=P, factors=factors, key_maps=key_maps_of(factors, P) if fixed else None)
 
 
 def _report(cov: Coverage, hp: MoTEHyperParams) -> None:
@@ -506,6 +514,20 @@ def _sample_context_templates(model, tok, n: int, length: int, seed: int) -> lis
 def request_key(r: dict) -> tuple[str, str, str]:
     """What identifies a request's v* target: (prompt, subject, target_new)."""
     return r["prompt"], r["subject"], r["target_new"]
+
+
+def _given_targets(requests: list[dict], precomputed: dict, cache: VStarCache | None) -> tuple[list, torch.Tensor]:
+    """The targets known before v* runs, from `precomputed` ({request_key(r): z or (z, nll)}), else from `cache`:
+    z per request (None where unknown) and the final target NLL per token [T] (NaN where unknown or not reported)."""
+    z: list = [None] * len(requests)
+    nll = torch.full((len(requests),), float("nan"))
+    for i, r in enumerate(requests):
+        given = precomputed.get(request_key(r))
+        if given is None and cache is not None:
+            given = cache.load(r)
+        if given is not None:
+            z[i], nll[i] = given if isinstance(given, tuple) else (given, float("nan"))
+    return z, nll
 
 
 def drop_failed_targets(requests: list[dict], z: torch.Tensor, nll: torch.Tensor, L: int, keep: bool):

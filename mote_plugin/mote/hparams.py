@@ -2,13 +2,16 @@
 
 A plain dataclass: importing it never touches an EasyEdit host. `mote_plugin.register()` makes it a subclass of the
 host's `HyperParams` (host glue, `mote_plugin.easyedit`), as EasyEdit's own hyper-parameter classes are; EasyEdit only
-reads its fields, so it edits the same either way. Values are validated on construction (also when built directly),
-with messages naming the field; what depends on the model (module names, `v_loss_layer`, the host's loading flags) is
-checked by `check_against_model` before an edit touches any weight.
+reads its fields, so it edits the same either way. Each key is declared once, below, with its default and its check
+(`setting`); the checks that involve several keys follow the fields (`_conflicts`). Values are validated on
+construction (also when built directly), with messages naming the key; what depends on the model (module names,
+`v_loss_layer`, the host's loading flags) is checked by `check_against_model` before an edit touches any weight.
 
 Read like EasyEdit's own YAMLs: a quoted number of a numeric key is read with Python's `float()`, as EasyEdit's
 `HyperParams.construct_float_from_scientific_notation` reads every quoted number ("1e-5", "0.5", " 2 ", "1_000"); an
-integer key then needs a whole number ("25" -> 25, "2.5" refused), and r_e / r_out / r_in get a float (a fraction).
+integer key then needs a whole number ("25" -> 25, "2.5" refused). The ranks r_e / r_out / r_in are the exception: a
+rank is an int (8), a share of the mode's size strictly between 0 and 1 (0.5), `full` or `auto`; a form that could
+mean either a rank or a share (1.0, "1", 8.0, any quoted number) is refused, naming the form to write.
 
     alg_name: MoTE
     model_name: Qwen/Qwen3-30B-A3B
@@ -16,6 +19,18 @@ integer key then needs a whole number ("25" -> 25, "2.5" refused), and r_e / r_o
     device: 0
     mote_lambda: 0.1
     eps_whitening: 1e-5
+    r_e: auto
+
+Keys that say how the model is found or placed rather than how it is edited, kept so that a YAML reads as EasyEdit's
+do and fails loudly where it does not fit:
+- `device`: where a model loaded from `model_name` runs (EasyEdit's BaseEditor and `mote edit` move it there). A model
+  handed over loaded is edited where it is (logged once when that is elsewhere); a device this torch cannot use is
+  refused before any weight is touched.
+- `mlp_module_tmp`, `experts_module_tmp` (as `layer_module_tmp`): the MoE block and packed experts of each edited layer,
+  as the YAML's author names them. MoTE reaches them through the family's adapter; these keys state which modules the
+  YAML means, and an edit is refused when they name others, so a YAML written for another layout never edits modules
+  it did not name.
+- `model_parallel`, `fp16`, `dtype`: how `model_name` is loaded; logged once when a model handed over loaded disagrees.
 """
 
 from __future__ import annotations
@@ -24,7 +39,8 @@ import logging
 import math
 import os
 import re
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -34,26 +50,21 @@ from .algebra.batch_basis import BASES, BasisRule
 from .algebra.nullspace import FALLBACKS, RULES
 from .algebra.solvers import SOLVERS
 from .algebra.tucker import WHITENINGS
-from .model.compute_z import OBJECTIVES, VStarConfig
 from .model.lookup import FACT_TOKENS
+from .model.vstar_objective import VStarConfig
 
 log = logging.getLogger(__name__)
 
 SPREADS = ("core", "residual", "layerwise")
 DTYPES = ("bfloat16", "float16", "float32")  # what `dtype` may name (the weights' dtype when model_name is loaded)
-V_OBJECTIVES = (*OBJECTIVES, "memit_host")
+V_OBJECTIVES = ("memit", "memit_host")  # the plugin's batched v* | the EasyEdit host's own compute_z
+RANK_WORDS = ("full", "auto")
 
 # the keys a layer's basis (null-space projectors, Tucker factors) is computed from: the editor keeps one basis per
 # layer and combination of these (`MoTEHyperParams.basis_settings`), so sequential batches share it
 BASIS_FIELDS = (
     "r_e", "r_out", "r_in", "whitening", "eps_whitening", "hooi_sweeps", "nullspace", "nullspace_rule",
     "nullspace_threshold", "nullspace_min_tokens", "nullspace_fallback", "preservation_corpus", "preservation_tokens",
-)  # fmt: skip
-
-
-_FLOAT_FIELDS = (
-    "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mote_lambda", "eps_whitening", "nullspace_threshold",
-    "lambda_growth", "min_coverage", "min_reproduced",
 )  # fmt: skip
 
 
@@ -69,7 +80,8 @@ def _read_number(kind: str, value):
     """A YAML value of a field annotated `kind`, read as EasyEdit reads hyper-parameters: a string that `float()`
     accepts is a number (EasyEdit converts every such string; here only numeric fields, so a `model_name` or
     `stats_dir` made of digits stays a string). Fields typed `int` (and `device`, whose int N means cuda:N) take the
-    whole number; a fraction is left for validation to refuse. Anything else comes back unchanged."""
+    whole number; a fraction is left for validation to refuse. Anything else (the ranks, typed `Rank`, included) comes
+    back unchanged."""
     kinds = {k.strip() for k in kind.split("|")}
     if not isinstance(value, str) or not kinds & {"int", "float"}:
         return value
@@ -84,12 +96,104 @@ def _read_number(kind: str, value):
     return number if kinds == {"int"} else value
 
 
+def _is_device_name(text: str) -> bool:
+    return re.fullmatch(r"cpu|mps|cuda(:\d+)?", text) is not None
+
+
 def _is_template(text: str) -> bool:
     """`text` has exactly one `{}` and formats with a layer index."""
     try:
         return text.count("{}") == 1 and text.format(0) != text
     except (IndexError, KeyError, ValueError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the checks of single keys: check(name, value) -> what is wrong, or None
+# ---------------------------------------------------------------------------------------------------------
+
+Check = Callable[[str, object], "str | None"]
+
+
+def _check(ok: Callable[[object], bool], what: str) -> Check:
+    """None when `ok(value)`, else "<name> must be <what>, got <value>"."""
+    return lambda name, value: None if ok(value) else f"{name} must be {what}, got {value!r}"
+
+
+def _one_of(choices: tuple) -> Check:
+    return _check(lambda v: v in choices, f"one of {choices}")
+
+
+_POSITIVE = _check(lambda v: _is_number(v) and v > 0, "a number > 0")
+_NON_NEGATIVE = _check(lambda v: _is_number(v) and v >= 0, "a number >= 0")
+_POSITIVE_INT = _check(lambda v: _is_int(v) and v >= 1, "an int >= 1")
+_COUNT = _check(lambda v: _is_int(v) and v >= 0, "an int >= 0")
+_FLAG = _check(lambda v: isinstance(v, bool), "true or false")
+_TEXT = _check(lambda v: isinstance(v, str), "a string")
+_OPTIONAL_TEXT = _check(lambda v: v is None or isinstance(v, str), "null or a string")
+_TEMPLATE = _check(lambda v: isinstance(v, str) and _is_template(v),
+                   "a module name with one {} for the layer index (e.g. 'model.layers.{}')")
+_DEVICE = _check(lambda v: (_is_int(v) and v >= 0) or (isinstance(v, str) and _is_device_name(v)),
+                 "'cpu', 'cuda:N' or an int N >= 0")
+
+
+def _layers_ok(layers) -> bool:
+    return isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(l) and l >= 0 for l in layers)
+
+
+def _check_layers(name: str, layers) -> str | None:
+    if not _layers_ok(layers):
+        return f"{name} must be a non-empty list of non-negative ints, got {layers!r}"
+    if len(set(layers)) != len(layers):
+        return f"{name} has duplicates: {layers!r}"
+    return None
+
+
+def _check_v_objective(name: str, value) -> str | None:
+    if value == "squared":
+        return (f"{name} 'squared' was removed: use 'memit' (EasyEdit's compute_z objective; its penalty is "
+                "v_weight_decay * ||delta|| / ||h||^2, so retune v_weight_decay)")
+    return _one_of(V_OBJECTIVES)(name, value)
+
+
+def _is_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_rank(r) -> bool:
+    if isinstance(r, str):
+        return r in RANK_WORDS
+    return (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r < 1.0)
+
+
+def _check_rank(name: str, r) -> str | None:
+    """A Tucker rank: an int >= 1 (that many factors), a float strictly between 0 and 1 (that share of the mode's size,
+    rounded up), `full` (the mode's size) or `auto` (from each batch's coverage). A float >= 1 or a quoted number could
+    be read either way, so it is refused with the form to write."""
+    if _is_rank(r):
+        return None
+    forms = "an int rank >= 1, a share of the mode's size in (0, 1), 'full' or 'auto'"
+    hint = ""
+    if isinstance(r, float) and r == 1.0:
+        hint = f": write `{name}: full` for the mode's full size or `{name}: 1` for rank 1"
+    elif isinstance(r, float) and r > 1.0 and r.is_integer():
+        hint = f": write `{name}: {int(r)}` for rank {int(r)}"
+    elif isinstance(r, str) and _is_numeric(r):
+        hint = ": a number in quotes is ambiguous (a rank or a share?): write it unquoted, or full"
+    return f"{name} must be {forms}, got {r!r}{hint}"
+
+
+def setting(default=MISSING, check: Check | None = None):
+    """A hyper-parameter's declaration: its default (none: the key is required) and the check of its value."""
+    return field(default=default, metadata={"check": check})
+
+
+# a rank's type (`_check_rank`), a name of its own so that a quoted number stays a string for the check to refuse
+Rank = int | float | str
 
 
 def hparams_path(hparams_name_or_path: str | Path) -> Path:
@@ -142,117 +246,103 @@ def _warn_once(key: str, message: str) -> None:
 
 @dataclass
 class MoTEHyperParams(HostHyperParams):
-    alg_name: str  # must be "MoTE"
-    model_name: str  # HF name or local path (EasyEdit may later set it to (model, tok))
-    layers: list[int]  # edited decoder layers (each must hold a sparse MoE block); the last one is L
-    device: str | int  # "cpu", an int N (= cuda:N) or "cuda:N"
-    fact_token: str = "subject_last"  # lookup token: subject_last | subject_first | last
-    layer_module_tmp: str = "model.layers.{}"  # decoder layer module (v* is added to its output)
-    mlp_module_tmp: str = "model.layers.{}.mlp"  # MoE block module (must be the block the adapter edits)
-    experts_module_tmp: str = "model.layers.{}.mlp.experts"  # packed experts module (likewise)
-    ln_f_module: str = "model.norm"  # final norm (v* optimisation; must exist in the model)
-    lm_head_module: str = "lm_head"  # output head (v* optimisation; a module with a `weight`)
-    v_num_grad_steps: int = 25  # Adam steps of the v* optimisation
-    v_lr: float = 0.5  # v* learning rate
-    v_loss_layer: int = -1  # layer whose output feeds the v* loss: -1 = last layer, else in [max(layers), n_layers - 1]
-    v_weight_decay: float = 0.5  # v* penalty weight: on ||delta|| / ||h||^2 (memit) or ||delta||^2 / ||h||^2 (squared)
-    clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor * ||h||
-    kl_factor: float = 0.0625  # weight of the KL term keeping "{subject} is a" stable
-    # memit (EasyEdit's compute_z) | squared (earlier plugin form) | memit_host (the host's own code)
-    v_objective: str = "memit"
-    v_batch_size: int | None = None  # requests optimised together in v* (null: all requests of the call)
-    v_keep_failed: bool = False  # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
-    mote_lambda: float = 0.1  # ridge lambda of the core solve (> 0)
-    # Tucker ranks: int = absolute, float in (0, 1] = fraction (1 != 1.0!), "auto" = the fewest leading factors holding
-    # min_coverage of each batch's edit in that mode (chosen per batch, reported with the coverage)
-    r_e: int | float | str = 1.0  # expert mode (the routed gate vectors)
-    r_out: int | float | str = 0.5  # output mode, d_model (the v* residuals)
-    r_in: int | float | str = 0.5  # input mode, expert hidden (the projected keys)
-    min_coverage: float = 0.9  # `auto` ranks: the share of a mode's edit energy its factors must hold (batch mean)
+    alg_name: str = setting(check=_check(lambda v: v == "MoTE", "'MoTE'"))
+    model_name: str = setting()  # HF name or local path (EasyEdit may later set it to (model, tok))
+    # edited decoder layers (each must hold a sparse MoE block); the last one is L
+    layers: list[int] = setting(check=_check_layers)
+    device: str | int = setting(check=_DEVICE)  # "cpu", an int N (= cuda:N) or "cuda:N" (see the module docstring)
+    fact_token: str = setting("subject_last", _one_of(FACT_TOKENS))  # lookup token: subject_last | subject_first | last
+    layer_module_tmp: str = setting("model.layers.{}", _TEMPLATE)  # decoder layer module (v* is added to its output)
+    mlp_module_tmp: str = setting("model.layers.{}.mlp", _TEMPLATE)  # MoE block module (checked: module docstring)
+    experts_module_tmp: str = setting("model.layers.{}.mlp.experts", _TEMPLATE)  # packed experts module (likewise)
+    ln_f_module: str = setting("model.norm", _TEXT)  # final norm (v* optimisation; must exist in the model)
+    lm_head_module: str = setting("lm_head", _TEXT)  # output head (v* optimisation; a module with a `weight`)
+    v_num_grad_steps: int = setting(25, _COUNT)  # Adam steps of the v* optimisation
+    v_lr: float = setting(0.5, _POSITIVE)  # v* learning rate
+    # layer whose output feeds the v* loss: -1 = last layer, else in [max(layers), n_layers - 1]
+    v_loss_layer: int = setting(-1, _check(_is_int, "an int (-1 = last layer)"))
+    v_weight_decay: float = setting(0.5, _NON_NEGATIVE)  # v* penalty weight, on ||delta|| / ||h||^2
+    clamp_norm_factor: float = setting(4.0, _POSITIVE)  # ||delta|| <= clamp_norm_factor * ||h||
+    kl_factor: float = setting(0.0625, _NON_NEGATIVE)  # weight of the KL term keeping "{subject} is a" stable
+    # memit (EasyEdit's compute_z objective, computed by the plugin) | memit_host (the host's own compute_z)
+    v_objective: str = setting("memit", _check_v_objective)
+    # requests optimised together in v* (null: all requests of the call)
+    v_batch_size: int | None = setting(None, _check(lambda v: v is None or _is_int(v) and v > 0, "null or an int >= 1"))
+    # edit requests whose v* left P(target token) < 1/2 anyway (default: leave them out)
+    v_keep_failed: bool = setting(False, _FLAG)
+    mote_lambda: float = setting(0.1, _POSITIVE)  # ridge lambda of the core solve
+    # Tucker ranks (`_check_rank`): an int = that many factors, a float in (0, 1) = that share of the mode's size,
+    # full = the mode's size, auto = the fewest leading factors holding min_coverage of each batch's edit in that mode
+    # (chosen per batch, reported with the coverage)
+    r_e: Rank = setting("full", _check_rank)  # expert mode (the routed gate vectors)
+    r_out: Rank = setting(0.5, _check_rank)  # output mode, d_model (the v* residuals)
+    r_in: Rank = setting(0.5, _check_rank)  # input mode, expert hidden (the projected keys)
+    # `auto` ranks: the share of a mode's edit energy its factors must hold (batch mean)
+    min_coverage: float = setting(0.9, _check(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"))
     # the factors a batch is solved in: weights (the HOSVD of the weights, the paper's) | weights+edit (plus the
     # batch's residuals in U_out and its projected keys in U_in; needs a spread that captures keys at every layer) |
-    # weights+edit+gates (and the batch's gate vectors in U_e)
-    basis: str = "weights"  # (solver mote; the unstructured solvers have no basis and ignore it and the ranks)
+    # weights+edit+gates (and the batch's gate vectors in U_e). Solver mote; the unstructured solvers have no basis and
+    # ignore it and the ranks.
+    basis: str = setting("weights", _one_of(BASES))
     # warn when the update at a solve layer reproduces less than this share of the residual it aimed at (batch mean;
     # docs/method.md says how 0.3 was chosen; 0: never)
-    min_reproduced: float = 0.3
-    whitening: str = "in"  # HOSVD whitening: none | in | out | both
-    eps_whitening: float = 1e-5  # covariance regulariser of the whitening (>= 0)
-    hooi_sweeps: int = 0  # HOOI refinement sweeps after the HOSVD
-    nullspace: bool = True  # project updates onto each expert's key null space
-    nullspace_rule: str = "relative"  # relative (share of trace kept) | absolute (eigenvalue cut-off: AlphaEdit's rule)
-    nullspace_threshold: float = 1e-2  # threshold of the rule (relative: in (0, 1]; absolute: AlphaEdit's 2e-2)
-    nullspace_min_tokens: int = 8  # experts with fewer preservation tokens get the fallback
-    nullspace_fallback: str = "freeze"  # freeze (never edit) | identity (edit unprotected)
-    preservation_tokens: int = 20000  # corpus tokens behind the preservation statistics
-    preservation_corpus: str | None = None  # None = shipped text; a text file path; or a `datasets` name/path
+    min_reproduced: float = setting(0.3, _check(lambda v: _is_number(v) and 0 <= v <= 1,
+                                                "a number in [0, 1] (0: never warn)"))
+    whitening: str = setting("in", _one_of(WHITENINGS))  # HOSVD whitening: none | in | out | both
+    eps_whitening: float = setting(1e-5, _NON_NEGATIVE)  # covariance regulariser of the whitening
+    hooi_sweeps: int = setting(0, _COUNT)  # HOOI refinement sweeps after the HOSVD
+    nullspace: bool = setting(True, _FLAG)  # project updates onto each expert's key null space
+    # relative (share of trace kept) | absolute (eigenvalue cut-off: AlphaEdit's rule)
+    nullspace_rule: str = setting("relative", _one_of(RULES))
+    # threshold of the rule (relative: in (0, 1]; absolute: AlphaEdit's 2e-2)
+    nullspace_threshold: float = setting(1e-2, _POSITIVE)
+    nullspace_min_tokens: int = setting(8, _COUNT)  # experts with fewer preservation tokens get the fallback
+    nullspace_fallback: str = setting("freeze", _one_of(FALLBACKS))  # freeze (never edit) | identity (unprotected)
+    preservation_tokens: int = setting(20000, _POSITIVE_INT)  # corpus tokens behind the preservation statistics
+    # None = shipped text; a text file path; or a `datasets` name/path
+    preservation_corpus: str | None = setting(None, _OPTIONAL_TEXT)
     # multi-layer schedule: core (G^L / (L-l+1)) | residual (MEMIT-style re-capture) | layerwise (MoEEdit)
-    spread: str = "core"
+    spread: str = setting("core", _one_of(SPREADS))
     # mote (Tucker core) | global (unstructured Woodbury) | bcd (MoEEdit's block-coordinate descent)
-    solver: str = "mote"
-    bcd_passes: int = 4  # bcd: sweeps over the experts
-    bcd_seed: int = 42  # bcd: seed of the random expert order
-    lambda_growth: float = 0.0  # lambda * (1 + lambda_growth * edits so far); MoEEdit's sequential runs use 1e-3
-    stats_dir: str = "./.cache/mote-stats"  # cache of the preservation statistics
-    vstar_cache_dir: str | None = None  # cache of v* targets per (model fingerprint, layer, request); None = off
-    batch_size: int = 1  # requests per edit call of EasyEdit's batch_edit and `mote edit` (EasyEdit's edit() needs 1)
-    sequential_memory: bool = False  # keep earlier edits' keys in the solve across sequential batches
-    max_length: int = 128  # token limit of prompts and of statistics windows
-    model_parallel: bool = False  # loading flag: EasyEdit's BaseEditor loads model_name with device_map="auto"
-    fp16: bool = False  # loading flag: EasyEdit's BaseEditor loads model_name in float16
+    solver: str = setting("mote", _one_of(SOLVERS))
+    bcd_passes: int = setting(4, _POSITIVE_INT)  # bcd: sweeps over the experts
+    bcd_seed: int = setting(42, _COUNT)  # bcd: seed of the random expert order
+    # lambda * (1 + lambda_growth * edits so far); MoEEdit's sequential runs use 1e-3
+    lambda_growth: float = setting(0.0, _NON_NEGATIVE)
+    stats_dir: str = setting("./.cache/mote-stats", _TEXT)  # cache of the preservation statistics
+    # cache of v* targets per (model fingerprint, layer, request); None = off
+    vstar_cache_dir: str | None = setting(None, _OPTIONAL_TEXT)
+    # requests per edit call of EasyEdit's batch_edit and `mote edit` (EasyEdit's edit() needs 1)
+    batch_size: int = setting(1, _POSITIVE_INT)
+    sequential_memory: bool = setting(False, _FLAG)  # keep earlier edits' keys in the solve across sequential batches
+    max_length: int = setting(128, _POSITIVE_INT)  # token limit of prompts and of statistics windows
+    model_parallel: bool = setting(False, _FLAG)  # loading flag: EasyEdit's BaseEditor loads with device_map="auto"
+    fp16: bool = setting(False, _FLAG)  # loading flag: EasyEdit's BaseEditor loads model_name in float16
     # loading dtype of model_name: bfloat16 | float16 | float32; null = EasyEdit's rule (float16 if fp16 else float32)
-    dtype: str | None = None
+    dtype: str | None = setting(None, _check(lambda v: v is None or v in DTYPES, f"null or one of {DTYPES}"))
 
     def __post_init__(self):
-        for name in _FLOAT_FIELDS:  # YAML "lambda: 1" is an int: store floats as floats
-            if _is_int(getattr(self, name)):
-                setattr(self, name, float(getattr(self, name)))
-        errors = self._validate()
+        for f in fields(self):  # YAML "lambda: 1" is an int: a float key stores a float
+            if f.type == "float" and _is_int(getattr(self, f.name)):
+                setattr(self, f.name, float(getattr(self, f.name)))
+        errors = [error for f in fields(self) if f.metadata.get("check") is not None
+                  and (error := f.metadata["check"](f.name, getattr(self, f.name))) is not None]
+        errors += self._conflicts()
         if errors:
             raise ValueError("invalid MoTE hyper-parameters: " + "; ".join(errors))
         for hook in HPARAMS_CREATED:  # the package root's: registers MoTE with an importable EasyEdit host
             hook()
 
-    def _validate(self) -> list[str]:
-        e: list[str] = []
+    def _conflicts(self) -> list[str]:
+        """What is wrong with several keys together (each key's own check is at its declaration)."""
+        problems: list[str] = []
 
         def need(ok: bool, msg: str):
             if not ok:
-                e.append(msg)
+                problems.append(msg)
 
-        need(self.alg_name == "MoTE", f"alg_name must be 'MoTE', got {self.alg_name!r}")
-        layers = self.layers
-        layers_ok = isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(l) and l >= 0 for l in layers)
-        need(layers_ok, f"layers must be a non-empty list of non-negative ints, got {layers!r}")
-        if isinstance(layers, (list, tuple)):
-            need(len(set(layers)) == len(layers), f"layers has duplicates: {layers!r}")
-        dev = self.device
-        need(
-            (_is_int(dev) and dev >= 0)
-            or (isinstance(dev, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev) is not None),
-            f"device must be 'cpu', 'cuda:N' or an int N >= 0, got {dev!r}",
-        )
-        need(self.fact_token in FACT_TOKENS, f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
-        need(self.whitening in WHITENINGS, f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
-        need(self.spread in SPREADS, f"spread must be one of {SPREADS}, got {self.spread!r}")
-        need(self.v_objective in V_OBJECTIVES, f"v_objective must be one of {V_OBJECTIVES}, got {self.v_objective!r}")
-        need(self.v_batch_size is None or (_is_int(self.v_batch_size) and self.v_batch_size >= 1),
-             f"v_batch_size must be null or an int >= 1, got {self.v_batch_size!r}")
-        need(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
         need(not (self.sequential_memory and self.solver != "mote"),
              f"sequential_memory needs solver 'mote' (the {self.solver!r} solver keeps no memory of past edits)")
-        need(self.nullspace_rule in RULES, f"nullspace_rule must be one of {RULES}, got {self.nullspace_rule!r}")
-        need(self.nullspace_fallback in FALLBACKS,
-             f"nullspace_fallback must be one of {FALLBACKS}, got {self.nullspace_fallback!r}")
-        for name in ("r_e", "r_out", "r_in"):
-            r = getattr(self, name)
-            ok = (_is_int(r) and r >= 1) or (isinstance(r, float) and 0.0 < r <= 1.0) or r == "auto"
-            need(ok, f"{name} must be a positive int, a float in (0, 1] or 'auto', got {r!r}")
-        need(self.basis in BASES, f"basis must be one of {BASES}, got {self.basis!r}")
-        need(_is_number(self.min_coverage) and 0 < self.min_coverage <= 1,
-             f"min_coverage must be a number in (0, 1], got {self.min_coverage!r}")
-        need(_is_number(self.min_reproduced) and 0 <= self.min_reproduced <= 1,
-             f"min_reproduced must be a number in [0, 1] (0: never warn), got {self.min_reproduced!r}")
         if not self.basis_rule().fixed:
             per_batch = (f"basis {self.basis!r}" if self.basis != "weights" else "'auto' ranks")
             need(not self.sequential_memory,
@@ -263,45 +353,16 @@ class MoTEHyperParams(HostHyperParams):
         need(not (self.basis != "weights" and self.spread == "core"),
              f"basis {self.basis!r} is built from the keys captured at the layer it writes, and the core spread "
              "writes layers whose keys it never captures: use spread 'residual' or 'layerwise'")
-        for name in ("mote_lambda", "v_lr", "clamp_norm_factor", "nullspace_threshold"):
-            v = getattr(self, name)
-            need(_is_number(v) and v > 0, f"{name} must be a number > 0, got {v!r}")
-        for name in ("eps_whitening", "v_weight_decay", "kl_factor", "lambda_growth"):
-            v = getattr(self, name)
-            need(_is_number(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
         if self.nullspace_rule == "relative" and _is_number(self.nullspace_threshold):
             need(self.nullspace_threshold <= 1,
                  f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
-        for name in ("preservation_tokens", "batch_size", "max_length", "bcd_passes"):
-            v = getattr(self, name)
-            need(_is_int(v) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
-        for name in ("v_num_grad_steps", "hooi_sweeps", "nullspace_min_tokens", "bcd_seed"):
-            v = getattr(self, name)
-            need(_is_int(v) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
-        need(_is_int(self.v_loss_layer), f"v_loss_layer must be an int (-1 = last layer), got {self.v_loss_layer!r}")
-        if _is_int(self.v_loss_layer) and self.v_loss_layer != -1 and layers_ok:
-            need(self.v_loss_layer >= max(layers),
+        if _is_int(self.v_loss_layer) and self.v_loss_layer != -1 and _layers_ok(self.layers):
+            need(self.v_loss_layer >= max(self.layers),
                  f"v_loss_layer must be -1 (the last layer) or a layer at or above the last edited one, "
-                 f"max(layers) = {max(layers)}; got {self.v_loss_layer}")
-        need(self.dtype is None or self.dtype in DTYPES,
-             f"dtype must be null or one of {DTYPES}, got {self.dtype!r}")
+                 f"max(layers) = {max(self.layers)}; got {self.v_loss_layer}")
         need(not (self.fp16 and self.dtype not in (None, "float16")),
              f"fp16: true loads float16, but dtype is {self.dtype!r}: set one of them (fp16: false, or dtype: float16)")
-        for name in ("nullspace", "sequential_memory", "model_parallel", "fp16", "v_keep_failed"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp", "ln_f_module", "lm_head_module",
-                     "stats_dir"):
-            need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("layer_module_tmp", "mlp_module_tmp", "experts_module_tmp"):
-            tmp = getattr(self, name)
-            need(isinstance(tmp, str) and _is_template(tmp),
-                 f"{name} must be a module name with one {{}} for the layer index (e.g. 'model.layers.{{}}'), got "
-                 f"{tmp!r}")
-        need(self.vstar_cache_dir is None or isinstance(self.vstar_cache_dir, str),
-             f"vstar_cache_dir must be null or a string, got {self.vstar_cache_dir!r}")
-        corpus = self.preservation_corpus
-        need(corpus is None or isinstance(corpus, str), f"preservation_corpus must be null or a string, got {corpus!r}")
-        return e
+        return problems
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | Path) -> "MoTEHyperParams":
@@ -449,13 +510,17 @@ class MoTEHyperParams(HostHyperParams):
         return BasisRule(basis=self.basis, auto=auto, min_coverage=self.min_coverage)
 
     def layer_ranks(self) -> tuple:
-        """The ranks of the layer's fixed factors: the YAML's, full size (1.0) for an `auto` mode."""
-        return tuple(1.0 if r == "auto" else r for r in (self.r_e, self.r_out, self.r_in))
+        """The ranks of the layer's fixed factors in the form `tucker.resolve_ranks` reads (an int, or a share of the
+        mode's size in (0, 1] with 1.0 the full size): the YAML's, 1.0 for `full` and for an `auto` mode (the layer
+        keeps the full factor; each batch takes a prefix of it)."""
+        return tuple(1.0 if r in RANK_WORDS else r for r in (self.r_e, self.r_out, self.r_in))
 
     def vstar_config(self) -> VStarConfig:
-        """The v* settings (compute_z.py) of these hyper-parameters."""
-        return VStarConfig(layer_module_tmp=self.layer_module_tmp, fact_token=self.fact_token,
-                           v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
-                           clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                           v_loss_layer=self.v_loss_layer, ln_f_module=self.ln_f_module,
-                           lm_head_module=self.lm_head_module, objective=self.v_objective, max_length=self.max_length)
+        """The v* settings of these hyper-parameters (each field of VStarConfig is the key of the same name)."""
+        return VStarConfig(**{f.name: getattr(self, f.name) for f in fields(VStarConfig)})
+
+    @classmethod
+    def default_vstar_config(cls, **changes) -> VStarConfig:
+        """The v* settings at these keys' defaults, with `changes` (v* outside an edit, e.g. the testbed's probe)."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        return VStarConfig(**{f.name: defaults[f.name] for f in fields(VStarConfig)} | changes)

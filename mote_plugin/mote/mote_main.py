@@ -39,11 +39,20 @@ def apply_mote_to_model(model, tok, requests, hparams: MoTEHyperParams, copy: bo
 
 def last_timings(model) -> dict:
     """Seconds per stage of the last successful MoTE edit of `model`: statistics (one-time per layer and basis
-    settings; ~0 when cached), vstar, capture, solve, writeback, and `edits`."""
+    settings; ~0 when cached), vstar, capture, solve, writeback."""
     timings = EditState.of(model).timings
     if not timings:
         raise ValueError("no MoTE edit has been applied to this model yet")
     return dict(timings[-1])
+
+
+def last_edited(model) -> int:
+    """How many requests the last successful MoTE edit of `model` edited (those whose v* reached its target, unless
+    `v_keep_failed`)."""
+    state = EditState.of(model)
+    if not state.timings:
+        raise ValueError("no MoTE edit has been applied to this model yet")
+    return state.last_edited
 
 
 def last_coverage(model) -> list[dict]:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .._version import __version__
+from ..loading import load_model, load_tokenizer
 from . import probes
 from .data import (
     PACKAGE_DATA,
@@ -62,15 +62,14 @@ class BuildOptions:
     threads: int = 2
     size: ModelSize = field(default_factory=ModelSize)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # extra (fictional) facts per subject, so a subject is more than one fact (data.profile_facts). Measured on the
-    # 56-fact qwen3_moe build with the first tokenizer (subject_tokens=True): 3 per subject lift a 50-edit batch's
-    # generalisation from 0.64 to 0.92 and its specificity from 0.72 to 0.78, for 4x the training time; off.
+    # extra (fictional) facts per subject, so a subject is more than one fact (data.profile_facts; docs/testbed.md
+    # says what they change), at several times the training time
     profile_facts: int = 0
     # False: the tokenizer learns from the text, the relation wording and the objects but not from the subjects'
     # names, so a name is split into pieces shared with other words, as real LLM tokenizers split most CounterFact
-    # subjects. True (the default builds): every name gets tokens of its own, whose embeddings alone can store the
-    # subject's one fact, and an edit then moves every subject with the same object (README "Specificity": False
-    # lifts a 50-edit batch's specificity from 0.60 to 0.82 on the 200-fact qwen3_moe build; not the default yet).
+    # subjects. True: every name gets tokens of its own, whose embeddings alone can store the subject's one fact, and
+    # an edit then moves every subject with the same object. The shipped builds (demo, tests, quality protocol) set
+    # False.
     subject_tokens: bool = True
     probe_facts: int = 20  # facts used for causal tracing and the v* probe
     trace_threshold: float = 0.5  # recovery share that makes a layer part of the edit band
@@ -117,14 +116,6 @@ def _data_fingerprint(data_dir: Path) -> str:
         h.update(path.name.encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:16]
-
-
-def weights_hash(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _file_hash(path: Path) -> str:
@@ -240,8 +231,8 @@ def _write_cache(out: Path, opts: BuildOptions, model, tok, facts, known, report
 def load(out: str | Path, device: str = "cpu"):
     """(model, tokenizer, facts rows, report) from a built cache."""
     out = Path(out)
-    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = load_model(out / "model", torch.float32).to(device)
+    tok = load_tokenizer(out / "model")
     facts = json.loads((out / "facts.json").read_text())
     report = json.loads((out / "report.json").read_text())
     return model, tok, facts, report

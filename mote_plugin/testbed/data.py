@@ -289,3 +289,24 @@ def facts_to_json(facts: list[Fact]) -> list[dict]:
 
 def facts_from_json(rows: list[dict]) -> list[Fact]:
     return [Fact(**r) for r in rows]
+
+
+def edit_records(facts: list[dict], n: int, first: int | None = None, counterfact: str | Path | None = None,
+                 one_per_subject: bool = True) -> list[dict]:
+    """n records to edit: the build's first `first` known facts (all of them when None), then CounterFact records (flat
+    EasyEdit format) on subjects the build does not hold, whose prompt contains the subject, from `counterfact` (a JSON
+    file; default: the subset shipped with the package), one per subject unless `one_per_subject` is False.
+    ValueError when there are fewer than n."""
+    records = [f for f in facts if f["known"]][:first]
+    seen = {f["subject"] for f in facts}
+    path = Path(counterfact) if counterfact is not None else PACKAGE_DATA / "counterfact" / "counterfact-subset.json"
+    for r in json.loads(path.read_text()):
+        if len(records) >= n:
+            break
+        if r["subject"] not in seen and r["subject"] in r["prompt"]:
+            if one_per_subject:
+                seen.add(r["subject"])
+            records.append(r)
+    if len(records) < n:
+        raise ValueError(f"{n} edits asked; the build's known facts and {path} give {len(records)}")
+    return records[:n]

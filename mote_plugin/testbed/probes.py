@@ -14,14 +14,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import get_adapter
 from ..metrics import target_scores
-from ..mote.model.compute_z import VStarConfig, add_vector_hook, compute_z
-from ..mote.model.hooks import recorded
-from ..mote.model.lookup import encode_with_lookup
+from ..mote.hparams import MoTEHyperParams
+from ..mote.model.hooks import hidden_states, recorded
+from ..mote.model.lookup import encode_with_lookup, target_token_ids
+from ..mote.model.vstar_objective import VStarConfig, compute_z
 from .data import Fact
 
 
@@ -76,10 +79,6 @@ def known_facts(model, tok, facts: list[Fact]) -> list[bool]:
     return (true.top1 & (true.mean_logprob > new.mean_logprob)).tolist()
 
 
-def _decoder_layers(model):
-    return model.get_submodule("model.layers")
-
-
 @torch.no_grad()
 def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: float = 3.0, seed: int = 0) -> dict:
     """Recovery (share of the clean-corrupt gap in P(true)) per layer, for two tokens.
@@ -88,12 +87,12 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
     Layer l means the output of decoder layer l. Noise: N(0, (noise_scale * sigma)^2) with sigma the
     std of the embedding matrix, as ROME sets it from the embeddings of subjects.
     """
-    layers = _decoder_layers(model)
+    layers = get_adapter(model).decoder_layers(model)
     n_layers = len(layers)
     embed = model.get_input_embeddings()
     sigma = embed.weight.float().std().item()
     gen = torch.Generator().manual_seed(seed)
-    first_ids = [tok(" " + f.target_true.strip(), add_special_tokens=False)["input_ids"][0] for f in facts]
+    first_ids = [target_token_ids(tok, f.target_true)[0] for f in facts]
     sums = {"subject_last": torch.zeros(n_layers), "last": torch.zeros(n_layers)}
     clean_sum = corrupt_sum = 0.0
     for fact, answer in zip(tqdm(facts, desc="causal tracing", leave=False), first_ids):
@@ -116,7 +115,7 @@ def causal_trace(model, tok, facts: list[Fact], n_noise: int = 5, noise_scale: f
 
         def restore(l):
             def hook(m, a, o):
-                h = (o[0] if isinstance(o, tuple) else o).clone()
+                h = hidden_states(o).clone()
                 for k, (tkn, layer_idx) in enumerate(plan):
                     if layer_idx == l:
                         h[k * n_noise : (k + 1) * n_noise, positions[tkn]] = clean_states[l][0, positions[tkn]]
@@ -163,10 +162,23 @@ def edit_band(recovery: list[float], threshold: float = 0.5, width: int = 3) -> 
     return []
 
 
+def add_vector_hook(model, layer_module_tmp: str, layer: int, positions: torch.Tensor, vector: torch.Tensor):
+    """Install a forward hook adding `vector` [d] to a layer's output at `positions` [B] (one per row); returns the
+    remover."""
+
+    def hook(module, args, output):
+        hidden = hidden_states(output).clone()  # [B, S, d]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        hidden[rows, positions.to(hidden.device)] += vector.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.get_submodule(layer_module_tmp.format(layer)).register_forward_hook(hook)
+    return handle.remove
+
+
 def editability(model, tok, facts: list[Fact], layer: int, fact_token: str, cfg: VStarConfig | None = None) -> dict:
     """v* at `layer` for each fact; share flipped to target_new on the rewrite prompt, and on the held-out phrasing."""
-    cfg = cfg or VStarConfig()
-    cfg = VStarConfig(**{**cfg.__dict__, "fact_token": fact_token})
+    cfg = replace(cfg or MoTEHyperParams.default_vstar_config(max_length=None), fact_token=fact_token)
     flipped, carried, norms = [], [], []
     for fact in tqdm(facts, desc=f"v* probe ({fact_token}, layer {layer})", leave=False):
         v = compute_z(model, tok, {"prompt": fact.prompt, "subject": fact.subject, "target_new": fact.target_new},

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import get_adapter
 from ..mote.model.lookup import pad_right, token_span
 from .data import Fact
 
@@ -118,7 +119,7 @@ def subject_readout_hooks(model, cfg: TrainConfig, current: dict):
     """Pre-hooks on the attention of the decoder layers applying `current[key]` as an extra mask: key
     "early" below cfg.subject_readout_layer, "late" from there on when cfg.subject_readout_last_only."""
     handles = []
-    layers = model.get_submodule("model.layers")
+    layers = get_adapter(model).decoder_layers(model)
     readout = len(layers) // 2 if cfg.subject_readout_layer < 0 else cfg.subject_readout_layer
     if readout == 0:
         return handles

@@ -1,4 +1,4 @@
-"""Baseline solvers on the same (null-space-projected) keys as MoTE (method.md section 2).
+"""Baseline solvers on the same (null-space-projected) keys as MoTE (docs/method.md, "Solvers").
 
 The unstructured editing objective at one layer, with v_tj = g_tj k~_tj the gated projected key of edit t at
 expert j and R [T, d] the residuals (target minus current output):
@@ -21,25 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .solve import spd_solve
+from .core_solve import spd_solve
+from .routed_keys import RoutedKeys
 from .update import ExpertUpdate
-
-
-def expert_groups(keys: torch.Tensor, gates: torch.Tensor,
-                  expert_idx: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Edits grouped by routed expert: [(j, rows [n_j] long, V_j [n_j, h] float64 with V_j[i] = g k~ of edit rows[i])].
-
-    keys: `[T, K, h]` (projected), gates: `[T, K]`, expert_idx: `[T, K]`. Experts in increasing order.
-    """
-    T, K, h = keys.shape
-    V = (gates.to(torch.float64).unsqueeze(-1) * keys.to(torch.float64)).reshape(T * K, h)  # [T*K, h]
-    flat_idx = expert_idx.reshape(T * K).to(keys.device)  # [T*K]
-    rows = torch.arange(T, device=keys.device).repeat_interleave(K)  # [T*K]
-    groups = []
-    for j in flat_idx.unique().tolist():
-        sel = flat_idx == j
-        groups.append((j, rows[sel], V[sel]))
-    return groups
 
 
 def _update(groups, coefficients: dict[int, torch.Tensor]) -> ExpertUpdate:
@@ -57,17 +41,17 @@ def _update(groups, coefficients: dict[int, torch.Tensor]) -> ExpertUpdate:
     return ExpertUpdate.from_groups(parts)
 
 
-def global_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,
-                 lam: float) -> ExpertUpdate:
-    """The exact ridge minimiser over all experts (Woodbury, T x T). residuals `[T, d]` -> ExpertUpdate."""
+def global_solve(routed: RoutedKeys, residuals: torch.Tensor, lam: float) -> ExpertUpdate:
+    """The exact ridge minimiser over all experts (Woodbury, T x T). routed: the batch's projected keys `[T, K, h]`,
+    residuals `[T, d]` -> ExpertUpdate."""
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
-    T = keys.shape[0]
-    groups = expert_groups(keys, gates, expert_idx)
-    gram = torch.zeros(T, T, dtype=torch.float64, device=keys.device)  # Psi Psi^T [T, T]
+    T, device = routed.keys.shape[0], routed.keys.device
+    groups = routed.gated_by_expert()
+    gram = torch.zeros(T, T, dtype=torch.float64, device=device)  # Psi Psi^T [T, T]
     for _, rows, V in groups:
         gram.index_put_((rows[:, None], rows[None, :]), V @ V.T, accumulate=True)
-    gram += lam * torch.eye(T, dtype=torch.float64, device=keys.device)
+    gram += lam * torch.eye(T, dtype=torch.float64, device=device)
     alpha = spd_solve(gram, residuals.to(torch.float64))  # [T, d]
     return _update(groups, {j: alpha[rows] for j, rows, _ in groups})
 
@@ -78,9 +62,10 @@ def sweep_order(num_experts: int, passes: int, seed: int) -> list[int]:
     return [int(j) for _ in range(passes) for j in torch.randperm(num_experts, generator=gen)]
 
 
-def bcd_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor, lam: float,
-              num_experts: int, passes: int = 4, seed: int = 42) -> ExpertUpdate:
-    """MoEEdit's block-coordinate descent, per-expert solves of size n_j. residuals `[T, d]` -> ExpertUpdate.
+def bcd_solve(routed: RoutedKeys, residuals: torch.Tensor, lam: float, passes: int = 4,
+              seed: int = 42) -> ExpertUpdate:
+    """MoEEdit's block-coordinate descent, per-expert solves of size n_j. routed: the batch's projected keys
+    `[T, K, h]`, residuals `[T, d]` -> ExpertUpdate.
 
     Block j, the others fixed:  A_j = (V_j V_j^T + lam I)^{-1} (R[S_j] - (Y[S_j] - Y_j)),  Delta_j = A_j^T V_j,
     where Y [T, d] is the current prediction sum_j Delta_j v_tj and Y_j = V_j V_j^T A_j expert j's share of it.
@@ -90,12 +75,12 @@ def bcd_solve(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor,
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     R = residuals.to(torch.float64)  # [T, d]
-    groups = {j: (rows, V) for j, rows, V in expert_groups(keys, gates, expert_idx)}
+    groups = {j: (rows, V) for j, rows, V in routed.gated_by_expert()}
     grams = {j: V @ V.T for j, (_, V) in groups.items()}  # [n_j, n_j]
     Y = torch.zeros_like(R)  # [T, d]
     share = {j: R.new_zeros(len(rows), R.shape[1]) for j, (rows, _) in groups.items()}  # Y_j [n_j, d]
     A = {j: R.new_zeros(len(rows), R.shape[1]) for j, (rows, _) in groups.items()}  # [n_j, d]
-    for j in sweep_order(num_experts, passes, seed):
+    for j in sweep_order(routed.num_experts, passes, seed):
         if j not in groups:
             continue
         rows, _ = groups[j]

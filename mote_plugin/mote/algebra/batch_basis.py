@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .coverage import mode_vectors, prefix_shares
+from .routed_keys import RoutedKeys
 from .tucker import TuckerFactors
 
 BASES = ("weights", "weights+edit", "weights+edit+gates")
@@ -66,21 +67,21 @@ def extend(U: torch.Tensor, X: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor
     return torch.cat([U64, new], dim=1).to(U.dtype)
 
 
-def batch_factors(layer_factors: TuckerFactors, rule: BasisRule, keys: torch.Tensor, gates: torch.Tensor,
-                  expert_idx: torch.Tensor, residuals: torch.Tensor) -> TuckerFactors:
+def batch_factors(layer_factors: TuckerFactors, rule: BasisRule, routed: RoutedKeys,
+                  residuals: torch.Tensor) -> TuckerFactors:
     """The factors this batch is solved in.
 
-    layer_factors: the layer's (full size in the `auto` modes), keys: `[T, K, h]` null-space-projected, gates /
-    expert_idx: `[T, K]`, residuals: `[T, d]`.
+    layer_factors: the layer's (full size in the `auto` modes), routed: the batch's null-space-projected keys
+    `[T, K, h]`, residuals: `[T, d]`.
     """
-    vectors = mode_vectors(keys, gates, expert_idx, residuals, layer_factors.U_e.shape[0])  # e, out, in
+    vectors = mode_vectors(routed, residuals)  # e, out, in
     factors = list(layer_factors)
     for mode, (U, X, auto) in enumerate(zip(layer_factors, vectors, rule.auto)):
         if auto:
             factors[mode] = U[:, : leading_rank(prefix_shares(X, U), rule.min_coverage)]
     if rule.basis != "weights":
         factors[1] = extend(factors[1], residuals)  # [d, r_out + k]
-        factors[2] = extend(factors[2], keys.reshape(-1, keys.shape[-1]))  # [h, r_in + k]
+        factors[2] = extend(factors[2], routed.keys.reshape(-1, routed.keys.shape[-1]))  # [h, r_in + k]
     if rule.basis == "weights+edit+gates":
         factors[0] = extend(factors[0], vectors[0].reshape(-1, vectors[0].shape[-1]))  # [E, r_e + k]
     return TuckerFactors(*factors)

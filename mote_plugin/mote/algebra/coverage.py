@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .routed_keys import RoutedKeys
 from .tucker import TuckerFactors
 
 
@@ -38,21 +39,11 @@ def prefix_shares(X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     return torch.where(total[:, None] > 0, inside / total.clamp_min(1e-300)[:, None], torch.ones_like(inside))
 
 
-def dense_gates(gates: torch.Tensor, expert_idx: torch.Tensor, num_experts: int,
-                dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The gate vectors g_t [E] of the batch (zero for experts outside the top-k). gates, expert_idx: `[T, K]` ->
-    `[T, E]` in `dtype`."""
-    out = torch.zeros(gates.shape[0], num_experts, dtype=dtype, device=gates.device)  # [T, E]
-    return out.scatter_add_(1, expert_idx.to(gates.device), gates.to(dtype))
-
-
-def mode_vectors(keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, residuals: torch.Tensor,
-                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mode_vectors(routed: RoutedKeys, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What each factor must hold, per edit, as `prefix_shares` reads it: (gate vectors `[T, 1, E]`, residuals
-    `[T, 1, d]`, gated projected keys `[T, K, h]`), in the modes' order (e, out, in)."""
-    gated_keys = gates.to(torch.float64).unsqueeze(-1) * keys.to(torch.float64)  # [T, K, h]
-    return (dense_gates(gates, expert_idx, num_experts).unsqueeze(1), residuals.to(torch.float64).unsqueeze(1),
-            gated_keys)
+    `[T, 1, d]`, gated projected keys `[T, K, h]`), in the modes' order (e, out, in). routed: the batch's projected
+    keys."""
+    return routed.dense_gates().unsqueeze(1), residuals.to(torch.float64).unsqueeze(1), routed.gated()
 
 
 def reproduced_shares(change: torch.Tensor, residuals: torch.Tensor, negligible: float = 1e-2) -> torch.Tensor:
@@ -100,17 +91,17 @@ class Coverage:
         return out
 
 
-def measure_coverage(layer: int, factors: TuckerFactors | None, keys: torch.Tensor, gates: torch.Tensor,
-            expert_idx: torch.Tensor, residuals: torch.Tensor, change: torch.Tensor, num_experts: int) -> Coverage:
+def measure_coverage(layer: int, factors: TuckerFactors | None, routed: RoutedKeys, residuals: torch.Tensor,
+                     change: torch.Tensor) -> Coverage:
     """The coverage of one solve.
 
-    factors: the basis solved in (None for the unstructured solvers), keys: `[T, K, h]` null-space-projected,
-    gates / expert_idx: `[T, K]`, residuals: `[T, d]` what the solve aimed at, change: `[T, d]` the output change the
-    written update predicts (`ExpertUpdate.output_change`).
+    factors: the basis solved in (None for the unstructured solvers), routed: the batch's null-space-projected keys
+    `[T, K, h]`, residuals: `[T, d]` what the solve aimed at, change: `[T, d]` the output change the written update
+    predicts (`ExpertUpdate.output_change`).
     """
     shares = [None, None, None]
     if factors is not None:
-        vectors = mode_vectors(keys, gates, expert_idx, residuals, num_experts)
+        vectors = mode_vectors(routed, residuals)
         shares = [Share.of(prefix_shares(X, U)[:, -1]) for X, U in zip(vectors, factors)]
     return Coverage(layer=layer, edits=residuals.shape[0], ranks=factors.ranks if factors is not None else None,
                     residual_in_U_out=shares[1], keys_in_U_in=shares[2], gates_in_U_e=shares[0],

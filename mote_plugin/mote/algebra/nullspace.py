@@ -1,4 +1,4 @@
-"""Per-expert null-space projectors (AlphaEdit, applied expert by expert; method.md section 3).
+"""Per-expert null-space projectors (AlphaEdit, applied expert by expert; docs/method.md, "Null space").
 
 For each expert j of an edited layer we know the uncentred second moment of the keys the expert saw on
 preservation text,

@@ -1,10 +1,10 @@
 """The per-layer solvers an edit can use (YAML `solver:`), behind one interface.
 
-    mote    the Tucker core, Woodbury on the smaller side (solve.py; the default)
+    mote    the Tucker core, Woodbury on the smaller side (core_solve.py; the default)
     global  the unstructured ridge over all experts, T x T Woodbury, routed experts only (baselines.py)
     bcd     MoEEdit's block-coordinate descent over experts (baselines.py)
 
-`solve_layer` turns the keys captured at one layer into a `LayerSolution` (MoTE: in the factors `batch_basis.py` takes
+`solve_batch` turns the keys captured at one layer into a `LayerSolution` (MoTE: in the factors `batch_basis.py` takes
 for the batch); `LayerSolution.update(basis, layer, scale)`
 gives the `ExpertUpdate` to write into a layer with that `LayerBasis`: the solve layer itself or, in the `core` spread,
 another layer (MoTE writes its core G with that layer's Tucker factors and projectors; the unstructured solvers
@@ -19,7 +19,8 @@ import torch
 
 from .baselines import bcd_solve, global_solve
 from .batch_basis import BasisRule, batch_factors
-from .solve import CoreSolution, lowrank_update, project_keys, solve_core, update_memory
+from .core_solve import CoreSolution, lowrank_update, solve_core, update_memory
+from .routed_keys import RoutedKeys
 from .tucker import TuckerFactors
 from .update import ExpertUpdate
 
@@ -33,53 +34,52 @@ class LayerBasis:
     P: torch.Tensor  # [E, h, h] null-space projectors (identity when the null space is off)
     # U_e [E, r_e], U_out [d, r_out], U_in [h, r_in], full size in `auto` modes (None: solver without factors)
     factors: TuckerFactors | None
-    UinT_P: torch.Tensor | None  # [E, r_in, h] (None with `auto` ranks: each batch's own is computed)
+    key_maps: torch.Tensor | None  # [E, r_in, h] U_in^T P_j (None with `auto` ranks: each batch's own is computed)
 
 
 @dataclass
 class LayerSolution:
-    keys: torch.Tensor  # [T, K, h] the null-space-projected keys solved on
+    routed: RoutedKeys  # the batch's null-space-projected keys [T, K, h], solved on
     core: CoreSolution | None = None  # solver "mote"
     factors: TuckerFactors | None = None  # solver "mote": the factors the core was solved in (the batch's)
-    UinT_P: torch.Tensor | None = None  # [E, r_in, h] U_in^T P_j of those factors when the layer's (else computed)
+    key_maps: torch.Tensor | None = None  # [E, r_in, h] U_in^T P_j of those factors when the layer's (else computed)
     expert_update: ExpertUpdate | None = None  # solvers "global" / "bcd": the update at the solve layer
-    solve_layer: int | None = None
+    layer: int | None = None  # the layer solved at
 
     def update(self, basis: LayerBasis, layer: int, scale: float) -> ExpertUpdate:
         """The update for `layer` (whose LayerBasis is `basis`), multiplied by `scale`."""
         if self.core is not None:
-            factors, UinT_P = self.factors, self.UinT_P
-            if layer != self.solve_layer:  # the core spread: the same core in that layer's factors, at these ranks
+            factors, key_maps = self.factors, self.key_maps
+            if layer != self.layer:  # the core spread: the same core in that layer's factors, at these ranks
                 factors = basis.factors.truncated(self.factors.ranks)
-                UinT_P = basis.UinT_P if basis.factors.ranks == factors.ranks else None
-            left, right = lowrank_update(self.core, factors, basis.P, scale=scale, UinT_P=UinT_P)
+                key_maps = basis.key_maps if basis.factors.ranks == factors.ranks else None
+            left, right = lowrank_update(self.core, factors, basis.P, scale=scale, key_maps=key_maps)
             return ExpertUpdate(left=left, right=right)
-        update = self.expert_update if layer == self.solve_layer else self.expert_update.projected(basis.P)
+        update = self.expert_update if layer == self.layer else self.expert_update.projected(basis.P)
         return update.scaled(scale)
 
 
-def solve_layer(solver: str, layer: int, basis: LayerBasis, cap, residuals: torch.Tensor, lam: float,
+def solve_batch(solver: str, layer: int, basis: LayerBasis, routed: RoutedKeys, residuals: torch.Tensor, lam: float,
                 memory: torch.Tensor | None = None, keep_memory: bool = False, bcd_passes: int = 4,
                 bcd_seed: int = 42, rule: BasisRule | None = None) -> tuple[LayerSolution, torch.Tensor | None]:
-    """Solve one layer. cap: the layer's LayerCapture (keys [T, K, h], gates, expert_idx); residuals [T, d]; rule: how
+    """Solve one layer. routed: the batch's keys [T, K, h] as captured at the layer; residuals [T, d]; rule: how
     solver "mote" takes the batch's factors from the layer's (default: as they are).
 
     Returns the solution and, when `keep_memory`, the sequential memory with this batch added (solver "mote" only).
     """
-    keys = project_keys(cap.keys, cap.expert_idx, basis.P)  # [T, K, h]
+    routed = routed.projected(basis.P)  # [T, K, h]
     if solver == "mote":
-        factors, UinT_P = basis.factors, basis.UinT_P
+        factors, key_maps = basis.factors, basis.key_maps
         if rule is not None and not rule.fixed:
-            factors = batch_factors(basis.factors, rule, keys, cap.gates, cap.expert_idx, residuals)
-            UinT_P = None
-        core = solve_core(keys, cap.gates, cap.expert_idx, residuals, factors, lam, memory=memory)
-        solution = LayerSolution(keys=keys, core=core, factors=factors, UinT_P=UinT_P, solve_layer=layer)
+            factors = batch_factors(basis.factors, rule, routed, residuals)
+            key_maps = None
+        core = solve_core(routed, residuals, factors, lam, memory=memory)
+        solution = LayerSolution(routed=routed, core=core, factors=factors, key_maps=key_maps, layer=layer)
         return solution, update_memory(memory, core.Phi) if keep_memory else None
     if solver == "global":
-        update = global_solve(keys, cap.gates, cap.expert_idx, residuals, lam)
+        update = global_solve(routed, residuals, lam)
     elif solver == "bcd":
-        update = bcd_solve(keys, cap.gates, cap.expert_idx, residuals, lam, cap.num_experts, passes=bcd_passes,
-                           seed=bcd_seed)
+        update = bcd_solve(routed, residuals, lam, passes=bcd_passes, seed=bcd_seed)
     else:
         raise ValueError(f"unknown solver {solver!r}; one of {SOLVERS}")
-    return LayerSolution(keys=keys, expert_update=update, solve_layer=layer), None
+    return LayerSolution(routed=routed, expert_update=update, layer=layer), None

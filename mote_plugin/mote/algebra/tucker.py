@@ -1,4 +1,4 @@
-"""Tucker basis of the stacked expert down-projections (method.md section 4).
+"""Tucker basis of the stacked expert down-projections (docs/method.md, "Tucker basis").
 
 The down-projections of one MoE layer form a tensor W in R^{E x d x h} (canonical layout: expert,
 out = d_model, in = expert hidden). MoTE writes its update in a fixed Tucker basis,
@@ -309,24 +309,3 @@ def tucker_factors(
     if whiten_out:
         U_out = _orthonormalize(white_out.inv_apply(U_out))  # [d, r_out] orth(S_out^{-1} U~_out)
     return TuckerFactors(U_e.to(torch.float32), U_out.to(torch.float32), U_in.to(torch.float32))
-
-
-def tucker_core(W: torch.Tensor, factors: TuckerFactors) -> torch.Tensor:
-    """Core of W in the given (orthonormal) basis, G = W x_e U_e^T x_out U_out^T x_in U_in^T.
-
-    W: `[E, d, h]` -> `[r_e, r_out, r_in]` (float64).
-    """
-    U_e, U_out, U_in = (U.to(device=W.device, dtype=torch.float64) for U in factors)
-    return _project(W.to(torch.float64), U_e, U_out, U_in)
-
-
-def reconstruction_error(W: torch.Tensor, factors: TuckerFactors) -> float:
-    """Relative Frobenius error of the Tucker projection of W onto the factors' spans.
-
-        W_hat = G x_e U_e x_out U_out x_in U_in,  G = tucker_core(W, factors);   ||W - W_hat||_F / ||W||_F
-    """
-    U_e, U_out, U_in = (U.to(device=W.device, dtype=torch.float64) for U in factors)
-    G = tucker_core(W, factors)  # [r_e, r_out, r_in]
-    W64 = W.to(torch.float64)  # [E, d, h]
-    W_hat = torch.einsum("ja,aoi,do,hi->jdh", U_e, G, U_out, U_in)  # [E, d, h]
-    return float(torch.linalg.vector_norm(W64 - W_hat) / torch.linalg.vector_norm(W64).clamp_min(1e-300))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .routed_keys import RoutedKeys, expert_groups
+
 
 @dataclass
 class ExpertUpdate:
@@ -58,24 +60,23 @@ class ExpertUpdate:
         out.index_add_(0, self.experts.to(out.device), torch.einsum("edr,erh->edh", self.left, self.right))
         return out
 
-    def output_change(self, keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    def output_change(self, routed: RoutedKeys) -> torch.Tensor:
         """The change of the routed output this update makes at each edit, sum_k g_tk Delta_{idx_tk} k_tk.
 
-        keys: `[T, K, h]` as captured (the update already holds the projectors), gates / expert_idx: `[T, K]` ->
-        `[T, d]` in the update's dtype, on its device.
+        routed: the keys `[T, K, h]` as captured (the update already holds the projectors) -> `[T, d]` in the
+        update's dtype, on its device.
         """
-        keys = keys.to(device=self.right.device, dtype=self.right.dtype)
-        gates, expert_idx = gates.to(keys), expert_idx.to(keys.device)
+        keys = routed.keys.to(device=self.right.device, dtype=self.right.dtype)
+        gates = routed.gates.to(keys)
         shared = self.experts is None  # one left factor for every expert: sum the inner products first
         position = range(self.right.shape[0]) if shared else self.experts.tolist()
         position = {j: i for i, j in enumerate(position)}  # expert -> its row of right (and left)
         T, d, r = keys.shape[0], self.left.shape[-2], self.right.shape[1]
         out = keys.new_zeros(T, r if shared else d)  # [T, r] or [T, d]
-        for j in expert_idx.unique().tolist():
+        for j, t, k in expert_groups(routed.expert_idx.to(keys.device)):  # the edits routed to j, and which slot
             if j not in position:
                 continue  # an expert this update leaves unchanged
             i = position[j]
-            t, k = (expert_idx == j).nonzero(as_tuple=True)  # the edits routed to j, and which slot
             inner = gates[t, k, None] * (keys[t, k] @ self.right[i].T)  # [n_j, r]
             out.index_add_(0, t, inner if shared else inner @ self.left[i].T)
         return out @ self.left.T if shared else out  # [T, d]

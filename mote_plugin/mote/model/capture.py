@@ -1,102 +1,25 @@
-"""Key capture at the lookup token (method.md section 1), and the layer outputs the residuals are measured at.
+"""Key capture at the lookup token (docs/method.md, "Experts as memories"), and the layer outputs the residuals are
+measured at.
 
-For every edit request and every edited layer: the MoE block input x at the request's lookup token, the router's
-choice (top-k experts and gates) and the keys k_j = act(W_gate_j x) * (W_up_j x) of the selected experts, plus the
-routed experts' output sum_j g_j (W_j k_j + b_j). One batched forward per chunk of requests; a forward pre-hook on
-each edited MoE block records its input, and the forward stops after the last edited layer. `layer_outputs`: a decoder
+For every edit request and every edited layer: the router's choice at the request's lookup token (top-k experts and
+gates) and the keys k_j = act(W_gate_j x) * (W_up_j x) of the selected experts, as `RoutedKeys`. One batched forward
+per chunk of requests; a forward pre-hook on each edited MoE block records its input x, and the forward stops after
+the last edited layer. `layer_outputs`: a decoder
 layer's output at the lookup tokens (what v* targets are compared with).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..algebra.coverage import dense_gates
+from ..algebra.routed_keys import RoutedKeys
+from .blocks import forward_block_inputs, input_device, moe_blocks
 from .hooks import recorded
 from .lookup import encode_with_lookup
-from .offload import device_of
 from .requests import normalise_requests
-
-
-@dataclass
-class LayerCapture:
-    """What one edited layer sees at the lookup tokens of T requests (T rows, in request order)."""
-
-    x: torch.Tensor  # [T, d] float32, MoE block input
-    expert_idx: torch.Tensor  # [T, K] long, selected experts
-    gates: torch.Tensor  # [T, K] float32, their weights g_j
-    keys: torch.Tensor  # [T, K, h] float32, keys of the selected experts
-    out: torch.Tensor  # [T, d] float32, routed experts' output (shared experts excluded)
-    num_experts: int  # E
-
-    def dense_gates(self) -> torch.Tensor:
-        """Gates as a dense [T, E] matrix (zero for experts outside the top-k)."""
-        return dense_gates(self.gates, self.expert_idx, self.num_experts, dtype=self.gates.dtype)  # [T, E]
-
-
-class _StopForward(Exception):
-    """Raised by the last hook: nothing above the last requested layer needs computing."""
-
-
-def moe_blocks(model: nn.Module, adapter, layers: Sequence[int]) -> dict[int, nn.Module]:
-    """{layer: MoE block}; ValueError for a layer out of range or with a dense MLP."""
-    if not layers:
-        raise ValueError("no layers requested")
-    n = adapter.num_layers(model)
-    blocks = {}
-    for layer in layers:
-        if not 0 <= layer < n:
-            raise ValueError(f"layer {layer} is out of range: the model has {n} decoder layers")
-        block = adapter.moe_block(model, layer)
-        if block is None:
-            raise ValueError(
-                f"layer {layer} has no MoE block (dense MLP); MoE layers of this model: {adapter.moe_layers(model)}"
-            )
-        blocks[layer] = block
-    return blocks
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: the device of its input embeddings (their execution device when offloaded)."""
-    return device_of(model.get_input_embeddings())
-
-
-def forward_block_inputs(
-    model: nn.Module,
-    blocks: dict[int, nn.Module],
-    batch: dict[str, torch.Tensor],
-    fn: Callable[[int, nn.Module, torch.Tensor], None],
-) -> None:
-    """Run `model` on `batch` (no grad); `fn(layer, block, x [B, S, d])` receives every block's input.
-
-    The forward is cut short right after the last block's input is seen (its block and everything above it are
-    skipped). The model's train/eval mode is not changed here.
-    """
-    last = max(blocks)
-    B, S = batch["input_ids"].shape
-
-    def make_hook(layer: int, block: nn.Module):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            fn(layer, block, x.reshape(B, S, x.shape[-1]))  # [B, S, d]
-            if layer == last:
-                raise _StopForward
-
-        return hook
-
-    handles = [b.register_forward_pre_hook(make_hook(l, b), with_kwargs=True) for l, b in blocks.items()]
-    try:
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def capture(
@@ -108,8 +31,8 @@ def capture(
     fact_token: str,
     batch_size: int = 16,
     max_length: int | None = None,
-) -> dict[int, LayerCapture]:
-    """Block inputs, routing, keys and routed output at each request's lookup token, for every layer in `layers`.
+) -> dict[int, RoutedKeys]:
+    """The routing and keys at each request's lookup token (T rows, in request order), for every layer in `layers`.
 
     Requests are EasyEdit dicts (`prompt` containing `subject`, or a "{}" template). The tokenizer's padding side is
     irrelevant (prompts are padded on the right here). Runs on the model's device in eval mode (the previous mode is
@@ -140,15 +63,8 @@ def capture(
 
     captures = {}
     for layer, block in blocks.items():
-        x = torch.cat(xs[layer])  # [T, d]
         with torch.no_grad():
-            expert_idx, gates = adapter.route(block, x)  # [T, K], [T, K]
-            keys = adapter.keys(block, x, expert_idx)  # [T, K, h]
-            out = adapter.experts_output(block, x, expert_idx, gates)  # [T, d]
-        captures[layer] = LayerCapture(
-            x=x, expert_idx=expert_idx.long(), gates=gates.float(), keys=keys.float(), out=out.float(),
-            num_experts=adapter.num_experts(block),
-        )  # fmt: skip
+            captures[layer] = adapter.route_keys(block, torch.cat(xs[layer]))  # x [T, d] -> keys [T, K, h]
     return captures
 
 

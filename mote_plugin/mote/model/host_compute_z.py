@@ -1,6 +1,6 @@
 """The EasyEdit host's own v* (MEMIT's `compute_z`), for `v_objective: memit_host`.
 
-The plugin never needs a host: its default v* is the same objective, batched (compute_z.py). With
+The plugin never needs a host: its default v* is the same objective, batched (vstar_objective.py). With
 `memit_host`, each request's target comes from the host's code, one at a time. The context templates are the
 plugin's, generated the same way per model (the host's `get_context_templates` keeps one list per process, from
 whichever model asked first). Detection is lazy and cached; a host that fails to import counts as absent (the reason

@@ -1,4 +1,5 @@
-"""Preservation statistics per edited layer and expert (method.md sections 3 and 4), streamed and cached.
+"""Preservation statistics per edited layer and expert (docs/method.md, "Null space" and "Tucker basis"), streamed
+and cached.
 
 Over `n_tokens` non-padding tokens of a text corpus, for each requested layer:
 
@@ -17,21 +18,20 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..._version import __version__
-from .capture import forward_block_inputs, input_device, moe_blocks
+from .blocks import forward_block_inputs, input_device, moe_blocks
+from .fingerprint import model_fingerprint
 from .lookup import pad_right
-from .offload import state_items
+from .storage import atomic_save_file
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,11 @@ def corpus_texts(spec: str | None) -> Iterable[str]:
     name, config = spec.rsplit(":", 1) if ":" in spec else (spec, None)
     try:
         import datasets
-
+    except ImportError as e:
+        raise RuntimeError(f"preservation corpus {spec!r} is not a file; a `datasets` name needs the `datasets` "
+                           "package: pip install 'mote-plugin[corpora]' (or set preservation_corpus to a local text "
+                           "file, or to null for the shipped text)") from e
+    try:
         dataset = datasets.load_dataset(name, config, split="train")
     except Exception as e:
         raise RuntimeError(
@@ -157,15 +161,13 @@ class _Accumulator:
 
     def add(self, adapter, block: nn.Module, x: torch.Tensor) -> None:
         """x [N, d]: block inputs of the batch's real (non-padding) tokens."""
-        expert_idx, gates = adapter.route(block, x)  # [N, K], [N, K]
-        keys = adapter.keys(block, x, expert_idx)  # [N, K, h]
-        y = adapter.experts_output(block, x, expert_idx, gates).double()  # [N, d]
+        routed = adapter.route_keys(block, x)  # keys [N, K, h]
+        y = adapter.experts_output(block, routed).double()  # [N, d]
         self.out_sum += y.T @ y
-        for expert in expert_idx.unique().tolist():
-            token, slot = torch.where(expert_idx == expert)
-            k = keys[token, slot].double()  # [M, h]
+        for expert, rows, slots in routed.groups():
+            k = routed.keys[rows, slots].double()  # [M, h]
             self.moment_sum[expert] += k.T @ k
-            self.counts[expert] += token.numel()
+            self.counts[expert] += rows.numel()
         self.n_tokens += x.shape[0]
 
     def finish(self) -> LayerStats:
@@ -221,43 +223,6 @@ def layer_statistics(
 # ----------------------------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def model_fingerprint(model: nn.Module, sample: int = 1024) -> str:
-    """sha256 over every state-dict entry's name, shape, dtype, first and last `sample` elements and float64 sum
-    (an entry offloaded by accelerate is read from its weights map).
-
-    Cheap (one chunked reduction per tensor, no full copy to the CPU or to float64) and sensitive to any edit that
-    changes a tensor's sum or its ends, e.g. an in-place update of one expert; an edit preserving a tensor's sum
-    exactly goes unseen.
-    """
-    return tensors_fingerprint(state_items(model), sample)
-
-
-def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], sample: int = 1024) -> str:
-    """`model_fingerprint` of (name, tensor) pairs, in the order given (e.g. a state dict with some entries
-    replaced)."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in named_tensors:
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            flat = t.detach().reshape(-1)
-            ends = torch.cat([flat[:sample], flat[-sample:]]).to("cpu", torch.float64)
-            h.update(ends.numpy().tobytes())
-            h.update(repr(_sum64(flat)).encode())
-    return h.hexdigest()
-
-
-FINGERPRINT_CHUNK = 1 << 22  # elements summed at a time: a float64 copy of 32 MiB, not of the whole tensor
-
-
-def _sum64(flat: torch.Tensor) -> float:
-    """float64 sum of a flat tensor, chunk by chunk (`flat.sum(dtype=float64)` converts all of it at once: 3 GiB for
-    one bf16 gate_up_proj of Qwen3-30B-A3B)."""
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
-        total += flat[start:start + FINGERPRINT_CHUNK].sum(dtype=torch.float64)
-    return float(total)
 
 
 def stats_key(model: nn.Module, layers: Sequence[int], corpus: str | None, n_tokens: int, max_length: int) -> dict:
@@ -334,21 +299,6 @@ class StatsCache:
         tensors = {name: getattr(stats, name).contiguous().cpu() for name in self.TENSORS}
         meta = {"key": self.layer_key(key_parts, layer), "n_tokens": str(stats.n_tokens)}
         return atomic_save_file(tensors, path, meta)
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """safetensors `save_file` to a temporary file in the same directory, then `os.replace`: a reader never sees a
-    half-written file, and an interrupted write leaves no file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def preservation_stats(

@@ -29,8 +29,9 @@ from ...adapters import get_adapter
 from ..algebra.update import ExpertUpdate
 from ..editor import EditState
 from ..model import offload
-from ..model.capture import moe_blocks
-from ..model.stats import atomic_save_file, model_fingerprint
+from ..model.blocks import moe_blocks
+from ..model.fingerprint import model_fingerprint
+from ..model.storage import atomic_save_file
 from .history import EditRecord, FixUp, Write, apply_fixups, copy_into, digest, down_param_names, replay, sample_values
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from torch import nn
 from ...adapters import get_adapter
 from ..algebra.update import ExpertUpdate
 from ..model import offload
-from ..model.capture import moe_blocks
-from ..model.stats import tensors_fingerprint
+from ..model.blocks import moe_blocks
+from ..model.fingerprint import tensors_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The MoTE core solve (method.md section 5): a ridge regression for the Tucker core, plus the writeback.
+"""The MoTE core solve (docs/method.md, "Core solve"): a ridge regression for the Tucker core, plus the writeback.
 
 For edit t with selected experts idx_tk, gates g_tk and null-space-projected keys k~_tk = P_j k_tk:
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .routed_keys import RoutedKeys
 from .tucker import TuckerFactors
 
 
@@ -73,42 +74,22 @@ class CoreSolution:
         return (self.R_tilde.to(torch.float64).T @ self.A.to(torch.float64)).to(self.A.dtype)  # [r_out, r_e*r_in]
 
 
-def project_keys(keys: torch.Tensor, expert_idx: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """Null-space-project each key with its expert's projector, k~_tk = P_{idx_tk} k_tk.
-
-    keys: `[T, K, h]`, expert_idx: `[T, K]` long, P: `[E, h, h]` -> `[T, K, h]`.
-    Loops over the experts that occur (never gathers a [T, K, h, h] stack of projectors).
-    """
-    T, K, h = keys.shape
-    dtype = _result_dtype(keys, P)
-    flat_keys = keys.reshape(T * K, h).to(dtype)  # [T*K, h]
-    flat_idx = expert_idx.reshape(T * K).to(keys.device)  # [T*K]
-    projected = torch.empty_like(flat_keys)  # [T*K, h]
-    for j in flat_idx.unique().tolist():
-        sel = flat_idx == j  # [T*K]
-        projected[sel] = flat_keys[sel] @ P[j].to(device=keys.device, dtype=dtype).T  # [n_j, h]
-    return projected.reshape(T, K, h)
-
-
-def core_features(
-    keys: torch.Tensor, gates: torch.Tensor, expert_idx: torch.Tensor, factors: TuckerFactors
-) -> torch.Tensor:
+def core_features(routed: RoutedKeys, factors: TuckerFactors) -> torch.Tensor:
     """Edit features phi_t[a, :] = sum_k g_tk U_e[idx_tk, a] U_in^T k~_tk, flattened over (a, :).
 
-    keys: `[T, K, h]` (already projected), gates: `[T, K]`, expert_idx: `[T, K]` -> Phi `[T, r_e*r_in]`
-    (float64).
+    routed: the batch's T edits, keys `[T, K, h]` already projected -> Phi `[T, r_e*r_in]` (float64).
     """
+    keys = routed.keys
     U_e, _, U_in = (U.to(device=keys.device, dtype=torch.float64) for U in factors)
     c = keys.to(torch.float64) @ U_in  # [T, K, r_in]
-    u = U_e[expert_idx.to(keys.device)]  # [T, K, r_e]
-    Phi = torch.einsum("tk,tka,tki->tai", gates.to(device=keys.device, dtype=torch.float64), u, c)  # [T, r_e, r_in]
+    u = U_e[routed.expert_idx.to(keys.device)]  # [T, K, r_e]
+    gates = routed.gates.to(device=keys.device, dtype=torch.float64)  # [T, K]
+    Phi = torch.einsum("tk,tka,tki->tai", gates, u, c)  # [T, r_e, r_in]
     return Phi.reshape(Phi.shape[0], -1)  # [T, r_e*r_in]
 
 
 def solve_core(
-    keys: torch.Tensor,
-    gates: torch.Tensor,
-    expert_idx: torch.Tensor,
+    routed: RoutedKeys,
     residuals: torch.Tensor,
     factors: TuckerFactors,
     lam: float,
@@ -123,9 +104,7 @@ def solve_core(
     Both sides give the same minimiser; with a memory M the feature side is the only exact one.
 
     Args:
-        keys: `[T, K, h]` keys of the selected experts, already projected (see `project_keys`).
-        gates: `[T, K]` routing gates.
-        expert_idx: `[T, K]` long, the selected experts.
+        routed: the batch's routing and keys `[T, K, h]`, already projected (`RoutedKeys.projected`).
         residuals: `[T, d]` R, target output minus current output at each edit.
         factors: TuckerFactors U_e `[E, r_e]`, U_out `[d, r_out]`, U_in `[h, r_in]` (orthonormal).
         lam: ridge lambda, > 0.
@@ -142,11 +121,11 @@ def solve_core(
         raise ValueError(f"side must be 'auto', 'T' or 'feature', got {side!r}")
     if side == "T" and memory is not None:
         raise ValueError("the T side cannot include a memory; use side='feature' or 'auto'")
-    dtype = _result_dtype(keys, residuals)
+    dtype = _result_dtype(routed.keys, residuals)
     _, U_out, _ = factors
-    Phi = core_features(keys, gates, expert_idx, factors)  # [T, n]
+    Phi = core_features(routed, factors)  # [T, n]
     T, n = Phi.shape
-    R_tilde = residuals.to(torch.float64) @ U_out.to(device=keys.device, dtype=torch.float64)  # [T, r_out]
+    R_tilde = residuals.to(torch.float64) @ U_out.to(device=Phi.device, dtype=torch.float64)  # [T, r_out]
 
     if side == "auto":
         side = "T" if memory is None and T <= n else "feature"
@@ -179,10 +158,11 @@ def update_memory(memory: torch.Tensor | None, Phi: torch.Tensor) -> torch.Tenso
     return update if memory is None else memory.to(torch.float64) + update
 
 
-def uint_p(factors: TuckerFactors, P: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """U_in^T P_j for every expert, computed once per layer: `[E, r_in, h]` (P None: P_j = I).
+def key_maps_of(factors: TuckerFactors, P: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The key maps U_in^T P_j of every expert, computed once per layer: `[E, r_in, h]` (P None: P_j = I). Expert j's
+    map takes a raw key to the core's input coordinates (projection, then U_in).
 
-    Computed in float64, returned in `dtype`. Pass the result as `UinT_P` to `lowrank_update`.
+    Computed in float64, returned in `dtype`. Pass the result as `key_maps` to `lowrank_update`.
     """
     U_in = factors.U_in.to(torch.float64)  # [h, r_in]
     if P is None:
@@ -197,7 +177,7 @@ def lowrank_update(
     factors: TuckerFactors,
     P: torch.Tensor | None,
     scale: float = 1.0,
-    UinT_P: torch.Tensor | None = None,
+    key_maps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The writeback in low-rank form: Delta W_j = left @ right[j].
 
@@ -215,7 +195,7 @@ def lowrank_update(
         factors: the same TuckerFactors.
         P: `[E, h, h]` null-space projectors, or None for P_j = I.
         scale: multiplies the update (multi-layer spread: 1 / (L - l + 1)).
-        UinT_P: optional precomputed `[E, r_in, h]` U_in^T P_j (reused across batches; `uint_p`).
+        key_maps: optional precomputed `[E, r_in, h]` U_in^T P_j (reused across batches; `key_maps_of`).
 
     Returns:
         left `[d, r]`, right `[E, r, h]`.
@@ -235,37 +215,9 @@ def lowrank_update(
         G = solution.G_flat.reshape(r_out, r_e, r_in)  # [r_out, r_e, r_in]
         B = torch.einsum("ja,oai->joi", U_e, G)  # [E, r_out, r_in]
         left = scale * U_out  # [d, r_out]
-    if UinT_P is not None:
-        return left, B @ UinT_P.to(device=device, dtype=dtype)  # [E, r, h]
+    if key_maps is not None:
+        return left, B @ key_maps.to(device=device, dtype=dtype)  # [E, r, h]
     # no U_in^T P_j at hand (a basis taken for one batch): (B_j U_in^T) P_j, E r h (r_in + h) flops instead of the
     # E r_in h^2 of U_in^T P_j
     right = B @ U_in.to(device=device, dtype=dtype).T  # [E, r, h]
     return left, right if P is None else right @ P.to(device=device, dtype=dtype)
-
-
-def dense_update(
-    solution: CoreSolution,
-    factors: TuckerFactors,
-    P: torch.Tensor | None,
-    scale: float = 1.0,
-    UinT_P: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The explicit update Delta W `[E, d, h]` (tests and small models only), = left @ right[j]."""
-    left, right = lowrank_update(solution, factors, P, scale=scale, UinT_P=UinT_P)  # [d, r], [E, r, h]
-    return torch.einsum("dr,erh->edh", left, right)  # [E, d, h]
-
-
-def predicted_change(
-    solution: CoreSolution,
-    factors: TuckerFactors,
-    keys: torch.Tensor,
-    gates: torch.Tensor,
-    expert_idx: torch.Tensor,
-) -> torch.Tensor:
-    """The change of the MoE output the solve predicts at each (projected) key: U_out G_flat phi_t.
-
-    keys: `[T, K, h]`, gates: `[T, K]`, expert_idx: `[T, K]` -> `[T, d]`.
-    """
-    Phi = core_features(keys, gates, expert_idx, factors).to(solution.G_flat.dtype)  # [T, n]
-    U_out = factors.U_out.to(device=Phi.device, dtype=Phi.dtype)  # [d, r_out]
-    return Phi @ solution.G_flat.T @ U_out.T  # [T, d]
