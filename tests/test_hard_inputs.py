@@ -49,7 +49,7 @@ def residual_left(model, tok, reqs, hp, z) -> float:
     return float(((h - z) ** 2).sum())  # the least-squares objective the solve lowers
 
 
-@pytest.mark.parametrize("n,ranks", [(1, (1.0, 1.0, 1.0)), (4, (1, 32, 3))], ids=["T=1", "T>r_e*r_in"])
+@pytest.mark.parametrize("n,ranks", [(1, ("full", "full", "full")), (4, (1, 32, 3))], ids=["T=1", "T>r_e*r_in"])
 def test_single_edit_and_the_feature_side(tok, tmp_path, n, ranks):
     """T = 1, and T = 4 > r_e * r_in = 3 (the feature-side solve): both move the layer output towards z."""
     model = tiny_model(tok)
