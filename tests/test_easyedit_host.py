@@ -260,7 +260,9 @@ def test_easyedit_example_script_runs_mote(easyedit_host, yaml_fact_model, tmp_p
     cfg.update(model_name=model_dir, stats_dir="../../stats", batch_size=50)
     (tmp_path / "hparams" / "MoTE" / "MoTE.yaml").write_text(yaml.safe_dump(cfg))
     _empty_punkt(tmp_path / "nltk_data")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")]),
+    # the checkout, and this repository's mote_plugin first (not another copy the environment may have installed)
+    plugin = str(HPARAMS.parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), plugin, os.environ.get("PYTHONPATH", "")]),
                NLTK_DATA=str(tmp_path / "nltk_data"))
     argv = ["--editing_method", "MoTE", "--hparams_dir", "../hparams/MoTE/MoTE", "--data_dir", "../data",
             "--data_type", "CF", "--ds_size", "3", "--output_dir", "../out"]

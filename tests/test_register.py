@@ -96,7 +96,9 @@ def test_importing_registers_nothing_register_does():
             "assert mote_plugin.register(); "
             "assert issubclass(MoTEHyperParams, HyperParams) and ALG_DICT['MoTE'] is apply_mote; "
             "assert easyeditor.editors.batch_editor.BatchEditor.is_batchable_method('MoTE'); print('registered')")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKES / "current"), os.environ.get("PYTHONPATH", "")])}
+    plugin = str(FAKES.parent.parent)  # this repository's mote_plugin, not another installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKES / "current"), plugin,
+                                                        os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "registered", run.stderr[-2000:]
 
