@@ -249,29 +249,11 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
     weights."""
     hp_path, overrides = method_spec(name, entry)
     alg = method_alg(name, hp_path)
-    if alg == "MoTE":
-        from ..adapters import get_adapter
-
-        # batch_size: the run's, so the recorded hyper-parameters say how MoTE was called
-        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}",
-                                                           **overrides | {"batch_size": cfg.batch_size})
-        try:
-            get_adapter(model)
-        except ValueError as e:
-            return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path, overrides=overrides)
-        apply, batch_size, extra = apply_mote_to_model, cfg.batch_size, {}
-        MoTEEditor(model).reset()  # a fresh start: no bases, memory or history of an earlier row
-    elif host is None:
-        return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path,
-                            overrides=overrides)
-    else:
-        setup = _host_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
-        if isinstance(setup, MethodResult):
-            setup.overrides = overrides
-            return setup
-        apply, hp, batch_size = setup
-        extra = {"reset_cache": True} if alg == "AlphaEdit" else {}
-
+    setup = _method_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
+    if isinstance(setup, MethodResult):
+        setup.overrides = overrides
+        return setup
+    apply, hp, batch_size, extra = setup
     requests = [request_of(r, cfg.dataset) for r in records]
     originals: dict = {}
     seconds = 0.0
@@ -303,6 +285,30 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
                 params[k].copy_(v)
         if alg == "MoTE":
             MoTEEditor(model).reset()
+
+
+def _method_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, cfg: CompareConfig, host):
+    """(apply function, hyper-parameters, batch size, extra arguments of the first call) of one method, or the
+    MethodResult saying why it cannot run here."""
+    if alg == "MoTE":
+        from ..adapters import get_adapter
+
+        # batch_size: the run's, so the recorded hyper-parameters say how MoTE was called
+        hp = MoTEHyperParams.from_hparams(hp_path).updated(f"methods: {name}",
+                                                           **overrides | {"batch_size": cfg.batch_size})
+        try:
+            get_adapter(model)
+        except ValueError as e:
+            return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path)
+        MoTEEditor(model).reset()  # a fresh start: no bases, memory or history of an earlier row
+        return apply_mote_to_model, hp, cfg.batch_size, {}
+    if host is None:
+        return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path)
+    setup = _host_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
+    if isinstance(setup, MethodResult):
+        return setup
+    apply, hp, batch_size = setup
+    return apply, hp, batch_size, {"reset_cache": True} if alg == "AlphaEdit" else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
