@@ -46,7 +46,6 @@ from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_c
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
-from mote_plugin.mote.algebra.coverage import measure_coverage
 from mote_plugin.mote.algebra.solvers import solve_batch
 from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.model.capture import capture, layer_outputs
@@ -334,8 +333,7 @@ def batch_coverage(model, tok, requests: list[dict], variants: dict[str, MoTEHyp
     for name, hp in variants.items():
         layer = MoTEEditor(model, tok, hp).bases([L])[L]
         solution, _ = solve_batch(hp.solver, L, layer, cap, R, hp.mote_lambda, rule=hp.basis_rule())
-        change = solution.update(layer, L, 1.0).output_change(cap)  # [T, d]
-        out[name] = measure_coverage(L, solution.factors, solution.routed, R, change).to_dict()
+        out[name] = solution.coverage(solution.update(layer, L, 1.0), cap, R).to_dict()
     return out
 
 

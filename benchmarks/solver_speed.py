@@ -49,7 +49,6 @@ from mote_plugin.adapters import GptOssAdapter, Qwen3_5MoeAdapter, Qwen3MoeAdapt
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.mote.algebra.batch_basis import BasisRule
 from mote_plugin.mote.algebra.core_solve import key_maps_of
-from mote_plugin.mote.algebra.coverage import measure_coverage
 from mote_plugin.mote.algebra.nullspace import nullspace_projectors
 from mote_plugin.mote.algebra.routed_keys import RoutedKeys
 from mote_plugin.mote.algebra.solvers import LayerBasis, solve_batch
@@ -486,7 +485,7 @@ def basis_check(shape_name: str, per_batch: int, batches: int, log=print) -> dic
             t2 = time.perf_counter()
             update.write(adapter, block)
             t3 = time.perf_counter()
-            measure_coverage(0, sol.factors, sol.routed, R, update.output_change(cap))
+            sol.coverage(update, cap, R)
             t4 = time.perf_counter()
             for key, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 steps[key].append(seconds)

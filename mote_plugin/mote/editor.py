@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import MoEAdapter, get_adapter
 from .algebra.core_solve import key_maps_of
-from .algebra.coverage import Coverage, measure_coverage
+from .algebra.coverage import Coverage
 from .algebra.nullspace import nullspace_projectors
 from .algebra.solvers import LayerBasis, solve_batch
 from .algebra.tucker import TuckerFactors, tucker_factors
@@ -444,8 +444,8 @@ class MoTEEditor:
                 update.write(edit.adapter, edit.blocks[target])
                 edit.writes.append((target, update))
                 if target == layer:  # every spread writes its solve layer at scale 1
-                    change = update.output_change(routed)  # [T, d]
-        edit.coverage.append(measure_coverage(layer, solution.factors, solution.routed, R, change))
+                    at_solve_layer = update
+        edit.coverage.append(solution.coverage(at_solve_layer, routed, R))
         _report(edit.coverage[-1], hp)
 
 

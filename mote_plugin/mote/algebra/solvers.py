@@ -20,6 +20,7 @@ import torch
 from .baselines import bcd_solve, global_solve
 from .batch_basis import BasisRule, batch_factors
 from .core_solve import CoreSolution, lowrank_update, solve_core, update_memory
+from .coverage import Coverage, measure_coverage
 from .routed_keys import RoutedKeys
 from .tucker import TuckerFactors
 from .update import ExpertUpdate
@@ -57,6 +58,11 @@ class LayerSolution:
             return ExpertUpdate(left=left, right=right)
         update = self.expert_update if layer == self.layer else self.expert_update.projected(basis.P)
         return update.scaled(scale)
+
+    def coverage(self, update: ExpertUpdate, routed: RoutedKeys, residuals: torch.Tensor) -> Coverage:
+        """What this solve's basis held of its batch, and the share of each residual that `update` (this solution at
+        its own layer, scale 1) reproduces there. routed: the batch's keys [T, K, h] as captured; residuals [T, d]."""
+        return measure_coverage(self.layer, self.factors, self.routed, residuals, update.output_change(routed))
 
 
 def solve_batch(solver: str, layer: int, basis: LayerBasis, routed: RoutedKeys, residuals: torch.Tensor, lam: float,
