@@ -46,6 +46,7 @@ from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_c
 from mote_plugin.adapters import get_adapter
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
+from mote_plugin.mote.algebra.coverage import SHARES, summarise
 from mote_plugin.mote.algebra.solvers import solve_batch
 from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.model.capture import capture, layer_outputs
@@ -219,7 +220,7 @@ class Session:
             solves += last_coverage(self.model)
         ranks = list(resolve_ranks(hp.layer_ranks(), self.shape)) if hp.solver == "mote" else None
         return self.scores(records, intervals) | {"seconds": seconds, "edited": edited, "ranks": ranks,
-                                                  "coverage": coverage_summary(solves)}
+                                                  "coverage": summarise(solves)}
 
     def unedited(self, records: list[dict]) -> dict:
         self.restore()
@@ -231,20 +232,6 @@ class Session:
         layers = adapter.moe_layers(self.model)
         reqs = [{"prompt": p, "subject": p.split()[0], "target_new": "x"} for p in prompts]
         return {l: c.expert_idx for l, c in capture(self.model, self.tok, adapter, reqs, layers, "last").items()}
-
-
-def coverage_summary(solves: list[dict]) -> dict:
-    """Every solve of a run (`last_coverage` of each batch) in one: per share the mean of the solves' means and the
-    smallest edit's share; `ranks` the (r_e, r_out, r_in) solved in, from the smallest to the largest."""
-    out = {}
-    for key in COVERAGE:
-        shares = [c[key] for c in solves if c[key] is not None]
-        if shares:
-            out[key] = {"mean": sum(s["mean"] for s in shares) / len(shares), "min": min(s["min"] for s in shares)}
-    ranks = sorted({tuple(c["ranks"]) for c in solves if c["ranks"]})
-    if ranks:
-        out["ranks"] = [list(ranks[0]), list(ranks[-1])]
-    return out
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -354,8 +341,6 @@ def routing(session: Session, base: MoTEHyperParams, records: list[dict], cfg: d
 # report
 # ---------------------------------------------------------------------------------------------------------------------
 
-
-COVERAGE = ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e", "reproduced")
 
 
 def _share(share: dict | float | None) -> str:
@@ -482,7 +467,7 @@ def markdown(report: dict) -> str:
                       "the layer's output moves exactly to z). Basis phase of `benchmarks/quality.py`.", "",
                       "| basis | (r_e, r_out, r_in) | residual in U_out | keys in U_in | gates in U_e | reproduced |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {n} | {tuple(r['ranks'])} | " + " | ".join(_share(r.get(k)) for k in COVERAGE) + " |"
+            lines += [f"| {n} | {tuple(r['ranks'])} | " + " | ".join(_share(r.get(k)) for k in SHARES) + " |"
                       for n, r in res["basis"].items()]
             lines.append("")
         if "routing" in res:

@@ -160,6 +160,7 @@ def format_coverage(call: int, c: dict) -> str:
 def _cmd_patch(args, forward: bool) -> None:
     from .loading import load_model
     from .mote.patches.files import apply_edit, load_patch, revert_edit
+
     src = _model_dir(args.model)
     out = _free_out(args.out, src)
     load_patch(args.patch)  # a missing or damaged patch is reported before the model is loaded

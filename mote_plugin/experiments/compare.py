@@ -28,6 +28,7 @@ import yaml
 
 from ..loading import load_model, load_tokenizer
 from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
+from ..mote.algebra.coverage import summarise
 from ..mote.editor import MoTEEditor
 from ..mote.hparams import DTYPES, MoTEHyperParams, hparams_path
 from ..mote.mote_main import apply_mote_to_model, last_coverage
@@ -408,10 +409,8 @@ def markdown(report: dict) -> str:
 def _reproduced(coverage: list | None) -> str:
     """The share of the residuals MoTE's updates reproduced at their solve layers: the mean over every solve of every
     call, and the smallest single edit's share; "-" for a method without coverage (the host's)."""
-    solves = [c["reproduced"] for call in coverage or [] for c in call]
-    if not solves:
-        return "-"
-    return f"{sum(s['mean'] for s in solves) / len(solves):.2f} ({min(s['min'] for s in solves):.2f})"
+    reproduced = summarise([c for call in coverage or [] for c in call]).get("reproduced")
+    return "-" if reproduced is None else f"{reproduced['mean']:.2f} ({reproduced['min']:.2f})"
 
 
 def bar_chart(report: dict, plt):

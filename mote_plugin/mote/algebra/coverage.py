@@ -26,6 +26,8 @@ import torch
 from .routed_keys import RoutedKeys
 from .tucker import TuckerFactors
 
+SHARES = ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e", "reproduced")  # what a Coverage measures, in order
+
 
 def prefix_shares(X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """Share of each edit's energy in the span of U's first r columns, for every r.
@@ -85,10 +87,25 @@ class Coverage:
 
     def to_dict(self) -> dict:
         out = {"layer": self.layer, "edits": self.edits, "ranks": list(self.ranks) if self.ranks else None}
-        for name in ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e", "reproduced"):
+        for name in SHARES:
             share = getattr(self, name)
             out[name] = None if share is None else {"mean": share.mean, "min": share.min}
         return out
+
+
+def summarise(solves: list[dict]) -> dict:
+    """Several solves' coverage (`Coverage.to_dict`, e.g. every batch of a run) in one: per share the mean of the
+    solves' means and the smallest edit's share (left out where no solve measured it); `ranks` the (r_e, r_out, r_in)
+    solved in, the smallest and the largest (left out for the unstructured solvers)."""
+    out = {}
+    for key in SHARES:
+        shares = [c[key] for c in solves if c[key] is not None]
+        if shares:
+            out[key] = {"mean": sum(s["mean"] for s in shares) / len(shares), "min": min(s["min"] for s in shares)}
+    ranks = sorted({tuple(c["ranks"]) for c in solves if c["ranks"]})
+    if ranks:
+        out["ranks"] = [list(ranks[0]), list(ranks[-1])]
+    return out
 
 
 def measure_coverage(layer: int, factors: TuckerFactors | None, routed: RoutedKeys, residuals: torch.Tensor,
