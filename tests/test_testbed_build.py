@@ -140,16 +140,25 @@ def test_cli_prints_knowledge_table(tiny_builds, capsys):
 
 @pytest.mark.slow
 def test_reduced_fact_model_knows_its_facts(reduced_fact_model):
-    """A reduced build (56 facts, a few minutes on 2 cores) passes the knowledge gates of the default build."""
+    """The demo's build (56 facts) knows what the editing gates need, on any build of its recipe (conftest.py): at
+    least the 50 facts the 50-edit gate rewrites (known: the true object is the top-1 answer and preferred to the new
+    one), its held-out phrasings well above the majority answer (knowledge of the subject, not of one sentence), most
+    of the neighbours on which specificity is scored, and an edit band: layers where restoring the lookup token
+    recovers at least half of the fact. Measured on training seeds 0 / 1 / 2: known 53 / 55 / 55 of 56, held-out
+    top-1 0.91 / 0.88 / 0.93 (majority 0.54), neighbourhood 0.98 / 0.92 / 0.94, lookup token subject_last / last /
+    subject_last with bands of 3 / 2 / 3 layers. Worst margins: 3 facts known, held-out 0.14, neighbourhood 0.12."""
     _, report = reduced_fact_model("qwen3_moe")
     k = report["knowledge"]
-    assert k["rewrite"]["top1"] >= 0.9 and k["rewrite"]["p_true_gt_new"] >= 0.95
+    print({name: {m: round(k[name][m], 3) for m in ("top1", "majority", "p_true_gt_new") if m in k[name]}
+           for name in ("rewrite", "heldout_template", "neighbourhood")}, report["lookup_token"], report["edit_layers"],
+          {t: round(e["flipped"], 2) for t, e in report["editability"].items()})
+    assert round(report["known_share"] * report["n_facts"]) >= 50
     assert k["heldout_template"]["top1"] > k["heldout_template"]["majority"] + 0.2
-    assert k["neighbourhood"]["top1"] >= 0.85  # measured 0.89 at this size, 0.98 at the default size
+    assert k["neighbourhood"]["top1"] >= 0.8
     token = report["lookup_token"]
     assert token in ("subject_last", "last")
     band = report["edit_layers"]
-    assert len(band) >= 2 and all(report["tracing"][token][l] >= 0.5 for l in band)
+    assert band and all(report["tracing"][token][l] >= 0.5 for l in band)
     assert report["editability"][token]["flipped"] >= 0.9
 
 
