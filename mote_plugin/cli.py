@@ -151,8 +151,11 @@ def cmd_edit(args) -> None:
 def format_coverage(call: int, c: dict) -> str:
     """One line of `mote edit`'s output per solve: what the basis held and what the update reproduced (mean, min)."""
     shares = [f"{name} {c[key]['mean']:.2f} (min {c[key]['min']:.2f})" for name, key in
-              (("residual in U_out", "residual_in_U_out"), ("keys in U_in", "keys_in_U_in"),
-               ("gates in U_e", "gates_in_U_e"), ("reproduced", "reproduced")) if c[key] is not None]
+              (("keys past the null space", "keys_kept"), ("residual in U_out", "residual_in_U_out"),
+               ("keys in U_in", "keys_in_U_in"), ("gates in U_e", "gates_in_U_e"), ("reproduced", "reproduced"))
+              if c[key] is not None]
+    if c["empty_nullspace"]:
+        shares.append(f"experts with an empty null space {len(c['empty_nullspace'])}")
     ranks = f" ranks {tuple(c['ranks'])}" if c["ranks"] else ""
     return f"call {call}, layer {c['layer']}{ranks}: " + ", ".join(shares)
 
