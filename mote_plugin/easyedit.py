@@ -123,7 +123,8 @@ def host_branch(model_name: str) -> str | None:
 def load_model(model_name: str, hparams):
     """(model, tok) of a MoTE `model_name` for BaseEditor (through `mote_plugin.loading`, the loader of the CLI and the
     comparison too): AutoModelForCausalLM in `hparams.torch_dtype()` (the YAML's `dtype`; without it EasyEdit's
-    rule, float16 when `fp16`, else float32), device_map="auto" when `model_parallel`; the tokenizer as EasyEdit's
+    rule, float16 when `fp16`, else float32), device_map="auto" when `model_parallel`, de-quantized when
+    `dequantize`; the tokenizer as EasyEdit's
     generic branches load it (Qwen names with its "<|endoftext|>" special tokens; pad token = EOS where missing, or
     always for Llama / Mistral names), left padding, which the host gives every autoregressive tokenizer for MoTE.
     The host itself loads only in float16 or float32, and every family but its generic ones not at all (GPT-OSS would
@@ -135,7 +136,7 @@ def load_model(model_name: str, hparams):
     branch = host_branch(model_name)
     tok_kwargs = HOST_QWEN_TOKENS if branch in ("qwen2", "qwen3") else {}
     try:
-        model = load(model_name, hparams.torch_dtype(), device_map)
+        model = load(model_name, hparams.torch_dtype(), device_map, dequantize=getattr(hparams, "dequantize", False))
         tok = load_tokenizer(model_name, **tok_kwargs)
     except Exception as e:
         raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load "

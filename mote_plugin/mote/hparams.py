@@ -31,6 +31,8 @@ do and fails loudly where it does not fit:
   YAML means, and an edit is refused when they name others, so a YAML written for another layout never edits modules
   it did not name.
 - `model_parallel`, `fp16`, `dtype`: how `model_name` is loaded; logged once when a model handed over loaded disagrees.
+- `dequantize`: load a quantized checkpoint (MXFP4 experts) de-quantized; a model handed over with quantized experts
+  is refused by the edit, naming this key.
 """
 
 from __future__ import annotations
@@ -320,6 +322,9 @@ class MoTEHyperParams(HostHyperParams):
     fp16: bool = setting(False, _FLAG)  # loading flag: EasyEdit's BaseEditor loads model_name in float16
     # loading dtype of model_name: bfloat16 | float16 | float32; null = EasyEdit's rule (float16 if fp16 else float32)
     dtype: str | None = setting(None, _check(lambda v: v is None or v in DTYPES, f"null or one of {DTYPES}"))
+    # loading flag: a quantized checkpoint (GPT-OSS's MXFP4 experts) is loaded de-quantized, in `dtype` (BaseEditor by
+    # model_name, `mote edit`); MoTE edits de-quantized experts only
+    dequantize: bool = setting(False, _FLAG)
 
     def __post_init__(self):
         for f in fields(self):  # YAML "lambda: 1" is an int: a float key stores a float
