@@ -125,8 +125,12 @@ def cmd_edit(args) -> None:
     if device_map is not None and save_to is not None:
         raise CLIError("--save-model needs the whole model in memory; with --device-map keep the patch and "
                        "`mote apply` it where the model fits")
-    # a device this torch cannot use: before the weights load
-    device = hp.torch_device() if device_map is None else None
+    # a device this torch cannot use: before the weights load (with --device-map too: the edit reads `device`)
+    try:
+        device = hp.torch_device()
+    except ValueError as e:
+        raise CLIError(f"{e} (on the command line: --set device=cpu)") from None
+    device = None if device_map is not None else device
     model = load_model(src, hp.torch_dtype() if hp.dtype else None, device_map, args.offload_folder,
                        local_files_only=True, dequantize=hp.dequantize or args.dequantize)
     if device is not None:

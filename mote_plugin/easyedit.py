@@ -164,6 +164,7 @@ def _wrap_base_editor(editor_module) -> None:
         if getattr(hparams, "alg_name", None) != ALG_NAME:
             return init(self, hparams, *args, **kwargs)
         given = hparams.model_name
+        hparams.torch_device()  # a device this torch cannot use: refused before loading, naming `device`
         if isinstance(given, str):
             hparams.model_name = load_model(given, hparams)
         try:

@@ -18,8 +18,14 @@ def load_model(source, dtype: torch.dtype | str | None = None, device_map=None, 
     kwargs = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     if dequantize and (quantization := dequantized_config(source, local_files_only)) is not None:
         kwargs["quantization_config"] = quantization
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", local_files_only=local_files_only,
-                                                **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", local_files_only=local_files_only,
+                                                 **kwargs).eval()
+    setattr(model, LOADED_WITH, {"dtype": dtype, "device_map": device_map})
+    return model
+
+
+# the attribute on a model this loader loaded: how (`MoTEHyperParams` words its loading-flag warnings by it)
+LOADED_WITH = "_mote_loaded_with"
 
 
 def dequantized_config(source, local_files_only: bool = False):
