@@ -125,6 +125,25 @@ def test_shipped_yaml_through_the_cli_saves_the_whole_checkpoint(name, checkpoin
     assert not _changed(source, _source_model(reverted).state_dict())
 
 
+@pytest.mark.parametrize("name", rl.MODELS)
+def test_shipped_yaml_through_base_editor(name, checkpoints, tmp_path, monkeypatch, easyedit_host):
+    """EasyEdit's BaseEditor loads `model_name` (the plugin's loader: de-quantized GPT-OSS, the text model of the
+    image-text checkpoint) and batch_edit() writes a non-zero, finite edit; its weights_copy restores exactly."""
+    monkeypatch.chdir(tmp_path)  # the host writes logs/ into the working directory
+    hp = _hp(name, checkpoints, tmp_path)
+    editor = easyedit_host.BaseEditor.from_hparams(hp)
+    before = {n: t.clone() for n, t in editor.model.state_dict().items()}
+    _, edited, weights_copy = editor.batch_edit(
+        prompts=[r["prompt"] for r in rl.REQUESTS], target_new=[r["target_new"] for r in rl.REQUESTS],
+        subject=[r["subject"] for r in rl.REQUESTS], ground_truth=["unknown"] * len(rl.REQUESTS),
+        sequential_edit=True, verbose=False)
+    _edited_down_projections(_changed(before, edited.state_dict()), hp)
+    with torch.no_grad():
+        for n, value in weights_copy.items():
+            edited.get_parameter(n).copy_(value)
+    assert not _changed(before, edited.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPT-OSS's MXFP4 experts kept quantized (what transformers does on a GPU with triton and `kernels`)
 # ---------------------------------------------------------------------------------------------------------------------
