@@ -124,9 +124,9 @@ def load_model(model_name: str, hparams):
     """(model, tok) of a MoTE `model_name` for BaseEditor (through `mote_plugin.loading`, the loader of the CLI and the
     comparison too): AutoModelForCausalLM in `hparams.torch_dtype()` (the YAML's `dtype`; without it EasyEdit's
     rule, float16 when `fp16`, else float32), device_map="auto" when `model_parallel`, de-quantized when
-    `dequantize`; the tokenizer as EasyEdit's
-    generic branches load it (Qwen names with its "<|endoftext|>" special tokens; pad token = EOS where missing, or
-    always for Llama / Mistral names), left padding, which the host gives every autoregressive tokenizer for MoTE.
+    `dequantize`; the tokenizer as EasyEdit's generic branches load it (Qwen names with its "<|endoftext|>" special
+    tokens; pad token = EOS where missing, or always for Llama / Mistral names), left padding, which the host gives
+    every autoregressive tokenizer for MoTE.
     The host itself loads only in float16 or float32, and every family but its generic ones not at all (GPT-OSS would
     get GPT2Tokenizer, OLMoE and DeepSeek-V3 a NotImplementedError)."""
     from .loading import load_model as load

@@ -15,6 +15,7 @@ that transformers loads it as such; every other module keeps its quantization. T
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,6 +63,12 @@ def _disk_tensors(model, name: str, value: torch.Tensor) -> dict[str, torch.Tens
 
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    return _SAFETENSORS_BYTES.get(dtype, 1) * math.prod(shape)
 
 
 def edited_tensors(model, ckpt: _Checkpoint, names: Iterable[str]) -> tuple[dict[str, torch.Tensor], set[str],
@@ -125,6 +132,9 @@ def save_model(model, src: str | Path, out: str | Path, names: Iterable[str]) ->
         if (src / INDEX).is_file():
             index = json.loads((src / INDEX).read_text())
             index["weight_map"] = dict(sorted(weight_map.items()))
+            sizes = {k: v.numel() * v.element_size() for k, v in write.items()}
+            index.setdefault("metadata", {})["total_size"] = sum(
+                sizes[k] if k in sizes else _nbytes(*ckpt.info[k]) for k in weight_map)
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
         if dequantized:
             config = json.loads((src / "config.json").read_text())

@@ -152,8 +152,8 @@ def test_shipped_yaml_through_base_editor(name, checkpoints, tmp_path, monkeypat
 @pytest.fixture
 def mxfp4_kernels_available(monkeypatch):
     """Loading an MXFP4 checkpoint as on a GPU with triton and `kernels`: the quantizer keeps the experts quantized and
-    swaps in transformers' MXFP4 classes. The kernels themselves are stubbed (no triton here): the experts' FP4 bytes
-    are not swizzled into them, which no test here reads."""
+    swaps in transformers' MXFP4 classes. The kernels themselves are stubbed (no triton here): the experts' packed FP4
+    bytes are put into their parameters as stored, not swizzled for the kernels."""
     from transformers.integrations import hub_kernels, mxfp4
     from transformers.quantizers import quantizer_mxfp4
 
@@ -161,13 +161,18 @@ def mxfp4_kernels_available(monkeypatch):
     monkeypatch.setattr(hub_kernels, "get_kernel", lambda *a, **k: object())
 
     def deserialize(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
+        module_name, _, proj = full_layer_name.rpartition(".")
+        blocks = input_dict[f"{proj}_blocks"]
+        blocks = blocks[0] if isinstance(blocks, list) else blocks  # [E, out, in / 32, 16]
+        packed = blocks.reshape(*blocks.shape[:2], -1)  # [E, out, in / 2], the parameter's shape
+        setattr(model.get_submodule(module_name), proj, torch.nn.Parameter(packed, requires_grad=False))
         missing_keys.discard(full_layer_name)
         return {}
 
     monkeypatch.setattr(mxfp4.Mxfp4Deserialize, "convert", deserialize)
 
 
-def test_mxfp4_experts_are_refused_naming_the_fix(checkpoints, tmp_path, mxfp4_kernels_available):
+def test_mxfp4_experts_are_refused_naming_the_fix(checkpoints, tmp_path, capsys, mxfp4_kernels_available):
     from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
 
     src = checkpoints["gpt-oss-20b"]
@@ -179,12 +184,22 @@ def test_mxfp4_experts_are_refused_naming_the_fix(checkpoints, tmp_path, mxfp4_k
         apply_mote_to_model(model, load_tokenizer(src), rl.REQUESTS, hp)
     for fix in ("dequantize: true", "--dequantize", "Mxfp4Config(dequantize=True)"):
         assert fix in str(e.value)
+    # the CLI loads the same way: refused without the flag, edited with it
+    (tmp_path / "hp.yaml").write_text(yaml.safe_dump(hp.to_dict()))
+    (tmp_path / "requests.json").write_text(json.dumps(rl.REQUESTS))
+    argv = ["edit", "--hparams", str(tmp_path / "hp.yaml"), "--requests", str(tmp_path / "requests.json"), "--model",
+            str(src), "--out", str(tmp_path / "edit.safetensors")]
+    assert main(argv) == 2 and "--dequantize" in capsys.readouterr().err
+    assert main([*argv, "--dequantize"]) == 0 and (tmp_path / "edit.safetensors").is_file()
 
 
 def test_dequantize_loads_bf16_experts_that_edit(checkpoints, tmp_path, mxfp4_kernels_available):
-    """`dequantize: true` (the shipped YAML's) through the loader: the plain GPT-OSS block, de-quantized exactly as
-    transformers de-quantizes on a machine without the kernels, and the edit writes."""
+    """`dequantize: true` (the shipped YAML's) through the loader (API and CLI) and BaseEditor's loading: the plain
+    GPT-OSS block, de-quantized exactly as transformers de-quantizes on a machine without the kernels; the edit
+    writes."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from mote_plugin.easyedit import load_model as host_load
 
     src = checkpoints["gpt-oss-20b"]
     hp = _hp("gpt-oss-20b", checkpoints, tmp_path)
@@ -198,6 +213,9 @@ def test_dequantize_loads_bf16_experts_that_edit(checkpoints, tmp_path, mxfp4_ke
     expected = convert_moe_packed_tensors(blocks["model.layers.3.mlp.experts.down_proj_blocks"],
                                           blocks["model.layers.3.mlp.experts.down_proj_scales"])  # [E, h, d]
     assert torch.equal(model.model.layers[3].mlp.experts.down_proj.detach(), expected)
+    hp.model_parallel = False
+    host_model, _ = host_load(str(src), hp)  # BaseEditor's loading of model_name: the same
+    assert all(type(layer.mlp) is GptOssMLP for layer in host_model.model.layers)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     model, _ = apply_mote_to_model(model, load_tokenizer(src), rl.REQUESTS, hp)
     _edited_down_projections(_changed(before, model.state_dict()), hp)
