@@ -54,6 +54,14 @@ class _Checkpoint:
                     self.info[key] = (s.get_dtype(), list(s.get_shape()))
 
 
+def _metadata(file: Path) -> dict[str, str]:
+    """The safetensors header metadata of `file` (transformers writes {"format": "pt"})."""
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        return f.metadata() or {"format": "pt"}
+
+
 def _disk_tensors(model, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """The parameter `name` of `model` as its checkpoint stores it: {on-disk name: tensor} (transformers' reverse of
     the conversions it applied on load)."""
@@ -128,7 +136,7 @@ def save_model(model, src: str | Path, out: str | Path, names: Iterable[str]) ->
         for file in sorted(touched):
             tensors = {k: v for k, v in load_file(src / file).items() if k not in drop}
             tensors |= {k: v.contiguous() for k, v in write.items() if weight_map.get(k) == file}
-            save_file(tensors, tmp / file, metadata={"format": "pt"})
+            save_file(tensors, tmp / file, metadata=_metadata(src / file))
         if (src / INDEX).is_file():
             index = json.loads((src / INDEX).read_text())
             index["weight_map"] = dict(sorted(weight_map.items()))
