@@ -5,6 +5,7 @@
     last_timings(model)                                      seconds per stage of the last edit
     last_coverage(model)                                     what the basis held of the last edit, per solve
     save_edit / apply_edit / revert_edit / inspect_edit      edit patches (docs/patches.md)
+    save_model(model, src, out, names)                       the source checkpoint with the edited tensors rewritten
     MoTEHyperParams                                          the YAML hyper-parameters
     register()                                               make "MoTE" selectable in an EasyEdit host
 
@@ -33,6 +34,7 @@ _LAZY = {
     "last_coverage": "mote_plugin.mote.mote_main",
     "register": "mote_plugin.easyedit",
     "save_edit": "mote_plugin.mote.patches.files",
+    "save_model": "mote_plugin.saving",
     "apply_edit": "mote_plugin.mote.patches.files",
     "revert_edit": "mote_plugin.mote.patches.files",
     "inspect_edit": "mote_plugin.mote.patches.files",

@@ -1,8 +1,9 @@
 """`mote`: edit a local Hugging Face MoE model with MoTE and move the edit around as a patch (docs/patches.md).
 
     mote edit    --hparams H[.yaml] --requests R.json --model DIR --out PATCH [--set KEY=VALUE ...] [--save-model DIR]
-    mote apply   --model DIR --patch PATCH --out DIR [--approximate]
-    mote revert  --model DIR --patch PATCH --out DIR [--approximate]
+                 [--device-map MAP [--offload-folder DIR]] [--dequantize]
+    mote apply   --model DIR --patch PATCH --out DIR [--approximate] [--dequantize]
+    mote revert  --model DIR --patch PATCH --out DIR [--approximate] [--dequantize]
     mote inspect PATCH [--json]
     mote --version
 
@@ -15,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+DEQUANTIZE_HELP = ("load a quantized checkpoint (GPT-OSS's MXFP4 experts) de-quantized: MoTE edits de-quantized "
+                   "experts, and transformers keeps MXFP4 experts quantized where its kernels run (a GPU with triton "
+                   "and `kernels`)")
 
 
 class CLIError(Exception):
@@ -61,19 +61,17 @@ def _free_out(path: str, model_dir: Path) -> Path:
     return out
 
 
-def _save_model(model, src: Path, out: Path) -> None:
-    """`save_pretrained` into `out` with every other file of `src` (tokenizer, templates) copied as is; written to a
-    temporary directory beside `out` and renamed, so `out` is complete or absent."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp"))
-    try:
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(f, tmp / f.name)
-        model.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _save_model(model, src: Path, out: Path, patch: str) -> None:
+    """The checkpoint at `src` with the parameters the patch changes rewritten (`saving.save_model`: every other file,
+    tensor and config entry as in `src`), and one line saying what changed."""
+    from .mote.patches.files import load_patch
+    from .saving import save_model
+
+    report = save_model(model, src, out, load_patch(patch).meta["params"])
+    dequantized = (f"; de-quantized into {model.dtype} (quantized in {src}, now in quantization_config."
+                   f"modules_to_not_convert): {', '.join(report['dequantized'])}" if report["dequantized"] else "")
+    print(f"model written to {out}: {src} with {len(report['written'])} tensor(s) rewritten{dequantized}; every "
+          "other file and tensor as in the source")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,10 +125,14 @@ def cmd_edit(args) -> None:
     if device_map is not None and save_to is not None:
         raise CLIError("--save-model needs the whole model in memory; with --device-map keep the patch and "
                        "`mote apply` it where the model fits")
-    # a device this torch cannot use: before the weights load
-    device = hp.torch_device() if device_map is None else None
+    # a device this torch cannot use: before the weights load (with --device-map too: the edit reads `device`)
+    try:
+        device = hp.torch_device()
+    except ValueError as e:
+        raise CLIError(f"{e} (on the command line: --set device=cpu)") from None
+    device = None if device_map is not None else device
     model = load_model(src, hp.torch_dtype() if hp.dtype else None, device_map, args.offload_folder,
-                       local_files_only=True)
+                       local_files_only=True, dequantize=hp.dequantize or args.dequantize)
     if device is not None:
         model = model.to(device)
     tok = load_tokenizer(src, local_files_only=True)
@@ -144,15 +146,17 @@ def cmd_edit(args) -> None:
     print(f"edited {len(requests)} request(s) in {calls} call(s) of up to batch_size {hp.batch_size}; patch written to "
           f"{path}")
     if save_to is not None:
-        _save_model(model.cpu(), src, save_to)
-        print(f"edited model written to {save_to}")
+        _save_model(model, src, save_to, path)
 
 
 def format_coverage(call: int, c: dict) -> str:
     """One line of `mote edit`'s output per solve: what the basis held and what the update reproduced (mean, min)."""
     shares = [f"{name} {c[key]['mean']:.2f} (min {c[key]['min']:.2f})" for name, key in
-              (("residual in U_out", "residual_in_U_out"), ("keys in U_in", "keys_in_U_in"),
-               ("gates in U_e", "gates_in_U_e"), ("reproduced", "reproduced")) if c[key] is not None]
+              (("keys past the null space", "keys_kept"), ("residual in U_out", "residual_in_U_out"),
+               ("keys in U_in", "keys_in_U_in"), ("gates in U_e", "gates_in_U_e"), ("reproduced", "reproduced"))
+              if c[key] is not None]
+    if c["empty_nullspace"]:
+        shares.append(f"experts with an empty null space {len(c['empty_nullspace'])}")
     ranks = f" ranks {tuple(c['ranks'])}" if c["ranks"] else ""
     return f"call {call}, layer {c['layer']}{ranks}: " + ", ".join(shares)
 
@@ -164,11 +168,11 @@ def _cmd_patch(args, forward: bool) -> None:
     src = _model_dir(args.model)
     out = _free_out(args.out, src)
     load_patch(args.patch)  # a missing or damaged patch is reported before the model is loaded
-    model = load_model(src, local_files_only=True)
+    model = load_model(src, local_files_only=True, dequantize=args.dequantize)
     result = (apply_edit if forward else revert_edit)(model, args.patch, exact=not args.approximate)
-    _save_model(model, src, out)
     how = "bit-exactly" if result["exact"] else "within the rounding tolerance (not bit-exact)"
-    print(f"{'applied' if forward else 'reverted'} {args.patch} {how}; model written to {out}")
+    print(f"{'applied' if forward else 'reverted'} {args.patch} {how}")
+    _save_model(model, src, out, args.patch)
 
 
 def cmd_apply(args) -> None:
@@ -231,6 +235,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device-map", help="load with accelerate's device_map: auto, balanced, ... or a JSON object "
                    "{module: device}, \"disk\" and \"cpu\" for offload (docs/large-models.md)")
     e.add_argument("--offload-folder", help="where accelerate puts disk-offloaded weights (with --device-map)")
+    e.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP + " (or `dequantize: true` in the YAML)")
     e.set_defaults(run=cmd_edit)
     for verb, run, what in (("apply", cmd_apply, "apply a patch to its base model"),
                             ("revert", cmd_revert, "undo a patch on its edited model")):
@@ -240,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
         a.add_argument("--out", required=True, help="directory to write the resulting model to (new or empty)")
         a.add_argument("--approximate", action="store_true",
                        help="accept the model in another dtype (within rounding, not bit-exact)")
+        a.add_argument("--dequantize", action="store_true", help=DEQUANTIZE_HELP + " (as `mote edit` loaded it)")
         a.set_defaults(run=run)
     i = verbs.add_parser("inspect", help="summarise a patch")
     i.add_argument("patch")

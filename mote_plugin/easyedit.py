@@ -123,9 +123,10 @@ def host_branch(model_name: str) -> str | None:
 def load_model(model_name: str, hparams):
     """(model, tok) of a MoTE `model_name` for BaseEditor (through `mote_plugin.loading`, the loader of the CLI and the
     comparison too): AutoModelForCausalLM in `hparams.torch_dtype()` (the YAML's `dtype`; without it EasyEdit's
-    rule, float16 when `fp16`, else float32), device_map="auto" when `model_parallel`; the tokenizer as EasyEdit's
-    generic branches load it (Qwen names with its "<|endoftext|>" special tokens; pad token = EOS where missing, or
-    always for Llama / Mistral names), left padding, which the host gives every autoregressive tokenizer for MoTE.
+    rule, float16 when `fp16`, else float32), device_map="auto" when `model_parallel`, de-quantized when
+    `dequantize`; the tokenizer as EasyEdit's generic branches load it (Qwen names with its "<|endoftext|>" special
+    tokens; pad token = EOS where missing, or always for Llama / Mistral names), left padding, which the host gives
+    every autoregressive tokenizer for MoTE.
     The host itself loads only in float16 or float32, and every family but its generic ones not at all (GPT-OSS would
     get GPT2Tokenizer, OLMoE and DeepSeek-V3 a NotImplementedError)."""
     from .loading import load_model as load
@@ -135,7 +136,7 @@ def load_model(model_name: str, hparams):
     branch = host_branch(model_name)
     tok_kwargs = HOST_QWEN_TOKENS if branch in ("qwen2", "qwen3") else {}
     try:
-        model = load(model_name, hparams.torch_dtype(), device_map)
+        model = load(model_name, hparams.torch_dtype(), device_map, dequantize=getattr(hparams, "dequantize", False))
         tok = load_tokenizer(model_name, **tok_kwargs)
     except Exception as e:
         raise ValueError(f"model_name {model_name!r}: the plugin could not load it ({type(e).__name__}: {e}); load "
@@ -163,6 +164,7 @@ def _wrap_base_editor(editor_module) -> None:
         if getattr(hparams, "alg_name", None) != ALG_NAME:
             return init(self, hparams, *args, **kwargs)
         given = hparams.model_name
+        hparams.torch_device()  # a device this torch cannot use: refused before loading, naming `device`
         if isinstance(given, str):
             hparams.model_name = load_model(given, hparams)
         try:

@@ -8,8 +8,10 @@ import torch
 
 from mote_plugin import last_coverage
 from mote_plugin.adapters import get_adapter
+from mote_plugin.cli import format_coverage
 from mote_plugin.mote.algebra.batch_basis import BasisRule, batch_factors, extend, leading_rank
-from mote_plugin.mote.algebra.coverage import measure_coverage, prefix_shares, reproduced_shares
+from mote_plugin.mote.algebra.coverage import kept_shares, measure_coverage, prefix_shares, reproduced_shares
+from mote_plugin.mote.algebra.routed_keys import RoutedKeys
 from mote_plugin.mote.algebra.tucker import TuckerFactors, tucker_factors
 from mote_plugin.mote.editor import MoTEEditor, request_key
 from mote_plugin.mote.hparams import MoTEHyperParams
@@ -18,6 +20,7 @@ from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.mote.mote_main import apply_mote_to_model
 from reference import routed
 from test_mote_main import REQUESTS, hparams, tiny_model, tok  # noqa: F401  (tok: a fixture)
+from tiny import spread_routing
 
 
 def orthonormal(n, r, seed=0):
@@ -231,3 +234,64 @@ def test_edit_aware_edit_is_all_or_nothing(tok, tmp_path):  # noqa: F811
         for name, value in originals.items():
             model.get_parameter(name).copy_(value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the null space in the coverage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_kept_shares_are_the_energy_past_each_projector():
+    """Per edit and per expert: the gated keys' energy that passes P_j over the energy before it."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 2, 6, generator=gen)  # [T, K, h]
+    idx = torch.tensor([[0, 1], [1, 2], [0, 2]])
+    gates = torch.rand(3, 2, generator=gen)
+    captured = RoutedKeys(idx, gates, keys, 4)
+    P = torch.stack([torch.eye(6), torch.zeros(6, 6), torch.diag(torch.tensor([1.0, 1, 1, 0, 0, 0])), torch.eye(6)])
+    per_edit, per_expert = kept_shares(captured, captured.projected(P))
+    g = gates[..., None] * keys  # [T, K, h]
+    energy = (g**2).sum(-1)  # [T, K]
+    assert per_expert[0] == pytest.approx(1.0) and per_expert[1] == 0.0
+    assert per_expert[2] == pytest.approx(float(((g[1, 1, :3] ** 2).sum() + (g[2, 1, :3] ** 2).sum())
+                                                / (energy[1, 1] + energy[2, 1])))
+    assert per_edit[0] == pytest.approx(float(energy[0, 0] / energy[0].sum()))
+    assert per_edit[1] == pytest.approx(float((g[1, 1, :3] ** 2).sum() / energy[1].sum()))
+    assert set(per_expert) == {0, 1, 2}
+
+
+def test_absolute_threshold_that_empties_the_null_space_is_named(tok, tmp_path, caplog):  # noqa: F811
+    """AlphaEdit's absolute 2e-2 (the real YAMLs' setting) on a tiny model whose keys are all larger: no expert keeps a
+    null-space direction, the edit writes exactly zero, the coverage says no key passed and which experts have an
+    empty null space (not that U_in holds the keys), and the warning names the null space and its settings first."""
+    model, _ = spread_routing(tiny_model(tok))  # expert weights of std 0.5: every key direction above 2e-2
+    before = down_weights(model)
+    hp = hparams(tmp_path, layers=[1], nullspace_rule="absolute", nullspace_threshold=2e-2, r_e="auto", r_out="auto",
+                 r_in="auto", spread="residual", min_reproduced=0.5)
+    with caplog.at_level(logging.WARNING, logger="mote_plugin.mote.editor"):
+        result = MoTEEditor(model, tok, hp).edit(REQUESTS, progress=False)
+    assert max_difference(down_weights(model), before) == 0.0  # nothing passed the projectors
+    (cov,) = result.coverage
+    assert cov.keys_kept.mean == 0.0 and cov.keys_kept.min == 0.0
+    assert cov.empty_nullspace == (0, 1, 2, 3) and cov.kept_by_expert and set(cov.kept_by_expert.values()) == {0.0}
+    assert cov.keys_in_U_in is None  # no key left to be held
+    assert cov.reproduced.mean == 0.0
+    (warning,) = [r.getMessage() for r in caplog.records if "min_reproduced" in r.getMessage()]
+    advice = warning.split("may not take: ", 1)[1]
+    assert advice.startswith("the null space removes most of the edit"), advice
+    for setting in ("nullspace_rule 'absolute'", "nullspace_threshold 0.02", "preservation_tokens 3000",
+                    "nullspace_min_tokens"):
+        assert setting in advice
+    assert advice.index("null space") < advice.index("mote_lambda")
+    line = format_coverage(1, cov.to_dict())
+    assert "keys past the null space 0.00 (min 0.00)" in line and "experts with an empty null space 4" in line
+    assert "keys in U_in" not in line
+
+
+def test_relative_rule_keeps_part_of_the_keys_and_says_so(tok, tmp_path):  # noqa: F811
+    _, result = edited(tok, tmp_path, layers=[1])  # the default: relative, 1e-2
+    (cov,) = result.coverage
+    assert 0.0 < cov.keys_kept.mean < 1.0 and 0.0 <= cov.keys_kept.min <= cov.keys_kept.mean
+    assert all(0.0 <= share < 1.0 for share in cov.kept_by_expert.values())
+    assert all(cov.kept_by_expert.get(j, 0.0) == 0.0 for j in cov.empty_nullspace)  # an empty null space passes nothing
+    assert cov.to_dict()["keys_kept"] == {"mean": cov.keys_kept.mean, "min": cov.keys_kept.min}

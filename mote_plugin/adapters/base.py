@@ -87,6 +87,11 @@ class MoEAdapter(ABC):
         mlp = getattr(self.decoder_layers(model)[layer], self.mlp_attr, None)
         return mlp if isinstance(mlp, self.block_class()) else None
 
+    def unsupported(self, mlp: nn.Module) -> str | None:
+        """Why `mlp` (a decoder layer's feed-forward module that is not `block_class`) is this family's MoE block in a
+        form MoTE cannot edit, naming the fix (e.g. quantized experts); None when it is not such a block."""
+        return None
+
     def moe_layers(self, model: nn.Module) -> list[int]:
         """Indices of the decoder layers that hold a sparse MoE block."""
         return [i for i in range(self.num_layers(model)) if self.moe_block(model, i) is not None]

@@ -8,6 +8,10 @@ Experts (`is_transposed=True`, `is_concatenated=False`, `has_bias=True` in trans
     k = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g),  g = clamp(gate, max=limit)   (gate has no lower clamp)
 Router: logits = x W^T + b; top-k on the raw logits; softmax over the k selected logits, in the logits' dtype.
 The MoE block (`GptOssMLP`, at `layer.mlp`) returns a tuple (hidden_states, router_scores).
+
+An MXFP4 checkpoint loaded where transformers' MXFP4 kernels run keeps its experts quantized: the block is then
+`Mxfp4GptOssMLP` with `Mxfp4GptOssExperts` (packed FP4 bytes, swizzled for triton), which MoTE refuses, naming the
+flags that load the experts de-quantized.
 """
 
 import torch
@@ -28,6 +32,17 @@ class GptOssAdapter(MoEAdapter):
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
         return GptOssMLP
+
+    def unsupported(self, mlp: nn.Module) -> str | None:
+        from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
+
+        if not isinstance(mlp, Mxfp4GptOssMLP) and not isinstance(getattr(mlp, "experts", None), Mxfp4GptOssExperts):
+            return None
+        return (f"its experts are MXFP4-quantized ({type(mlp).__name__} with "
+                f"{type(getattr(mlp, 'experts', None)).__name__}: transformers keeps them quantized where its MXFP4 "
+                "kernels run), and MoTE edits de-quantized experts only: load the model de-quantized, with "
+                "`dequantize: true` in the YAML (EasyEdit's BaseEditor), `mote edit|apply|revert --dequantize`, or "
+                "from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)) and pass (model, tok)")
 
     def route(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         router = self.router(block)

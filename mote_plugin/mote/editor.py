@@ -472,14 +472,31 @@ def basis_from_weights(W: torch.Tensor, stats: LayerStats, hp: MoTEHyperParams) 
     return LayerBasis(P=P, factors=factors, key_maps=key_maps_of(factors, P) if fixed else None)
 
 
+# below this share of the keys' energy past the projectors, a low `reproduced` is the null space's doing first
+NULLSPACE_REMOVES_MOST = 0.5
+
+
+def nullspace_summary(cov: Coverage) -> str:
+    """What the null space let through at one solve: the keys' energy kept (mean, min over the edits), the batch's
+    experts with the least kept, and the experts whose null space is empty."""
+    kept = cov.keys_kept
+    worst = sorted(cov.kept_by_expert.items(), key=lambda item: item[1])[:4]
+    by_expert = ", ".join(f"{j}: {share:.2f}" for j, share in worst)
+    touched = sorted(set(cov.empty_nullspace) & set(cov.kept_by_expert))
+    empty = (f"; {len(cov.empty_nullspace)} expert(s) of the layer have an empty null space"
+             f"{f' ({len(touched)} routed to by the batch: {touched})' if touched else ''}" if cov.empty_nullspace
+             else "")
+    return (f"keys past the null space {kept.mean:.2f} (min {kept.min:.2f}; least-kept experts {by_expert}){empty}")
+
+
 def _report(cov: Coverage, hp: MoTEHyperParams) -> None:
     """Log one solve's coverage; warn, naming what to change, when its update reproduces under `min_reproduced` of the
-    residual it aimed at."""
+    residual it aimed at: first the null space when it removed most of the keys, then the basis or lambda."""
     held = ", ".join(f"{name} {share.mean:.2f} (min {share.min:.2f})" for name in
                      ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e") if (share := getattr(cov, name)) is not None)
     ranks = f" at ranks (r_e, r_out, r_in) = {cov.ranks}" if cov.ranks else ""
-    log.info("MoTE coverage, layer %d%s: reproduced %.2f (min %.2f)%s", cov.layer, ranks, cov.reproduced.mean,
-             cov.reproduced.min, f"; basis holds {held}" if held else "")
+    log.info("MoTE coverage, layer %d%s: reproduced %.2f (min %.2f); %s%s", cov.layer, ranks, cov.reproduced.mean,
+             cov.reproduced.min, nullspace_summary(cov), f"; basis holds {held}" if held else "")
     if cov.reproduced.mean >= hp.min_reproduced:
         return
     if cov.ranks is None:
@@ -489,6 +506,14 @@ def _report(cov: Coverage, hp: MoTEHyperParams) -> None:
     else:
         advice = (f"the basis{ranks} holds {held}: set `basis: weights+edit` (the batch's residuals and keys join "
                   "U_out and U_in), raise the ranks or set them `auto`, or lower mote_lambda")
+    if hp.nullspace and cov.keys_kept.mean < NULLSPACE_REMOVES_MOST:
+        advice = (f"the null space removes most of the edit ({nullspace_summary(cov)}): it is set by nullspace_rule "
+                  f"{hp.nullspace_rule!r} and nullspace_threshold {hp.nullspace_threshold:g} (`relative` with 1e-2 "
+                  f"keeps the directions holding the last 1% of each expert's key energy whatever the keys' scale; "
+                  f"under `absolute` raise the threshold), preservation_tokens {hp.preservation_tokens} with "
+                  f"nullspace_min_tokens {hp.nullspace_min_tokens} (experts with fewer tokens get nullspace_fallback "
+                  f"{hp.nullspace_fallback!r}; `freeze` empties their null space), or `nullspace: false` (no "
+                  f"protection); then {advice}")
     log.warning("MoTE: at layer %d the update reproduces %.2f of the %d edits' residuals on average (min %.2f), below "
                 "min_reproduced %.2f, so the edits may not take: %s", cov.layer, cov.reproduced.mean, cov.edits,
                 cov.reproduced.min, hp.min_reproduced, advice)

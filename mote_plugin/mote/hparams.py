@@ -31,6 +31,8 @@ do and fails loudly where it does not fit:
   YAML means, and an edit is refused when they name others, so a YAML written for another layout never edits modules
   it did not name.
 - `model_parallel`, `fp16`, `dtype`: how `model_name` is loaded; logged once when a model handed over loaded disagrees.
+- `dequantize`: load a quantized checkpoint (MXFP4 experts) de-quantized; a model handed over with quantized experts
+  is refused by the edit, naming this key.
 """
 
 from __future__ import annotations
@@ -237,6 +239,25 @@ class HostHyperParams:
 _WARNED: set[str] = set()
 
 
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _template_hint(key: str, actual: str | None) -> str:
+    """"; this model has it at 'model.language_model.layers.3': set `layer_module_tmp: model.language_model.layers.{}`"
+    for a template key (the module MoTE would use, its layer number made the template's {}), or the name to set for
+    a plain key; "" when the model has no such module."""
+    if actual is None:
+        return ""
+    layer = re.search(r"\.layers\.(\d+)(\.|$)", actual)
+    setting = actual if layer is None else actual[: layer.start(1)] + "{}" + actual[layer.end(1):]
+    return f"; this model has it at {actual!r} (e.g. an image-text model's language model): set `{key}: {setting}`"
+
+
 def _warn_once(key: str, message: str) -> None:
     """Log `message` the first time `key` has something to say in this process."""
     if key not in _WARNED:
@@ -320,6 +341,9 @@ class MoTEHyperParams(HostHyperParams):
     fp16: bool = setting(False, _FLAG)  # loading flag: EasyEdit's BaseEditor loads model_name in float16
     # loading dtype of model_name: bfloat16 | float16 | float32; null = EasyEdit's rule (float16 if fp16 else float32)
     dtype: str | None = setting(None, _check(lambda v: v is None or v in DTYPES, f"null or one of {DTYPES}"))
+    # loading flag: a quantized checkpoint (GPT-OSS's MXFP4 experts) is loaded de-quantized, in `dtype` (BaseEditor by
+    # model_name, `mote edit`); MoTE edits de-quantized experts only
+    dequantize: bool = setting(False, _FLAG)
 
     def __post_init__(self):
         for f in fields(self):  # YAML "lambda: 1" is an int: a float key stores a float
@@ -436,13 +460,15 @@ class MoTEHyperParams(HostHyperParams):
 
         adapter = get_adapter(model)
         n_layers = adapter.num_layers(model)
-        problems: list[str] = []
+        problems: dict[str, str] = {}  # key -> its problem (the first layer's: a template is wrong for every layer)
+        names = {m: n for n, m in model.named_modules()}
 
-        def module(key: str, name: str):
+        def module(key: str, name: str, want=None):
             try:
                 return model.get_submodule(name)
             except AttributeError:
-                problems.append(f"{key}: the model has no module {name!r}")
+                hint = _template_hint(key, names.get(want)) if want is not None else ""
+                problems.setdefault(key, f"{key}: the model has no module {name!r}{hint}")
                 return None
 
         for layer in self.layers:
@@ -453,22 +479,27 @@ class MoTEHyperParams(HostHyperParams):
                         "experts_module_tmp": adapter.experts(block) if block is not None else None}
             for key, want in expected.items():
                 name = getattr(self, key).format(layer)
-                found = module(key, name)
+                found = module(key, name, want)
                 if found is not None and want is not None and found is not want:
-                    actual = next((n for n, m in model.named_modules() if m is want), "?")
-                    problems.append(f"{key}: {name!r} is not the {adapter.family} {key.split('_')[0]} module of layer "
-                                    f"{layer} ({actual!r}, what MoTE edits and reads)")
-        module("ln_f_module", self.ln_f_module)
+                    actual = names.get(want, "?")
+                    problems.setdefault(key, f"{key}: {name!r} is not the {adapter.family} {key.split('_')[0]} module "
+                                             f"of layer {layer} ({actual!r}, what MoTE edits and reads)")
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        final_norm = f"{names.get(decoder)}.{self.ln_f_module.rpartition('.')[2]}" if decoder in names else None
+        module("ln_f_module", self.ln_f_module,
+               model.get_submodule(final_norm) if final_norm and _has_module(model, final_norm) else None)
         head = module("lm_head_module", self.lm_head_module)
         if head is not None and not isinstance(getattr(head, "weight", None), torch.Tensor):
-            problems.append(f"lm_head_module: {self.lm_head_module!r} has no weight (v* reads the output head's "
-                            "weight)")
+            problems["lm_head_module"] = (f"lm_head_module: {self.lm_head_module!r} has no weight (v* reads the "
+                                          "output head's weight)")
         last = max(self.layers)
         if self.v_loss_layer != -1 and not last <= self.v_loss_layer < n_layers:
-            problems.append(f"v_loss_layer: {self.v_loss_layer} is outside this model's {n_layers} decoder layers "
-                            f"(use -1 for the last layer, or a layer in [{last}, {n_layers - 1}])")
+            problems["v_loss_layer"] = (f"v_loss_layer: {self.v_loss_layer} is outside this model's {n_layers} "
+                                        f"decoder layers (use -1 for the last layer, or a layer in [{last}, "
+                                        f"{n_layers - 1}])")
         if problems:
-            raise ValueError(f"MoTE hyper-parameters do not fit this {type(model).__name__}: " + "; ".join(problems))
+            raise ValueError(f"MoTE hyper-parameters do not fit this {type(model).__name__}: "
+                             + "; ".join(problems.values()))
         self._warn_loading_flags(model)
 
     def _warn_loading_flags(self, model) -> None:
@@ -476,16 +507,25 @@ class MoTEHyperParams(HostHyperParams):
         over already loaded keeps its dtype and placement; say so once per key when they disagree."""
         import torch
 
+        from ..loading import LOADED_WITH
+
         param = next(model.parameters(), None)
         dispatched = getattr(model, "hf_device_map", None) is not None
+        loaded_with = getattr(model, LOADED_WITH, None)  # set when the plugin's loader loaded it (BaseEditor, CLI)
         how = "the model was loaded by the caller; the key applies where EasyEdit's BaseEditor loads model_name"
         if self.fp16 and param is not None and param.dtype != torch.float16:
             _warn_once("fp16", f"fp16: true has no effect here: the model is {param.dtype} ({how})")
         if self.dtype is not None and param is not None and param.dtype != self.torch_dtype():
             _warn_once("dtype", f"dtype: {self.dtype} has no effect here: the model is {param.dtype} ({how})")
         if self.model_parallel and not dispatched:
-            _warn_once("model_parallel", f"model_parallel: true has no effect here: the model is not dispatched over "
-                                         f"devices ({how})")
+            if loaded_with is not None and loaded_with.get("device_map") is not None:
+                where = param.device if param is not None else "one device"
+                _warn_once("model_parallel", f"model_parallel: true: the model was loaded with device_map="
+                                             f"{loaded_with['device_map']!r}, which put all of it on {where} (one "
+                                             "device is all there is to spread it over here)")
+            else:
+                _warn_once("model_parallel", f"model_parallel: true has no effect here: the model is not dispatched "
+                                             f"over devices ({how})")
         try:
             want = self.torch_device()
         except ValueError:  # a device this torch cannot use: `apply_mote_to_model` refuses it before this check

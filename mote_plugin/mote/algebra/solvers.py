@@ -46,6 +46,7 @@ class LayerSolution:
     key_maps: torch.Tensor | None = None  # [E, r_in, h] U_in^T P_j of those factors when the layer's (else computed)
     expert_update: ExpertUpdate | None = None  # solvers "global" / "bcd": the update at the solve layer
     layer: int | None = None  # the layer solved at
+    nullspace_dims: torch.Tensor | None = None  # [E] long, the dimension of each expert's null space (rank of P_j)
 
     def update(self, basis: LayerBasis, layer: int, scale: float) -> ExpertUpdate:
         """The update for `layer` (whose LayerBasis is `basis`), multiplied by `scale`."""
@@ -62,7 +63,8 @@ class LayerSolution:
     def coverage(self, update: ExpertUpdate, routed: RoutedKeys, residuals: torch.Tensor) -> Coverage:
         """What this solve's basis held of its batch, and the share of each residual that `update` (this solution at
         its own layer, scale 1) reproduces there. routed: the batch's keys [T, K, h] as captured; residuals [T, d]."""
-        return measure_coverage(self.layer, self.factors, self.routed, residuals, update.output_change(routed))
+        return measure_coverage(self.layer, self.factors, self.routed, residuals, update.output_change(routed),
+                                captured=routed, nullspace_dims=self.nullspace_dims)
 
 
 def solve_batch(solver: str, layer: int, basis: LayerBasis, routed: RoutedKeys, residuals: torch.Tensor, lam: float,
@@ -74,13 +76,15 @@ def solve_batch(solver: str, layer: int, basis: LayerBasis, routed: RoutedKeys, 
     Returns the solution and, when `keep_memory`, the sequential memory with this batch added (solver "mote" only).
     """
     routed = routed.projected(basis.P)  # [T, K, h]
+    dims = basis.P.diagonal(dim1=1, dim2=2).sum(-1).round().long()  # [E] trace of a projector = its rank
     if solver == "mote":
         factors, key_maps = basis.factors, basis.key_maps
         if rule is not None and not rule.fixed:
             factors = batch_factors(basis.factors, rule, routed, residuals)
             key_maps = None
         core = solve_core(routed, residuals, factors, lam, memory=memory)
-        solution = LayerSolution(routed=routed, core=core, factors=factors, key_maps=key_maps, layer=layer)
+        solution = LayerSolution(routed=routed, core=core, factors=factors, key_maps=key_maps, layer=layer,
+                                 nullspace_dims=dims)
         return solution, update_memory(memory, core.Phi) if keep_memory else None
     if solver == "global":
         update = global_solve(routed, residuals, lam)
@@ -88,4 +92,4 @@ def solve_batch(solver: str, layer: int, basis: LayerBasis, routed: RoutedKeys, 
         update = bcd_solve(routed, residuals, lam, passes=bcd_passes, seed=bcd_seed)
     else:
         raise ValueError(f"unknown solver {solver!r}; one of {SOLVERS}")
-    return LayerSolution(routed=routed, expert_update=update, layer=layer), None
+    return LayerSolution(routed=routed, expert_update=update, layer=layer, nullspace_dims=dims), None

@@ -16,7 +16,8 @@ class _StopForward(Exception):
 
 
 def moe_blocks(model: nn.Module, adapter, layers: Sequence[int]) -> dict[int, nn.Module]:
-    """{layer: MoE block}; ValueError for a layer out of range or with a dense MLP."""
+    """{layer: MoE block}; ValueError for a layer out of range, with a dense MLP, or with a MoE block MoTE cannot edit
+    (`MoEAdapter.unsupported`, e.g. quantized experts)."""
     if not layers:
         raise ValueError("no layers requested")
     n = adapter.num_layers(model)
@@ -25,6 +26,9 @@ def moe_blocks(model: nn.Module, adapter, layers: Sequence[int]) -> dict[int, nn
         if not 0 <= layer < n:
             raise ValueError(f"layer {layer} is out of range: the model has {n} decoder layers")
         block = adapter.moe_block(model, layer)
+        mlp = getattr(adapter.decoder_layers(model)[layer], adapter.mlp_attr, None)
+        if block is None and (reason := adapter.unsupported(mlp)) is not None:
+            raise ValueError(f"layer {layer}: {reason}")
         if block is None:
             raise ValueError(
                 f"layer {layer} has no MoE block (dense MLP); MoE layers of this model: {adapter.moe_layers(model)}"
