@@ -86,7 +86,7 @@ def test_base_editor_edit_sequential_and_batch(easyedit_host, reduced_fact_model
     # sequential edit(): the edits stay
     metrics, edited, _ = editor.edit(**_inputs(records), sequential_edit=True, verbose=False)
     after = counterfact_metrics(edited, tok, records)
-    assert after["efficacy"] >= 0.75, after
+    assert after["efficacy"] >= 0.75, after  # 3 of 4 (this test and the next pass on training seeds 0, 1, 2)
     changed = [n for n, p in edited.named_parameters() if not torch.equal(p, original[n])]
     assert changed and all("experts.down_proj" in n for n in changed)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_yaml_selected_model_by_name(easyedit_host, reduced_fact_model, tmp_path
     records = [f for f in facts if f["known"] and f["neighbours"]][:2]
     editor, _ = _editor(easyedit_host, out, stats_dir=str(tmp_path / "stats"), batch_size=2)
     metrics, _, _ = editor.batch_edit(**_inputs(records), sequential_edit=True, verbose=False)
-    assert [m["post"]["rewrite_acc"][0] for m in metrics] == [1.0, 1.0]
+    assert [m["post"]["rewrite_acc"][0] for m in metrics] == [1.0, 1.0]  # both (on training seeds 0, 1 and 2)
 
 
 @pytest.mark.parametrize("mode", ["edit", "sequential", "batch"])
