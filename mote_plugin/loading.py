@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ._hooks import LOADED_WITH
+
 
 def load_model(source, dtype: torch.dtype | str | None = None, device_map=None, offload_folder: str | None = None,
                local_files_only: bool = False, dequantize: bool = False):
@@ -22,10 +24,6 @@ def load_model(source, dtype: torch.dtype | str | None = None, device_map=None, 
                                                  **kwargs).eval()
     setattr(model, LOADED_WITH, {"dtype": dtype, "device_map": device_map})
     return model
-
-
-# the attribute on a model this loader loaded: how (`MoTEHyperParams` words its loading-flag warnings by it)
-LOADED_WITH = "_mote_loaded_with"
 
 
 def dequantized_config(source, local_files_only: bool = False):

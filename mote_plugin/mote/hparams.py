@@ -47,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from .._hooks import HPARAMS_CREATED
+from .._hooks import HPARAMS_CREATED, LOADED_WITH
 from .algebra.batch_basis import BASES, BasisRule
 from .algebra.nullspace import FALLBACKS, RULES
 from .algebra.solvers import SOLVERS
@@ -506,8 +506,6 @@ class MoTEHyperParams(HostHyperParams):
         """`fp16`, `model_parallel`, `device`: how EasyEdit's BaseEditor loads and places `model_name`. A model handed
         over already loaded keeps its dtype and placement; say so once per key when they disagree."""
         import torch
-
-        from ..loading import LOADED_WITH
 
         param = next(model.parameters(), None)
         dispatched = getattr(model, "hf_device_map", None) is not None
