@@ -111,6 +111,42 @@ def test_quality_config_is_checked_before_any_work(quality, tmp_path):
         quality.load_config(bad)
 
 
+def test_side_by_side_config_is_checked_before_any_work(quality, tmp_path):
+    """benchmarks/configs/side_by_side.yaml loads without a host; a malformed host row is refused by name: an unknown
+    key, a YAML missing for one of its fact models, an algorithm without a host run, an arch not built, a MoTE
+    method's own grid with a bad value."""
+    good = quality.load_config(BENCHMARKS / "configs" / "side_by_side.yaml")
+    assert {"ROME", "MEMIT", "AlphaEdit", "FT-L (experts)", "FT-M (o_proj)", "LoRA", "AdaLoRA", "UnKE"} <= set(
+        good["host_methods"])
+    assert {"MoTE-auto", "MoTE", "Global-residual", "MoEEdit-BCD", "MEMIT-experts"} <= set(good["methods"])
+    bad = tmp_path / "bad.yaml"
+    head = ("builds: {qwen3_moe: {facts: 20}, gpt_oss: {facts: 20}}\ndev: 4\ntest: 8\nbatch_size: 4\n"
+            "real_ranks: {qwen3_moe: {ranks: [16, 256, 128], shape: [128, 2048, 768]}}\nmethods: {MoTE: {}}\n")
+    cases = {
+        "host_methods: {ROME: {hparams: 'hparams/ROME/testbed-{arch}.yaml', grid: {}}}": "got \\['grid', 'hparams'\\]",
+        "host_methods: {M: {hparams: 'hparams/MEMIT/testbed-{arch}-shared_expert.yaml'}}": "does not exist",
+        "host_methods: {M: {hparams: 'hparams/MoTE/testbed-{arch}.yaml'}}": "alg_name 'MoTE' has no host run",
+        "host_methods: {M: {hparams: 'hparams/MEMIT/testbed-{arch}.yaml', archs: [mixtral]}}": "not in builds",
+        "host_methods: {M: {hparams: 'hparams/MEMIT/testbed-{arch}.yaml', tune: {layers: 1}}}": "non-empty lists",
+        "methods: {MoTE: {tune: {mote_lambda: [-1]}}}": "mote_lambda must be a number > 0",
+    }
+    for text, message in cases.items():
+        bad.write_text(head + text + "\n")
+        with pytest.raises(ValueError, match=message):
+            quality.load_config(bad)
+
+
+def test_host_grid_shifts_the_traced_band_by_the_yamls_width():
+    import host_rows
+
+    # ROME (one layer): the band's last layer, shifted; MEMIT (three): the band, shifted; out of range left out
+    assert host_rows.host_grid({"layers": [-1, 0, 1]}, [1, 2, 3], [2], 6) == [
+        {"layers": [2]}, {"layers": [3]}, {"layers": [4]}]
+    assert host_rows.host_grid({"layers": [-2, 0, 3], "lr": [1, 2]}, [1, 2, 3], [0, 1, 2], 6) == [
+        {"layers": [1, 2, 3], "lr": 1}, {"layers": [1, 2, 3], "lr": 2}]
+    assert host_rows.host_grid(None, [1, 2, 3], [0], 6) == [{}]
+
+
 def test_quality_splits_grid_and_ranks(quality):
     facts = [{"known": i % 7 != 3, "i": i} for i in range(40)]
     cfg = {"dev": 6, "test": 100, "batch_size": 5}
