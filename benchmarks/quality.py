@@ -9,8 +9,10 @@ Per fact model (the `builds:` of the config, built from the data shipped with th
   splits     the build's known facts in facts.json order: dev = the first `dev`, test = all the known facts after them
              (at most `test`), in batches of `batch_size` (the last one may be smaller). No setting is chosen on a test
              fact.
-  tune       per method, every combination of the `tune:` grid (on top of the arch's testbed YAML and the method's own
-             overrides) edits the dev facts in sequential batches; the best dev utility wins (ties: grid order).
+  tune       per method, every combination of the `tune:` grid (the method's own `tune:` where it has one; on top of the
+             arch's testbed YAML and the method's own overrides) edits the dev facts in sequential batches; the best dev
+             utility wins (ties: grid order). Host rows (`host_methods:`, benchmarks/host_rows.py) the same way, each
+             on its own grid.
              `layers: [-1, 0, 1]` means the build's traced edit band shifted by that many layers; a method's
              `rank_scale: s` multiplies the YAML's Tucker ranks (rounded up, capped at the mode size; `full`: full
              size).
@@ -42,8 +44,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from mote_plugin import MoTEEditor, MoTEHyperParams, apply_mote_to_model, last_coverage, last_edited, last_timings
+import host_rows  # benchmarks/, beside this script
+from mote_plugin import (
+    MoTEEditor,
+    MoTEHyperParams,
+    apply_mote_to_model,
+    host_stubs,
+    last_coverage,
+    last_edited,
+    last_timings,
+)
 from mote_plugin.adapters import get_adapter
+from mote_plugin.experiments.host_methods import import_host
 from mote_plugin.experiments.results import run_info, run_line, write_results
 from mote_plugin.metrics import counterfact_metrics
 from mote_plugin.mote.algebra.coverage import SHARES, summarise
@@ -60,7 +72,7 @@ PHASES = ("tune", "test", "ablations", "basis", "routing")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("vstar", "capture", "solve", "writeback")
 CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants",
-               "bootstrap", "seed", "real_ranks"}
+               "bootstrap", "seed", "real_ranks", "host_methods", "covariance_texts", "labels"}
 
 
 def load_config(path: str | Path) -> dict:
@@ -81,6 +93,10 @@ def load_config(path: str | Path) -> dict:
     for name, overrides in variants.items():  # unknown keys and bad values fail here, before any work
         overrides = dict(overrides or {})
         scale = overrides.pop("rank_scale", 1)
+        for key, values in (overrides.pop("tune", None) or {}).items():  # a method's own grid
+            if key != "layers":
+                for v in values:
+                    base.updated(f"{path}: {name}: tune {key}", **{key: v})
         if scale != "full" and not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"{path}: {name}: rank_scale must be a number > 0 or 'full', got {scale!r}")
         base.updated(f"{path}: {name}", **overrides)
@@ -90,6 +106,7 @@ def load_config(path: str | Path) -> dict:
                 base.updated(f"{path}: tune {key}", **{key: v})
     for arch, opts in cfg["builds"].items():
         BuildOptions.from_dict(opts | {"arch": arch})
+    host_rows.check_config(cfg, ROOT, path)
     return cfg
 
 
@@ -156,6 +173,7 @@ def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tu
     `tuned`."""
     overrides = dict(overrides or {})
     scale = overrides.pop("rank_scale", None)
+    overrides.pop("tune", None)  # the method's own grid (`tune`)
     hp = base.updated(name, **overrides)
     if scale is not None:
         hp = hp.updated(name, **rank_variant(hp, scale, shape))
@@ -246,9 +264,10 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tune(session: Session, base: MoTEHyperParams, dev: list[dict], cfg: dict, report: dict, log) -> dict:
     """{method: {"chosen": settings, "dev": its dev row, "grid": [(settings, dev row)...]}}."""
-    combos = grid(cfg.get("tune"), report, session.model.config.num_hidden_layers)
     out = {}
     for name, overrides in cfg["methods"].items():
+        # the method's own grid (its `tune:`), else the config's
+        combos = grid((overrides or {}).get("tune", cfg.get("tune")), report, session.model.config.num_hidden_layers)
         rows = []
         for combo in combos:
             rows.append((combo, session.run(settings(base, name, overrides, session.shape, **combo), dev)))
@@ -359,6 +378,8 @@ def _cell(row: dict, key: str) -> str:
 
 def _seconds(row: dict) -> str:
     s = row.get("seconds")
+    if s and "edit" in s:  # a host method: all it took, v* included
+        return f"{s['edit']:.1f}"
     return "-" if not s else f"{sum(s.values()):.1f} ({s['solve'] + s['writeback']:.2f})"
 
 
@@ -371,6 +392,9 @@ def _table(rows: dict, extra: dict | None = None) -> list[str]:
             + (" settings chosen on dev |" if extra is not None else ""))
     lines = [head, "|---" * (len(METRICS) + 4 + (extra is not None)) + "|"]
     for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | did not run: {row['error']} |" + " |" * (len(METRICS) + 2 + (extra is not None)))
+            continue
         ranks = row.get("coverage", {}).get("ranks") or ([row["ranks"]] * 2 if row.get("ranks") else None)
         ranks = "" if not ranks else f" {tuple(ranks[0])}" + (f"-{tuple(ranks[1])}" if ranks[1] != ranks[0] else "")
         line = (f"| {name}{ranks} | " + " | ".join(_cell(row, k) for k in METRICS)
@@ -434,6 +458,9 @@ def markdown(report: dict) -> str:
              "## Headline (test split)", "",
              "Utility [95% interval] · efficacy / generalization / specificity, after the last test batch.", "",
              *headline(report), ""]
+    if cfg.get("host_methods"):  # the side-by-side comparison with EasyEdit's editors
+        lines[0] = "# Side by side: MoTE and EasyEdit's editors, dev/test protocol on the fact models"
+        lines[-6:] = ["## Side by side (test split)", "", *host_rows.side_by_side(report), ""]
     for arch, res in report["archs"].items():
         s = res["splits"]
         split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known "
@@ -445,7 +472,8 @@ def markdown(report: dict) -> str:
                   f"{tuple(res['shape'])}. Splits: {split}.", ""]
         if "test" in res:
             lines += ["### Test split", "",
-                      *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items()}), ""]
+                      *_table(res["test"], {k: v["chosen"] for k, v in res.get("tune", {}).items() if "chosen" in v}),
+                      ""]
         ranked = rank_rows(res, cfg)
         if ranked:
             lines += ["### Tucker ranks (each tuned on dev; test split)", "",
@@ -478,7 +506,7 @@ def markdown(report: dict) -> str:
             lines.append("")
         if "tune" in res:
             lines += ["### Dev split (the grid's best per method)", "",
-                      *_table({k: v["dev"] for k, v in res["tune"].items()}), "",
+                      *_table({k: v.get("dev", {"error": v.get("error")}) for k, v in res["tune"].items()}), "",
                       f"Grid: `{json.dumps(cfg.get('tune'))}` (`layers`: shifts of the traced band); every grid "
                       "point's dev metrics are in quality.json.", ""]
     return "\n".join(lines) + "\n"
@@ -532,13 +560,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--arch {sorted(unknown)}: not in the config's builds ({', '.join(cfg['builds'])})")
     run_cfg = cfg
     if args.methods:
-        unknown = set(args.methods) - set(cfg["methods"])
+        unknown = set(args.methods) - set(cfg["methods"]) - set(cfg.get("host_methods") or {})
         if unknown:
-            raise SystemExit(f"--methods {sorted(unknown)}: not in the config's methods")
+            raise SystemExit(f"--methods {sorted(unknown)}: not in the config's methods or host_methods")
         if "basis" in args.only:
             raise SystemExit("--methods runs the tune, test, ablations and routing phases only (add --only tune test)")
         run_cfg = cfg | {"methods": {m: o for m, o in cfg["methods"].items() if m in args.methods},
-                         "ablate": [m for m in cfg.get("ablate", ["MoTE"]) if m in args.methods]}
+                         "ablate": [m for m in cfg.get("ablate", ["MoTE"]) if m in args.methods],
+                         "host_methods": {m: o for m, o in (cfg.get("host_methods") or {}).items()
+                                          if m in args.methods}}
+    host = None
+    if any(host_rows.rows_for(run_cfg, arch) for arch in archs):
+        host_stubs.install()  # the vision packages EasyEdit imports but text editing never uses
+        host, reason = import_host()
+        if host is None:
+            raise SystemExit(f"host_methods need an importable EasyEdit (PYTHONPATH=/path/to/EasyEdit): {reason}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"archs": {}}
@@ -558,6 +594,8 @@ def main(argv: list[str] | None = None) -> None:
                            "batches": -(-n_test // cfg["batch_size"]),
                            "known": sum(f["known"] for f in facts)}}
         log = lambda m, arch=arch: print(f"[{arch}] {m}", flush=True)  # noqa: E731
+        hosts = host_rows.HostRows(session, host, arch, run_cfg, ROOT, CACHE) if host_rows.rows_for(run_cfg, arch) \
+            else None
         phases = {"tune": tune, "test": test, "ablations": ablations, "basis": basis, "routing": routing}
         for phase in PHASES:
             if phase not in args.only:
@@ -565,8 +603,11 @@ def main(argv: list[str] | None = None) -> None:
             t = time.time()
             if phase == "tune":
                 result = tune(session, base, split["dev"], run_cfg, build_report, log)
+                result |= hosts.tune(split["dev"], build_report["edit_layers"], log) if hosts else {}
             else:
                 result = phases[phase](session, base, split["test"], run_cfg, res, log)
+                if phase == "test" and hosts:
+                    result |= hosts.test(split["test"], res.get("tune", {}), log)
             # a run of some methods adds its rows to those of the others
             merge = args.methods and phase in ("tune", "test", "ablations", "routing")
             res[phase] = res.get(phase, {}) | result if merge else result

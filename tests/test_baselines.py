@@ -104,3 +104,33 @@ def test_bad_solver_settings_are_refused():
     with pytest.raises(ValueError, match="lam must be > 0"):
         keys, gates, idx, R, _ = problem()
         global_solve(routed(keys, gates, idx), R, 0.0)
+
+
+def test_global_solve_with_the_covariance_rule_is_memit_on_the_routed_experts():
+    """nullspace_rule "covariance": P_j = (C_j + eps_j I)^{-1/2}. The Global ridge solved on the keys P_j k and written
+    as Delta_j P_j minimises MEMIT's objective with each expert's key covariance as its preservation term,
+
+        sum_t ||r_t - sum_j g_tj Delta_j k_tj||^2 + lam sum_j tr(Delta_j (C_j + eps_j I) Delta_j^T),
+
+    whose minimiser solves the normal equations (Psi^T Psi + lam blockdiag(C_j + eps_j I)) vec(Delta) = Psi^T R."""
+    from mote_plugin.mote.algebra.nullspace import nullspace_projectors
+    from mote_plugin.mote.algebra.solvers import LayerBasis, LayerSolution
+
+    keys, gates, idx, R, E = problem()
+    h, lam, eps = keys.shape[2], 0.7, 1e-2
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(E, 3 * h, h, generator=gen, dtype=torch.float64)
+    C = A.transpose(1, 2) @ A / (3 * h)  # [E, h, h] uncentred key moments of the preservation text
+    P = nullspace_projectors(C, torch.full((E,), 100), rule="covariance", threshold=eps)  # [E, h, h]
+    ridge = torch.stack([C[j] + eps * torch.trace(C[j]) / h * torch.eye(h, dtype=torch.float64) for j in range(E)])
+    torch.testing.assert_close(P.double() @ ridge @ P.double(), torch.eye(h, dtype=torch.float64).expand(E, h, h),
+                               rtol=1e-4, atol=1e-4)
+    basis = LayerBasis(P=P.double(), factors=None, key_maps=None)
+    rk = routed(keys, gates, idx).projected(basis.P)
+    solution = LayerSolution(routed=rk, expert_update=global_solve(rk, R, lam), layer=0)
+    written = solution.update(basis, 0, 1.0).dense(E).double()  # [E, d, h]
+
+    psi = dense_psi(keys, gates, idx, E)  # [T, E*h]
+    blocks = torch.block_diag(*ridge)  # [E*h, E*h]
+    expected = torch.linalg.solve(psi.T @ psi + lam * blocks, psi.T @ R).T.reshape(R.shape[1], E, h).permute(1, 0, 2)
+    torch.testing.assert_close(written, expected, rtol=1e-4, atol=1e-5)

@@ -111,6 +111,77 @@ def test_quality_config_is_checked_before_any_work(quality, tmp_path):
         quality.load_config(bad)
 
 
+def test_side_by_side_config_is_checked_before_any_work(quality, tmp_path):
+    """benchmarks/configs/side_by_side.yaml loads without a host; a malformed host row is refused by name: an unknown
+    key, a YAML missing for one of its fact models, an algorithm without a host run, an arch not built, a MoTE
+    method's own grid with a bad value."""
+    good = quality.load_config(BENCHMARKS / "configs" / "side_by_side.yaml")
+    assert {"ROME", "MEMIT", "AlphaEdit", "FT-L (experts)", "FT-M (o_proj)", "LoRA", "AdaLoRA", "UnKE"} <= set(
+        good["host_methods"])
+    assert {"MoTE-auto", "MoTE", "Global-residual", "MoEEdit-BCD", "MEMIT-experts"} <= set(good["methods"])
+    bad = tmp_path / "bad.yaml"
+    head = ("builds: {qwen3_moe: {facts: 20}, gpt_oss: {facts: 20}}\ndev: 4\ntest: 8\nbatch_size: 4\n"
+            "real_ranks: {qwen3_moe: {ranks: [16, 256, 128], shape: [128, 2048, 768]}}\nmethods: {MoTE: {}}\n")
+    cases = {
+        "host_methods: {ROME: {hparams: 'hparams/ROME/testbed-{arch}.yaml', grid: {}}}": "got \\['grid', 'hparams'\\]",
+        "host_methods: {M: {hparams: 'hparams/MEMIT/testbed-{arch}-shared_expert.yaml'}}": "does not exist",
+        "host_methods: {M: {hparams: 'hparams/MoTE/testbed-{arch}.yaml'}}": "alg_name 'MoTE' has no host run",
+        "host_methods: {M: {hparams: 'hparams/MEMIT/testbed-{arch}.yaml', archs: [mixtral]}}": "not in builds",
+        "host_methods: {M: {hparams: 'hparams/MEMIT/testbed-{arch}.yaml', tune: {layers: 1}}}": "non-empty lists",
+        "methods: {MoTE: {tune: {mote_lambda: [-1]}}}": "mote_lambda must be a number > 0",
+    }
+    for text, message in cases.items():
+        bad.write_text(head + text + "\n")
+        with pytest.raises(ValueError, match=message):
+            quality.load_config(bad)
+
+
+def test_side_by_side_report(quality):
+    """side_by_side.md: a column per fact model with every row's test utility, interval, metrics and edit seconds; the
+    settings each row chose on dev; a row that could not run with its error; for a row below 0.5 test efficacy the
+    grid it tried on dev and its best dev efficacy."""
+    def row(e, seconds):
+        ci = dict.fromkeys(("efficacy", "generalization", "specificity", "utility"), [0.1, 0.9])
+        return {"efficacy": e, "generalization": 0.5, "specificity": 0.9, "utility": (e + 1.4) / 3, "n": 8,
+                "ci95": ci, "seconds": seconds, "edited": 8}
+
+    stages = {"vstar": 1.0, "capture": 0.5, "solve": 0.1, "writeback": 0.1}
+    unke = "UnboundLocalError: loss"
+    tune = {"MoTE": {"chosen": {"mote_lambda": 1.0}, "dev": row(0.9, stages),
+                     "grid": [{"settings": {"mote_lambda": 1.0}, **row(0.9, {})}]},
+            "MEMIT": {"chosen": {"mom2_update_weight": 10}, "objective": "z at the last layer", "dev": row(0.3, {}),
+                      "grid": [{"settings": {"mom2_update_weight": w}, **row(e, {"edit": 3.0})}
+                               for w, e in ((10, 0.3), (15000, 0.0))]},
+            "UnKE": {"error": unke, "grid": [{"settings": {}, "error": unke}]}}
+    test = {"unedited": row(0.0, None), "MoTE": row(0.9, stages), "MEMIT": row(0.2, {"edit": 12.0}),
+            "UnKE": {"error": unke}}
+    report = {"command": "python benchmarks/quality.py", "date": "today", "machine": "m", "torch": "t", "threads": 1,
+              "config": {"methods": {"MoTE": {}}, "host_methods": {"MEMIT": {"hparams": "x", "note": "damped"},
+                                                                   "UnKE": {"hparams": "y"}},
+                         "labels": {"MoTE": "MoTE (paper)"}, "batch_size": 4, "tune": {}},
+              "archs": {"qwen3_moe": {"splits": {"dev": [1, 4], "test": [5, 12], "batches": 2, "known": 12},
+                                      "build": "{}", "traced_layers": [0, 1, 2], "lookup_token": "subject_last",
+                                      "yaml_ranks": [2, 2, 2], "shape": [8, 128, 128], "tune": tune, "test": test}}}
+    md = quality.markdown(report)
+    assert "## Side by side (test split)" in md and "| method | qwen3_moe (N = 8) |" in md
+    assert "| MoTE (paper) | **0.77** [0.10, 0.90] · 0.90 / 0.50 / 0.90 · 2 s |" in md
+    assert "| MEMIT | **0.53** [0.10, 0.90] · 0.20 / 0.50 / 0.90 · 12 s |" in md
+    assert "| UnKE | did not run: UnboundLocalError: loss |" in md
+    assert "| MEMIT | z at the last layer | mom2_update_weight 10 |" in md
+    assert "| MEMIT | qwen3_moe | 0.20 | mom2_update_weight 10, 15000 | 0.30 | damped |" in md
+
+
+def test_host_grid_shifts_the_traced_band_by_the_yamls_width():
+    import host_rows
+
+    # ROME (one layer): the band's last layer, shifted; MEMIT (three): the band, shifted; out of range left out
+    assert host_rows.host_grid({"layers": [-1, 0, 1]}, [1, 2, 3], [2], 6) == [
+        {"layers": [2]}, {"layers": [3]}, {"layers": [4]}]
+    assert host_rows.host_grid({"layers": [-2, 0, 3], "lr": [1, 2]}, [1, 2, 3], [0, 1, 2], 6) == [
+        {"layers": [1, 2, 3], "lr": 1}, {"layers": [1, 2, 3], "lr": 2}]
+    assert host_rows.host_grid(None, [1, 2, 3], [0], 6) == [{}]
+
+
 def test_quality_splits_grid_and_ranks(quality):
     facts = [{"known": i % 7 != 3, "i": i} for i in range(40)]
     cfg = {"dev": 6, "test": 100, "batch_size": 5}

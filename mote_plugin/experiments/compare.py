@@ -1,10 +1,11 @@
 """Editors side by side on one model and one set of records (the command line is examples/compare_editors.py).
 
 Every method edits the same records in the same sequential batches (`batch_size`), starting from the same weights;
-the weights are restored between methods. MoTE always runs (its v* as the YAML's `v_objective` says); ROME,
-MEMIT and AlphaEdit run when the EasyEdit host provides them. A method that cannot edit this model is reported as
-"not applicable" with the reason (MoTE on a dense model; a dense method whose `rewrite_module_tmp` is not a 2-D
-weight, e.g. packed MoE experts), a method without a host as "unavailable".
+the weights are restored and a host method's adapters removed between methods. MoTE always runs (its v* as the YAML's
+`v_objective` says); ROME, MEMIT, AlphaEdit, FT (FT-L, FT-M), LoRA (and AdaLoRA) and UnKE run when the EasyEdit host
+provides them (`host_edit.HostEdit`). A method that cannot edit this model is reported as "not applicable" with the
+reason (MoTE on a dense model; a dense method whose `rewrite_module_tmp` is not a 2-D weight, e.g. packed MoE experts),
+a method without a host as "unavailable".
 
 Metrics: the paper's, computed by the plugin (CounterFact probability metrics or MEMIT-style zsRE metrics, see
 `mote_plugin.metrics`), and with a host its token accuracies (`compute_edit_quality`: rewrite, rephrase, locality).
@@ -14,11 +15,10 @@ results are written by `results.write_results`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,15 +32,8 @@ from ..mote.algebra.coverage import summarise
 from ..mote.editor import MoTEEditor
 from ..mote.hparams import DTYPES, MoTEHyperParams, hparams_path
 from ..mote.mote_main import apply_mote_to_model, last_coverage
-from .host_methods import (
-    dense_module_problem,
-    host_quality,
-    host_token_metrics,
-    import_host,
-    override,
-    prime_host_covariance,
-    working_directory,
-)
+from .host_edit import HostEdit, HostMethodError, HostUnavailable, host_hparams
+from .host_methods import host_quality, host_token_metrics, import_host, override
 from .results import write_results
 
 METRICS = ("efficacy", "generalization", "specificity", "utility")
@@ -224,73 +217,74 @@ def _as_dict(hp) -> dict:
 
 
 def _host_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, cfg: CompareConfig, host):
-    """(apply function, hparams, batch size) for a host method `alg` (row `name`), or a MethodResult saying why not."""
-    alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
-    if alg not in alg_dict:
-        return MethodResult(name, "unavailable", f"the EasyEdit host has no {alg}", hparams=hp_path)
-    hp = override(getattr(host, f"{alg}HyperParams").from_hparams(hp_path), name, overrides)
-    problem = dense_module_problem(model, hp)
-    if problem:
-        return MethodResult(name, "not applicable", problem, hparams=hp_path)
-    hp.stats_dir = str(Path(cfg.out).resolve() / "host-stats")
-    if alg == "AlphaEdit":
-        hp.P_loc = "null_space_project.pt"  # the host saves P to the working directory: the run's directory
-        stale = Path(cfg.out) / hp.P_loc
-        if stale.exists():
-            stale.unlink()
-    if alg in ("MEMIT", "AlphaEdit") or getattr(hp, "mom2_adjustment", False):
-        prime_host_covariance(model, tok, hp, cfg.covariance_texts)
-    # ROME edits one fact per call (the host's batch_edit refuses it): its batches are single requests
-    return alg_dict[alg], hp, 1 if alg == "ROME" else cfg.batch_size
+    """The `HostEdit` run of a host method `alg` (row `name`), or a MethodResult saying why it cannot run here."""
+    try:
+        hp = override(host_hparams(host, alg, hp_path), name, overrides)
+        return HostEdit(hp, model, tok, stats_dir=Path(cfg.out) / "host-stats", workdir=Path(cfg.out),
+                        covariance_texts=cfg.covariance_texts)
+    except HostUnavailable as e:
+        return MethodResult(name, "unavailable", str(e), hparams=hp_path)
+    except HostMethodError as e:
+        return MethodResult(name, "not applicable", str(e), hparams=hp_path)
+
+
+class _MoTERun:
+    """MoTE's run with HostEdit's interface: `edit` a batch (seconds), `undo` (weights and MoTE's state)."""
+
+    def __init__(self, model, tok, hp: MoTEHyperParams):
+        self.model, self.tok, self.hp = model, tok, hp
+        self.originals: dict = {}
+        self.coverage: list = []
+        MoTEEditor(model).reset()  # a fresh start: no bases, memory or history of an earlier row
+
+    def edit(self, requests: list[dict]) -> float:
+        start = time.time()
+        _, weights_copy = apply_mote_to_model(self.model, self.tok, requests, self.hp, copy=False,
+                                              return_orig_weights=True)
+        seconds = time.time() - start
+        for k, v in weights_copy.items():
+            self.originals.setdefault(k, v)
+        self.coverage.append(last_coverage(self.model))
+        return seconds
+
+    def undo(self) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in self.originals.items():
+                params[k].copy_(v)
+        MoTEEditor(self.model).reset()
 
 
 def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareConfig, host,
                before: dict) -> MethodResult:
-    """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and restore the
-    weights."""
+    """Edit all records with one method (its `methods:` entry) in sequential batches, measure, and undo the edit
+    (weights restored, a host method's adapters removed)."""
     hp_path, overrides = method_spec(name, entry)
     alg = method_alg(name, hp_path)
-    setup = _method_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
-    if isinstance(setup, MethodResult):
-        setup.overrides = overrides
-        return setup
-    apply, hp, batch_size, extra = setup
+    run = _method_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
+    if isinstance(run, MethodResult):
+        run.overrides = overrides
+        return run
+    # ROME edits one request per call inside HostEdit: every method gets the comparison's batches
     requests = [request_of(r, cfg.dataset) for r in records]
-    originals: dict = {}
-    seconds = 0.0
-    coverage = []
     try:
-        # the host's AlphaEdit saves its projector into the working directory: host methods run in the run's one
-        with working_directory(Path(cfg.out)) if alg != "MoTE" else contextlib.nullcontext():
-            for i in range(0, len(requests), batch_size):
-                start = time.time()
-                _, weights_copy = apply(model, tok, copy.deepcopy(requests[i : i + batch_size]), hp, copy=False,
-                                        return_orig_weights=True, **(extra if i == 0 else {}))
-                seconds += time.time() - start
-                for k, v in weights_copy.items():
-                    originals.setdefault(k, v)
-                if alg == "MoTE":
-                    coverage.append(last_coverage(model))
+        seconds = sum(run.edit(copy.deepcopy(requests[i : i + cfg.batch_size]))
+                      for i in range(0, len(requests), cfg.batch_size))
         result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before),
                               edit_seconds=seconds, hparams=hp_path, overrides=overrides,
-                              effective_hparams=_as_dict(hp), coverage=coverage)
+                              effective_hparams=_as_dict(run.hp), coverage=getattr(run, "coverage", []))
         host_rows = None
         if host is not None and cfg.host_metrics:
-            result.host_metrics, host_rows = host_token_metrics(model, tok, requests, hp, before)
+            result.host_metrics, host_rows = host_token_metrics(model, tok, requests, run.hp, before)
         result.per_record = record_rows(records, cfg, result.metrics, host_rows)
         return result
     finally:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in originals.items():
-                params[k].copy_(v)
-        if alg == "MoTE":
-            MoTEEditor(model).reset()
+        run.undo()
 
 
 def _method_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok, cfg: CompareConfig, host):
-    """(apply function, hyper-parameters, batch size, extra arguments of the first call) of one method, or the
-    MethodResult saying why it cannot run here."""
+    """The run of one method (`_MoTERun` or `HostEdit`: edit batch by batch, then undo), or the MethodResult saying why
+    it cannot run here."""
     if alg == "MoTE":
         from ..adapters import get_adapter
 
@@ -301,15 +295,10 @@ def _method_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok
             get_adapter(model)
         except ValueError as e:
             return MethodResult(name, "not applicable", f"not an MoE model: {e}", hparams=hp_path)
-        MoTEEditor(model).reset()  # a fresh start: no bases, memory or history of an earlier row
-        return apply_mote_to_model, hp, cfg.batch_size, {}
+        return _MoTERun(model, tok, hp)
     if host is None:
         return MethodResult(name, "unavailable", "no EasyEdit host importable (see docs/easyedit.md)", hparams=hp_path)
-    setup = _host_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
-    if isinstance(setup, MethodResult):
-        return setup
-    apply, hp, batch_size = setup
-    return apply, hp, batch_size, {"reset_cache": True} if alg == "AlphaEdit" else {}
+    return _host_setup(name, alg, hp_path, overrides, model, tok, cfg, host)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +339,7 @@ def compare(cfg: CompareConfig, log=print) -> dict:
     host, host_reason = import_host()
     log(f"EasyEdit host: {host_reason}")
     model, tok, facts = compared_model(cfg)
+    shutil.rmtree(Path(cfg.out) / "host-stats", ignore_errors=True)  # key covariances of an earlier run's model
     records = load_records(cfg, facts, host)
     before = reference(model, tok, records, cfg, host)
     unedited = MethodResult("unedited", "ok", metrics=plugin_metrics(model, tok, records, cfg, before))

@@ -45,7 +45,7 @@ def working_directory(path: Path):
 def prime_host_covariance(model, tok, hp, n_texts: int) -> None:
     """Write the uncentred second moment of the inputs of `rewrite_module_tmp` at each layer, over the first `n_texts`
     lines of the plugin's corpus, where the host's `layer_stats` looks for it (its own npz format, via its own running
-    statistics)."""
+    statistics). A file already there is kept (the covariance of the unedited model, as the host's own cache)."""
     runningstats = importlib.import_module("easyeditor.util.runningstats")
     name = model.config._name_or_path.rsplit("/")[-1]
     texts = [t for _, t in zip(range(n_texts), corpus_texts(None))]
@@ -54,6 +54,8 @@ def prime_host_covariance(model, tok, hp, n_texts: int) -> None:
         module_name = hp.rewrite_module_tmp.format(layer)
         file = f"{module_name}_{hp.mom2_dtype}_mom2_{hp.mom2_n_samples}.npz"
         path = Path(hp.stats_dir) / name / f"{hp.mom2_dataset}_stats" / file
+        if path.exists():
+            continue
         stat = runningstats.CombinedStat(mom2=runningstats.SecondMoment())
         with recorded(model.get_submodule(module_name), what="input") as seen:
             for i in range(0, len(texts), 16):

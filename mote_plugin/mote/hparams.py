@@ -313,9 +313,11 @@ class MoTEHyperParams(HostHyperParams):
     eps_whitening: float = setting(1e-5, _NON_NEGATIVE)  # covariance regulariser of the whitening
     hooi_sweeps: int = setting(0, _COUNT)  # HOOI refinement sweeps after the HOSVD
     nullspace: bool = setting(True, _FLAG)  # project updates onto each expert's key null space
-    # relative (share of trace kept) | absolute (eigenvalue cut-off: AlphaEdit's rule)
+    # relative (share of trace kept) | absolute (eigenvalue cut-off: AlphaEdit's rule) | covariance (not a projection:
+    # MEMIT's preservation term per expert, weighted by mote_lambda; nullspace.py)
     nullspace_rule: str = setting("relative", _one_of(RULES))
-    # threshold of the rule (relative: in (0, 1]; absolute: AlphaEdit's 2e-2)
+    # threshold of the rule (relative: in (0, 1]; absolute: AlphaEdit's 2e-2; covariance: the ridge added to each
+    # expert's key covariance, a share of its mean eigenvalue)
     nullspace_threshold: float = setting(1e-2, _POSITIVE)
     nullspace_min_tokens: int = setting(8, _COUNT)  # experts with fewer preservation tokens get the fallback
     nullspace_fallback: str = setting("freeze", _one_of(FALLBACKS))  # freeze (never edit) | identity (unprotected)

@@ -20,6 +20,17 @@ smaller side of that cut,
 
     P_j = V_kept V_kept^T   (k <= h - k)      or      P_j = I - V_removed V_removed^T   (otherwise).
 
+A third rule is not a projection but MEMIT's preservation term on each routed expert:
+
+* "covariance" (MEMIT): P_j = (C_j + eps_j I)^{-1/2}, eps_j = threshold * trace(C_j) / h. Solving the ridge
+  (lambda ||Delta'||^2) on the keys P_j k and writing Delta' P_j is solving
+
+      min_Delta  sum_t || r_t - sum_j g_tj Delta_j k_tj ||^2 + lambda sum_j tr(Delta_j (C_j + eps_j I) Delta_j^T)
+
+  i.e. MEMIT's objective with mom2_update_weight = lambda, its key covariance per expert (over the preservation
+  tokens routed to it, ungated), and a small ridge eps_j that keeps C_j invertible. Symmetric, not idempotent: every
+  writer applies P_j once more to the update it solved (`ExpertUpdate.projected`, `lowrank_update`).
+
 Pure tensor functions: the eigen-decompositions run in float64, one per expert, side by side over the CPU threads
 (`eig.run_side_by_side`); the projectors come back as float32 on the device of the inputs.
 """
@@ -30,9 +41,9 @@ import torch
 
 from .eig import run_side_by_side
 
-RULES = ("relative", "absolute")
+RULES = ("relative", "absolute", "covariance")
 FALLBACKS = ("freeze", "identity")
-DEFAULT_THRESHOLD = {"relative": 1e-2, "absolute": 2e-2}
+DEFAULT_THRESHOLD = {"relative": 1e-2, "absolute": 2e-2, "covariance": 1e-3}
 
 
 def nullspace_projectors(
@@ -56,6 +67,7 @@ def nullspace_projectors(
         threshold: "relative": the share of the trace that may remain un-removed (default 1e-2, i.e.
             the directions carrying 99% of the energy are removed); must be in (0, 1].
             "absolute": eigenvalue cut-off, directions with s < threshold are kept (default 2e-2).
+            "covariance": the ridge eps_j added to C_j, as a share of its mean eigenvalue (default 1e-3).
         min_tokens: experts with `counts < min_tokens` have no usable statistics and get the fallback.
         fallback: what an expert without statistics gets:
             * "freeze" (default): P_j = 0, the expert is never edited, because nothing is known about
@@ -66,7 +78,8 @@ def nullspace_projectors(
     and gets P_j = I under both rules.
 
     Returns:
-        `[E, h, h]` float32 symmetric idempotent projectors on the device of `moments`.
+        `[E, h, h]` float32 symmetric matrices on the device of `moments`: idempotent projectors, or (rule
+        "covariance") the inverse square roots (C_j + eps_j I)^{-1/2}.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -114,6 +127,12 @@ def _projector(moment: torch.Tensor, rule: str, threshold: float) -> torch.Tenso
     hidden = moment.shape[0]
     C = moment.to(torch.float64)  # [h, h]
     evals, evecs = torch.linalg.eigh(0.5 * (C + C.T))  # [h] ascending, [h, h]; exact symmetry for eigh
+    if rule == "covariance":
+        evals = evals.clamp_min(0.0)
+        eps = threshold * evals.sum() / hidden
+        if not eps > 0:  # all-zero moment: nothing to protect
+            return torch.eye(hidden, dtype=torch.float32, device=moment.device)
+        return ((evecs * (evals + eps).rsqrt()) @ evecs.T).to(torch.float32)  # [h, h] (C + eps I)^{-1/2}
     kept = kept_directions(evals.clamp_min(0.0), rule, threshold)
     if kept <= hidden - kept:
         V = evecs[:, :kept]  # [h, k] the kept (smallest) directions

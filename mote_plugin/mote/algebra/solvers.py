@@ -57,8 +57,8 @@ class LayerSolution:
                 key_maps = basis.key_maps if basis.factors.ranks == factors.ranks else None
             left, right = lowrank_update(self.core, factors, basis.P, scale=scale, key_maps=key_maps)
             return ExpertUpdate(left=left, right=right)
-        update = self.expert_update if layer == self.layer else self.expert_update.projected(basis.P)
-        return update.scaled(scale)
+        # solved on the keys P_j k: written as Delta_j P_j (for a projector the same as the solved update)
+        return self.expert_update.projected(basis.P).scaled(scale)
 
     def coverage(self, update: ExpertUpdate, routed: RoutedKeys, residuals: torch.Tensor) -> Coverage:
         """What this solve's basis held of its batch, and the share of each residual that `update` (this solution at
