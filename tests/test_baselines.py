@@ -97,6 +97,8 @@ def test_bad_solver_settings_are_refused():
         MoTEHyperParams(**base, solver="adam")
     with pytest.raises(ValueError, match="sequential_memory needs solver 'mote'"):
         MoTEHyperParams(**base, solver="bcd", sequential_memory=True)
+    with pytest.raises(ValueError, match="nullspace_rule 'covariance' .* is defined for solver 'global'"):
+        MoTEHyperParams(**base, nullspace_rule="covariance", nullspace_threshold=1e-3)
     with pytest.raises(ValueError, match="bcd_passes"):
         MoTEHyperParams(**base, solver="bcd", bcd_passes=0)
     with pytest.raises(ValueError, match="lambda_growth"):

@@ -495,8 +495,10 @@ def _report(cov: Coverage, hp: MoTEHyperParams) -> None:
     held = ", ".join(f"{name} {share.mean:.2f} (min {share.min:.2f})" for name in
                      ("residual_in_U_out", "keys_in_U_in", "gates_in_U_e") if (share := getattr(cov, name)) is not None)
     ranks = f" at ranks (r_e, r_out, r_in) = {cov.ranks}" if cov.ranks else ""
-    log.info("MoTE coverage, layer %d%s: reproduced %.2f (min %.2f); %s%s", cov.layer, ranks, cov.reproduced.mean,
-             cov.reproduced.min, nullspace_summary(cov), f"; basis holds {held}" if held else "")
+    projected = hp.nullspace and hp.nullspace_rule != "covariance"  # a projector: a share of the keys passes it
+    log.info("MoTE coverage, layer %d%s: reproduced %.2f (min %.2f)%s%s", cov.layer, ranks, cov.reproduced.mean,
+             cov.reproduced.min, f"; {nullspace_summary(cov)}" if projected else "",
+             f"; basis holds {held}" if held else "")
     if cov.reproduced.mean >= hp.min_reproduced:
         return
     if cov.ranks is None:
@@ -506,7 +508,7 @@ def _report(cov: Coverage, hp: MoTEHyperParams) -> None:
     else:
         advice = (f"the basis{ranks} holds {held}: set `basis: weights+edit` (the batch's residuals and keys join "
                   "U_out and U_in), raise the ranks or set them `auto`, or lower mote_lambda")
-    if hp.nullspace and cov.keys_kept.mean < NULLSPACE_REMOVES_MOST:
+    if projected and cov.keys_kept.mean < NULLSPACE_REMOVES_MOST:
         advice = (f"the null space removes most of the edit ({nullspace_summary(cov)}): it is set by nullspace_rule "
                   f"{hp.nullspace_rule!r} and nullspace_threshold {hp.nullspace_threshold:g} (`relative` with 1e-2 "
                   f"keeps the directions holding the last 1% of each expert's key energy whatever the keys' scale; "

@@ -379,6 +379,10 @@ class MoTEHyperParams(HostHyperParams):
         need(not (self.basis != "weights" and self.spread == "core"),
              f"basis {self.basis!r} is built from the keys captured at the layer it writes, and the core spread "
              "writes layers whose keys it never captures: use spread 'residual' or 'layerwise'")
+        need(not (self.nullspace and self.nullspace_rule == "covariance" and self.solver != "global"),
+             f"nullspace_rule 'covariance' (MEMIT's preservation term, not a projection) is defined for solver "
+             f"'global' (MEMIT on the routed experts); the {self.solver!r} solver's basis and coverage assume a "
+             "projector: use rule 'relative' or 'absolute' with it")
         if self.nullspace_rule == "relative" and _is_number(self.nullspace_threshold):
             need(self.nullspace_threshold <= 1,
                  f"relative nullspace_threshold must be in (0, 1], got {self.nullspace_threshold}")
