@@ -21,6 +21,7 @@ import itertools
 import traceback
 from pathlib import Path
 
+from mote_plugin.experiments.compare import method_alg, request_of
 from mote_plugin.experiments.host_edit import ALGORITHMS, HostEdit, host_hparams
 from mote_plugin.experiments.host_methods import override
 
@@ -29,8 +30,6 @@ HOST_KEYS = {"hparams", "archs", "tune", "note"}
 
 def check_config(cfg: dict, root: Path, path) -> None:
     """Refuse a malformed `host_methods:` before any work (unknown keys, a missing YAML, an unknown algorithm)."""
-    import yaml
-
     for name, spec in (cfg.get("host_methods") or {}).items():
         unknown = set(spec) - HOST_KEYS
         if unknown or "hparams" not in spec:
@@ -44,7 +43,7 @@ def check_config(cfg: dict, root: Path, path) -> None:
             file = root / spec["hparams"].format(arch=arch)
             if not file.exists():
                 raise ValueError(f"{path}: host_methods: {name}: {file} does not exist")
-            alg = (yaml.safe_load(file.read_text()) or {}).get("alg_name")
+            alg = method_alg(name, str(file))
             if alg not in ALGORITHMS:
                 raise ValueError(f"{path}: host_methods: {name}: {file}: alg_name {alg!r} has no host run "
                                  f"(known: {', '.join(ALGORITHMS)})")
@@ -83,8 +82,7 @@ class HostRows:
     def hparams(self, name: str, **settings):
         spec = self.specs[name]
         path = self.root / spec["hparams"].format(arch=self.arch)
-        alg = _alg_name(path)
-        hp = override(host_hparams(self.host, alg, str(path)), name, settings)
+        hp = override(host_hparams(self.host, method_alg(name, str(path)), str(path)), name, settings)
         hp.model_name = str(self.session.model.config._name_or_path)
         if hasattr(hp, "device"):
             hp.device = "cpu"
@@ -102,7 +100,7 @@ class HostRows:
         seconds, bs = 0.0, self.cfg["batch_size"]
         try:
             for i in range(0, len(records), bs):
-                seconds += run.edit([host_request(r) for r in records[i : i + bs]])
+                seconds += run.edit([request_of(r, "counterfact") for r in records[i : i + bs]])
             row = self.session.scores(records, intervals)
         finally:
             run.undo()
@@ -152,17 +150,6 @@ class HostRows:
 
 
 METRICS = ("efficacy", "generalization", "specificity", "utility")
-
-
-def host_request(r: dict) -> dict:
-    return {"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
-            "ground_truth": r.get("target_true") or r.get("ground_truth"), "case_id": r.get("case_id")}
-
-
-def _alg_name(path: Path) -> str:
-    import yaml
-
-    return yaml.safe_load(path.read_text())["alg_name"]
 
 
 def _error(e: Exception) -> str:

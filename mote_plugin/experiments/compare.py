@@ -177,8 +177,10 @@ def request_of(r: dict, dataset: str) -> dict:
         return {"prompt": r["src"], "subject": r["subject"], "target_new": r.get("alt") or r["answers"][0],
                 "ground_truth": r.get("pred") or "", "rephrase_prompt": r["rephrase"],
                 "locality": {"nq": {"prompt": r["loc"], "ground_truth": r["loc_ans"]}}, "portability": {}}
+    # case_id: the host's v* cache names its files by it (MEMIT, AlphaEdit)
     req = {"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
-           "ground_truth": r.get("ground_truth") or r["target_true"], "portability": {}, "locality": {}}
+           "ground_truth": r.get("ground_truth") or r["target_true"], "case_id": r.get("case_id"), "portability": {},
+           "locality": {}}
     rephrase = r.get("rephrase_prompt") or (r.get("paraphrase_prompts") or [None])[0]
     if rephrase:
         req["rephrase_prompt"] = rephrase
