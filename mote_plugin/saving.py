@@ -34,24 +34,21 @@ class _Checkpoint:
         from safetensors import safe_open
 
         index = src / INDEX
-        if index.is_file():
-            self.weight_map = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            files = sorted(p.name for p in src.glob("*.safetensors"))
-            if not files:
-                raise ValueError(f"{src}: no safetensors checkpoint (model.safetensors or {INDEX}); the edited model "
-                                 "can be written only over a safetensors checkpoint")
-            self.weight_map = {}
-            for file in files:
-                with safe_open(src / file, "pt") as f:
-                    self.weight_map |= dict.fromkeys(f.keys(), file)
+        indexed = index.is_file()
+        self.weight_map = dict(json.loads(index.read_text())["weight_map"]) if indexed else {}
+        files = sorted(set(self.weight_map.values())) if indexed else sorted(p.name for p in src.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{src}: no safetensors checkpoint (model.safetensors or {INDEX}); the edited model "
+                             "can be written only over a safetensors checkpoint")
         self.src = src
-        self.info = {}
-        for file in sorted(set(self.weight_map.values())):
+        self.info = {}  # one read of each file's header: every tensor's dtype and shape (and its file, unindexed)
+        for file in files:
             with safe_open(src / file, "pt") as f:
                 for key in f.keys():
                     s = f.get_slice(key)
                     self.info[key] = (s.get_dtype(), list(s.get_shape()))
+                    if not indexed:
+                        self.weight_map[key] = file
 
 
 def _metadata(file: Path) -> dict[str, str]:
