@@ -26,7 +26,8 @@ Per fact model (the `builds:` of the config, built from the data shipped with th
              the share of each residual the solved core reproduces, for MoTE's settings and each of `basis_variants`.
   routing    top-k routing overlap before/after the test edits (the paper's Appendix C.1).
 
-Results are merged into benchmarks/results/quality.json (the `--arch`/`--only` parts re-run replace theirs) and
+Results are merged into benchmarks/results/quality.json (the `--arch`/`--only` parts re-run replace theirs; runs of
+other archs in parallel, one process per `--arch` with the same `--out`, keep each other's) and
 written out as quality.md and quality-ranks.png (the methods with a `rank_scale`: quality against solve+write seconds).
 """
 
@@ -612,10 +613,23 @@ def main(argv: list[str] | None = None) -> None:
             merge = args.methods and phase in ("tune", "test", "ablations", "routing")
             res[phase] = res.get(phase, {}) | result if merge else result
             log(f"{phase}: {time.time() - t:.0f} s")
-            write_results(out, report)  # after every phase: a long run keeps its parts
+            report = save(out, report, archs)  # after every phase: a long run keeps its parts
         del model, session
+    report = save(out, report, archs)
     write_results(out, report, markdown(report), {"-ranks": lambda plt: plot(report, plt)})
     print(markdown(report))
+
+
+def save(out: Path, report: dict, archs: list[str]) -> dict:
+    """Write the report with this run's archs over those the results file holds now, so that runs of other archs in
+    parallel (one process per `--arch`, same `--out`) keep each other's results; returns the merged report."""
+    path = out.with_suffix(".json")
+    on_disk = json.loads(path.read_text())["archs"] if path.exists() else {}
+    merged = on_disk | {a: r for a, r in report["archs"].items() if a in archs}
+    order = [*report["config"]["builds"], *merged]  # the config's order, then archs it no longer names
+    report = report | {"archs": {a: merged[a] for a in dict.fromkeys(order) if a in merged}}
+    write_results(out, report)
+    return report
 
 
 if __name__ == "__main__":

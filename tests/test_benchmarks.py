@@ -213,6 +213,20 @@ def test_bootstrap_and_jaccard(quality):
     assert quality.jaccard(a, torch.tensor([[1, 0], [2, 4]])) == pytest.approx((1 + 1 / 3) / 2)
 
 
+def test_parallel_runs_of_other_archs_keep_each_others_results(quality, tmp_path):
+    # two processes, one per --arch, the same --out: each writes its own archs over what the file holds then
+    cfg = {"builds": {"qwen3_moe": {}, "gpt_oss": {}, "qwen3_5_moe": {}}}
+    out = tmp_path / "side"
+    first = quality.save(out, {"config": cfg, "archs": {"gpt_oss": {"tune": 1}}}, ["gpt_oss"])
+    second = {"config": cfg, "archs": {"qwen3_moe": {"tune": 2}}}  # started before the first wrote anything
+    merged = quality.save(out, second, ["qwen3_moe"])
+    assert merged["archs"] == {"qwen3_moe": {"tune": 2}, "gpt_oss": {"tune": 1}}  # the config's order
+    first["archs"]["gpt_oss"]["test"] = 3
+    quality.save(out, first, ["gpt_oss"])  # the first run's next phase keeps the second's arch
+    assert json.loads(out.with_suffix(".json").read_text())["archs"] == {"qwen3_moe": {"tune": 2},
+                                                                          "gpt_oss": {"tune": 1, "test": 3}}
+
+
 @pytest.mark.slow
 def test_quality_protocol_end_to_end(quality, reduced_fact_model, tmp_path, monkeypatch):
     """Every phase on a small build (dev 4, test 8 in batches of 4, a two-point grid): settings chosen on dev only, the
