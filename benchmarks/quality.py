@@ -65,6 +65,7 @@ from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.model.capture import capture, layer_outputs
 from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.testbed import BuildOptions, build, load
+from tables import headline
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"  # fact-model builds, preservation statistics, v* targets
@@ -424,29 +425,6 @@ HEADLINE = {"MoTE-residual": "MoTE, weights' basis, real ranks' ratios",
             "Global-residual": "Global ridge (= edit-aware at r_e = E)", "MoEEdit-BCD": "MoEEdit-BCD"}
 
 
-def headline(report: dict) -> list[str]:
-    """The unedited model and the HEADLINE rows on every arch's test split, one column per arch: utility [95% interval],
-    then efficacy / generalization / specificity (the HEADLINE rows that ran on some arch)."""
-    archs = {a: r for a, r in report["archs"].items() if "test" in r}
-    head = "| method | " + " | ".join(
-        f"{a} (N = {r['splits']['test'][1] - r['splits']['test'][0] + 1})" for a, r in archs.items()) + " |"
-    lines = [head, "|---" * (len(archs) + 1) + "|"]
-    for method, label in {"unedited": "unedited", **HEADLINE}.items():
-        if not any(method in res["test"] for res in archs.values()):
-            continue  # a method this report never ran
-        cells = []
-        for res in archs.values():
-            row = res["test"].get(method)
-            if row is None:
-                cells.append("-")
-                continue
-            lo, hi = row["ci95"]["utility"]
-            cells.append(f"**{row['utility']:.2f}** [{lo:.2f}, {hi:.2f}] · "
-                         + " / ".join(f"{row[k]:.2f}" for k in ("efficacy", "generalization", "specificity")))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
-
-
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = ["# MoTE's quality: dev/test protocol on the fact models", "",
@@ -457,8 +435,9 @@ def markdown(report: dict) -> str:
              "capture included.",
              "",
              "## Headline (test split)", "",
-             "Utility [95% interval] · efficacy / generalization / specificity, after the last test batch.", "",
-             *headline(report), ""]
+             "Utility [95% interval] · efficacy / generalization / specificity · requests edited of those asked, "
+             "after the last test batch.", "",
+             *headline(report, HEADLINE), ""]
     if cfg.get("host_methods"):  # the side-by-side comparison with EasyEdit's editors
         lines[0] = "# Side by side: MoTE and EasyEdit's editors, dev/test protocol on the fact models"
         lines[-6:] = ["## Side by side (test split)", "", *host_rows.side_by_side(report), ""]
