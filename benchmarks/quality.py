@@ -162,7 +162,7 @@ def grid(tune: dict, report: dict, n_layers: int) -> list[dict]:
 
 
 def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int, int]) -> dict:
-    """The YAML's ranks times `scale` (rounded up, at most the mode size); "full": every mode at full size."""
+    """The fixed ranks of `hp` times `scale` (rounded up, at most the mode size); "full": every mode at full size."""
     if scale == "full":
         return {"r_e": "full", "r_out": "full", "r_in": "full"}
     ranks = resolve_ranks(hp.layer_ranks(), shape)
@@ -171,7 +171,7 @@ def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int,
 
 def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tuple[int, int, int],
              **tuned) -> MoTEHyperParams:
-    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the YAML's ranks), then
+    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the fixed ranks), then
     `tuned`."""
     overrides = dict(overrides or {})
     scale = overrides.pop("rank_scale", None)
@@ -414,10 +414,10 @@ def rank_rows(res: dict, cfg: dict) -> dict:
             if "rank_scale" in (o or {}) and o.get("spread") == "core" and n in res.get("test", {})}
 
 
-# The headline (README.md quotes it): per arch, at ranks in the real model's ratios, the paper's basis with the testbed
-# YAML's former (residual) and the paper's (core) spread, the edit-aware basis (and U_e, where it ran) and `auto` ranks
-# (the testbed YAMLs now); then the two strongest other solvers. Residual spread unless the label says otherwise.
-HEADLINE = {"MoTE-residual": "MoTE, weights' basis, real ranks' ratios",
+# The headline (benchmarks/README.md renders it): per arch, at the fixed ranks (`real_ranks` in the same ratios), the
+# paper's basis with the testbed YAML's former (residual) and the paper's (core) spread, the edit-aware basis (and U_e,
+# where it ran) and `auto` ranks (the testbed YAMLs now); then the two strongest other solvers. Residual spread unless the label says otherwise.
+HEADLINE = {"MoTE-residual": "MoTE, weights' basis, fixed ranks",
             "MoTE": "MoTE, same, core spread (the paper's)",
             "MoTE-edit": "MoTE, edit-aware basis, same ranks",
             "MoTE-edit+gates": "MoTE, edit-aware basis and U_e, same ranks",
@@ -448,7 +448,7 @@ def markdown(report: dict) -> str:
                  f"sequential batches of at most {cfg['batch_size']})")
         lines += [f"## {arch}", "",
                   f"Build: `{res['build']}` ({s['known']} known facts); edit band traced {res['traced_layers']} "
-                  f"at {res['lookup_token']}; YAML ranks {tuple(res['yaml_ranks'])} of (E, d, h) = "
+                  f"at {res['lookup_token']}; fixed ranks {tuple(res['yaml_ranks'])} of (E, d, h) = "
                   f"{tuple(res['shape'])}. Splits: {split}.", ""]
         if "test" in res:
             lines += ["### Test split", "",
@@ -457,7 +457,7 @@ def markdown(report: dict) -> str:
         ranked = rank_rows(res, cfg)
         if ranked:
             lines += ["### Tucker ranks (each tuned on dev; test split)", "",
-                      "| scale of YAML ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
+                      "| scale of the fixed ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
                       "|---" * (len(METRICS) + 3) + "|"]
             lines += [f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
                       + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |"
