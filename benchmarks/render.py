@@ -49,7 +49,8 @@ from tables import headline, headline_cell  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ("README.md", "benchmarks/*.md", "docs/*.md")
-MARKER = re.compile(r"<!-- rendered: (?P<name>[\w.-]+) -->(?P<body>.*?)<!-- /rendered -->", re.S)
+# a marker quoted in backticks (as in this docstring's explanation in a doc) is text, not a marker
+MARKER = re.compile(r"(?<!`)<!-- rendered: (?P<name>[\w.-]+) -->(?P<body>.*?)(?<!`)<!-- /rendered -->", re.S)
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 SHAPES = {"qwen3-30b-a3b": "Qwen3-30B-A3B", "gpt-oss-20b": "GPT-OSS-20B", "qwen3.6-35b-a3b": "Qwen3.6-35B-A3B"}
 
