@@ -416,7 +416,8 @@ def rank_rows(res: dict, cfg: dict) -> dict:
 
 # The headline (benchmarks/README.md renders it): per arch, at the fixed ranks (`real_ranks` in the same ratios), the
 # paper's basis with the testbed YAML's former (residual) and the paper's (core) spread, the edit-aware basis (and U_e,
-# where it ran) and `auto` ranks (the testbed YAMLs now); then the two strongest other solvers. Residual spread unless the label says otherwise.
+# where it ran) and `auto` ranks (the testbed YAMLs now); then the two strongest other solvers. Residual spread unless
+# the label says otherwise.
 HEADLINE = {"MoTE-residual": "MoTE, weights' basis, fixed ranks",
             "MoTE": "MoTE, same, core spread (the paper's)",
             "MoTE-edit": "MoTE, edit-aware basis, same ranks",

@@ -98,13 +98,6 @@ def demo_ranges(*reports: dict) -> list[str]:
     return lines
 
 
-def demo_mote(report: dict) -> str:
-    """MoTE's row of the demo in words (docs/easyedit.md)."""
-    r = next(x for x in report["results"] if x["method"] == "MoTE")
-    return (f"{edited(r, report['n'])} of {report['n']} edited, efficacy / generalization / specificity "
-            + " / ".join(f"{r['metrics'][k]:.2f}" for k in METRICS[:3]))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # the quality protocol (benchmarks/quality.py)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,10 +253,12 @@ def edit_memory_table(report: dict) -> list[str]:
 
 
 def edit_memory_peaks(report: dict) -> str:
-    """The README's words: each real YAML's estimated peak and the GPUs it fits."""
-    return "; ".join(f"{SHAPES.get(r['yaml'], r['yaml'])} {r['peak'] / edit_memory.GIB:.1f} GiB"
-                     + (f" (fits {', '.join(r['fits'])})" if r["fits"] else " (fits none of these)")
-                     for r in report["results"])
+    """The README's words: each real YAML's estimated peak and the smallest GPU it fits."""
+    results = report["results"]
+    fits = [r["fits"][0] if r["fits"] else "none of the GPUs listed" for r in results]
+    return (" / ".join(f"{r['peak'] / edit_memory.GIB:.1f}" for r in results) + " GiB for "
+            + " / ".join(SHAPES.get(r["yaml"], r["yaml"]) for r in results) + ", "
+            + (f"each within {fits[0]}" if len(set(fits)) == 1 else "within " + " / ".join(fits)))
 
 
 def sequential_summary(report: dict) -> list[str]:
@@ -292,7 +287,6 @@ class Block:
 
 BLOCKS = {
     "demo": Block(("demo.json",), demo_table),
-    "demo-mote": Block(("demo.json",), demo_mote),
     "quality-summary": Block(("quality.json",), quality_summary),
     "quality-headline": Block(("quality.json",), quality_headline),
     "quality-basis": Block(("quality.json",), quality_basis),

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 def headline_cell(row: dict | None, detail: bool = True) -> str:
     """One method on one arch's test split: **utility** [95% interval], with `detail` efficacy / generalization /
-    specificity, then the requests edited of those asked (not for the unedited model); "-" where it did not run."""
+    specificity, then the requests edited of those asked (not for the unedited model; "N/M edited", without `detail`
+    "N/M"); "-" where it did not run."""
     if row is None:
         return "-"
     if "error" in row:
@@ -15,7 +16,7 @@ def headline_cell(row: dict | None, detail: bool = True) -> str:
     cell = f"**{row['utility']:.2f}** [{lo:.2f}, {hi:.2f}]"
     if detail:
         cell += " · " + " / ".join(f"{row[k]:.2f}" for k in ("efficacy", "generalization", "specificity"))
-    return cell + (f" · {row['edited']}/{row['n']} edited" if "edited" in row else "")
+    return cell + (f" · {row['edited']}/{row['n']}" + " edited" * detail if "edited" in row else "")
 
 
 def headline(report: dict, rows: dict[str, str], detail: bool = True) -> list[str]:

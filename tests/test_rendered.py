@@ -86,5 +86,5 @@ def test_blocks_waiting_for_their_results_files(render):
     report["config"] |= {"host_methods": {"ROME": {}}, "labels": {"MoTE-auto": "MoTE (auto)"}}
     report["archs"]["qwen3_moe"]["test"]["ROME"] = {"error": "ValueError: no host"}
     table = "\n".join(render.side_by_side_summary(report))
-    assert "| MoTE (auto) | **0.81** [0.77, 0.84] · 147/148 edited |" in table
+    assert "| MoTE (auto) | **0.81** [0.77, 0.84] · 147/148 |" in table
     assert "| ROME | did not run: ValueError: no host | - | - |" in table

@@ -119,8 +119,8 @@ def parser() -> argparse.ArgumentParser:
                        help=f"{HELP[name]} (default {default})")
     b.add_argument("--subject-tokens", action=argparse.BooleanOptionalAction, default=BuildOptions.subject_tokens,
                    help="train the tokenizer on the subjects' names too, so each gets tokens of its own (default; "
-                        "--no-subject-tokens splits names into shared word pieces, as the quality, demo and test builds do: "
-                        "docs/testbed.md)")
+                        "--no-subject-tokens splits names into shared word pieces, as the quality, demo and test "
+                        "builds do: docs/testbed.md)")
     _add_dataclass_args(b, ModelSize)
     _add_dataclass_args(b, TrainConfig, skip=("seed",))
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
