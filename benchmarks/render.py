@@ -21,7 +21,8 @@ To add a block: write the function here (reuse the benchmark's own table functio
 put the two markers where the numbers go (anything between them is replaced) and run this script. Blocks waiting for a
 results file: `side_by_side_summary` (side_by_side.json, `python benchmarks/quality.py --config
 benchmarks/configs/side_by_side.yaml --out benchmarks/results/side_by_side ...`) renders the side-by-side table; once
-the file exists, add `"side-by-side": Block(("side_by_side.json",), side_by_side_summary)` and the marker in the README.
+the file exists, add `"side-by-side": Block(("side_by_side.json",), side_by_side_summary)` and put its marker in the
+README in place of quality-summary's (it has those rows and the host's; the README stays under 8,000 characters).
 `demo_ranges` renders the demo's range over several runs of README command 1 (one compare report per build seed or
 machine); add e.g. `"demo-seeds": Block(("demo-seed0.json", "demo-seed1.json", "demo-seed2.json"), demo_ranges)`.
 """
