@@ -75,12 +75,14 @@ def demo_table(report: dict) -> list[str]:
     for r in report["results"]:
         if r["status"] != "ok":
             why.setdefault(f"{r['status']}: {r['reason']}", []).append(r["method"])
-    return lines + ["", "; ".join(f"{', '.join(names)}: {reason}" for reason, names in why.items()) + "."] * bool(why)
+    if why:
+        lines += ["", "; ".join(f"{', '.join(names)}: {reason}" for reason, names in why.items()) + "."]
+    return lines
 
 
 def demo_ranges(*reports: dict) -> list[str]:
     """The same table over several runs of one comparison (build seeds, machines): each cell the lowest and highest
-    value of the runs, "x" when they agree."""
+    value of the runs ("lo-hi"), one value where they agree."""
     def span(values: list[float], fmt: str) -> str:
         lo, hi = min(values), max(values)
         return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
