@@ -111,12 +111,16 @@ def run_build(name: str, opts: BuildOptions, epochs: list[int], log) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Coverage of the weights' basis across training and width", "",
-             f"{run_line(report)}. Demo recipe (qwen3_moe, facts 201-256); the first <= 50 facts the final build "
-             "knows, one batch, edited as quality.md's MoTE-residual row (the paper's basis at the real ranks' "
-             "ratios). Shares: mean over the batch (smallest); `random` is what a random subspace of the same rank "
-             "holds on average (r / n).", "",
-             "| build | epoch | (E, d, h), ranks | residual in U_out (random) | keys in U_in (random) | gates in U_e "
+    return "\n".join(["# Coverage of the weights' basis across training and width", "",
+                      f"{run_line(report)}. Demo recipe (qwen3_moe, facts 201-256); the first <= 50 facts the final "
+                      "build knows, one batch, edited as quality.md's MoTE-residual row (the paper's basis at the real "
+                      "ranks' ratios). Shares: mean over the batch (smallest); `random` is what a random subspace of "
+                      "the same rank holds on average (r / n).", "", *table(report)]) + "\n"
+
+
+def table(report: dict) -> list[str]:
+    """Per build and epoch: what the basis holds of the batch, the update reproduces, and the metrics (edited)."""
+    lines = ["| build | epoch | (E, d, h), ranks | residual in U_out (random) | keys in U_in (random) | gates in U_e "
              "(random) | reproduced | unedited eff / gen / spec | MoTE eff / gen / spec (edited) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, b in report["builds"].items():
@@ -129,7 +133,7 @@ def markdown(report: dict) -> str:
                          + " / ".join(f"{row['unedited'][k]:.2f}" for k in METRICS) + " | "
                          + " / ".join(f"{row['MoTE'][k]:.2f}" for k in METRICS)
                          + f" ({row['MoTE'].get('edited', '-')}/{b['facts']}) |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

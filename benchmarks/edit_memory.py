@@ -151,7 +151,8 @@ def finish(r: dict, hp: MoTEHyperParams) -> dict:
                 "terms": terms, "peak": peak, "fits": [gpu for gpu, cap in GPUS if peak <= cap]}
 
 
-def markdown(results: list[dict], info: dict) -> str:
+def table(results: list[dict]) -> list[str]:
+    """Per YAML: GiB of each term, the peak and the GPUs it fits."""
     names = list(results[0]["terms"])
     lines = ["| YAML | (E, d, h) | v* requests at once | " + " | ".join(names) + " | peak | fits |",
              "|---" * (len(names) + 5) + "|"]
@@ -159,13 +160,17 @@ def markdown(results: list[dict], info: dict) -> str:
         cells = [f"{r['terms'][k] / GIB:.1f}" for k in names]
         lines.append(f"| {r['yaml']} | {tuple(r['shape'])} | {r['v_requests']} | " + " | ".join(cells)
                      + f" | **{r['peak'] / GIB:.1f}** | {', '.join(r['fits']) or 'none of these'} |")
+    return lines
+
+
+def markdown(results: list[dict], info: dict) -> str:
     notes = [f"GiB; usable: {', '.join(f'{g} {c / GIB:.0f}' for g, c in GPUS)}. v*: `v_batch_size` requests (null: "
              f"the batch) x {TEMPLATES + 2} rows of {results[0]['tokens']} tokens, through the layers above the last "
              "edited one; per request and, in brackets, the largest v_batch_size that fits the 80 GB GPU: " + ", ".join(
                  f"{r['yaml']} {r['vstar_per_request'] / GIB:.2f} GiB ({r['largest_v_batch_size_80gb']})"
                  for r in results) + "; bytes per token and layer: " + ", ".join(
                  f"{r['yaml']} {r['vstar_bytes_per_token_layer'] / 1024:.0f} KiB" for r in results), run_line(info)]
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return "\n".join(table(results)) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
 def main() -> None:

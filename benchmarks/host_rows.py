@@ -24,6 +24,7 @@ from pathlib import Path
 from mote_plugin.experiments.compare import method_alg, request_of
 from mote_plugin.experiments.host_edit import ALGORITHMS, HostEdit, host_hparams
 from mote_plugin.experiments.host_methods import override
+from tables import headline_cell
 
 HOST_KEYS = {"hparams", "archs", "tune", "note"}
 
@@ -165,16 +166,11 @@ def _error(e: Exception) -> str:
 
 
 def _cell(row: dict | None) -> str:
-    if row is None:
-        return "-"
-    if "error" in row:
-        return f"did not run: {row['error']}"
-    lo, hi = row["ci95"]["utility"]
+    """`tables.headline_cell` and the edit seconds."""
+    if row is None or "error" in row:
+        return headline_cell(row)
     s = row.get("seconds") or {}
-    seconds = s["edit"] if "edit" in s else sum(s.values())
-    return (f"**{row['utility']:.2f}** [{lo:.2f}, {hi:.2f}] · "
-            + " / ".join(f"{row[k]:.2f}" for k in ("efficacy", "generalization", "specificity"))
-            + f" · {seconds:.0f} s")
+    return headline_cell(row) + f" · {s['edit'] if 'edit' in s else sum(s.values()):.0f} s"
 
 
 def _settings(entry: dict | None) -> str:
@@ -204,8 +200,9 @@ def side_by_side(report: dict) -> list[str]:
     names = ["unedited", *cfg["methods"], *(cfg.get("host_methods") or {})]
     head = "| method | " + " | ".join(
         f"{a} (N = {r['splits']['test'][1] - r['splits']['test'][0] + 1})" for a, r in archs.items()) + " |"
-    lines = ["Test utility [95% interval] · efficacy / generalization / specificity · edit seconds (all test batches, "
-             "v* included), after the last of the sequential test batches.", "", head, "|---" * (len(archs) + 1) + "|"]
+    lines = ["Test utility [95% interval] · efficacy / generalization / specificity · requests edited of those asked · "
+             "edit seconds (all test batches, v* included), after the last of the sequential test batches.", "", head,
+             "|---" * (len(archs) + 1) + "|"]
     for name in names:
         if any(name in r["test"] for r in archs.values()):
             lines.append(f"| {labels.get(name, name)} | "

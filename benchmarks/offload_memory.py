@@ -22,9 +22,7 @@ level after loading. Results: benchmarks/results/offload_memory.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mote_plugin.experiments.results import write_results
+from mote_plugin.experiments.results import run_info, run_line, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -239,6 +237,16 @@ def measure(folder: Path, mode: str, shape: str, layers: int, edits: int = EDITS
 
 
 def markdown(report: dict) -> str:
+    return "\n".join([f"# MoTE edit memory, model in memory vs disk-offloaded ({report['shape']} layer shape)", "",
+                      f"{run_line(report)}. One edit of {report.get('edits', EDITS)} requests at the last decoder "
+                      "layer, bf16, random weights. GiB of the process's own (anonymous) resident memory; pages of "
+                      "mmapped checkpoint files, which the kernel can drop, are not counted (their level after loading "
+                      "has its own row). Each stage's row is the highest level while it ran.", "",
+                      *table(report)]) + "\n"
+
+
+def table(report: dict) -> list[str]:
+    """A column per run: the model, each stage's level above loading, times, the peak; then the two peaks compared."""
     runs = {r["label"]: r for r in report["runs"]}
     stages = [s for s in ("statistics", "projectors", "Tucker basis", "v*", "capture", "solve", "writeback", "history",
                           "store")
@@ -249,14 +257,7 @@ def markdown(report: dict) -> str:
     def row(label: str, cell) -> str:  # a table row: `cell(run)` in each run's column
         return f"| {label} | " + " | ".join(cell(r) for r in runs.values()) + " |"
 
-    lines = [f"# MoTE edit memory, model in memory vs disk-offloaded ({report['shape']} layer shape)", "",
-             f"`{report['command']}` on "
-             f"{report['machine']}, torch {report['torch']}, {report['date']}. One edit of "
-             f"{report.get('edits', EDITS)} requests at the last decoder layer, bf16, random weights. GiB of the "
-             "process's own (anonymous) resident memory; pages of mmapped checkpoint files, which the kernel can drop, "
-             "are not counted (their level after loading has its own row). Each stage's row is the highest level while "
-             "it ran.", "",
-             "| | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs),
+    lines = ["| | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs),
              row("model weights (all layers)", lambda r: g(r["model_bytes"])),
              row("edited MoE block", lambda r: g(r["edited_block_bytes"])),
              row("resident after loading", lambda r: g(r["rss_after_load"])),
@@ -273,7 +274,7 @@ def markdown(report: dict) -> str:
         m, d = runs[f"memory, {layers} layers"], runs[f"disk, {layers} layers"]
         lines += ["", f"Peak during the edit (loaded weights + edit): memory {g(peak(m))} GiB, disk-offloaded "
                   f"{g(peak(d))} GiB ({peak(d) / peak(m):.2f}x)."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,9 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = [(layers, "memory"), (layers, "disk")] + ([(args.deep, "disk")] if args.deep else [])
     command = " ".join(["python benchmarks/offload_memory.py", *extra, *([f"--deep {args.deep}"] if args.deep else []),
                         *([f"--edits {args.edits}"] if args.edits != EDITS else [])])
-    report = {"command": command, "shape": shape, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-              "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "edits": args.edits, "runs": []}
+    report = run_info(command) | {"shape": shape, "edits": args.edits, "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "offload_memory" + ("-reduced" if args.reduced else "")
     with tempfile.TemporaryDirectory(prefix="mote-offload-") as tmp:

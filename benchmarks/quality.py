@@ -65,6 +65,7 @@ from mote_plugin.mote.algebra.tucker import resolve_ranks
 from mote_plugin.mote.model.capture import capture, layer_outputs
 from mote_plugin.mote.model.requests import normalise_requests
 from mote_plugin.testbed import BuildOptions, build, load
+from tables import headline
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"  # fact-model builds, preservation statistics, v* targets
@@ -161,7 +162,7 @@ def grid(tune: dict, report: dict, n_layers: int) -> list[dict]:
 
 
 def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int, int]) -> dict:
-    """The YAML's ranks times `scale` (rounded up, at most the mode size); "full": every mode at full size."""
+    """The fixed ranks of `hp` times `scale` (rounded up, at most the mode size); "full": every mode at full size."""
     if scale == "full":
         return {"r_e": "full", "r_out": "full", "r_in": "full"}
     ranks = resolve_ranks(hp.layer_ranks(), shape)
@@ -170,7 +171,7 @@ def rank_variant(hp: MoTEHyperParams, scale: float | str, shape: tuple[int, int,
 
 def settings(base: MoTEHyperParams, name: str, overrides: dict | None, shape: tuple[int, int, int],
              **tuned) -> MoTEHyperParams:
-    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the YAML's ranks), then
+    """A method's hyper-parameters: the base, its overrides (`rank_scale` resolved on the fixed ranks), then
     `tuned`."""
     overrides = dict(overrides or {})
     scale = overrides.pop("rank_scale", None)
@@ -413,38 +414,16 @@ def rank_rows(res: dict, cfg: dict) -> dict:
             if "rank_scale" in (o or {}) and o.get("spread") == "core" and n in res.get("test", {})}
 
 
-# The headline (README.md quotes it): per arch, at ranks in the real model's ratios, the paper's basis with the testbed
-# YAML's former (residual) and the paper's (core) spread, the edit-aware basis (and U_e, where it ran) and `auto` ranks
-# (the testbed YAMLs now); then the two strongest other solvers. Residual spread unless the label says otherwise.
-HEADLINE = {"MoTE-residual": "MoTE, weights' basis, real ranks' ratios",
+# The headline (benchmarks/README.md renders it): per arch, at the fixed ranks (`real_ranks` in the same ratios), the
+# paper's basis with the testbed YAML's former (residual) and the paper's (core) spread, the edit-aware basis (and U_e,
+# where it ran) and `auto` ranks (the testbed YAMLs now); then the two strongest other solvers. Residual spread unless
+# the label says otherwise.
+HEADLINE = {"MoTE-residual": "MoTE, weights' basis, fixed ranks",
             "MoTE": "MoTE, same, core spread (the paper's)",
             "MoTE-edit": "MoTE, edit-aware basis, same ranks",
             "MoTE-edit+gates": "MoTE, edit-aware basis and U_e, same ranks",
             "MoTE-auto": "MoTE, `auto` ranks (coverage 0.9)",
             "Global-residual": "Global ridge (= edit-aware at r_e = E)", "MoEEdit-BCD": "MoEEdit-BCD"}
-
-
-def headline(report: dict) -> list[str]:
-    """The unedited model and the HEADLINE rows on every arch's test split, one column per arch: utility [95% interval],
-    then efficacy / generalization / specificity (the HEADLINE rows that ran on some arch)."""
-    archs = {a: r for a, r in report["archs"].items() if "test" in r}
-    head = "| method | " + " | ".join(
-        f"{a} (N = {r['splits']['test'][1] - r['splits']['test'][0] + 1})" for a, r in archs.items()) + " |"
-    lines = [head, "|---" * (len(archs) + 1) + "|"]
-    for method, label in {"unedited": "unedited", **HEADLINE}.items():
-        if not any(method in res["test"] for res in archs.values()):
-            continue  # a method this report never ran
-        cells = []
-        for res in archs.values():
-            row = res["test"].get(method)
-            if row is None:
-                cells.append("-")
-                continue
-            lo, hi = row["ci95"]["utility"]
-            cells.append(f"**{row['utility']:.2f}** [{lo:.2f}, {hi:.2f}] · "
-                         + " / ".join(f"{row[k]:.2f}" for k in ("efficacy", "generalization", "specificity")))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def markdown(report: dict) -> str:
@@ -457,8 +436,9 @@ def markdown(report: dict) -> str:
              "capture included.",
              "",
              "## Headline (test split)", "",
-             "Utility [95% interval] · efficacy / generalization / specificity, after the last test batch.", "",
-             *headline(report), ""]
+             "Utility [95% interval] · efficacy / generalization / specificity · requests edited of those asked, "
+             "after the last test batch.", "",
+             *headline(report, HEADLINE), ""]
     if cfg.get("host_methods"):  # the side-by-side comparison with EasyEdit's editors
         lines[0] = "# Side by side: MoTE and EasyEdit's editors, dev/test protocol on the fact models"
         lines[-6:] = ["## Side by side (test split)", "", *host_rows.side_by_side(report), ""]
@@ -469,7 +449,7 @@ def markdown(report: dict) -> str:
                  f"sequential batches of at most {cfg['batch_size']})")
         lines += [f"## {arch}", "",
                   f"Build: `{res['build']}` ({s['known']} known facts); edit band traced {res['traced_layers']} "
-                  f"at {res['lookup_token']}; YAML ranks {tuple(res['yaml_ranks'])} of (E, d, h) = "
+                  f"at {res['lookup_token']}; fixed ranks {tuple(res['yaml_ranks'])} of (E, d, h) = "
                   f"{tuple(res['shape'])}. Splits: {split}.", ""]
         if "test" in res:
             lines += ["### Test split", "",
@@ -478,7 +458,7 @@ def markdown(report: dict) -> str:
         ranked = rank_rows(res, cfg)
         if ranked:
             lines += ["### Tucker ranks (each tuned on dev; test split)", "",
-                      "| scale of YAML ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
+                      "| scale of the fixed ranks | (r_e, r_out, r_in) | " + " | ".join(METRICS) + " | solve+write s |",
                       "|---" * (len(METRICS) + 3) + "|"]
             lines += [f"| {scale} | {tuple(row['ranks'])} | " + " | ".join(_cell(row, k) for k in METRICS)
                       + f" | {row['seconds']['solve'] + row['seconds']['writeback']:.3f} |"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 
 from mote_plugin.experiments.compare import CompareConfig, compare, markdown
 
@@ -29,7 +31,7 @@ def main() -> None:
     for key in ("n", "batch_size", "out"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    report = compare(cfg)
+    report = compare(cfg, command=shlex.join(["python", "examples/compare_editors.py", *sys.argv[1:]]))
     print(markdown(report))
     print(f"results in {cfg.out}/results.json, results.md, results.png")
 

@@ -3,8 +3,8 @@
     python examples/edit_fact_model.py [--arch qwen3_moe] [--n 50] [--hparams hparams/MoTE/testbed-qwen3_moe.yaml]
 
 The fact model is the demo's recipe (examples/configs/compare-testbed-qwen3_moe.yaml: 56 facts, names split into
-shared word pieces, three profile facts per subject) for the chosen family, built first if its cache is missing (about
-5 minutes on 2 CPU cores). The YAML's settings were chosen on the quality protocol's dev split, on other facts.
+shared word pieces, three profile facts per subject) for the chosen family, built first if its cache is missing (most
+of README command 1's time). The YAML's settings were chosen on the quality protocol's dev split, on other facts.
 """
 
 from __future__ import annotations

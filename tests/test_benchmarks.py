@@ -164,8 +164,8 @@ def test_side_by_side_report(quality):
                                       "yaml_ranks": [2, 2, 2], "shape": [8, 128, 128], "tune": tune, "test": test}}}
     md = quality.markdown(report)
     assert "## Side by side (test split)" in md and "| method | qwen3_moe (N = 8) |" in md
-    assert "| MoTE (paper) | **0.77** [0.10, 0.90] · 0.90 / 0.50 / 0.90 · 2 s |" in md
-    assert "| MEMIT | **0.53** [0.10, 0.90] · 0.20 / 0.50 / 0.90 · 12 s |" in md
+    assert "| MoTE (paper) | **0.77** [0.10, 0.90] · 0.90 / 0.50 / 0.90 · 8/8 edited · 2 s |" in md
+    assert "| MEMIT | **0.53** [0.10, 0.90] · 0.20 / 0.50 / 0.90 · 8/8 edited · 12 s |" in md
     assert "| UnKE | did not run: UnboundLocalError: loss |" in md
     assert "| MEMIT | z at the last layer | mom2_update_weight 10 |" in md
     assert "| MEMIT | qwen3_moe | 0.20 | mom2_update_weight 10, 15000 | 0.30 | damped |" in md

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mote_plugin.experiments.compare import CompareConfig, compare, method_spec, run_method
+from mote_plugin.experiments.compare import CompareConfig, compare, edited, markdown, method_spec, run_method
 from mote_plugin.experiments.host_methods import dense_module_problem, override
 from mote_plugin.mote.hparams import MoTEHyperParams
 
@@ -53,6 +53,8 @@ def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
         assert "EasyEdit" in by_method["MEMIT"]["reason"]
     table = (tmp_path / "out/results.md").read_text()
     assert "| MoTE | ok |" in table and "| MEMIT |" in table and "| MoTE | ok |" in run.stdout
+    assert f"| MoTE | ok | {edited(by_method['MoTE'], 6)}/6 |" in table  # the requests MoTE edited, of those asked
+    assert report["command"].startswith("python examples/compare_editors.py --config") and report["date"]
     assert (tmp_path / "out/results.png").stat().st_size > 1000
     # what produced the numbers: versions, the hyper-parameters MoTE ran with, a score per record
     import transformers
@@ -68,6 +70,17 @@ def test_compare_script_on_the_fact_model(reduced_fact_model, tmp_path):
     assert len(rows) == 6 and {"case_id", "subject", "efficacy", "generalization", "specificity"} <= set(rows[0])
     assert sum(r["efficacy"] for r in rows) / 6 == pytest.approx(mote["metrics"]["efficacy"])
     assert [r["case_id"] for r in rows] == [r["case_id"] for r in by_method["unedited"]["per_record"]]
+
+
+def test_markdown_counts_the_requests_each_row_edited():
+    """A MoTE row's edited count comes from its coverage (the requests whose v* reached the target), a host method's
+    is every request, the unedited row has none; benchmarks/results/demo.json (README command 1) has each kind."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert [edited(rows[m], 50) for m in ("unedited", "MoTE", "MoTE, paper's basis", "ROME")] == [None, 39, 14, None]
+    assert edited(rows["MoTE"] | {"effective_hparams": {"alg_name": "ROME"}, "coverage": []}, 50) == 50
+    table = markdown(report)
+    assert "| MoTE | ok | 39/50 | 0.680 |" in table and "| unedited | ok | -/50 | 0.000 |" in table
 
 
 def test_weights_restored_between_methods(reduced_fact_model, tmp_path):

@@ -74,7 +74,7 @@ def test_base_editor_edit_sequential_and_batch(easyedit_host, reduced_fact_model
     records = [f for f in facts if f["known"] and f["neighbours"]][:4]
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    # the YAML as shipped: batch_size 1, which the host's edit() requires (batch_edit() chunks requests by it)
+    # the YAML as shipped: batch_size 1 (edit() edits one request per call whatever it says; batch_edit() chunks by it)
     editor, hp = _editor(easyedit_host, out, (model, tok), stats_dir=str(tmp_path / "stats"))
     assert hp.batch_size == 1
     # edit(): one request at a time, weights restored by the host after each

@@ -34,7 +34,7 @@ from ..mote.hparams import DTYPES, MoTEHyperParams, hparams_path
 from ..mote.mote_main import apply_mote_to_model, last_coverage
 from .host_edit import HostEdit, HostMethodError, HostUnavailable, host_hparams
 from .host_methods import host_quality, host_token_metrics, import_host, override
-from .results import write_results
+from .results import run_info, write_results
 
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 
@@ -337,7 +337,9 @@ def record_rows(records: list[dict], cfg: CompareConfig, metrics: dict, host_row
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def compare(cfg: CompareConfig, log=print) -> dict:
+def compare(cfg: CompareConfig, log=print, command: str = "compare()") -> dict:
+    """Run every method of `cfg` and write results.{json,md,png} under `cfg.out`; the report records `command` (the
+    command line that ran it) with the date, commit and machine (`results.run_info`)."""
     host, host_reason = import_host()
     log(f"EasyEdit host: {host_reason}")
     model, tok, facts = compared_model(cfg)
@@ -355,8 +357,8 @@ def compare(cfg: CompareConfig, log=print) -> dict:
         log(f"{name}: editing {len(records)} records in batches of {cfg.batch_size}")
         results.append(run_method(name, entry, model, tok, records, cfg, host, before))
         log(f"{name}: {results[-1].status} {results[-1].reason}")
-    report = {"config": asdict(cfg), "host": host_reason, "versions": versions(host is not None), "n": len(records),
-              "results": [asdict(r) for r in results]}
+    report = run_info(command) | {"config": asdict(cfg), "host": host_reason, "versions": versions(host is not None),
+                                  "n": len(records), "results": [asdict(r) for r in results]}
     for r in report["results"]:
         r["metrics"] = {k: v for k, v in r["metrics"].items() if not k.endswith("_items")}
     write_results(Path(cfg.out) / "results", report, markdown(report), {"": lambda plt: bar_chart(report, plt)})
@@ -379,21 +381,34 @@ def versions(with_host: bool) -> dict:
     return out
 
 
+def edited(result: dict, n: int) -> int | None:
+    """How many of the `n` requests a method's row edited: a MoTE row's from its coverage (each edit call's solves
+    count the requests whose v* reached the target; the others are left out), a host method's all `n` (the host is
+    handed every request and reports no count); None for the unedited row and a method that did not run."""
+    if result["status"] != "ok" or not result.get("effective_hparams"):
+        return None
+    if result["effective_hparams"].get("alg_name") != "MoTE":
+        return n
+    return sum(call[0]["edits"] for call in result["coverage"] if call)
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [f"{report['n']} {cfg['dataset']} edits in batches of {cfg['batch_size']} on {cfg['model']}; host: "
              f"{report['host']}",
              "",
-             "| method | status | " + " | ".join(METRICS) + " | host rewrite | host rephrase | host locality | "
-                                                            "reproduced (min) | edit time (s) |",
-             "|---|---|" + "---|" * (len(METRICS) + 5)]
+             "| method | status | edited | " + " | ".join(METRICS)
+             + " | host rewrite | host rephrase | host locality | reproduced (min) | edit time (s) |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 5)]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {r['status']}: {r['reason']} |" + " |" * (len(METRICS) + 5))
+            lines.append(f"| {r['method']} | {r['status']}: {r['reason']} |" + " |" * (len(METRICS) + 6))
             continue
         m, h = r["metrics"], r["host_metrics"]
+        count = edited(r, report["n"])
         host_cells = [f"{h[k]:.3f}" if k in h else "-" for k in ("rewrite_acc", "rephrase_acc", "locality_acc")]
-        lines.append(f"| {r['method']} | ok | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " | "
+        lines.append(f"| {r['method']} | ok | {'-' if count is None else count}/{report['n']} | "
+                     + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " | "
                      + " | ".join(host_cells) + f" | {_reproduced(r.get('coverage'))} | {r['edit_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import platform
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,15 +26,52 @@ Figure = Callable[[object], object]
 
 
 def run_info(command: str) -> dict:
-    """What a report records about its run: the command, the date, the machine, torch's version and thread count."""
-    return {"command": command, "date": str(datetime.date.today()),
-            "machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    """What a report records about its run: the command, the date, the code's git commit, the machine, torch's version
+    and thread count."""
+    return {"command": command, "date": str(datetime.date.today()), "commit": git_commit(), "machine": machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def git_commit(root: str | Path | None = None) -> str | None:
+    """The commit of the checkout this package runs from (`root`: another checkout), with "+changes" when tracked files
+    outside benchmarks/results differ from it; None outside a git checkout or without git. Never raises."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)benchmarks/results"], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if changes.returncode == 0 and changes.stdout.strip() else "")
+
+
+def machine() -> str:
+    """The machine in a few words: architecture, CPU model, whether it has AVX-512 (x86, from /proc/cpuinfo where it
+    is readable; builds of the fact model differ between CPUs), and the CPU count."""
+    parts = [platform.machine() or "unknown architecture"]
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith(("model name", "Model", "Hardware"))), platform.processor())
+    if model:
+        parts.append(model)
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is not None:
+        parts.append("AVX-512" if "avx512f" in flags else "no AVX-512")
+    parts.append(f"{os.cpu_count()} CPUs")
+    return ", ".join(parts)
 
 
 def run_line(report: dict) -> str:
-    """A Markdown report's provenance, from `run_info`'s keys: "`command`; date, machine, torch X, N threads"."""
-    return (f"`{report['command']}`; {report['date']}, {report['machine']}, torch {report['torch']}, "
+    """A Markdown report's provenance, from `run_info`'s keys: "`command`; date, commit C, machine, torch X, N
+    threads" (a report written before commits were recorded has none)."""
+    commit = report.get("commit")
+    where = f"commit {commit[:12]}{'+changes' if commit.endswith('+changes') else ''}, " if commit else ""
+    return (f"`{report['command']}`; {report['date']}, {where}{report['machine']}, torch {report['torch']}, "
             f"{report['threads']} threads")
 
 

@@ -80,7 +80,7 @@ HELP = {
                              "statements (-1: half the layers; 0: off), so facts are stored at the subject",
     "subject_readout_last_only": "from that layer on, they may read only the subject's last token",
     "subject_readout_share": "share of fact statements trained under those attention masks",
-    "length_grouped": "batch sequences of similar length (less padding; the measured builds used random batches)",
+    "length_grouped": "batch sequences of similar length (less padding; the quality, demo and test builds use it)",
 }
 
 
@@ -119,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
                        help=f"{HELP[name]} (default {default})")
     b.add_argument("--subject-tokens", action=argparse.BooleanOptionalAction, default=BuildOptions.subject_tokens,
                    help="train the tokenizer on the subjects' names too, so each gets tokens of its own (default; "
-                        "--no-subject-tokens splits names into shared pieces, README 'Specificity')")
+                        "--no-subject-tokens splits names into shared word pieces, as the quality, demo and test "
+                        "builds do: docs/testbed.md)")
     _add_dataclass_args(b, ModelSize)
     _add_dataclass_args(b, TrainConfig, skip=("seed",))
     b.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")

@@ -1,0 +1,90 @@
+"""Every number README.md, benchmarks/*.md and docs/*.md restate from a results file is rendered from it by
+benchmarks/render.py: the docs hold what the committed results give, and a results file changed without rendering the
+docs again is caught. No model work: the results files and the docs only."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def render():
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: the benchmarks import each other's helpers
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("bench_render", BENCHMARKS / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def perturbed(value):
+    """Every number changed (floats scaled and shifted, integers plus one), the structure kept."""
+    if isinstance(value, dict):
+        return {k: perturbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [perturbed(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return value + 1 if isinstance(value, int) else value * 1.1 + 0.013
+
+
+def test_every_rendered_block_matches_its_results_files(render):
+    assert render.stale(ROOT) == [], "the docs differ from the results files: run python benchmarks/render.py"
+
+
+def test_every_block_is_rendered_somewhere(render):
+    """No block of render.BLOCKS is left unused, and the docs name no block it does not know."""
+    used = {m["name"] for doc in render.documents(ROOT) for m in render.MARKER.finditer(doc.read_text())}
+    assert used <= render.BLOCKS.keys(), used - render.BLOCKS.keys()
+    assert render.BLOCKS.keys() <= used, render.BLOCKS.keys() - used
+    with pytest.raises(KeyError, match="no rendered block 'nope'"):
+        render.rendered("<!-- rendered: nope -->1.0<!-- /rendered -->", ROOT / "README.md", render.loader())
+
+
+def test_a_results_file_changed_without_rendering_again_is_caught(render):
+    """Each block follows the numbers of its results files: with every number of those files changed, every block
+    renders differently, and the check names every block of every document."""
+    load = render.loader()
+    changed = {}
+
+    def load_changed(file: str) -> dict:
+        if file not in changed:
+            changed[file] = perturbed(load(file))
+        return changed[file]
+
+    blocks = [(doc, m) for doc in render.documents(ROOT) for m in render.MARKER.finditer(doc.read_text())]
+    assert blocks
+    for doc, m in blocks:
+        assert render.render(m["name"], doc, load_changed) != m["body"], (doc, m["name"])
+    assert len(render.stale(ROOT, load_changed)) == len(blocks)
+
+
+def test_tables_name_their_results_file_and_how_it_was_made(render):
+    report = {"command": "python benchmarks/end_to_end.py", "date": "2026-12-08", "commit": "abc123" * 7,
+              "machine": "x86_64, CPU X, no AVX-512, 2 CPUs", "torch": "2.13.0+cpu", "threads": 1}
+    assert render.provenance(report) == ("`python benchmarks/end_to_end.py`; 2026-12-08, commit abc123abc123, x86_64, "
+                                         "CPU X, no AVX-512, 2 CPUs, torch 2.13.0+cpu, 1 threads")
+    old = {"versions": {"torch": "2.13.0+cpu"}, "results": []}  # a report from before results recorded their run
+    assert render.provenance(old) == "torch 2.13.0+cpu (command, date, commit, machine not recorded)"
+
+
+def test_blocks_waiting_for_their_results_files(render):
+    """The demo's range over several runs of README command 1, and the side-by-side table, render from reports of
+    their shape (copies of the committed demo and quality reports here)."""
+    demo = json.loads((BENCHMARKS / "results" / "demo.json").read_text())
+    ranges = "\n".join(render.demo_ranges(demo, perturbed(demo)))
+    assert "| MoTE | 39-40/50 | 0.68-0.76 |" in ranges and "| method (range over 2 runs) |" in ranges
+    assert "\n".join(render.demo_ranges(demo, demo)).count("| MoTE | 39/50 | 0.68 | 0.62 | 0.84 | 0.71 |") == 1
+    report = json.loads((BENCHMARKS / "results" / "quality.json").read_text())
+    report["config"] |= {"host_methods": {"ROME": {}}, "labels": {"MoTE-auto": "MoTE (auto)"}}
+    report["archs"]["qwen3_moe"]["test"]["ROME"] = {"error": "ValueError: no host"}
+    table = "\n".join(render.side_by_side_summary(report))
+    assert "| MoTE (auto) | **0.81** [0.77, 0.84] · 147/148 |" in table
+    assert "| ROME | did not run: ValueError: no host | - | - |" in table
