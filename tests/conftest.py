@@ -43,7 +43,8 @@ def _torch_threads():
 
 # The fact models of the knowledge and editing tests, built from the data shipped with the package (so every quality
 # gate runs on a fresh clone) once into .cache/, where the builder's manifest makes a later run reuse them only when
-# nothing changed. qwen3_moe is the demo's build (README command 1: examples/configs/compare-testbed-qwen3_moe.yaml):
+# nothing changed. qwen3_moe is the demo's build, in the demo's directory (README command 1:
+# examples/configs/compare-testbed-qwen3_moe.yaml):
 # the 50-edit gate runs on the model users see, on facts 201-256 of the shipped data, none of which the quality
 # protocol (benchmarks/quality.py) chose a setting on. gpt_oss and qwen3_5_moe: 24 facts (201-224), a few minutes each.
 #
@@ -89,10 +90,12 @@ def reduced_fact_model():
     def get(arch: str):
         if arch not in built:
             opts = reduced_build_options(arch)
-            # one directory per transformers version (a build is only valid under the version it was trained with)
             seed = f"-train-seed{opts.train.seed}" if opts.train.seed else ""
-            out = (ROOT / ".cache" / "test-fact-models"
-                   / f"{arch}-{opts.facts}{seed}-transformers{transformers.__version__}")
+            if arch == "qwen3_moe":  # the demo's own build (benchmarks/demo_seeds.py names the other seeds alike)
+                out = ROOT / (yaml.safe_load(DEMO_CONFIG.read_text())["model"] + seed)
+            else:  # one directory per transformers version (a build is only valid under the version it was trained with)
+                out = (ROOT / ".cache" / "test-fact-models"
+                       / f"{arch}-{opts.facts}{seed}-transformers{transformers.__version__}")
             built[arch] = (out, build(out, opts, log=lambda m: None))
         return built[arch]
 
