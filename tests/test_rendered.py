@@ -88,3 +88,31 @@ def test_blocks_waiting_for_their_results_files(render):
     table = "\n".join(render.side_by_side_summary(report))
     assert "| MoTE (auto) | **0.81** [0.77, 0.84] · 147/148 |" in table
     assert "| ROME | did not run: ValueError: no host | - | - |" in table
+
+
+# README command 1's rows and the side-by-side methods whose dev-chosen settings they run with
+DEMO_ROWS = {"MoTE": "MoTE-auto", "MoTE, paper's basis": "MoTE", "Global ridge": "Global-residual",
+             "MoEEdit-BCD": "MoEEdit-BCD", "ROME": "ROME", "MEMIT": "MEMIT", "AlphaEdit": "AlphaEdit",
+             "FT-M (experts)": "FT-M (experts)", "LoRA": "LoRA"}
+
+
+def test_demo_runs_the_settings_the_side_by_side_chose_on_dev():
+    """examples/configs/compare-testbed-qwen3_moe.yaml's rows: each the side-by-side row's YAML, its overrides and the
+    settings its dev grid chose on qwen3_moe (benchmarks/results/side_by_side.json), so that the demo and the table
+    cannot drift apart."""
+    import yaml
+
+    demo = yaml.safe_load((ROOT / "examples" / "configs" / "compare-testbed-qwen3_moe.yaml").read_text())["methods"]
+    side = json.loads((BENCHMARKS / "results" / "side_by_side.json").read_text())
+    cfg, tuned = side["config"], side["archs"]["qwen3_moe"]["tune"]
+    assert set(demo) == set(DEMO_ROWS)
+    for row, method in DEMO_ROWS.items():
+        spec = dict(demo[row])
+        if method in cfg["methods"]:
+            expected = {k: v for k, v in cfg["methods"][method].items() if k not in ("tune", "rank_scale")}
+            assert spec.pop("hparams") == "hparams/MoTE/testbed-qwen3_moe.yaml"
+        else:
+            expected = {}
+            assert spec.pop("hparams") == cfg["host_methods"][method]["hparams"].format(arch="qwen3_moe")
+        expected |= tuned[method]["chosen"]
+        assert {k: spec.get(k) for k in expected} == expected, row
