@@ -26,7 +26,9 @@ EDITS = [("qwen3_moe", f"{alg}/testbed-qwen3_moe.yaml") for alg in ("ROME", "MEM
     ("gpt_oss", f"{alg}/testbed-gpt_oss.yaml") for alg in ("ROME", "MEMIT", "AlphaEdit")] + [
     ("qwen3_moe", f"FT/testbed-{v}-{m}.yaml") for v in ("L", "M") for m in ("experts", "o_proj")] + [
     ("gpt_oss", "FT/testbed-M-experts.yaml"), ("qwen3_moe", "LoRA/testbed.yaml"),
-    ("qwen3_moe", "LoRA/testbed-adalora.yaml")]
+    ("qwen3_moe", "LoRA/testbed-adalora.yaml")] + [
+    # the dense expert-shaped module of an MoE block: its inputs come flattened over the batch's tokens
+    ("qwen3_5_moe", f"{alg}/testbed-qwen3_5_moe-shared_expert.yaml") for alg in ("MEMIT", "AlphaEdit")]
 
 
 @pytest.fixture(autouse=True)

@@ -63,7 +63,9 @@ def prime_host_covariance(model, tok, hp, n_texts: int) -> None:
                 batch = batch.to(device)
                 with torch.no_grad():
                     model(**batch, use_cache=False)
-                stat.add(seen[0][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))
+                # [B, T, d_in], or [B*T, d_in] where the block flattens the tokens (Qwen3.5-MoE's shared expert)
+                keys = seen[0].reshape(-1, seen[0].shape[-1])
+                stat.add(keys[batch["attention_mask"].reshape(-1).bool()].to(getattr(torch, hp.mom2_dtype)))
         runningstats.save_cached_state(str(path), stat, {"sample_size": hp.mom2_n_samples})
 
 
