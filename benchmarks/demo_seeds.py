@@ -5,8 +5,9 @@ demo's table is the build rather than the methods.
 
 A training seed changes the order and wording of the training statements only (the same facts, tokenizer and initial
 weights). Seed 0 is the demo's own build; seed N is built beside it (`<model>-train-seedN`, the same recipe as the
-tests' build with MOTE_TEST_TRAIN_SEED=N). Each seed's comparison report is written to
-benchmarks/results/demo-seedN.{json,md}; benchmarks/render.py's `demo-seeds` block gives each row's range over them.
+tests' build with MOTE_TEST_TRAIN_SEED=N). Each seed's comparison report is written to benchmarks/results/demo.{json,md}
+(seed 0: README command 1's table) and demo-seedN.{json,md}; benchmarks/render.py's `demo-seeds` block gives each
+row's range over them.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/demo_seeds.py", *(argv if argv is not None else sys.argv[1:])])
     for seed in args.seeds:
         report = compare(seeded(cfg, seed), command=command)
-        write_results(RESULTS / f"demo-seed{seed}", report, markdown(report))
+        write_results(RESULTS / ("demo" if seed == 0 else f"demo-seed{seed}"), report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,7 @@ is inline text. tests/test_rendered.py fails while any block differs from what i
 block follows its files.
 
 To add a block: write the function here (reuse the benchmark's own table function where it has one), add it to BLOCKS,
-put the two markers where the numbers go (anything between them is replaced) and run this script. Blocks waiting for a
-results file: `side_by_side_summary` (side_by_side.json, `python benchmarks/quality.py --config
-benchmarks/configs/side_by_side.yaml --out benchmarks/results/side_by_side ...`) renders the side-by-side table; once
-the file exists, add `"side-by-side": Block(("side_by_side.json",), side_by_side_summary)` and put its marker in the
-README in place of quality-summary's (it has those rows and the host's; the README stays under 8,000 characters).
-`demo_ranges` renders the demo's range over several runs of README command 1 (one compare report per build seed or
-machine); add e.g. `"demo-seeds": Block(("demo-seed0.json", "demo-seed1.json", "demo-seed2.json"), demo_ranges)`.
+put the two markers where the numbers go (anything between them is replaced) and run this script.
 """
 
 from __future__ import annotations
@@ -104,15 +98,6 @@ def demo_ranges(*reports: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # the quality protocol (benchmarks/quality.py)
 # ---------------------------------------------------------------------------------------------------------------------
-
-SUMMARY = {"MoTE-auto": "MoTE, `auto` ranks (the shipped YAMLs)", "MoTE": "MoTE, the paper's basis and spread",
-           "Global-residual": "Global ridge", "MoEEdit-BCD": "MoEEdit-BCD"}
-
-
-def quality_summary(report: dict) -> list[str]:
-    """The README's rows of the headline: utility [interval] and requests edited, per fact model."""
-    return headline(report, SUMMARY, detail=False)
-
 
 def quality_headline(report: dict) -> list[str]:
     return headline(report, quality.HEADLINE)
@@ -194,12 +179,16 @@ def traced_bands(report: dict) -> str:
 
 
 def side_by_side_summary(report: dict) -> list[str]:
-    """The side-by-side protocol's rows (benchmarks/configs/side_by_side.yaml; the full table with the settings each
-    chose is side_by_side.md): test utility [interval] and requests edited, per fact model."""
+    """The side-by-side protocol's rows (benchmarks/configs/side_by_side.yaml; the full table with efficacy /
+    generalization / specificity, edit times and the settings each chose is side_by_side.md): test utility [interval]
+    and requests edited, per fact model; the rows that ran on no fact model named below."""
     cfg = report["config"]
     labels = cfg.get("labels") or {}
-    return headline(report, {n: labels.get(n, n) for n in [*cfg["methods"], *(cfg.get("host_methods") or {})]},
-                    detail=False)
+    names = [*cfg["methods"], *(cfg.get("host_methods") or {})]
+    tests = [r["test"] for r in report["archs"].values() if "test" in r]
+    failed = [n for n in names if all("error" in t.get(n, {"error": ""}) for t in tests)]
+    lines = headline(report, {n: labels.get(n, n) for n in names if n not in failed}, detail=False)
+    return lines + (["", f"Did not run on any fact model: {', '.join(failed)} (why: side_by_side.md)."] if failed else [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,7 +279,8 @@ class Block:
 
 BLOCKS = {
     "demo": Block(("demo.json",), demo_table),
-    "quality-summary": Block(("quality.json",), quality_summary),
+    "demo-seeds": Block(("demo.json", "demo-seed1.json", "demo-seed2.json"), demo_ranges),
+    "side-by-side": Block(("side_by_side.json",), side_by_side_summary),
     "quality-headline": Block(("quality.json",), quality_headline),
     "quality-basis": Block(("quality.json",), quality_basis),
     "quality-whitening": Block(("quality.json",), quality_whitening),

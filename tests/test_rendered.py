@@ -75,19 +75,35 @@ def test_tables_name_their_results_file_and_how_it_was_made(render):
     assert render.provenance(old) == "torch 2.13.0+cpu (command, date, commit, machine not recorded)"
 
 
-def test_blocks_waiting_for_their_results_files(render):
-    """The demo's range over several runs of README command 1, and the side-by-side table, render from reports of
-    their shape (copies of the committed demo and quality reports here)."""
-    demo = json.loads((BENCHMARKS / "results" / "demo.json").read_text())
-    ranges = "\n".join(render.demo_ranges(demo, perturbed(demo)))
-    assert "| MoTE | 39-40/50 | 0.68-0.76 |" in ranges and "| method (range over 2 runs) |" in ranges
-    assert "\n".join(render.demo_ranges(demo, demo)).count("| MoTE | 39/50 | 0.68 | 0.62 | 0.84 | 0.71 |") == 1
-    report = json.loads((BENCHMARKS / "results" / "quality.json").read_text())
-    report["config"] |= {"host_methods": {"ROME": {}}, "labels": {"MoTE-auto": "MoTE (auto)"}}
-    report["archs"]["qwen3_moe"]["test"]["ROME"] = {"error": "ValueError: no host"}
-    table = "\n".join(render.side_by_side_summary(report))
-    assert "| MoTE (auto) | **0.81** [0.77, 0.84] · 147/148 |" in table
-    assert "| ROME | did not run: ValueError: no host | - | - |" in table
+def _row(u: float, edited: int | None = None) -> dict:
+    row = {"efficacy": u, "generalization": u, "specificity": u, "utility": u, "n": 2,
+           "ci95": {"utility": [u - 0.1, u + 0.1]}}
+    return row | ({"edited": edited} if edited is not None else {})
+
+
+def test_demo_ranges_and_side_by_side_summary(render):
+    """The demo's range over runs of README command 1 (build seeds) and the README's side-by-side rows, on reports of
+    their shape."""
+    def demo(efficacy: float, edits: int) -> dict:
+        mote = {"method": "MoTE", "status": "ok", "effective_hparams": {"alg_name": "MoTE"},
+                "coverage": [[{"edits": edits}]], "metrics": {"efficacy": efficacy, "generalization": 0.5,
+                                                            "specificity": 1.0, "utility": (efficacy + 1.5) / 3}}
+        return {"n": 2, "results": [mote, {"method": "ROME", "status": "unavailable", "reason": "no host"}]}
+
+    ranges = render.demo_ranges(demo(0.5, 1), demo(1.0, 2), demo(1.0, 2))
+    assert ranges[0] == "| method (range over 3 runs) | edited | efficacy | generalization | specificity | utility |"
+    assert ranges[2:] == ["| MoTE | 1-2/2 | 0.50-1.00 | 0.50 | 1.00 | 0.67-0.83 |"]  # a row that did not run: none
+    report = {"config": {"methods": {"M": {}}, "host_methods": {"ROME": {}, "UnKE": {}}, "labels": {"M": "MoTE"}},
+              "archs": {a: {"splits": {"test": [51, 52]},
+                            "test": {"unedited": _row(0.4), "M": _row(0.8, 1), "ROME": _row(0.6, 2),
+                                     "UnKE": {"error": "UnboundLocalError"}}} for a in ("x", "y")}}
+    report["archs"]["y"]["test"]["ROME"] = {"error": "ValueError: no host"}
+    assert render.side_by_side_summary(report) == [
+        "| method | x (N = 2) | y (N = 2) |", "|---|---|---|",
+        "| unedited | **0.40** [0.30, 0.50] | **0.40** [0.30, 0.50] |",
+        "| MoTE | **0.80** [0.70, 0.90] · 1/2 | **0.80** [0.70, 0.90] · 1/2 |",
+        "| ROME | **0.60** [0.50, 0.70] · 2/2 | did not run: ValueError: no host |",
+        "", "Did not run on any fact model: UnKE (why: side_by_side.md)."]
 
 
 # README command 1's rows and the side-by-side methods whose dev-chosen settings they run with
