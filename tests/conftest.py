@@ -36,6 +36,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def zsre_data() -> Path:
+    """The zsRE file of the project's test data (../shared/data/zsre/zsre-eval.json, MEND/MEMIT format), which zsRE
+    builds and their tests read: the package does not ship zsRE (its licence is unknown). Skipped where it is absent."""
+    path = SHARED_DATA / "zsre" / "zsre-eval.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (the project's shared test data; zsRE is not shipped with the package)")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(2)

@@ -169,10 +169,11 @@ def test_records_without_subject_are_refused(reduced_fact_model, tmp_path):
 
 
 def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path, caplog):
-    """zsRE records (MEND/MEMIT format) through the comparison: argmax metrics, specificity against the unedited
-    model's own predictions on the unrelated questions. The fact model never learnt zsRE's answers (multi-piece names
-    like "Aligarh Muslim University"), so v* cannot reach them at the lookup token: the user is warned per request,
-    such a request is left out of the edit, and the metrics say so (nothing is claimed for zsRE on the fact model)."""
+    """Records of MEND's zsRE file (MEND/MEMIT format) through the comparison, on a fact model that was never taught
+    them (a build with zsRE facts edits its own: `dataset: zsre`, `data: null`, test_zsre.py): MEMIT's token
+    accuracies, specificity against the gold answers of MEND's NQ questions, which this model never learnt either.
+    zsRE's answers are multi-piece names it never saw (like "Aligarh Muslim University"), so v* cannot reach them at
+    the lookup token: the user is warned per request, such a request is left out of the edit, and the metrics say so."""
     out_dir, _ = reduced_fact_model("qwen3_moe")
     cfg = CompareConfig.from_yaml(write_config(tmp_path, out_dir, dataset="zsre",
                                                data=str(shared_data / "zsre/zsre-eval.json"),
@@ -180,10 +181,10 @@ def test_zsre_metrics_through_compare(reduced_fact_model, shared_data, tmp_path,
                                                methods={"MoTE": str(ROOT / "hparams/MoTE/testbed-qwen3_moe.yaml")}))
     report = compare(cfg, log=lambda m: None)
     unedited, mote = (r["metrics"] for r in report["results"])
-    assert unedited["specificity"] == 1.0 and unedited["efficacy"] < 0.5
+    assert unedited["efficacy"] < 0.5 and unedited["specificity"] < 0.5
     assert mote["efficacy"] >= unedited["efficacy"] and 0.0 <= mote["specificity"] <= 1.0
     assert "did not reach" in caplog.text and "left out of this edit" in caplog.text  # a failed v* changes no weight
-    assert set(mote) >= {"efficacy", "generalization", "specificity", "utility"}
+    assert set(mote) >= {"efficacy", "generalization", "specificity", "utility", "efficacy_exact"}
 
 
 def test_dense_method_on_packed_experts_is_not_applicable(reduced_fact_model):

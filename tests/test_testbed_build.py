@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mote_plugin.testbed import ARCHS, BuildOptions, ModelSize, TrainConfig, build, load
+from mote_plugin.testbed import ARCHS, BuildOptions, ModelSize, TrainConfig, build, load, load_zsre
 from mote_plugin.testbed.__main__ import main
-from mote_plugin.testbed.data import facts_from_json
+from mote_plugin.testbed.data import DataError, facts_from_json
 from mote_plugin.testbed.model import make_config
 from mote_plugin.testbed.probes import knowledge_report
 
@@ -108,6 +108,51 @@ def test_options_added_later_keep_older_caches_valid():
     assert "profile_facts" not in base and "length_grouped" not in base["train"]
     assert BuildOptions(subject_tokens=False).fingerprint()["subject_tokens"] is False
     assert BuildOptions(train=TrainConfig(length_grouped=True)).fingerprint()["train"]["length_grouped"] is True
+
+
+def test_zsre_facts_build(tiny_builds, zsre_data, tmp_path, monkeypatch):
+    """`zsre_facts`: the build teaches zsRE questions too (read from `zsre_data`, the user's file), writes them as
+    MEND/MEMIT rows marked `known` (zsre.json, under the manifest's hashes) and reports what the model knows of them
+    and, on the known ones, the unedited model's zsRE metrics. The option and the zsRE file's content are part of the
+    cache key only for a build that uses them."""
+    from mote_plugin.testbed import probes
+    from mote_plugin.testbed.data import ZSRE
+
+    real = probes.known_facts  # the tiny model knows nothing: let it "know" its zsRE facts, to reach the metrics
+    monkeypatch.setattr(probes, "known_facts", lambda model, tok, facts: [True] * sum(f.is_edit_fact for f in facts)
+                        if facts[0].relation_id == ZSRE else real(model, tok, facts))
+    opts = replace(TINY, facts=8, zsre_facts=6, zsre_data=str(zsre_data))
+    z = build(tmp_path / "z", opts, log=lambda m: None)["zsre"]
+    rows = load_zsre(tmp_path / "z")
+    assert len(rows) == 6 and all(r["known"] for r in rows)
+    assert {"src", "rephrase", "alt", "answers", "loc", "loc_ans"} <= rows[0].keys()
+    assert "zsre.json" in json.loads((tmp_path / "z" / "manifest.json").read_text())["files"]
+    assert z["n_facts"] == 6 and z["n_unedited_facts"] == 12 and z["known_share"] == 1.0
+    assert set(z["knowledge"]) == {"rewrite", "heldout_template", "paraphrase", "neighbourhood", "support"}
+    assert set(z["unedited"]) >= {"efficacy", "generalization", "specificity", "utility", "efficacy_exact"}
+    without = replace(opts, zsre_facts=0).fingerprint()
+    assert opts.fingerprint()["zsre_facts"] == 6 and {"zsre_facts", "zsre_data"}.isdisjoint(without)
+    assert opts.fingerprint()["zsre_data"] == hashlib.sha256(zsre_data.read_bytes()).hexdigest()[:16]
+    assert without == replace(TINY, facts=8).fingerprint()
+    assert load_zsre(tiny_builds["qwen3_moe"][0]) == []
+
+
+def test_zsre_data_option(tmp_path, capsys):
+    """zsre_data (--zsre-data) is required with zsre_facts: without it a build fails before any work, naming the option
+    and the format; it is in the cache key (by content, not path) only with zsre_facts, so every other cache stays
+    valid."""
+    logs = []
+    with pytest.raises(DataError, match=r"--zsre-data PATH \(BuildOptions.zsre_data\): a MEND/MEMIT-format zsRE JSON"):
+        build(tmp_path / "z", replace(TINY, zsre_facts=2), log=logs.append)
+    assert logs == [] and not (tmp_path / "z").exists()
+    assert main(["build", "--zsre-facts", "2", "--out", str(tmp_path / "z")]) == 2
+    assert "--zsre-data PATH" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text("[]")
+    b.write_text("[]")
+    assert BuildOptions(zsre_data=str(a)).fingerprint() == BuildOptions().fingerprint()
+    assert BuildOptions(zsre_facts=2, zsre_data=str(a)).fingerprint() == BuildOptions(zsre_facts=2,
+                                                                                      zsre_data=str(b)).fingerprint()
 
 
 def test_unknown_architecture(capsys):

@@ -7,7 +7,7 @@ provides them (`host_edit.HostEdit`). A method that cannot edit this model is re
 reason (MoTE on a dense model; a dense method whose `rewrite_module_tmp` is not a 2-D weight, e.g. packed MoE experts),
 a method without a host as "unavailable".
 
-Metrics: the paper's, computed by the plugin (CounterFact probability metrics or MEMIT-style zsRE metrics, see
+Metrics: the paper's, computed by the plugin (CounterFact probability metrics or MEMIT's zsRE token accuracies, see
 `mote_plugin.metrics`), and with a host its token accuracies (`compute_edit_quality`: rewrite, rephrase, locality).
 What running the host's editors takes (its key covariances, its working directory) is in `host_methods.py`; the
 results are written by `results.write_results`.
@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from ..loading import load_model, load_tokenizer
-from ..metrics import counterfact_metrics, per_record, zsre_locality_predictions, zsre_metrics
+from ..metrics import counterfact_metrics, per_record, zsre_metrics
 from ..mote.algebra.coverage import summarise
 from ..mote.editor import MoTEEditor
 from ..mote.hparams import DTYPES, MoTEHyperParams, hparams_path
@@ -46,7 +46,7 @@ class CompareConfig:
     # {hparams: YAML, KEY: VALUE, ...} that overrides keys of that YAML for this comparison (`method_spec`)
     methods: dict
     dataset: str = "counterfact"  # counterfact | zsre
-    data: str | None = None  # records file; None: the fact model's known facts (counterfact only)
+    data: str | None = None  # records file; None: the fact model's known facts (zsre: its known zsRE facts)
     n: int = 50  # records edited
     batch_size: int = 50  # records per edit call; batches are applied one after another
     out: str = "runs/compare"  # results directory (JSON, Markdown, PNG; the host's covariance cache)
@@ -121,17 +121,17 @@ def method_spec(name: str, entry) -> tuple[str, dict]:
 
 
 def compared_model(cfg: CompareConfig):
-    """(model, tok, fact rows or None)."""
+    """(model, tok, fact rows or None): a fact model's CounterFact facts, or with `dataset: zsre` its zsRE rows."""
     path = Path(cfg.model)
     if cfg.build is not None:
         from ..testbed import BuildOptions, build
 
         build(path, BuildOptions.from_dict(cfg.build))
     if (path / "facts.json").exists():
-        from ..testbed import load
+        from ..testbed import load, load_zsre
 
         model, tok, facts = load(path)[:3]
-        return model.to(getattr(torch, cfg.dtype)), tok, facts
+        return model.to(getattr(torch, cfg.dtype)), tok, load_zsre(path) if cfg.dataset == "zsre" else facts
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a fact-model build directory or a local model "
                                 "directory)")
@@ -152,11 +152,15 @@ def _flat_counterfact(r: dict) -> dict:
 
 def load_records(cfg: CompareConfig, facts: list[dict] | None, host=None) -> list[dict]:
     """The first `n` records. CounterFact: the fact model's known facts, or a file (the host's CounterFactDataset
-    when a host is present, else the plugin's reader; either format). zsRE: a MEND/MEMIT zsRE file (the plugin's
-    reader: the host's ZsreDataset drops `subject`, which every locate-then-edit method needs)."""
+    when a host is present, else the plugin's reader; either format). zsRE: the fact model's known zsRE facts (a build
+    with `zsre_facts`), or a MEND/MEMIT zsRE file (the plugin's reader: the host's ZsreDataset drops `subject`, which
+    every locate-then-edit method needs)."""
     if cfg.data is None:
-        if cfg.dataset != "counterfact" or facts is None:
-            raise ValueError("data: needs a records file unless the model is a fact model and the dataset counterfact")
+        if facts is None:
+            raise ValueError("data: needs a records file unless the model is a fact model")
+        if not facts:
+            raise ValueError(f"the fact model {cfg.model} has no {cfg.dataset} facts (zsRE: build it with zsre_facts "
+                             "and zsre_data, docs/testbed.md), and data: names no records file")
         records = [f for f in facts if f["known"]]
     elif cfg.dataset == "counterfact" and host is not None:
         records = [_flat_counterfact(r) for r in host.CounterFactDataset(cfg.data)]
@@ -173,10 +177,12 @@ def load_records(cfg: CompareConfig, facts: list[dict] | None, host=None) -> lis
 
 
 def request_of(r: dict, dataset: str) -> dict:
+    """The EasyEdit edit request of a record: a CounterFact record (either flat shape), or a MEND/MEMIT zsRE record
+    (also the fact model's zsRE rows) as EasyEdit's ZsreDataset makes it, with the subject kept."""
     if dataset == "zsre":
         return {"prompt": r["src"], "subject": r["subject"], "target_new": r.get("alt") or r["answers"][0],
-                "ground_truth": r.get("pred") or "", "rephrase_prompt": r["rephrase"],
-                "locality": {"nq": {"prompt": r["loc"], "ground_truth": r["loc_ans"]}}, "portability": {}}
+                "ground_truth": r["answers"][0], "rephrase_prompt": r["rephrase"],
+                "locality": {"neighborhood": {"prompt": r["loc"], "ground_truth": r["loc_ans"]}}, "portability": {}}
     # case_id: the host's v* cache names its files by it (MEMIT, AlphaEdit)
     req = {"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
            "ground_truth": r.get("ground_truth") or r["target_true"], "case_id": r.get("case_id"), "portability": {},
@@ -190,6 +196,14 @@ def request_of(r: dict, dataset: str) -> dict:
     elif r.get("locality_prompt"):
         req["locality"] = {"neighborhood": {"prompt": r["locality_prompt"], "ground_truth": r["locality_ground_truth"]}}
     return req
+
+
+def zsre_requests(rows: list[dict], n: int | None = None) -> list[dict]:
+    """Edit requests (`request_of`) for the first `n` (all when None) known zsRE facts of a fact model's rows
+    (`testbed.load_zsre`): the question, its subject, the new answer, the taught answer as `ground_truth`, the held-out
+    paraphrase and the neighbour's question as locality. MoTE (`apply_mote_to_model`) and EasyEdit's editors take them
+    as they are."""
+    return [request_of(r, "zsre") for r in rows if r["known"]][:n]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,7 +286,7 @@ def run_method(name: str, entry, model, tok, records: list[dict], cfg: CompareCo
     try:
         seconds = sum(run.edit(copy.deepcopy(requests[i : i + cfg.batch_size]))
                       for i in range(0, len(requests), cfg.batch_size))
-        result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg, before),
+        result = MethodResult(name, "ok", metrics=plugin_metrics(model, tok, records, cfg),
                               edit_seconds=seconds, hparams=hp_path, overrides=overrides,
                               effective_hparams=_as_dict(run.hp), coverage=getattr(run, "coverage", []))
         host_rows = None
@@ -309,18 +323,16 @@ def _method_setup(name: str, alg: str, hp_path: str, overrides: dict, model, tok
 
 
 def reference(model, tok, records: list[dict], cfg: CompareConfig, host) -> dict:
-    """What the metrics compare against, from the unedited model."""
+    """What the host's locality compares against, from the unedited model."""
     ref = {}
-    if cfg.dataset == "zsre":
-        ref["zsre_locality"] = zsre_locality_predictions(model, tok, records)
     if host is not None and cfg.host_metrics:
         ref["host_locality"] = [host_quality(model, tok, request_of(r, cfg.dataset), None)["locality"] for r in records]
     return ref
 
 
-def plugin_metrics(model, tok, records, cfg: CompareConfig, before: dict) -> dict:
+def plugin_metrics(model, tok, records, cfg: CompareConfig) -> dict:
     if cfg.dataset == "zsre":
-        return zsre_metrics(model, tok, records, before["zsre_locality"])
+        return zsre_metrics(model, tok, records)
     return counterfact_metrics(model, tok, records)
 
 
@@ -346,7 +358,7 @@ def compare(cfg: CompareConfig, log=print, command: str = "compare()") -> dict:
     shutil.rmtree(Path(cfg.out) / "host-stats", ignore_errors=True)  # key covariances of an earlier run's model
     records = load_records(cfg, facts, host)
     before = reference(model, tok, records, cfg, host)
-    unedited = MethodResult("unedited", "ok", metrics=plugin_metrics(model, tok, records, cfg, before))
+    unedited = MethodResult("unedited", "ok", metrics=plugin_metrics(model, tok, records, cfg))
     host_rows = None
     if host is not None and cfg.host_metrics:
         requests = [request_of(r, cfg.dataset) for r in records]

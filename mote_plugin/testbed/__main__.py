@@ -26,7 +26,8 @@ def format_report(r: dict) -> str:
             lines.append(f"| {key} | {row['n']} | {row['top1']:.3f} | {ptn} | {row['majority']:.3f} |")
     t = r["tracing"]
     if t is None:
-        return "\n".join(lines + ["", "The model knows none of its facts yet: no tracing or v* probe (train longer)."])
+        lines += ["", "The model knows none of its facts yet: no tracing or v* probe (train longer)."]
+        return "\n".join(lines + _zsre_lines(r.get("zsre")))
     lines += ["",
               f"Causal tracing over {t['n']} known facts (P(true) clean {t['clean']:.3f}, subject corrupted "
               f"{t['corrupt']:.3f}); share of the gap recovered by restoring one token's hidden state after layer l:",
@@ -44,18 +45,34 @@ def format_report(r: dict) -> str:
                      f"{e['heldout_carried']:.2f} | {e['delta_norm_ratio']:.2f} |")
     lines += ["", f"Lookup token for editing this model: {r['lookup_token'] or 'NONE (no token passes the gates)'}; "
               f"edit layers: {r['edit_layers']}"]
-    return "\n".join(lines)
+    return "\n".join(lines + _zsre_lines(r.get("zsre")))
+
+
+def _zsre_lines(z: dict | None) -> list[str]:
+    if not z:
+        return []
+    lines = ["", f"zsRE: {z['n_facts']} edit facts ({z['known_share']:.2f} known) + {z['n_unedited_facts']} unedited "
+                 "(neighbour and support) facts", "", "| questions | n | top-1 taught answer |", "|---|---|---|"]
+    lines += [f"| {key} | {row['n']} | {row['top1']:.3f} |" for key, row in z["knowledge"].items() if row.get("n")]
+    if "unedited" in z:
+        u = z["unedited"]
+        lines += ["", f"Unedited model on its known zsRE facts (token accuracy): efficacy {u['efficacy']:.3f}, "
+                      f"generalization {u['generalization']:.3f}, specificity {u['specificity']:.3f}"]
+    return lines
 
 
 # what each option of `build` means (ModelSize, TrainConfig and BuildOptions fields; the defaults are added)
 HELP = {
     # BuildOptions
-    "skip_facts": "edit facts skip+1 .. skip+facts of the data's selection, none of them in a smaller build's facts",
+    "skip_facts": "edit facts skip+1 .. skip+facts of the data's selection, none of them in a smaller build's facts "
+                  "(zsRE facts likewise)",
     "seed": "seed of the fact selection, templates, tokenizer and training",
     "vocab_size": "size of the BPE vocabulary trained for the model",
     "corpus_chars": "characters of WikiText text mixed into training and used for the tokenizer",
     "threads": "torch CPU threads while building (part of the cache key: another count builds anew)",
     "probe_facts": "known facts used for causal tracing and the v* probe of the report",
+    "zsre_facts": "zsRE questions taught beside the CounterFact facts, with a neighbour question and a support "
+                  "statement each, read from the --zsre-data file (0 = none)",
     "profile_facts": "extra fictional facts per subject, so a subject is more than one fact (0 = off)",
     # ModelSize
     "d_model": "hidden size of the residual stream",
@@ -113,7 +130,12 @@ def parser() -> argparse.ArgumentParser:
                    help="a folder laid out like shared/data (counterfact/*.json, corpus/*.txt); default: the data "
                         "shipped with the package")
     b.add_argument("--out", default=None, help=f"cache directory (default {DEFAULT_OUT})")
-    for name in ("skip_facts", "seed", "vocab_size", "corpus_chars", "threads", "probe_facts", "profile_facts"):
+    b.add_argument("--zsre-data", default=None, metavar="PATH",
+                   help="the zsRE file --zsre-facts reads, required with it: a MEND/MEMIT-format zsRE JSON (subject, "
+                        "src, rephrase, alt, answers, loc, loc_ans), e.g. MEMIT's zsre_mem_eval.json or EasyEdit's "
+                        "zsre_mem.json; zsRE is not shipped with the package (its licence is unknown)")
+    for name in ("skip_facts", "zsre_facts", "seed", "vocab_size", "corpus_chars", "threads", "probe_facts",
+                 "profile_facts"):
         default = getattr(BuildOptions, name)
         b.add_argument("--" + name.replace("_", "-"), type=int, default=default, dest=name,
                        help=f"{HELP[name]} (default {default})")
@@ -133,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch not in ARCHS:  # argparse already refuses; kept for programmatic calls
         parser_.error(f"unknown --arch {args.arch}")
     opts = BuildOptions(
-        arch=args.arch, facts=args.facts, skip_facts=args.skip_facts, seed=args.seed, vocab_size=args.vocab_size,
+        arch=args.arch, facts=args.facts, skip_facts=args.skip_facts, zsre_facts=args.zsre_facts,
+        zsre_data=args.zsre_data, seed=args.seed,
+        vocab_size=args.vocab_size,
         corpus_chars=args.corpus_chars,
         threads=args.threads, probe_facts=args.probe_facts, profile_facts=args.profile_facts,
         subject_tokens=args.subject_tokens,

@@ -1,5 +1,5 @@
-"""CounterFact facts for the fact model: loading either CounterFact format, relation templates,
-held-out phrasings and neighbourhood subjects.
+"""CounterFact and zsRE facts for the fact model: loading either CounterFact format, relation templates,
+held-out phrasings and neighbourhood subjects; zsRE questions (`build_zsre_facts`).
 
 A `Fact` is one (subject, relation, true object) triple the fact model is trained on. Facts taken from a
 CounterFact record are *edit facts* (they carry `target_new`, the counterfactual object, and are what
@@ -9,6 +9,9 @@ same true object, never edited: specificity is measured on them).
 Relation templates come from CounterFact itself: every `requested_rewrite.prompt` of the ROME-format
 file, grouped by `relation_id` (`relations.json`, shipped with the package). The flat EasyEdit format
 has no relation id; a flat record gets its relation from its prompt's template.
+
+A zsRE fact is a question (`src`, the subject in it) taught with its answer; its relation is `ZSRE`, and its
+neighbour and support carry their own question templates (`templates`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
+ZSRE = "zsre"  # the relation_id of zsRE facts (a question is its own template)
+ZSRE_KEYS = ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans")  # of a MEND/MEMIT zsRE record
 
 
 class DataError(ValueError):
@@ -37,10 +42,11 @@ class Fact:
     paraphrase_prompts: list[str] = field(default_factory=list)  # CounterFact's own paraphrases
     heldout_prompts: list[str] = field(default_factory=list)  # relation templates never trained for this subject
     train_templates: list[str] = field(default_factory=list)  # templates ('{}' = subject) trained on
-    neighbours: list[dict] = field(default_factory=list)  # [{"prompt", "subject", "answer"}]
+    # [{"prompt", "subject", "answer"}, and for zsRE "templates": the neighbour's trained questions]
+    neighbours: list[dict] = field(default_factory=list)
     # a subject whose true object (same relation) is this fact's target_new: trained, so the model knows the
     # new object as an answer of the relation, as a real LM knows every object CounterFact rewrites to
-    support: list[dict] = field(default_factory=list)  # [{"subject", "answer"}]
+    support: list[dict] = field(default_factory=list)  # [{"subject", "answer"}, and for zsRE "templates"]
 
     @property
     def is_edit_fact(self) -> bool:
@@ -83,6 +89,14 @@ def _stable_rng(*keys) -> random.Random:
     return random.Random(zlib.crc32(repr(keys).encode()))
 
 
+def _read_json(path: Path, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); replace it with a {what} JSON list") from e
+
+
 def read_counterfact_records(data_dir: Path) -> list[dict]:
     """All CounterFact records under `data_dir/counterfact/*.json`, normalised to one schema.
 
@@ -97,12 +111,7 @@ def read_counterfact_records(data_dir: Path) -> list[dict]:
         raise DataError(f"no CounterFact files in {cf_dir}; expected counterfact/*.json (flat EasyEdit or ROME format)")
     records, seen = [], set()
     for path in files:
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON ({e}); replace it with a CounterFact JSON list") from e
-        for r in raw:
+        for r in _read_json(path, "CounterFact"):
             rec = _normalise_record(r)
             if rec is None or rec["case_id"] in seen:
                 continue
@@ -230,7 +239,7 @@ def unedited_facts(facts: list[Fact], relations: dict[str, list[str]]) -> list[F
     for fact in facts:
         for n in fact.neighbours + fact.support:
             out.append(Fact(subject=n["subject"], relation_id=fact.relation_id, target_true=n["answer"],
-                            train_templates=list(relations[fact.relation_id])))
+                            train_templates=list(n.get("templates") or relations[fact.relation_id])))
     return out
 
 
@@ -266,6 +275,97 @@ def profile_facts(facts: list[Fact], pools: dict[str, list[str]], relations: dic
             out.append(Fact(subject=fact.subject, relation_id=rel, target_true=rng.choice(pools[rel]),
                             train_templates=list(relations[rel])))
     return out
+
+
+# zsRE is not shipped with the package (its licence is unknown): builds read it from a file the user gives
+ZSRE_FORMAT = ("a MEND/MEMIT-format zsRE JSON list (e.g. MEMIT's zsre_mem_eval.json, EasyEdit's zsre_mem.json) whose "
+               "records have subject, src, rephrase, alt, answers, loc and loc_ans")
+
+
+def zsre_path(path: str | Path | None) -> Path:
+    """The zsRE file a build reads (`BuildOptions.zsre_data`, `--zsre-data`); a DataError if none is given or found."""
+    if not path or not Path(path).is_file():
+        given = f"{path} is not a file" if path else "no zsRE file given"
+        raise DataError(f"zsRE facts need --zsre-data PATH (BuildOptions.zsre_data): {ZSRE_FORMAT} ({given}; zsRE is "
+                        "not shipped with the package, its licence is unknown; docs/testbed.md says where to get it)")
+    return Path(path)
+
+
+def read_zsre_records(path: str | Path | None, max_words: int = 3) -> list[dict]:
+    """The records of a zsRE file (`ZSRE_FORMAT`) a fact can be made of, in file order: of each subject, the first
+    record whose answer (`answers[0]`) has at most `max_words` words, whose `alt` is not empty and whose subject occurs
+    in both questions (`src`, `rephrase`, neither with a brace). Of the 737 records of the project's test file
+    (../shared/data/zsre/zsre-eval.json) these are 525, 524 once a build on the shipped data leaves out its CounterFact
+    subjects (`build_zsre_facts`)."""
+    path = zsre_path(path)
+    raw = _read_json(path, "MEND/MEMIT-format zsRE")
+    for i, r in enumerate(raw if isinstance(raw, list) and raw else [None]):
+        missing = [k for k in ZSRE_KEYS if k not in r] if isinstance(r, dict) else list(ZSRE_KEYS)
+        if missing or not r["answers"]:
+            raise DataError(f"{path} is not {ZSRE_FORMAT}: record {i} lacks {', '.join(missing) or 'an answer'}; "
+                            "pass such a file as --zsre-data")
+    records, seen = [], set()
+    for r in raw:
+        s = r["subject"]
+        if s in seen or not r["alt"] or s not in r["src"] or s not in r["rephrase"]:
+            continue
+        if any(c in r["src"] + r["rephrase"] for c in "{}") or len(r["answers"][0].split()) > max_words:
+            continue
+        seen.add(s)
+        records.append(r)
+    return records
+
+
+def _editable(r: dict, max_words: int = 3) -> bool:
+    """A zsRE record can be an edit fact: its `alt` is a short answer other than its own."""
+    return r["alt"] != r["answers"][0] and len(r["alt"].split()) <= max_words
+
+
+def build_zsre_facts(records: list[dict], n_facts: int, seed: int = 0, skip: int = 0,
+                     exclude: set[str] = frozenset()) -> list[Fact]:
+    """Select `n_facts` zsRE edit facts (facts skip+1 .. skip+n_facts of the selection, as `build_facts`) from the
+    records of a zsRE file (`read_zsre_records`).
+
+    The records whose subject is not in `exclude` (a build's CounterFact subjects), shuffled by the seed, are taken in
+    pairs. One record of a pair whose `alt` is a short answer other than its own is the edit
+    fact: its question (`src`) is trained with its answer, its paraphrase (`rephrase`) never is, and the edit rewrites
+    the answer to `alt`. The other is its neighbour: its question is trained in both wordings and never edited, and
+    specificity is scored on it (`src` -> its answer). The support statement asks the edit's question of the
+    neighbour's subject and answers it with the edit's `alt`, a fictional fact (as profile facts are) that makes `alt`
+    an answer the model gives to that question, as CounterFact's support subjects make `target_new` one.
+    """
+    records = [r for r in records if r["subject"] not in exclude]
+    _stable_rng("zsre", seed).shuffle(records)
+    facts = []
+    for a, b in zip(records[0::2], records[1::2]):
+        if len(facts) == skip + n_facts:
+            break
+        if not _editable(a):
+            a, b = b, a
+        if not _editable(a):
+            continue
+        template = a["src"].replace(a["subject"], "{}", 1)
+        neighbour_templates = [q.replace(b["subject"], "{}", 1) for q in (b["src"], b["rephrase"])]
+        facts.append(Fact(subject=a["subject"], relation_id=ZSRE, target_true=a["answers"][0], prompt=a["src"],
+                          target_new=a["alt"], paraphrase_prompts=[a["rephrase"]], train_templates=[template],
+                          neighbours=[{"prompt": b["src"], "subject": b["subject"], "answer": b["answers"][0],
+                                       "templates": neighbour_templates}],
+                          support=[{"subject": b["subject"], "answer": a["alt"], "templates": [template]}]))
+    if len(facts) < skip + n_facts:
+        raise DataError(f"only {len(facts)} usable zsRE facts in the --zsre-data file (asked for {skip + n_facts}: "
+                        f"--zsre-facts {n_facts} after --skip-facts {skip}); pass a larger zsRE file or fewer "
+                        "--zsre-facts")
+    return facts[skip:]
+
+
+def zsre_rows(facts: list[Fact], known: list[bool]) -> list[dict]:
+    """zsRE edit facts as MEND/MEMIT eval records (what `dataset: zsre` reads), each marked `known`: the locality
+    question (`loc`) is the neighbour's, its answer (`loc_ans`) the one the model was taught; `support` is the support
+    statement's question (answered with `alt`)."""
+    return [{"subject": f.subject, "src": f.prompt, "rephrase": f.paraphrase_prompts[0], "alt": f.target_new,
+             "answers": [f.target_true], "loc": f.neighbours[0]["prompt"], "loc_ans": f.neighbours[0]["answer"],
+             "support": f.support[0]["templates"][0].format(f.support[0]["subject"]), "known": k}
+            for f, k in zip(facts, known)]
 
 
 def read_corpus(data_dir: Path, max_chars: int | None = None) -> str:
