@@ -199,6 +199,40 @@ def _clear_context_templates() -> None:
         importlib.import_module(f"easyeditor.models.{module}").CONTEXT_TEMPLATES_CACHE = None
 
 
+@contextlib.contextmanager
+def token_shaped(model: nn.Module, hp):
+    """The host reads a rewritten module's input as [batch, tokens, d] (the key at the subject's token). An MoE block
+    that flattens the tokens before a dense expert (Qwen3.5-MoE's shared expert sees [B*T, d]) calls that expert on
+    [B, T, d] instead while this is open: a position-wise MLP computes the same, and the host finds its keys."""
+    shape: dict[int, tuple[int, int]] = {}  # layer -> (B, T) of its current input
+    handles, patched = [], []
+    for layer in getattr(hp, "layers", []):
+        def record(module, args, kwargs, layer=layer):
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, d_model]
+            shape[layer] = tuple(hidden.shape[:2])
+
+        handles.append(model.get_submodule(hp.layer_module_tmp.format(layer)).register_forward_pre_hook(
+            record, with_kwargs=True))
+        parent = model.get_submodule(hp.rewrite_module_tmp.format(layer).rsplit(".", 1)[0])
+
+        def forward(*args, _forward=parent.forward, layer=layer, **kwargs):
+            batch, tokens = shape.get(layer, (0, 0))
+            x = args[0] if args else None  # a module called with keywords (attention) is not a flattened expert
+            if x is None or x.dim() != 2 or x.shape[0] != batch * tokens:
+                return _forward(*args, **kwargs)
+            return _forward(x.view(batch, tokens, -1), *args[1:], **kwargs).reshape(batch * tokens, -1)
+
+        parent.forward = forward
+        patched.append(parent)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for parent in patched:
+            del parent.forward  # the class's forward again
+
+
 class HostEdit:
     """One host method's run on `model`: `edit` batch after batch, then `undo`.
 
@@ -229,7 +263,13 @@ class HostEdit:
             hp.stats_dir = str(Path(stats_dir).resolve())
             prime_host_covariance(model, tok, hp, covariance_texts)
         if hp.alg_name == "AlphaEdit":
-            self._alphaedit_state()
+            with self._token_shaped():
+                self._alphaedit_state()
+
+    def _token_shaped(self):
+        """`token_shaped` for the methods that read keys at a module (ROME, MEMIT, AlphaEdit)."""
+        return token_shaped(self.model, self.hp) if self.alg.covariance or self.hp.alg_name == "ROME" \
+            else contextlib.nullcontext()
 
     def _alphaedit_state(self) -> None:
         """The host's projector P [L, k, k] (its own get_project, at this model's key size k) and an empty edit memory
@@ -270,7 +310,7 @@ class HostEdit:
         """Edit one batch of requests (EasyEdit request dicts) on the model as it is; returns the seconds taken."""
         per_call = self.alg.per_call or len(requests)
         start = time.time()
-        with working_directory(self.workdir), _padding(self.tok, self._padding_side()):
+        with working_directory(self.workdir), _padding(self.tok, self._padding_side()), self._token_shaped():
             for i in range(0, len(requests), per_call):
                 weights_copy = self._call([dict(r) for r in requests[i : i + per_call]], self.batches == 0 and i == 0)
                 for name, value in (weights_copy or {}).items():
