@@ -434,14 +434,14 @@ def markdown(report: dict) -> str:
              "with 95% bootstrap intervals over facts. `edited`: requests edited of those asked (a request whose v* "
              "does not reach its target is left out). Edit seconds: all batches, v* (computed at each batch) and "
              "capture included.",
-             "",
-             "## Headline (test split)", "",
-             "Utility [95% interval] · efficacy / generalization / specificity · requests edited of those asked, "
-             "after the last test batch.", "",
-             *headline(report, HEADLINE), ""]
+             ""]
     if cfg.get("host_methods"):  # the side-by-side comparison with EasyEdit's editors
         lines[0] = "# Side by side: MoTE and EasyEdit's editors, dev/test protocol on the fact models"
-        lines[-6:] = ["## Side by side (test split)", "", *host_rows.side_by_side(report), ""]
+        lines += ["## Side by side (test split)", "", *host_rows.side_by_side(report), ""]
+    else:
+        lines += ["## Headline (test split)", "",
+                  "Utility [95% interval] · efficacy / generalization / specificity · requests edited of those asked, "
+                  "after the last test batch.", "", *headline(report, HEADLINE), ""]
     for arch, res in report["archs"].items():
         s = res["splits"]
         split = (f"dev = known facts {s['dev'][0]}-{s['dev'][1]} ({s['dev'][1] - s['dev'][0] + 1} facts), test = known "

@@ -189,9 +189,11 @@ def side_by_side_summary(report: dict) -> list[str]:
     labels = cfg.get("labels") or {}
     names = [*cfg["methods"], *(cfg.get("host_methods") or {})]
     tests = [r["test"] for r in report["archs"].values() if "test" in r]
-    failed = [n for n in names if all("error" in t.get(n, {"error": ""}) for t in tests)]
+    failed = [n for n in names if tests and all("error" in t.get(n, {"error": ""}) for t in tests)]
     lines = headline(report, {n: labels.get(n, n) for n in names if n not in failed}, detail=False)
-    return lines + (["", f"Did not run on any fact model: {', '.join(failed)} (why: side_by_side.md)."] if failed else [])
+    if failed:
+        lines += ["", f"Did not run on any fact model: {', '.join(failed)} (why: side_by_side.md)."]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def reduced_fact_model():
             seed = f"-train-seed{opts.train.seed}" if opts.train.seed else ""
             if arch == "qwen3_moe":  # the demo's own build (benchmarks/demo_seeds.py names the other seeds alike)
                 out = ROOT / (yaml.safe_load(DEMO_CONFIG.read_text())["model"] + seed)
-            else:  # one directory per transformers version (a build is only valid under the version it was trained with)
+            else:  # a directory per transformers version (a build is only valid under the version it was trained with)
                 out = (ROOT / ".cache" / "test-fact-models"
                        / f"{arch}-{opts.facts}{seed}-transformers{transformers.__version__}")
             built[arch] = (out, build(out, opts, log=lambda m: None))
