@@ -222,7 +222,8 @@ def side_by_side(report: dict) -> list[str]:
             if row and "efficacy" in row and row["efficacy"] < 0.5 and entry:
                 ran = [p for p in entry.get("grid", []) if "efficacy" in p]
                 best = max((p["efficacy"] for p in ran), default=float("nan"))
-                note = (cfg.get("host_methods") or {}).get(name, {}).get("note", "")
+                note = ((cfg.get("notes") or {}).get(name)
+                        or (cfg.get("host_methods") or {}).get(name, {}).get("note", ""))
                 low.append(f"| {labels.get(name, name)} | {arch} | {row['efficacy']:.2f} | {_grid_ranges(entry)} | "
                            f"{best:.2f} | {note} |")
     if low:

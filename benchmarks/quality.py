@@ -74,7 +74,8 @@ PHASES = ("tune", "test", "ablations", "basis", "routing")
 METRICS = ("efficacy", "generalization", "specificity", "utility")
 STAGES = ("vstar", "capture", "solve", "writeback")
 CONFIG_KEYS = {"builds", "dev", "test", "batch_size", "methods", "tune", "ablate", "ablations", "basis_variants",
-               "bootstrap", "seed", "real_ranks", "host_methods", "covariance_texts", "labels"}
+               "bootstrap", "seed", "real_ranks", "host_methods", "covariance_texts", "labels",
+               "notes"}
 
 
 def load_config(path: str | Path) -> dict:

@@ -93,17 +93,17 @@ def test_demo_ranges_and_side_by_side_summary(render):
     ranges = render.demo_ranges(demo(0.5, 1), demo(1.0, 2), demo(1.0, 2))
     assert ranges[0] == "| method (range over 3 runs) | edited | efficacy | generalization | specificity | utility |"
     assert ranges[2:] == ["| MoTE | 1-2/2 | 0.50-1.00 | 0.50 | 1.00 | 0.67-0.83 |"]  # a row that did not run: none
-    report = {"config": {"methods": {"M": {}}, "host_methods": {"ROME": {}, "UnKE": {}}, "labels": {"M": "MoTE"}},
+    report = {"config": {"methods": {"MoTE-auto": {}}, "host_methods": {"ROME": {}, "UnKE": {}}},
               "archs": {a: {"splits": {"test": [51, 52]},
-                            "test": {"unedited": _row(0.4), "M": _row(0.8, 1), "ROME": _row(0.6, 2),
+                            "test": {"unedited": _row(0.4), "MoTE-auto": _row(0.8, 1), "ROME": _row(0.6, 2),
                                      "UnKE": {"error": "UnboundLocalError"}}} for a in ("x", "y")}}
     report["archs"]["y"]["test"]["ROME"] = {"error": "ValueError: no host"}
     assert render.side_by_side_summary(report) == [
         "| method | x (N = 2) | y (N = 2) |", "|---|---|---|",
-        "| unedited | **0.40** [0.30, 0.50] | **0.40** [0.30, 0.50] |",
-        "| MoTE | **0.80** [0.70, 0.90] · 1/2 | **0.80** [0.70, 0.90] · 1/2 |",
-        "| ROME | **0.60** [0.50, 0.70] · 2/2 | did not run: ValueError: no host |",
-        "", "Did not run on any fact model: UnKE (why: side_by_side.md)."]
+        "| unedited | 0.40 [0.30, 0.50] | 0.40 [0.30, 0.50] |",
+        "| MoTE, `auto` ranks | 0.80 [0.70, 0.90] · 1/2 | 0.80 [0.70, 0.90] · 1/2 |",
+        "| ROME (o_proj) | 0.60 [0.50, 0.70] · 2/2 | did not run: ValueError: no host |",
+        "", "In side_by_side.md only: UnKE."]
 
 
 # README command 1's rows and the side-by-side methods whose dev-chosen settings they run with
