@@ -24,7 +24,7 @@ from pathlib import Path
 from mote_plugin.experiments.compare import method_alg, request_of
 from mote_plugin.experiments.host_edit import ALGORITHMS, HostEdit, host_hparams
 from mote_plugin.experiments.host_methods import override
-from tables import headline_cell
+from tables import headline, headline_cell
 
 HOST_KEYS = {"hparams", "archs", "tune", "note"}
 
@@ -198,15 +198,9 @@ def side_by_side(report: dict) -> list[str]:
     labels = cfg.get("labels") or {}
     archs = {a: r for a, r in report["archs"].items() if "test" in r}
     names = ["unedited", *cfg["methods"], *(cfg.get("host_methods") or {})]
-    head = "| method | " + " | ".join(
-        f"{a} (N = {r['splits']['test'][1] - r['splits']['test'][0] + 1})" for a, r in archs.items()) + " |"
     lines = ["Test utility [95% interval] · efficacy / generalization / specificity · requests edited of those asked · "
-             "edit seconds (all test batches, v* included), after the last of the sequential test batches.", "", head,
-             "|---" * (len(archs) + 1) + "|"]
-    for name in names:
-        if any(name in r["test"] for r in archs.values()):
-            lines.append(f"| {labels.get(name, name)} | "
-                         + " | ".join(_cell(r["test"].get(name)) for r in archs.values()) + " |")
+             "edit seconds (all test batches, v* included), after the last of the sequential test batches.", "",
+             *headline(report, {n: labels.get(n, n) for n in names[1:]}, cell=_cell)]
     lines += ["", "### Settings chosen on dev", "",
               "| method | objective | " + " | ".join(archs) + " |", "|---" * (len(archs) + 2) + "|"]
     for name in names[1:]:

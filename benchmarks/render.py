@@ -197,8 +197,8 @@ def side_by_side_summary(report: dict) -> list[str]:
     names = [*cfg["methods"], *(cfg.get("host_methods") or {})]
     tests = [r["test"] for r in report["archs"].values() if "test" in r]
     ran = [n for n in names if any(n in t and "error" not in t[n] for t in tests)]
-    lines = [line.replace("**", "") for line in headline(report, {n: README_ROWS[n] for n in ran if n in README_ROWS},
-                                                         detail=False)]
+    lines = headline(report, {n: README_ROWS[n] for n in ran if n in README_ROWS},
+                     cell=lambda row: headline_cell(row, detail=False, bold=False))
     rest = [n for n in names if n not in README_ROWS or n not in ran]
     return lines + (["", f"In side_by_side.md only: {', '.join(rest)}."] if rest else [])
 
