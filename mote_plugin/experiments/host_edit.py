@@ -259,11 +259,11 @@ class HostEdit:
         self.batches = 0
         torch.manual_seed(seed)
         _clear_context_templates()
-        if self.alg.covariance or (hp.alg_name == "ROME" and hp.mom2_adjustment):
-            hp.stats_dir = str(Path(stats_dir).resolve())
-            prime_host_covariance(model, tok, hp, covariance_texts)
-        if hp.alg_name == "AlphaEdit":
-            with self._token_shaped():
+        with self._token_shaped():
+            if self.alg.covariance or (hp.alg_name == "ROME" and hp.mom2_adjustment):
+                hp.stats_dir = str(Path(stats_dir).resolve())
+                prime_host_covariance(model, tok, hp, covariance_texts)
+            if hp.alg_name == "AlphaEdit":
                 self._alphaedit_state()
 
     def _token_shaped(self):

@@ -45,7 +45,8 @@ def working_directory(path: Path):
 def prime_host_covariance(model, tok, hp, n_texts: int) -> None:
     """Write the uncentred second moment of the inputs of `rewrite_module_tmp` at each layer, over the first `n_texts`
     lines of the plugin's corpus, where the host's `layer_stats` looks for it (its own npz format, via its own running
-    statistics). A file already there is kept (the covariance of the unedited model, as the host's own cache)."""
+    statistics). A file already there is kept (the covariance of the unedited model, as the host's own cache). The
+    module's inputs must come as [B, T, d_in] (`host_edit.token_shaped` sees to it where a block flattens them)."""
     runningstats = importlib.import_module("easyeditor.util.runningstats")
     name = model.config._name_or_path.rsplit("/")[-1]
     texts = [t for _, t in zip(range(n_texts), corpus_texts(None))]
@@ -63,9 +64,7 @@ def prime_host_covariance(model, tok, hp, n_texts: int) -> None:
                 batch = batch.to(device)
                 with torch.no_grad():
                     model(**batch, use_cache=False)
-                # [B, T, d_in], or [B*T, d_in] where the block flattens the tokens (Qwen3.5-MoE's shared expert)
-                keys = seen[0].reshape(-1, seen[0].shape[-1])
-                stat.add(keys[batch["attention_mask"].reshape(-1).bool()].to(getattr(torch, hp.mom2_dtype)))
+                stat.add(seen[0][batch["attention_mask"].bool()].to(getattr(torch, hp.mom2_dtype)))
         runningstats.save_cached_state(str(path), stat, {"sample_size": hp.mom2_n_samples})
 
 
